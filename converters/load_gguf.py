@@ -1,0 +1,59 @@
+"""GGUF file -> (ModelConfig, DenseDecoder with its weights on the default device), one tensor at a time."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from converters.gguf_file import GGUFFile, open_gguf
+from converters.tensor_map import check_tensors, load_tensor
+from dflash_jax.config import ModelConfig
+from dflash_jax.models.dense import DenseDecoder
+
+
+def abstract_model(cfg: ModelConfig, dtype) -> DenseDecoder:
+    """The model with shapes only (no memory), to be filled from a checkpoint."""
+    return nnx.eval_shape(lambda: DenseDecoder(cfg, dtype))
+
+
+def set_param(tree: dict, path: tuple, value) -> None:
+    for key in path[:-1]:
+        tree = tree[key]
+    tree[path[-1]] = value
+
+
+def fill_model(cfg: ModelConfig, dtype, arrays) -> DenseDecoder:
+    """arrays: iterable of (param path, array); every parameter must be given exactly once."""
+    graphdef, state = nnx.split(abstract_model(cfg, dtype))
+    pure = state.to_pure_dict()
+    seen = set()
+    for path, value in arrays:
+        set_param(pure, path, value)
+        seen.add(path)
+    flat_paths = {tuple(p) for p, _ in jax.tree_util.tree_flatten_with_path(pure)[0]}
+    missing = [p for p in flat_paths if not isinstance(_get(pure, p), jax.Array)]
+    assert not missing, f"parameters never loaded: {missing[:5]}"
+    state.replace_by_pure_dict(pure)
+    return nnx.merge(graphdef, state)
+
+
+def _get(tree, path):
+    for key in path:
+        tree = tree[getattr(key, "key", getattr(key, "idx", key))]
+    return tree
+
+
+def load_gguf(path: str, dtype=jnp.bfloat16, progress: bool = True) -> tuple[ModelConfig, DenseDecoder, GGUFFile]:
+    g = open_gguf(path)
+    cfg = ModelConfig.from_gguf(g)
+    expected = check_tensors(g, cfg)
+
+    def arrays():
+        # One tensor dequantized at a time keeps host memory bounded by the largest tensor.
+        for name, (param_path, _) in tqdm(expected.items(), desc=f"loading {g.path.rsplit('/', 1)[-1]}",
+                                          disable=not progress, unit="tensor"):
+            yield param_path, jnp.asarray(load_tensor(g, cfg, name).astype(np.dtype(dtype)))
+
+    return cfg, fill_model(cfg, dtype, arrays()), g

@@ -1,0 +1,65 @@
+"""Paged KV cache (one page pool shared by all slots) and the per-step attention metadata that indexes it.
+
+Dimensions: B slots, T tokens per slot this step, L layers, P pages in the pool, S page size, K KV heads, H head dim,
+M max pages per slot.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+
+# Page 0 is never handed to a slot: writes of padded tokens land there, so they can't corrupt anyone's cache.
+TRASH_PAGE = 0
+
+
+@jax.tree_util.register_dataclass
+@dataclass
+class KVCache:
+    k: list[jax.Array]  # L x (P, S, K, H)
+    v: list[jax.Array]  # L x (P, S, K, H)
+
+    @property
+    def page_size(self) -> int:
+        return self.k[0].shape[1]
+
+    @property
+    def num_pages(self) -> int:
+        return self.k[0].shape[0]
+
+    @classmethod
+    def create(cls, num_layers: int, num_pages: int, page_size: int, num_kv_heads: int, head_dim: int,
+               dtype) -> "KVCache":
+        shape = (num_pages, page_size, num_kv_heads, head_dim)
+        return cls(k=[jnp.zeros(shape, dtype) for _ in range(num_layers)],
+                   v=[jnp.zeros(shape, dtype) for _ in range(num_layers)])
+
+
+@jax.tree_util.register_dataclass
+@dataclass
+class AttentionMeta:
+    """Which tokens this step computes and where their keys live. Slot b's token t (t < q_lens[b]) sits at
+    absolute position kv_lens[b] - q_lens[b] + t and attends causally to positions < its own + 1."""
+
+    q_lens: jax.Array  # (B,) int32: valid tokens of each slot in this step; 0 = padded slot
+    kv_lens: jax.Array  # (B,) int32: cached length of each slot after this step's writes
+    page_table: jax.Array  # (B, M) int32: page ids of each slot, in position order
+
+
+def token_positions(meta: AttentionMeta, num_tokens: int) -> tuple[jax.Array, jax.Array]:
+    """Absolute positions (B, T) and validity mask (B, T) of the step's tokens."""
+    t = jnp.arange(num_tokens, dtype=jnp.int32)[None, :]
+    start = (meta.kv_lens - meta.q_lens)[:, None]
+    return start + t, t < meta.q_lens[:, None]
+
+
+def write_kv(pages: jax.Array, new: jax.Array, meta: AttentionMeta, positions: jax.Array,
+             valid: jax.Array) -> jax.Array:
+    """Scatter new (B, T, K, H) into pages (P, S, K, H) at the tokens' positions; padded tokens go to TRASH_PAGE."""
+    page_size = pages.shape[1]
+    page_idx = jnp.take_along_axis(meta.page_table, jnp.clip(positions // page_size, 0, meta.page_table.shape[1] - 1),
+                                   axis=1)
+    page_idx = jnp.where(valid, page_idx, TRASH_PAGE)
+    offset = jnp.where(valid, positions % page_size, 0)
+    return pages.at[page_idx, offset].set(new.astype(pages.dtype), mode="drop")

@@ -1,0 +1,131 @@
+"""Dense decoder (llama / qwen2 / qwen3 as flags) in Flax NNX over a paged KV cache, following the HF Llama/Qwen code.
+
+Dimensions: B slots, T tokens per slot, D hidden, F intermediate, N query heads, K KV heads, H head dim, V vocab.
+Weights keep the HF (out, in) layout so GGUF rows map one to one.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dflash_jax.config import ModelConfig
+from dflash_jax.kv_cache import AttentionMeta, KVCache, token_positions, write_kv
+from pallas_kernels.paged_attention import paged_attention_reference
+
+
+class Linear(nnx.Module):
+    def __init__(self, in_features: int, out_features: int, dtype, bias: bool = False):
+        self.weight = nnx.Param(jnp.zeros((out_features, in_features), dtype))  # (out, in)
+        self.bias = nnx.Param(jnp.zeros((out_features,), dtype)) if bias else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = jnp.einsum("...i,oi->...o", x, self.weight[...])
+        return y + self.bias[...] if self.bias is not None else y
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, dtype):
+        self.weight = nnx.Param(jnp.ones((dim,), dtype))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        # Statistics in f32 whatever the storage dtype, as llama.cpp does.
+        xf = x.astype(jnp.float32)
+        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return (y * self.weight[...].astype(jnp.float32)).astype(x.dtype)
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """NeoX-style rotary embedding (rotate halves) on x (B, T, heads, H) at positions (B, T)."""
+    h = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))  # (H/2,)
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # (B, T, H/2)
+    cos = jnp.cos(angles)[:, :, None, :]
+    sin = jnp.sin(angles)[:, :, None, :]
+    xf = x.astype(jnp.float32)
+    x1, x2 = xf[..., : h // 2], xf[..., h // 2:]
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, dtype):
+        d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_proj = Linear(d, n * h, dtype, bias=cfg.has_qkv_bias)
+        self.k_proj = Linear(d, k * h, dtype, bias=cfg.has_qkv_bias)
+        self.v_proj = Linear(d, k * h, dtype, bias=cfg.has_qkv_bias)
+        self.o_proj = Linear(n * h, d, dtype)
+        self.q_norm = RMSNorm(h, cfg.rms_eps, dtype) if cfg.has_qk_norm else None
+        self.k_norm = RMSNorm(h, cfg.rms_eps, dtype) if cfg.has_qk_norm else None
+        self.cfg = cfg
+
+    def __call__(self, x, positions, valid, meta: AttentionMeta, k_pages, v_pages):
+        cfg = self.cfg
+        b, t, _ = x.shape
+        q = self.q_proj(x).reshape(b, t, cfg.num_heads, cfg.head_dim)
+        k = self.k_proj(x).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+        v = self.v_proj(x).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = rope(q, positions, cfg.rope_theta)
+        k = rope(k, positions, cfg.rope_theta)
+        k_pages = write_kv(k_pages, k, meta, positions, valid)
+        v_pages = write_kv(v_pages, v, meta, positions, valid)
+        o = paged_attention_reference(q, k_pages, v_pages, meta.page_table, meta.q_lens, meta.kv_lens)
+        return self.o_proj(o.reshape(b, t, -1)), k_pages, v_pages
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, dtype):
+        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, dtype)
+        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, dtype)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, dtype)
+
+    def __call__(self, x):
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, dtype):
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_eps, dtype)
+        self.self_attn = Attention(cfg, dtype)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_eps, dtype)
+        self.mlp = MLP(cfg, dtype)
+
+    def __call__(self, x, positions, valid, meta, k_pages, v_pages):
+        a, k_pages, v_pages = self.self_attn(self.input_layernorm(x), positions, valid, meta, k_pages, v_pages)
+        x = x + a
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x, k_pages, v_pages
+
+
+class DenseDecoder(nnx.Module):
+    def __init__(self, cfg: ModelConfig, dtype=jnp.bfloat16):
+        self.cfg = cfg
+        self.embed_tokens = nnx.Param(jnp.zeros((cfg.vocab_size, cfg.hidden_size), dtype))  # (V, D)
+        self.layers = nnx.List([DecoderLayer(cfg, dtype) for _ in range(cfg.num_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_eps, dtype)
+        self.lm_head = None if cfg.tie_embeddings else Linear(cfg.hidden_size, cfg.vocab_size, dtype)
+
+    def __call__(self, tokens: jax.Array, meta: AttentionMeta, cache: KVCache,
+                 tap_layers: tuple[int, ...] = ()) -> tuple[jax.Array, KVCache, jax.Array | None]:
+        """tokens (B, T) -> final-normed hidden (B, T, D), updated cache, and the residual stream after each layer in
+        `tap_layers` concatenated (B, T, len(tap_layers) * D) — the DFlash drafter's context features."""
+        positions, valid = token_positions(meta, tokens.shape[1])
+        x = jnp.take(self.embed_tokens[...], tokens, axis=0)
+        new_k, new_v, taps = [], [], []
+        # Unrolled on purpose: a scan over stacked layers with the cache as carry copies the cache every step.
+        for i, layer in enumerate(self.layers):
+            x, k_pages, v_pages = layer(x, positions, valid, meta, cache.k[i], cache.v[i])
+            new_k.append(k_pages)
+            new_v.append(v_pages)
+            if i in tap_layers:
+                taps.append(x)
+        feats = jnp.concatenate(taps, axis=-1) if taps else None
+        return self.norm(x), KVCache(k=new_k, v=new_v), feats
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """(..., D) -> (..., V) float32."""
+        if self.lm_head is not None:
+            return self.lm_head(hidden).astype(jnp.float32)
+        return jnp.einsum("...d,vd->...v", hidden, self.embed_tokens[...], preferred_element_type=jnp.float32)
