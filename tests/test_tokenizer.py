@@ -120,7 +120,8 @@ def test_incremental_detokenizer_never_splits_a_character(name):
         chunks = [detok.push(i) for i in ids]
         chunks.append(detok.flush())
         assert "".join(chunks) == tok.decode(ids) == text
-        assert all("\ufffd" not in c for c in chunks), chunks  # a split character would surface as U+FFFD
+        if "\ufffd" not in text:  # a split character would surface as U+FFFD
+            assert all("\ufffd" not in c for c in chunks), chunks
     assert saw_partial, "no token carried part of a character; the test would not exercise buffering"
 
 

@@ -1,0 +1,205 @@
+"""The serving engine: owns the device state (weights, paged KV cache, penalty counts) and runs the step loop.
+
+One iteration: admit queued requests -> plan -> one prefill step (a chunk for every slot still reading its prompt) and
+one decode step (one token for every generating slot), each padded to a bucket -> commit sampled tokens -> events.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import threading
+import time
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from converters.checkpoint import LoadedModel
+from dflash_jax.buckets import bucket_for, pad_rows, power_of_two_buckets
+from dflash_jax.kv_cache import TRASH_PAGE, AttentionMeta, KVCache
+from dflash_jax.page_allocator import PageAllocator
+from dflash_jax.requests import Request
+from dflash_jax.sampling import SamplingArrays
+from dflash_jax.scheduler import Scheduler, Slot
+from dflash_jax.step_fns import StepInputs, model_step
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    num_slots: int = 8
+    ctx_size: int = 8192  # KV tokens shared by all slots (llama-server -c with --kv-unified)
+    ctx_per_slot: int | None = None  # cap per request; default ctx_size // num_slots... at least 256
+    page_size: int = 16
+    prefill_chunk: int = 256  # -ub: tokens of one slot's prompt per prefill step
+    dtype: str = "float32"
+    compile_cache_dir: str | None = None
+
+    def __post_init__(self):
+        if self.num_slots < 1:
+            raise ValueError(f"EngineConfig.num_slots must be >= 1, got {self.num_slots}")
+        if self.page_size < 1 or self.page_size & (self.page_size - 1):
+            raise ValueError(f"EngineConfig.page_size must be a power of two, got {self.page_size}")
+        if self.prefill_chunk < 1:
+            raise ValueError(f"EngineConfig.prefill_chunk must be >= 1, got {self.prefill_chunk}")
+        if self.per_slot > self.ctx_size:
+            raise ValueError(f"EngineConfig.ctx_per_slot {self.per_slot} exceeds ctx_size {self.ctx_size}")
+
+    @property
+    def per_slot(self) -> int:
+        if self.ctx_per_slot is not None:
+            return self.ctx_per_slot
+        return max(self.ctx_size // self.num_slots, min(self.ctx_size, 256))
+
+    @property
+    def slot_buckets(self) -> tuple[int, ...]:
+        return power_of_two_buckets(self.num_slots)
+
+    @property
+    def chunk_buckets(self) -> tuple[int, ...]:
+        # Factor-4 steps: few compiles, at most 4x padding of a short chunk.
+        sizes, s = [], min(16, self.prefill_chunk)
+        while s < self.prefill_chunk:
+            sizes.append(s)
+            s *= 4
+        return tuple(sizes + [self.prefill_chunk])
+
+
+def enable_compile_cache(directory: str | None) -> None:
+    directory = directory or os.path.join(os.path.expanduser("~"), ".cache", "dflash-jax", "xla")
+    jax.config.update("jax_compilation_cache_dir", directory)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+class Engine:
+    def __init__(self, loaded: LoadedModel, cfg: EngineConfig):
+        self.cfg = cfg
+        self.model_cfg = loaded.config
+        self.tokenizer = loaded.tokenizer
+        enable_compile_cache(cfg.compile_cache_dir)
+        self.graphdef, self.state = nnx.split(loaded.model)
+        mc = loaded.config
+        self.pages_per_slot = -(-cfg.per_slot // cfg.page_size)
+        num_pages = 1 + -(-cfg.ctx_size // cfg.page_size)
+        self.cache = KVCache.create(mc.num_layers, num_pages, cfg.page_size, mc.num_kv_heads, mc.head_dim,
+                                    jnp.dtype(cfg.dtype))
+        self.counts = jnp.zeros((cfg.num_slots + 1, mc.vocab_size), jnp.int32)
+        self.scheduler = Scheduler(cfg.num_slots, PageAllocator(num_pages), cfg.page_size, cfg.per_slot,
+                                   cfg.prefill_chunk, loaded.tokenizer)
+        self.max_prompt_len = cfg.per_slot - 1
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._draining = False
+        self._wake = threading.Event()
+        self.num_steps = 0
+
+    # --- public ----------------------------------------------------------------------------------------------
+    def submit(self, req: Request) -> None:
+        if self._draining:
+            raise RuntimeError("the engine is shutting down")
+        self.scheduler.submit(req)
+        self._wake.set()
+
+    def stats(self) -> dict:
+        return self.scheduler.stats()
+
+    def warmup(self, progress: bool = True) -> None:
+        """Run every (slots, tokens) bucket once so serving never compiles."""
+        shapes = [(b, t) for t in self.cfg.chunk_buckets for b in self.cfg.slot_buckets]
+        shapes += [(b, 1) for b in self.cfg.slot_buckets]
+        for b, t in tqdm(shapes, desc="compiling step buckets", disable=not progress, unit="bucket"):
+            self._run(self._inputs([], b, t))
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="dflash-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, drain: bool = True, timeout: float | None = None) -> None:
+        self._draining = True
+        if not drain:
+            for slot in self.scheduler.slots:
+                if slot.req is not None:
+                    slot.req.cancel()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self._busy() and (deadline is None or time.monotonic() < deadline):
+            self._wake.set()
+            time.sleep(0.01)
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    # --- loop ------------------------------------------------------------------------------------------------
+    def _busy(self) -> bool:
+        s = self.scheduler
+        return bool(s.queue) or any(slot.req is not None for slot in s.slots)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            if not self._busy():
+                self._wake.wait(0.05)
+                self._wake.clear()
+                continue
+            self.step()
+
+    def step(self) -> None:
+        s = self.scheduler
+        s.admit()
+        plan = s.plan()
+        if plan.prefill:
+            self._prefill(plan.prefill)
+        if plan.decode:
+            self._decode(plan.decode)
+        self.num_steps += 1
+
+    def _prefill(self, chunks: list[tuple[Slot, int]]) -> None:
+        b = bucket_for(len(chunks), self.cfg.slot_buckets)
+        t = bucket_for(max(n for _, n in chunks), self.cfg.chunk_buckets)
+        rows = []
+        for slot, n in chunks:
+            start = slot.num_cached
+            rows.append((slot, slot.req.prompt_ids[start:start + n], start + n, start == 0))
+        out = self._run(self._inputs(rows, b, t))
+        now = time.monotonic()
+        for i, (slot, n) in enumerate(chunks):
+            slot.num_cached += n
+            if slot.num_cached == len(slot.req.prompt_ids):
+                slot.req.prompt_done_time = now
+                self._commit(slot, out, i)
+
+    def _decode(self, slots: list[Slot]) -> None:
+        b = bucket_for(len(slots), self.cfg.slot_buckets)
+        rows = [(slot, [slot.pending], slot.num_cached + 1, False) for slot in slots]
+        out = self._run(self._inputs(rows, b, 1))
+        for i, slot in enumerate(slots):
+            slot.num_cached += 1
+            self._commit(slot, out, i)
+
+    def _commit(self, slot: Slot, out, i: int) -> None:
+        tokens, logprobs, top_ids, top_lps = out
+        top = list(zip(top_ids[i].tolist(), top_lps[i].tolist()))
+        self.scheduler.on_token(slot, int(tokens[i]), float(logprobs[i]), top)
+
+    def _inputs(self, rows: list, b: int, t: int) -> StepInputs:
+        """rows: (slot, tokens to feed, kv length after, is first chunk), padded to b rows of t tokens."""
+        n = len(rows)
+        tokens = np.zeros((b, t), np.int32)
+        q_lens = np.zeros((b,), np.int32)
+        kv_lens = np.zeros((b,), np.int32)
+        page_table = np.full((b, self.pages_per_slot), TRASH_PAGE, np.int32)
+        slot_ids = np.full((b,), self.cfg.num_slots, np.int32)
+        is_first = np.zeros((b,), bool)
+        for i, (slot, toks, kv_len, first) in enumerate(rows):
+            tokens[i, :len(toks)] = toks
+            q_lens[i], kv_lens[i], slot_ids[i], is_first[i] = len(toks), kv_len, slot.id, first
+            page_table[i, :len(slot.pages)] = slot.pages
+        sampling = SamplingArrays.from_params([s.req.params for s, *_ in rows], b, [s.seed for s, *_ in rows])
+        meta = AttentionMeta(q_lens=q_lens, kv_lens=kv_lens, page_table=page_table)
+        return StepInputs(tokens, meta, slot_ids, is_first, sampling)
+
+    def _run(self, inputs: StepInputs):
+        self.cache, self.counts, out = model_step(self.graphdef, self.state, self.cache, self.counts, inputs)
+        # The one device->host transfer of the step.
+        return jax.device_get((out.tokens, out.logprobs, out.top_ids, out.top_logprobs))

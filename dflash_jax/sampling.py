@@ -1,0 +1,88 @@
+"""On-device sampling for a batch of slots, each with its own parameters: penalties, temperature, top-k/p, min-p, seed.
+
+Dimensions: B slots, V vocab, C candidates considered for top-k/top-p thresholds.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# top-k and top-p thresholds are found among the C best tokens. A nucleus wider than C (top_p near 1 on a flat
+# distribution) keeps the whole vocabulary instead: slightly more permissive than an exact sort, never less.
+NUM_CANDIDATES = 256
+MAX_TOP_LOGPROBS = 20
+
+
+@jax.tree_util.register_dataclass
+@dataclass
+class SamplingArrays:
+    temperature: jax.Array  # (B,) f32, 0 = greedy
+    top_k: jax.Array  # (B,) i32, 0 = off
+    top_p: jax.Array  # (B,) f32
+    min_p: jax.Array  # (B,) f32
+    presence_penalty: jax.Array  # (B,) f32
+    frequency_penalty: jax.Array  # (B,) f32
+    seed: jax.Array  # (B,) u32
+
+    @classmethod
+    def from_params(cls, params: list, rows: int, default_seeds: list[int]) -> "SamplingArrays":
+        """params: SamplingParams per live slot (padded with greedy rows up to `rows`)."""
+        def col(name, dtype, fill):
+            vals = [getattr(p, name) for p in params] + [fill] * (rows - len(params))
+            return np.asarray(vals, dtype)
+        seeds = [p.seed if p.seed is not None else s for p, s in zip(params, default_seeds)]
+        return cls(col("temperature", np.float32, 0.0), col("top_k", np.int32, 0), col("top_p", np.float32, 1.0),
+                   col("min_p", np.float32, 0.0), col("presence_penalty", np.float32, 0.0),
+                   col("frequency_penalty", np.float32, 0.0),
+                   np.asarray([s & 0xFFFFFFFF for s in seeds] + [0] * (rows - len(params)), np.uint32))
+
+
+@jax.tree_util.register_dataclass
+@dataclass
+class SampleOutput:
+    tokens: jax.Array  # (B,) i32
+    logprobs: jax.Array  # (B,) f32: model log-probability of the chosen token (before penalties/temperature)
+    top_ids: jax.Array  # (B, MAX_TOP_LOGPROBS) i32
+    top_logprobs: jax.Array  # (B, MAX_TOP_LOGPROBS) f32
+
+
+def apply_penalties(logits: jax.Array, counts: jax.Array, p: SamplingArrays) -> jax.Array:
+    """OpenAI semantics over the tokens generated so far: counts (B, V) of each token in the output."""
+    c = counts.astype(jnp.float32)
+    return logits - p.presence_penalty[:, None] * (c > 0) - p.frequency_penalty[:, None] * c
+
+
+def filter_logits(logits: jax.Array, p: SamplingArrays) -> jax.Array:
+    """Temperature-scaled logits with everything outside top-k / top-p / min-p set to -inf."""
+    scaled = logits / jnp.maximum(p.temperature, 1e-6)[:, None]
+    cand, _ = jax.lax.top_k(scaled, NUM_CANDIDATES)  # (B, C) descending
+    k = jnp.clip(jnp.where(p.top_k > 0, p.top_k, NUM_CANDIDATES), 1, NUM_CANDIDATES)
+    kth = jnp.take_along_axis(cand, (k - 1)[:, None], axis=1)[:, 0]
+    kth = jnp.where(p.top_k > 0, kth, -jnp.inf)
+    log_z = jax.nn.logsumexp(scaled, axis=-1, keepdims=True)
+    cum = jnp.cumsum(jnp.exp(cand - log_z), axis=-1)  # (B, C)
+    # Smallest prefix whose mass reaches top_p; its last member is the threshold.
+    n_keep = jnp.sum(cum < p.top_p[:, None], axis=-1) + 1
+    reached = n_keep <= NUM_CANDIDATES
+    pth = jnp.take_along_axis(cand, (jnp.minimum(n_keep, NUM_CANDIDATES) - 1)[:, None], axis=1)[:, 0]
+    pth = jnp.where((p.top_p < 1.0) & reached, pth, -jnp.inf)
+    mth = jnp.where(p.min_p > 0, cand[:, 0] + jnp.log(jnp.maximum(p.min_p, 1e-30)), -jnp.inf)
+    threshold = jnp.maximum(jnp.maximum(kth, pth), mth)
+    return jnp.where(scaled >= threshold[:, None], scaled, -jnp.inf)
+
+
+def sample(logits: jax.Array, counts: jax.Array, p: SamplingArrays, positions: jax.Array) -> SampleOutput:
+    """logits (B, V) f32 of the next token; positions (B,) the position being sampled (keys the per-slot RNG, so a
+    seeded request draws the same tokens whatever batch it shares)."""
+    logprobs = jax.nn.log_softmax(logits, axis=-1)
+    penalized = apply_penalties(logits, counts, p)
+    greedy = jnp.argmax(penalized, axis=-1).astype(jnp.int32)
+    keys = jax.vmap(lambda s, pos: jax.random.fold_in(jax.random.key(s), pos))(p.seed, positions)
+    drawn = jax.vmap(jax.random.categorical)(keys, filter_logits(penalized, p)).astype(jnp.int32)
+    tokens = jnp.where(p.temperature > 0, drawn, greedy)
+    top_lp, top_ids = jax.lax.top_k(logprobs, MAX_TOP_LOGPROBS)
+    chosen = jnp.take_along_axis(logprobs, tokens[:, None], axis=1)[:, 0]
+    return SampleOutput(tokens, chosen, top_ids.astype(jnp.int32), top_lp)

@@ -1,0 +1,162 @@
+"""Host bookkeeping of slots: FIFO admission, pages, chunked-prefill planning, and turning sampled tokens into events.
+
+Invariants: a slot owns its pages from admission to finish (reserved for prompt + max new tokens, so a running request
+never waits for memory); a slot's `num_cached` tokens are in the KV cache; `pending` is the sampled token that is
+not yet in the cache (the next decode step's input).
+"""
+from __future__ import annotations
+
+import collections
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+
+from converters.detokenizer import IncrementalDetokenizer
+from converters.tokenizer import Tokenizer
+from dflash_jax.page_allocator import PageAllocator
+from dflash_jax.requests import Request, TokenEvent
+
+
+@dataclass
+class Slot:
+    id: int
+    req: Request | None = None
+    pages: list[int] = field(default_factory=list)
+    num_cached: int = 0
+    pending: int | None = None
+    max_new: int = 0
+    detok: IncrementalDetokenizer | None = None
+    text: str = ""  # generated text so far (for stop strings)
+    emitted: int = 0  # characters of `text` already sent
+    seed: int = 0
+
+    @property
+    def state(self) -> str:
+        if self.req is None:
+            return "idle"
+        return "prefill" if self.num_cached < len(self.req.prompt_ids) else "decode"
+
+
+@dataclass
+class Plan:
+    prefill: list[tuple[Slot, int]]  # (slot, chunk length)
+    decode: list[Slot]
+
+
+class Scheduler:
+    def __init__(self, num_slots: int, allocator: PageAllocator, page_size: int, ctx_per_slot: int,
+                 prefill_chunk: int, tokenizer: Tokenizer):
+        self.slots = [Slot(i) for i in range(num_slots)]
+        self.queue: collections.deque[Request] = collections.deque()
+        self.lock = threading.Lock()
+        self.allocator = allocator
+        self.page_size = page_size
+        self.ctx_per_slot = ctx_per_slot
+        self.prefill_chunk = prefill_chunk
+        self.tokenizer = tokenizer
+        self._rng = random.Random(0)
+
+    # --- admission -------------------------------------------------------------------------------------------
+    def submit(self, req: Request) -> None:
+        if not req.prompt_ids:
+            raise ValueError("the prompt is empty")
+        if len(req.prompt_ids) >= self.ctx_per_slot:
+            raise ValueError(f"the prompt has {len(req.prompt_ids)} tokens; the context per slot holds "
+                             f"{self.ctx_per_slot} (prompt plus at least one generated token)")
+        with self.lock:
+            self.queue.append(req)
+
+    def admit(self) -> None:
+        with self.lock:
+            for slot in self.slots:
+                if not self.queue:
+                    return
+                if slot.req is not None:
+                    continue
+                req = self.queue[0]
+                if req.cancelled.is_set():
+                    self.queue.popleft()
+                    req.events.put(TokenEvent(None, "", finish_reason="cancelled"))
+                    continue
+                max_new = min(req.params.max_tokens, self.ctx_per_slot - len(req.prompt_ids))
+                need = -(-(len(req.prompt_ids) + max_new) // self.page_size)
+                if need > self.allocator.num_free:
+                    return  # FIFO: the head waits for pages; nobody overtakes it
+                self.queue.popleft()
+                slot.req, slot.pages, slot.num_cached, slot.pending = req, self.allocator.alloc(need), 0, None
+                slot.max_new, slot.text, slot.emitted = max_new, "", 0
+                slot.detok = IncrementalDetokenizer(self.tokenizer, skip_special=True)
+                slot.seed = req.params.seed if req.params.seed is not None else self._rng.getrandbits(32)
+
+    # --- planning --------------------------------------------------------------------------------------------
+    def plan(self) -> Plan:
+        prefill, decode = [], []
+        for slot in self.slots:
+            if slot.req is None:
+                continue
+            if slot.req.cancelled.is_set():
+                self.finish(slot, "cancelled")
+            elif slot.state == "prefill":
+                prefill.append((slot, min(self.prefill_chunk, len(slot.req.prompt_ids) - slot.num_cached)))
+            elif slot.pending is not None:
+                decode.append(slot)
+        return Plan(prefill, decode)
+
+    # --- commit ----------------------------------------------------------------------------------------------
+    def on_token(self, slot: Slot, token: int, logprob: float, top: list[tuple[int, float]]) -> None:
+        """A token sampled for `slot` (after its prompt or after a decode step)."""
+        req = slot.req
+        now = time.monotonic()
+        if req.first_token_time is None:
+            req.first_token_time = now
+        req.num_generated += 1
+        slot.pending = token
+        p = req.params
+        lp = logprob if p.logprobs else None
+        tops = top[:p.top_logprobs] if p.logprobs and p.top_logprobs else None
+        if token in self.tokenizer.eog_ids and not p.ignore_eos:
+            return self.finish(slot, "stop", TokenEvent(token, self._drain(slot, final=True), lp, tops))
+        slot.text += slot.detok.push(token)
+        for stop in p.stop:
+            cut = slot.text.find(stop, max(0, slot.emitted - len(stop) + 1))
+            if cut >= 0:
+                slot.text = slot.text[:cut]
+                return self.finish(slot, "stop", TokenEvent(token, self._drain(slot, final=True), lp, tops))
+        if req.num_generated >= slot.max_new:
+            slot.text += slot.detok.flush()
+            return self.finish(slot, "length", TokenEvent(token, self._drain(slot, final=True), lp, tops))
+        req.events.put(TokenEvent(token, self._drain(slot, final=False), lp, tops))
+
+    def _drain(self, slot: Slot, final: bool) -> str:
+        """New text that can be sent: everything on the last event, else all but a possible stop-string prefix."""
+        end = len(slot.text)
+        if not final:
+            for stop in slot.req.params.stop:
+                for k in range(min(len(stop) - 1, end - slot.emitted), 0, -1):
+                    if slot.text.endswith(stop[:k]):
+                        end = min(end, len(slot.text) - k)
+                        break
+        out, slot.emitted = slot.text[slot.emitted:end], max(slot.emitted, end)
+        return out
+
+    def finish(self, slot: Slot, reason: str, event: TokenEvent | None = None) -> None:
+        req = slot.req
+        req.finish_time = time.monotonic()
+        event = event or TokenEvent(None, "")
+        event.finish_reason = reason
+        self.allocator.free(slot.pages)
+        slot.req, slot.pages, slot.pending, slot.detok = None, [], None, None
+        req.events.put(event)
+
+    def stats(self) -> dict:
+        return {
+            "num_slots": len(self.slots),
+            "busy_slots": sum(s.req is not None for s in self.slots),
+            "queue_len": len(self.queue),
+            "num_pages_free": self.allocator.num_free,
+            "slots": [{"id": s.id, "busy": s.req is not None, "state": s.state,
+                       "request_id": s.req.id if s.req else None,
+                       "n_prompt": len(s.req.prompt_ids) if s.req else 0,
+                       "n_generated": s.req.num_generated if s.req else 0} for s in self.slots],
+        }

@@ -1,0 +1,220 @@
+"""The FastAPI app: OpenAI-style endpoints over the engine, with errors always in OpenAI's JSON shape."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from fastapi import Depends, FastAPI, Request as HttpRequest
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from converters.chat_template import ChatTemplate, ChatTemplateError, normalize_messages, normalize_tools
+from serve import schemas
+from serve.generation import collect_events, start_request, stream_events
+from serve.metrics import CountRequests, Metrics
+from serve.schemas import ApiError
+
+log = logging.getLogger("serve")
+
+
+@dataclass
+class ServerState:
+    """What the routes share; the engine fields stay None until the background loader has finished warm-up."""
+
+    alias: str
+    model_names: frozenset[str]  # names a request's `model` may use (alias, file name, stem)
+    api_key: str | None = None
+    max_body_bytes: int = 8 << 20
+    engine: Any = None
+    template: ChatTemplate | None = None
+    bos_text: str = ""
+    slot_ctx: int = 0  # tokens one request may occupy (prompt + generated)
+    load_error: str | None = None
+    loader: Callable[["ServerState"], None] | None = None
+    metrics: Metrics = field(default_factory=Metrics)
+    ready: threading.Event = field(default_factory=threading.Event)
+
+
+def create_app(state: ServerState) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if state.loader is not None:
+            threading.Thread(target=state.loader, args=(state,), name="model-loader", daemon=True).start()
+        yield
+        if state.engine is not None:  # uvicorn has already waited for open responses; this drains the rest
+            await asyncio.to_thread(state.engine.stop, drain=True)
+
+    app = FastAPI(title="dflash-jax", lifespan=lifespan, docs_url=None, redoc_url=None)
+    install_error_handlers(app)
+    app.add_middleware(CountRequests, metrics=state.metrics)
+
+    def authorize(request: HttpRequest) -> None:
+        if state.api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or token.strip() != state.api_key:
+            raise ApiError(401, "Invalid API key", "authentication_error", "invalid_api_key")
+
+    def engine_ready():
+        if state.load_error:
+            raise ApiError(500, f"model failed to load: {state.load_error}", "server_error")
+        if not state.ready.is_set():
+            raise ApiError(503, "Loading model", "unavailable_error", "model_loading")
+        return state.engine
+
+    guarded = [Depends(authorize)]
+
+    @app.get("/health")
+    async def health():
+        if state.load_error:
+            return JSONResponse({"status": "error", "error": state.load_error}, status_code=500)
+        if not state.ready.is_set():
+            return JSONResponse({"status": "loading"}, status_code=503)
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    @app.get("/models", include_in_schema=False)
+    async def models():  # public, as in llama-server: clients probe it before they have a key configured
+        return {"object": "list", "data": [{"id": state.alias, "object": "model", "created": 0,
+                                            "owned_by": "dflash-jax"}]}
+
+    @app.get("/metrics", dependencies=guarded)
+    async def metrics():
+        stats = state.engine.stats() if state.ready.is_set() else None
+        body, content_type = state.metrics.render(stats)
+        return Response(body, media_type=content_type)
+
+    @app.get("/slots", dependencies=guarded)
+    async def slots():
+        return engine_ready().stats()
+
+    @app.post("/v1/chat/completions", dependencies=guarded)
+    @app.post("/chat/completions", dependencies=guarded, include_in_schema=False)
+    async def chat_completions(request: HttpRequest):
+        body = await read_body(request, schemas.ChatCompletionRequest, state.max_body_bytes)
+        check_common(body, state)
+        if not body.messages:
+            raise ApiError(400, "messages must not be empty", param="messages")
+        engine = engine_ready()
+        prompt_ids = await asyncio.to_thread(render_chat, state, body)
+        return await respond(request, state, engine, body, prompt_ids, chat=True)
+
+    @app.post("/v1/completions", dependencies=guarded)
+    @app.post("/completions", dependencies=guarded, include_in_schema=False)
+    async def completions(request: HttpRequest):
+        body = await read_body(request, schemas.CompletionRequest, state.max_body_bytes)
+        check_common(body, state)
+        engine = engine_ready()
+        prompt_ids = await asyncio.to_thread(completion_prompt, state, body)
+        return await respond(request, state, engine, body, prompt_ids, chat=False)
+
+    return app
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(_, exc: ApiError):
+        return JSONResponse(exc.body, status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)  # FastAPI would answer 422; OpenAI answers 400
+    async def validation_error(_, exc: RequestValidationError):
+        return JSONResponse(schemas.error_body(str(exc.errors()[:3])), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_, exc: StarletteHTTPException):
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return JSONResponse(schemas.error_body(str(exc.detail), kind), status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def internal_error(_, exc: Exception):
+        log.exception("unhandled error")
+        return JSONResponse(schemas.error_body(f"internal error: {type(exc).__name__}: {exc}", "server_error"),
+                            status_code=500)
+
+
+async def read_body(request: HttpRequest, model, limit: int):
+    """Parse the JSON body into `model`, refusing oversized bodies before buffering them."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"request body of {declared} bytes exceeds the limit of {limit} bytes",
+                       code="request_too_large")
+    raw = bytearray()
+    async for chunk in request.stream():  # chunked bodies carry no length: count as they arrive
+        raw += chunk
+        if len(raw) > limit:
+            raise ApiError(413, f"request body exceeds the limit of {limit} bytes", code="request_too_large")
+    try:
+        return model.model_validate_json(bytes(raw))
+    except ValidationError as e:
+        raise ApiError(400, describe_validation(e), param=_error_param(e)) from None
+
+
+def describe_validation(e: ValidationError) -> str:
+    parts = []
+    for err in e.errors()[:3]:
+        loc = ".".join(str(x) for x in err["loc"])
+        parts.append(f"{loc}: {err['msg']}" if loc else err["msg"])
+    return "; ".join(parts)
+
+
+def _error_param(e: ValidationError) -> str | None:
+    errors = e.errors()
+    return str(errors[0]["loc"][0]) if errors and errors[0]["loc"] else None
+
+
+def check_common(body, state: ServerState) -> None:
+    if body.model and body.model not in state.model_names:
+        raise ApiError(404, f"The model `{body.model}` does not exist", code="model_not_found", param="model")
+    if body.n != 1:
+        raise ApiError(400, "only n=1 is supported", param="n")
+
+
+def encode_prompt(state: ServerState, text: str) -> list[int]:
+    """llama-server tokenizes with parse_special and the vocab's add-BOS rule; a BOS the text already starts with
+    (templates often write it) is not doubled."""
+    tok = state.engine.tokenizer
+    add_bos = tok.add_bos and not (state.bos_text and text.startswith(state.bos_text))
+    return tok.encode(text, add_bos=add_bos, parse_special=True)
+
+
+def render_chat(state: ServerState, body: schemas.ChatCompletionRequest) -> list[int]:
+    try:
+        messages = normalize_messages([m.model_dump(exclude_none=True) for m in body.messages])
+        tools = normalize_tools(body.tools)
+        text = state.template.render(messages, add_generation_prompt=body.add_generation_prompt, tools=tools,
+                                     **(body.chat_template_kwargs or {}))
+    except ChatTemplateError as e:
+        raise ApiError(400, str(e), code="chat_template_error") from None
+    except (KeyError, TypeError, AttributeError) as e:  # malformed content parts / tool calls
+        raise ApiError(400, f"malformed message: {type(e).__name__}: {e}", param="messages") from None
+    return encode_prompt(state, text)
+
+
+def completion_prompt(state: ServerState, body: schemas.CompletionRequest) -> list[int]:
+    prompt = body.prompt
+    if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+        if len(prompt) != 1:
+            raise ApiError(400, "only one prompt per request is supported", param="prompt")
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        return encode_prompt(state, prompt)
+    vocab = state.engine.tokenizer.vocab_size
+    bad = [t for t in prompt if not 0 <= t < vocab]
+    if bad:
+        raise ApiError(400, f"token id {bad[0]} is out of range for a vocabulary of {vocab}", param="prompt")
+    return list(prompt)
+
+
+async def respond(request: HttpRequest, state: ServerState, engine, body, prompt_ids: list[int], chat: bool):
+    req = start_request(state, engine, body, prompt_ids)
+    env = schemas.Envelope(chat, state.alias)
+    if body.stream:
+        return StreamingResponse(stream_events(state, req, env, body.include_usage()), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return JSONResponse(await collect_events(request, state, req, env))

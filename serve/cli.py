@@ -1,0 +1,93 @@
+"""Command-line flags of `python -m serve`, spelled like llama-server's where the concept is the same."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+DEFAULT_MAX_BODY = 8 << 20  # bytes; a chat request larger than this is almost certainly abuse, not a prompt
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {e}") from e
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object, e.g. '{\"enable_thinking\": false}'")
+    return value
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m serve", description="OpenAI-compatible server for GGUF models (JAX).")
+    p.add_argument("-m", "--model", help="GGUF file or converted model directory (default: SmolLM2-135M-Instruct, "
+                                         "fetched on first use)")
+    p.add_argument("--alias", help="model name reported by /v1/models and in responses (default: file stem)")
+    p.add_argument("-np", "--parallel", "--slots", dest="slots", type=_positive, default=8,
+                   help="number of sequences decoded together (default: 8)")
+    p.add_argument("-c", "--ctx-size", dest="ctx_size", type=_positive, default=8192,
+                   help="KV-cache tokens shared by all slots (default: 8192)")
+    p.add_argument("--ctx-per-slot", type=_positive, default=None,
+                   help="per-slot context cap (default: ctx-size / slots)")
+    p.add_argument("-ub", "--ubatch-size", dest="ubatch_size", type=_positive, default=256,
+                   help="prefill chunk in tokens (default: 256)")
+    p.add_argument("--page-size", type=_positive, default=None, help="KV-cache page size in tokens")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                   help="compute dtype (default: float32 on CPU, bfloat16 on GPU)")
+    p.add_argument("--compile-cache-dir", default=None, help="persistent JAX compilation cache directory")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8080, help="port (default: 8080)")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on API requests")
+    p.add_argument("--jinja", action="store_true", default=True,
+                   help="use the model's Jinja chat template (always on; accepted for llama-server compatibility)")
+    p.add_argument("--chat-template-kwargs", type=_json_object, default={},
+                   help="JSON object of template variables, e.g. '{\"enable_thinking\": false}'")
+    p.add_argument("--metrics", action="store_true", default=True,
+                   help="serve Prometheus metrics on /metrics (always on; accepted for compatibility)")
+    p.add_argument("--max-body-bytes", type=_positive, default=DEFAULT_MAX_BODY,
+                   help=f"largest accepted request body (default: {DEFAULT_MAX_BODY})")
+    p.add_argument("-md", "--model-draft", default=None, help="draft model for speculative decoding")
+    p.add_argument("--spec-type", choices=("none", "dflash"), default=None, help="speculative decoding method")
+    p.add_argument("--draft-max", type=_positive, default=None, help="tokens drafted per step")
+    p.add_argument("-cd", "--ctx-size-draft", type=_positive, default=None, help="draft model KV-cache tokens")
+    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
+def model_alias(args: argparse.Namespace, model_path: str | Path) -> str:
+    if args.alias:
+        return args.alias
+    path = Path(model_path)
+    return path.stem if path.suffix == ".gguf" else path.name
+
+
+def engine_config_kwargs(args: argparse.Namespace, config_cls, platform: str) -> dict:
+    """EngineConfig keyword arguments from the flags; flags the engine has no field for fail loudly, not silently."""
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    dtype = args.dtype or ("float32" if platform == "cpu" else "bfloat16")
+    wanted = {"num_slots": args.slots, "ctx_size": args.ctx_size, "prefill_chunk": args.ubatch_size, "dtype": dtype,
+              "ctx_per_slot": args.ctx_per_slot, "page_size": args.page_size,
+              "compile_cache_dir": args.compile_cache_dir}
+    kwargs = {k: v for k, v in wanted.items() if v is not None and k in names}
+    spec = {"spec_type": (args.spec_type, "--spec-type"), "draft_max": (args.draft_max, "--draft-max"),
+            "ctx_size_draft": (args.ctx_size_draft, "-cd/--ctx-size-draft"),
+            "model_draft": (args.model_draft, "-md/--model-draft")}
+    for field, (value, flag) in spec.items():
+        if value is None or (field == "spec_type" and value == "none"):
+            continue
+        if field not in names:
+            raise SystemExit(f"error: {flag} is not supported yet by this engine (EngineConfig has no {field!r})")
+        kwargs[field] = value
+    return kwargs
