@@ -27,12 +27,9 @@ def _default_model_file() -> Path:
 
 
 def _slot_context(engine, cfg) -> int:
-    """Tokens one request may hold: the engine's per-slot cap (prompt + generated)."""
-    for owner, name in ((engine, "ctx_per_slot"), (cfg, "ctx_per_slot")):
-        value = getattr(owner, name, None)
-        if value:
-            return int(value)
-    return int(cfg.ctx_size) // int(cfg.num_slots)
+    """Tokens one request may hold (prompt + generated): the engine's per-slot cap."""
+    per_slot = getattr(cfg, "per_slot", None) or getattr(cfg, "ctx_per_slot", None)
+    return int(per_slot) if per_slot else int(engine.max_prompt_len) + 1
 
 
 def make_loader(args, engine_kwargs: dict, on_failure):

@@ -73,6 +73,8 @@ def start_request(state, engine, body, prompt_ids: list[int]) -> Request:
         engine.submit(req)
     except ValueError as e:
         raise ApiError(400, str(e), code="context_length_exceeded") from None
+    except RuntimeError as e:  # the engine is draining for shutdown
+        raise ApiError(503, str(e), "unavailable_error", "shutting_down") from None
     state.metrics.prompt_tokens.inc(n_prompt)
     return req
 

@@ -1,0 +1,337 @@
+"""Plain decode (T=1, no speculation) step time of the engine's jitted step on random weights built on the device.
+
+No GGUF: the model is `abstract_model(cfg)` split into (graphdef, state) and every leaf is drawn with jax.random
+inside one jit, so the weights never touch host memory. For each slot count B the paged KV cache holds `--ctx`
+cached tokens per slot (pages allocated, random content); the step writes token ctx+1 of every slot and attends over
+it, exactly as Engine._decode does.
+
+Variants, each timed with a warm-up and then `--iters` steps:
+  full      `model_step` (forward, final norm, logits, sampling, penalty counts) with device-resident inputs,
+            dispatched back to back and synchronised once at the end: the device step time.
+  engine    the same compiled `model_step`, called the way Engine._run does it: numpy inputs (host->device each step)
+            and a device_get of the sampled outputs every step (host sync per step).
+  fwd_logits  forward + logits + argmax (no sampling, no counts).
+  fwd       forward only (returns the last hidden row).
+
+Roofline: t_floor = bytes / copy bandwidth, copy bandwidth measured here (x * s over a 4 GiB bf16 array, bytes
+read + written). Two byte counts are given: all parameter bytes (the brief's definition) and the bytes one decode
+step must read (parameters minus the embedding table when untied, since decode gathers only B rows of it, plus the
+KV cache actually attended: B * (ctx+1) tokens).
+
+    python bench/decode_step.py --models qwen3-8b,smollm2-135m --slots 1,2,4,8,16 --out results.jsonl
+    python bench/decode_step.py --models tiny --slots 1,2 --iters 3      # CPU smoke test
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from functools import partial
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from dflash_jax.config import ModelConfig  # noqa: E402
+from dflash_jax.kv_cache import AttentionMeta, KVCache  # noqa: E402
+from dflash_jax.sampling import SamplingArrays  # noqa: E402
+from dflash_jax.step_fns import StepInputs, model_step  # noqa: E402
+
+try:  # converters.load_gguf imports gguf; the device image may lack it
+    from converters.load_gguf import abstract_model
+    ABSTRACT_FROM = "converters.load_gguf.abstract_model"
+except ImportError as e:  # same one-liner as converters/load_gguf.py
+    from dflash_jax.models.dense import DenseDecoder
+
+    def abstract_model(cfg, dtype):
+        return nnx.eval_shape(lambda: DenseDecoder(cfg, dtype))
+    ABSTRACT_FROM = f"local copy (converters.load_gguf not importable: {e})"
+
+PAGE_SIZE = 16
+
+SHAPES = {
+    "qwen3-8b": ModelConfig(arch="qwen3", num_layers=36, hidden_size=4096, intermediate_size=12288, num_heads=32,
+                            num_kv_heads=8, head_dim=128, vocab_size=151936, rope_theta=1e6, rms_eps=1e-6,
+                            max_position=40960, tie_embeddings=False, has_qkv_bias=False, has_qk_norm=True),
+    "smollm2-135m": ModelConfig(arch="llama", num_layers=30, hidden_size=576, intermediate_size=1536, num_heads=9,
+                                num_kv_heads=3, head_dim=64, vocab_size=49152, rope_theta=1e5, rms_eps=1e-5,
+                                max_position=8192, tie_embeddings=True, has_qkv_bias=False, has_qk_norm=False),
+    "tiny": ModelConfig(arch="qwen3", num_layers=2, hidden_size=64, intermediate_size=128, num_heads=4,
+                        num_kv_heads=2, head_dim=16, vocab_size=512, rope_theta=1e6, rms_eps=1e-6,
+                        max_position=4096, tie_embeddings=False, has_qkv_bias=False, has_qk_norm=True),
+}
+
+T0 = time.monotonic()
+
+
+def log(*a):
+    print(f"[{time.monotonic() - T0:7.1f}s]", *a, flush=True)
+
+
+# --- model and cache built on the device -----------------------------------------------------------------------------
+
+def random_model(cfg: ModelConfig, dtype, seed: int = 0):
+    graphdef, abstract = nnx.split(abstract_model(cfg, dtype))
+    pure = abstract.to_pure_dict()
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(pure)
+    kinds = []
+    for path, leaf in leaves:
+        names = [str(getattr(k, "key", getattr(k, "idx", k))) for k in path]
+        if any("norm" in n for n in names):
+            kinds.append("ones")
+        elif names[-1] == "bias":
+            kinds.append("zeros")
+        else:
+            kinds.append("normal")
+    shapes = [(tuple(leaf.shape), jnp.dtype(leaf.dtype)) for _, leaf in leaves]
+
+    @jax.jit
+    def init(key):
+        keys = jax.random.split(key, len(shapes))
+        out = []
+        for k, (shape, dt), kind in zip(keys, shapes, kinds):
+            if kind == "ones":
+                out.append(jnp.ones(shape, dt))
+            elif kind == "zeros":
+                out.append(jnp.zeros(shape, dt))
+            else:
+                out.append((0.02 * jax.random.normal(k, shape, jnp.float32)).astype(dt))
+        return out
+
+    arrays = init(jax.random.key(seed))
+    jax.block_until_ready(arrays)
+    state = abstract
+    state.replace_by_pure_dict(jax.tree_util.tree_unflatten(treedef, arrays))
+    nbytes = {"all": 0, "embed": 0}
+    for (path, _), a in zip(leaves, arrays):
+        nbytes["all"] += a.nbytes
+        if str(getattr(path[0], "key", path[0])) == "embed_tokens":
+            nbytes["embed"] += a.nbytes
+    return graphdef, state, nbytes
+
+
+def random_cache(cfg: ModelConfig, num_pages: int, dtype, seed: int = 1) -> KVCache:
+    shape = (num_pages, PAGE_SIZE, cfg.num_kv_heads, cfg.head_dim)
+
+    @jax.jit
+    def make(key):
+        keys = jax.random.split(key, 2 * cfg.num_layers)
+        layer = lambda k: jax.random.normal(k, shape, jnp.float32).astype(dtype)  # noqa: E731
+        return KVCache(k=[layer(keys[i]) for i in range(cfg.num_layers)],
+                       v=[layer(keys[cfg.num_layers + i]) for i in range(cfg.num_layers)])
+
+    cache = make(jax.random.key(seed))
+    jax.block_until_ready(cache)
+    return cache
+
+
+def decode_inputs(cfg: ModelConfig, b: int, ctx: int, pages_per_slot: int, seed: int = 2) -> StepInputs:
+    """Numpy inputs of one decode step, as Engine._inputs builds them: slot i feeds one token at position ctx."""
+    rng = np.random.default_rng(seed)
+    kv_len = ctx + 1
+    assert -(-kv_len // PAGE_SIZE) <= pages_per_slot
+    tokens = rng.integers(0, cfg.vocab_size, (b, 1), dtype=np.int32)
+    page_table = (1 + np.arange(b)[:, None] * pages_per_slot + np.arange(pages_per_slot)[None, :]).astype(np.int32)
+    meta = AttentionMeta(q_lens=np.ones((b,), np.int32), kv_lens=np.full((b,), kv_len, np.int32),
+                         page_table=page_table)
+    sampling = SamplingArrays(temperature=np.full((b,), 0.8, np.float32), top_k=np.full((b,), 40, np.int32),
+                              top_p=np.full((b,), 0.95, np.float32), min_p=np.full((b,), 0.05, np.float32),
+                              presence_penalty=np.zeros((b,), np.float32),
+                              frequency_penalty=np.zeros((b,), np.float32),
+                              seed=np.arange(b, dtype=np.uint32))
+    return StepInputs(tokens, meta, np.arange(b, dtype=np.int32), np.zeros((b,), bool), sampling)
+
+
+# --- the variants without sampling -----------------------------------------------------------------------------------
+
+@partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
+def fwd_step(graphdef, state, cache, inputs: StepInputs):
+    model = nnx.merge(graphdef, state)
+    hidden, cache, _ = model(inputs.tokens, inputs.meta, cache)
+    last = jnp.maximum(inputs.meta.q_lens - 1, 0)
+    return cache, jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
+
+
+@partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
+def fwd_logits_step(graphdef, state, cache, inputs: StepInputs):
+    model = nnx.merge(graphdef, state)
+    hidden, cache, _ = model(inputs.tokens, inputs.meta, cache)
+    last = jnp.maximum(inputs.meta.q_lens - 1, 0)
+    logits = model.logits(jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0])
+    return cache, jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+
+# --- timing ----------------------------------------------------------------------------------------------------------
+
+def copy_bandwidth(gib: float = 4.0, iters: int = 20) -> dict:
+    n = int(gib * 2**30) // 2
+    x = jax.random.normal(jax.random.key(3), (n,), jnp.float32).astype(jnp.bfloat16)
+    s = jnp.asarray(1.0, jnp.bfloat16)
+    f = jax.jit(lambda x, s: x * s)
+    y = f(x, s)
+    y.block_until_ready()
+    del y
+    times = []
+    for _ in range(iters):
+        t = time.perf_counter()
+        y = f(x, s)
+        y.block_until_ready()
+        times.append(time.perf_counter() - t)
+        del y
+    med = float(np.median(times))
+    res = {"bytes": 2 * x.nbytes, "median_s": med, "min_s": min(times), "GBps": 2 * x.nbytes / med / 1e9,
+           "GBps_best": 2 * x.nbytes / min(times) / 1e9}
+    del x
+    return res
+
+
+def time_loop(step, n_warm: int, iters: int, repeats: int = 3) -> tuple[float, list[float]]:
+    """step() runs one call and returns something to block on; returns the median over `repeats` of the mean ms per
+    step of `iters` back-to-back calls."""
+    out = None
+    for _ in range(n_warm):
+        out = step()
+    jax.block_until_ready(out)
+    means = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        for _ in range(iters):
+            out = step()
+        jax.block_until_ready(out)
+        means.append((time.perf_counter() - t) / iters * 1e3)
+    return float(np.median(means)), means
+
+
+def bench_model(name: str, args, bw: dict | None, results: list, deadline: float) -> None:
+    cfg = SHAPES[name]
+    dtype = jnp.dtype(args.dtype)
+    log(f"== {name}: building random {args.dtype} weights on {jax.devices()[0]}")
+    graphdef, state, nbytes = random_model(cfg, dtype)
+    log(f"   params {nbytes['all'] / 1e9:.3f} GB (embedding table {nbytes['embed'] / 1e9:.3f} GB)")
+    kv_token_bytes = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * dtype.itemsize
+    slots = [int(s) for s in args.slots.split(",")]
+    variants_for = {b: ["full", "engine"] for b in slots}
+    for b in [int(s) for s in args.extra_slots.split(",") if s]:
+        if b in variants_for:
+            variants_for[b] += ["fwd_logits", "fwd"]
+    for b in slots:
+        if time.monotonic() > deadline:
+            log(f"   deadline reached: skipping B={b} and later")
+            break
+        pages_per_slot = max(-(-(args.ctx + 1) // PAGE_SIZE), args.per_slot // PAGE_SIZE)
+        num_pages = 1 + b * pages_per_slot
+        cache = random_cache(cfg, num_pages, dtype)
+        counts = jnp.zeros((b + 1, cfg.vocab_size), jnp.int32)
+        np_inputs = decode_inputs(cfg, b, args.ctx, pages_per_slot)
+        dev_inputs = jax.device_put(np_inputs)
+        holder = {"cache": cache, "counts": counts}
+
+        def full(inp):
+            holder["cache"], holder["counts"], out = model_step(graphdef, state, holder["cache"], holder["counts"], inp)
+            return out.tokens
+
+        def engine():
+            holder["cache"], holder["counts"], out = model_step(graphdef, state, holder["cache"], holder["counts"],
+                                                                np_inputs)
+            return jax.device_get((out.tokens, out.logprobs, out.top_ids, out.top_logprobs))[0]
+
+        def fwd(inp):
+            holder["cache"], h = fwd_step(graphdef, state, holder["cache"], inp)
+            return h
+
+        def fwd_logits(inp):
+            holder["cache"], tok = fwd_logits_step(graphdef, state, holder["cache"], inp)
+            return tok
+
+        fns = {"full": lambda: full(dev_inputs), "engine": engine, "fwd": lambda: fwd(dev_inputs),
+               "fwd_logits": lambda: fwd_logits(dev_inputs)}
+        kv_read = b * (args.ctx + 1) * kv_token_bytes
+        kv_gathered = b * pages_per_slot * PAGE_SIZE * kv_token_bytes
+        step_bytes = nbytes["all"] - (0 if cfg.tie_embeddings else nbytes["embed"]) + kv_read
+        for variant in variants_for[b]:
+            if time.monotonic() > deadline:
+                log(f"   deadline reached: skipping B={b} {variant}")
+                break
+            t = time.monotonic()
+            try:
+                jax.block_until_ready(fns[variant]())  # compile (or cache hit) + first run
+                compile_s = time.monotonic() - t
+                ms, runs = time_loop(fns[variant], args.warmup, args.iters)
+            except Exception as e:  # noqa: BLE001 - report and go on
+                log(f"   B={b} {variant}: FAILED {type(e).__name__}: {str(e)[:400]}")
+                results.append({"model": name, "B": b, "variant": variant, "error": f"{type(e).__name__}: {e}"[:1000]})
+                continue
+            r = {"model": name, "B": b, "variant": variant, "ctx": args.ctx, "pages_per_slot": pages_per_slot,
+                 "ms": ms, "ms_runs": runs, "tok_s": b / ms * 1e3, "compile_s": compile_s,
+                 "param_GB": nbytes["all"] / 1e9, "step_read_GB": step_bytes / 1e9, "kv_read_GB": kv_read / 1e9,
+                 "kv_gathered_GB": kv_gathered / 1e9}
+            if bw:
+                r["floor_ms_params"] = nbytes["all"] / (bw["GBps"] * 1e9) * 1e3
+                r["floor_ms_read"] = step_bytes / (bw["GBps"] * 1e9) * 1e3
+                r["pct_roofline_params"] = 100 * r["floor_ms_params"] / ms
+                r["pct_roofline_read"] = 100 * r["floor_ms_read"] / ms
+            results.append(r)
+            extra = (f"  floor(params) {r['floor_ms_params']:.3f} ms = {r['pct_roofline_params']:.1f}%"
+                     f"  floor(read) {r['floor_ms_read']:.3f} ms = {r['pct_roofline_read']:.1f}%") if bw else ""
+            log(f"   B={b:2d} {variant:10s} {ms:8.3f} ms/step {r['tok_s']:9.1f} tok/s  (first call {compile_s:.1f}s;"
+                f" runs {', '.join(f'{x:.3f}' for x in runs)}){extra}")
+            if args.out:
+                with open(args.out, "a") as f:
+                    f.write(json.dumps(r) + "\n")
+        del holder, cache, counts, dev_inputs
+    del state
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--models", default="qwen3-8b,smollm2-135m")
+    p.add_argument("--slots", default="1,2,4,8,16")
+    p.add_argument("--extra-slots", default="1,16", help="slot counts that also time fwd_logits and fwd")
+    p.add_argument("--ctx", type=int, default=512, help="cached tokens per slot before the step")
+    p.add_argument("--per-slot", type=int, default=0,
+                   help="page-table width in tokens (Engine: ctx_per_slot); default: just enough for ctx+1")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--iters", type=int, default=50)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--copy-gib", type=float, default=4.0)
+    p.add_argument("--budget-s", type=float, default=1e9, help="skip remaining measurements after this many seconds")
+    p.add_argument("--out", default=None, help="append JSON lines here")
+    p.add_argument("--compile-cache", default=None)
+    args = p.parse_args(argv)
+    if args.compile_cache:
+        jax.config.update("jax_compilation_cache_dir", args.compile_cache)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    deadline = T0 + args.budget_s
+    dev = jax.devices()[0]
+    log(f"jax {jax.__version__}, device {dev.device_kind} ({dev.platform}), abstract_model from {ABSTRACT_FROM}")
+    bw = None
+    if args.copy_gib > 0:
+        bw = copy_bandwidth(args.copy_gib)
+        log(f"copy bandwidth: {bw['GBps']:.1f} GB/s median ({bw['GBps_best']:.1f} best) over "
+            f"{bw['bytes'] / 1e9:.2f} GB read+written")
+        if args.out:
+            with open(args.out, "a") as f:
+                f.write(json.dumps({"copy": bw, "device": dev.device_kind}) + "\n")
+    results: list = []
+    for name in args.models.split(","):
+        if time.monotonic() > deadline:
+            log(f"deadline reached: skipping {name}")
+            continue
+        bench_model(name, args, bw, results, deadline)
+    log("summary (ms/step | tok/s | % of copy-bandwidth roofline on all params | on bytes read)")
+    for r in results:
+        if "error" in r:
+            log(f"  {r['model']:13s} B={r['B']:2d} {r['variant']:10s} ERROR {r['error'][:120]}")
+        else:
+            pct = (f"{r['pct_roofline_params']:5.1f}% {r['pct_roofline_read']:5.1f}%" if bw else "")
+            log(f"  {r['model']:13s} B={r['B']:2d} {r['variant']:10s} {r['ms']:8.3f} {r['tok_s']:9.1f} {pct}")
+
+
+if __name__ == "__main__":
+    main()
