@@ -24,9 +24,9 @@ def set_param(tree: dict, path: tuple, value) -> None:
     tree[path[-1]] = value
 
 
-def fill_model(cfg: ModelConfig, dtype, arrays) -> DenseDecoder:
+def fill_model(cfg: ModelConfig, dtype, arrays, module_cls=DenseDecoder):
     """arrays: iterable of (param path, array); every parameter must be given exactly once."""
-    graphdef, state = nnx.split(abstract_model(cfg, dtype))
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: module_cls(cfg, dtype)))
     pure = state.to_pure_dict()
     seen = set()
     for path, value in arrays:

@@ -4,9 +4,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import mmap
 import os
-import struct
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -16,6 +14,7 @@ from typing import Any
 import gguf
 import numpy as np
 
+from converters.gguf_file import GGUFValue, read_fields
 from converters.quant_blocks import SUPPORTED as SUPPORTED_QTYPES
 from converters.quant_blocks import random_float_bytes, random_quant_bytes
 
@@ -90,58 +89,13 @@ PRESETS: dict[str, SyntheticSpec] = {
 
 # --- tokenizer metadata -------------------------------------------------------------------------------------------
 
-_SCALAR_FMT = {V.UINT8: "<B", V.INT8: "<b", V.UINT16: "<H", V.INT16: "<h", V.UINT32: "<I", V.INT32: "<i",
-               V.FLOAT32: "<f", V.BOOL: "<?", V.UINT64: "<Q", V.INT64: "<q", V.FLOAT64: "<d"}
+def read_gguf_kv(path: str | os.PathLike) -> dict[str, GGUFValue]:
+    """All metadata of a GGUF as key -> (value, type, array element type); strings stay raw bytes, to copy verbatim.
 
-
-def read_gguf_kv(path: str | os.PathLike) -> dict[str, tuple[Any, V, V | None]]:
-    """All metadata of a GGUF as key -> (value, type, array element type); strings stay raw bytes.
-
-    A direct parse of the KV section: gguf.GGUFReader builds a numpy view per array element and takes ~20 s on a
-    151k-token vocabulary, which would dominate every test that writes a model.
+    converters.gguf_file's direct parse of the KV section (gguf.GGUFReader would take ~20 s on a 151k-token
+    vocabulary, which would dominate every test that writes a model). Broken files raise GGUFError (a ValueError).
     """
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        if buf[:4] != b"GGUF":
-            raise ValueError(f"{path}: not a GGUF file")
-        _version, _n_tensors, n_kv = struct.unpack_from("<IQQ", buf, 4)
-        off = 24
-
-        def string() -> bytes:
-            nonlocal off
-            (n,) = struct.unpack_from("<Q", buf, off)
-            off += 8 + n
-            return buf[off - n:off]
-
-        def scalar(vtype: V) -> Any:
-            nonlocal off
-            fmt = _SCALAR_FMT[vtype]
-            (v,) = struct.unpack_from(fmt, buf, off)
-            off += struct.calcsize(fmt)
-            return v
-
-        out: dict[str, tuple[Any, V, V | None]] = {}
-        for _ in range(n_kv):
-            key = string().decode()
-            (vtype,) = struct.unpack_from("<I", buf, off)
-            off += 4
-            vtype = V(vtype)
-            if vtype == V.STRING:
-                out[key] = (string(), vtype, None)
-            elif vtype == V.ARRAY:
-                sub, count = struct.unpack_from("<IQ", buf, off)
-                off += 12
-                sub = V(sub)
-                if sub == V.STRING:
-                    out[key] = ([string() for _ in range(count)], vtype, sub)
-                elif sub in _SCALAR_FMT:
-                    dt = np.dtype(_SCALAR_FMT[sub])
-                    out[key] = (np.frombuffer(buf, dt, count, off).tolist(), vtype, sub)
-                    off += dt.itemsize * count
-                else:
-                    raise ValueError(f"{path}: nested array in {key!r} not supported")
-            else:
-                out[key] = (scalar(vtype), vtype, None)
-        return out
+    return read_fields(path, raw_strings=True)
 
 
 def _byte_level_tokenizer() -> dict[str, tuple[Any, V, V | None]]:

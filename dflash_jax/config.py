@@ -94,3 +94,40 @@ class ModelConfig:
             )
         except ValueError as e:
             raise GGUFError(g.path, str(e)) from e
+
+
+@dataclass(frozen=True)
+class DrafterConfig:
+    """DFlash drafter: Qwen3-style layers at the target's hidden size (DESIGN.md section 4)."""
+
+    num_layers: int
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_eps: float
+    rope_theta: float
+    block_size: int
+    mask_token_id: int
+    target_layer_ids: tuple[int, ...]  # HF ids: the output of target layer i (= HF hidden_states[i + 1])
+    sliding_window: int | None = None
+    swa_layers: tuple[bool, ...] = ()  # per layer: causal sliding-window attention inside the block
+    max_position: int = 32768
+
+    def __post_init__(self):
+        for name in ("num_layers", "hidden_size", "intermediate_size", "num_heads", "num_kv_heads", "head_dim"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"DrafterConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.block_size < 2:
+            raise ValueError(f"DrafterConfig.block_size must be >= 2, got {self.block_size}")
+        if not self.target_layer_ids or list(self.target_layer_ids) != sorted(set(self.target_layer_ids)):
+            raise ValueError(f"DrafterConfig.target_layer_ids must be increasing and non-empty, "
+                             f"got {self.target_layer_ids}")
+        if self.swa_layers and len(self.swa_layers) != self.num_layers:
+            raise ValueError(f"DrafterConfig.swa_layers has {len(self.swa_layers)} entries for "
+                             f"{self.num_layers} layers")
+        if any(self.swa_layers) and not self.sliding_window:
+            raise ValueError("DrafterConfig.sliding_window is required when swa_layers marks a layer")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"DrafterConfig.num_heads ({self.num_heads}) must be a multiple of num_kv_heads")

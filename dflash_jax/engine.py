@@ -24,7 +24,8 @@ from dflash_jax.page_allocator import PageAllocator
 from dflash_jax.requests import Request
 from dflash_jax.sampling import SamplingArrays
 from dflash_jax.scheduler import Scheduler, Slot
-from dflash_jax.step_fns import StepInputs, model_step
+from dflash_jax.spec_state import LoadedDrafter, SpecState
+from dflash_jax.step_fns import SpecInputs, StepInputs, model_step, spec_step
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,9 @@ class EngineConfig:
     prefill_chunk: int = 256  # -ub: tokens of one slot's prompt per prefill step
     dtype: str = "float32"
     compile_cache_dir: str | None = None
+    draft_max: int = 15  # drafts per block (block = draft_max + 1, at most the drafter's trained block size)
+    ctx_size_draft: int | None = None  # -cd: how many recent context features the drafter attends to
+    spec_policy: str = "adaptive"  # adaptive | always | never (with a drafter)
 
     def __post_init__(self):
         if self.num_slots < 1:
@@ -44,6 +48,10 @@ class EngineConfig:
             raise ValueError(f"EngineConfig.page_size must be a power of two, got {self.page_size}")
         if self.prefill_chunk < 1:
             raise ValueError(f"EngineConfig.prefill_chunk must be >= 1, got {self.prefill_chunk}")
+        if self.draft_max < 1:
+            raise ValueError(f"EngineConfig.draft_max must be >= 1, got {self.draft_max}")
+        if self.spec_policy not in ("adaptive", "always", "never"):
+            raise ValueError(f"EngineConfig.spec_policy must be adaptive, always or never, got {self.spec_policy!r}")
         if self.per_slot > self.ctx_size:
             raise ValueError(f"EngineConfig.ctx_per_slot {self.per_slot} exceeds ctx_size {self.ctx_size}")
 
@@ -74,7 +82,7 @@ def enable_compile_cache(directory: str | None) -> None:
 
 
 class Engine:
-    def __init__(self, loaded: LoadedModel, cfg: EngineConfig):
+    def __init__(self, loaded: LoadedModel, cfg: EngineConfig, drafter: LoadedDrafter | None = None):
         self.cfg = cfg
         self.model_cfg = loaded.config
         self.tokenizer = loaded.tokenizer
@@ -86,6 +94,7 @@ class Engine:
         self.cache = KVCache.create(mc.num_layers, num_pages, cfg.page_size, mc.num_kv_heads, mc.head_dim,
                                     jnp.dtype(cfg.dtype))
         self.counts = jnp.zeros((cfg.num_slots + 1, mc.vocab_size), jnp.int32)
+        self.spec = SpecState(drafter, cfg, num_pages, jnp.dtype(cfg.dtype)) if drafter is not None else None
         self.scheduler = Scheduler(cfg.num_slots, PageAllocator(num_pages), cfg.page_size, cfg.per_slot,
                                    cfg.prefill_chunk, loaded.tokenizer)
         self.max_prompt_len = cfg.per_slot - 1
@@ -103,14 +112,23 @@ class Engine:
         self._wake.set()
 
     def stats(self) -> dict:
-        return self.scheduler.stats()
+        stats = self.scheduler.stats()
+        if self.spec:
+            stats["speculative"] = self.spec.stats()
+        return stats
 
     def warmup(self, progress: bool = True) -> None:
         """Run every (slots, tokens) bucket once so serving never compiles."""
         shapes = [(b, t) for t in self.cfg.chunk_buckets for b in self.cfg.slot_buckets]
         shapes += [(b, 1) for b in self.cfg.slot_buckets]
-        for b, t in tqdm(shapes, desc="compiling step buckets", disable=not progress, unit="bucket"):
-            self._run(self._inputs([], b, t))
+        spec = [(b, None) for b in self.cfg.slot_buckets] if self.spec else []
+        for b, t in tqdm(shapes + spec, desc="compiling step buckets", disable=not progress, unit="bucket"):
+            if t is None:
+                self._run_spec(self._spec_inputs([], b))
+            else:
+                self._run(self._inputs([], b, t))
+        if self.spec:
+            self.spec.measure_costs(self)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="dflash-engine", daemon=True)
@@ -151,7 +169,14 @@ class Engine:
         if plan.prefill:
             self._prefill(plan.prefill)
         if plan.decode:
-            self._decode(plan.decode)
+            speculating = [sl for sl in plan.decode if self.spec and self.spec.eligible(sl)]
+            if speculating and not self.spec.worth_it(len(speculating), self.num_steps):
+                speculating = []
+            plain = [sl for sl in plan.decode if sl not in speculating]
+            if speculating:
+                self._spec_decode(speculating)
+            if plain:
+                self._decode(plain)
         self.num_steps += 1
 
     def _prefill(self, chunks: list[tuple[Slot, int]]) -> None:
@@ -172,10 +197,30 @@ class Engine:
     def _decode(self, slots: list[Slot]) -> None:
         b = bucket_for(len(slots), self.cfg.slot_buckets)
         rows = [(slot, [slot.pending], slot.num_cached + 1, False) for slot in slots]
+        t0 = time.perf_counter()
         out = self._run(self._inputs(rows, b, 1))
+        if self.spec:
+            self.spec.record_plain(len(slots), time.perf_counter() - t0)
         for i, slot in enumerate(slots):
             slot.num_cached += 1
             self._commit(slot, out, i)
+
+    def _spec_decode(self, slots: list[Slot]) -> None:
+        b = bucket_for(len(slots), self.cfg.slot_buckets)
+        t0 = time.perf_counter()
+        tokens, accepted, logprobs, top_ids, top_lps = self._run_spec(self._spec_inputs(slots, b))
+        self.spec.record_step(len(slots), time.perf_counter() - t0, accepted[:len(slots)])
+        for i, slot in enumerate(slots):
+            n = int(accepted[i])
+            req = slot.req
+            req.draft_n += self.spec.block - 1
+            req.draft_n_accepted += n
+            slot.num_cached += n + 1  # the last token and the accepted drafts are now in the cache
+            for k in range(n + 1):
+                self.scheduler.on_token(slot, int(tokens[i, k]), float(logprobs[i, k]),
+                                        list(zip(top_ids[i, k].tolist(), top_lps[i, k].tolist())))
+                if slot.req is None:  # stop / EOS / max_tokens inside the accepted run: cut exactly there
+                    break
 
     def _commit(self, slot: Slot, out, i: int) -> None:
         tokens, logprobs, top_ids, top_lps = out
@@ -199,7 +244,35 @@ class Engine:
         meta = AttentionMeta(q_lens=q_lens, kv_lens=kv_lens, page_table=page_table)
         return StepInputs(tokens, meta, slot_ids, is_first, sampling)
 
+    def _spec_inputs(self, slots: list[Slot], b: int) -> SpecInputs:
+        t = self.spec.block
+        last = np.zeros((b,), np.int32)
+        q_lens = np.zeros((b,), np.int32)
+        kv_lens = np.zeros((b,), np.int32)
+        page_table = np.full((b, self.pages_per_slot), TRASH_PAGE, np.int32)
+        injected = np.zeros((b, t - 1), np.int32)
+        use_injected = np.zeros((b,), bool)
+        for i, slot in enumerate(slots):
+            last[i], q_lens[i], kv_lens[i] = slot.pending, t, slot.num_cached + t
+            page_table[i, :len(slot.pages)] = slot.pages
+            forced = self.spec.injector(slot) if self.spec.injector else None
+            if forced is not None:
+                injected[i], use_injected[i] = forced[:t - 1], True
+        sampling = SamplingArrays.from_params([s.req.params for s in slots], b, [s.seed for s in slots])
+        return SpecInputs(last, AttentionMeta(q_lens, kv_lens, page_table), sampling, injected, use_injected)
+
     def _run(self, inputs: StepInputs):
-        self.cache, self.counts, out = model_step(self.graphdef, self.state, self.cache, self.counts, inputs)
+        sp = self.spec
+        self.cache, dcache, self.counts, out = model_step(
+            self.graphdef, sp and sp.graphdef, sp.taps if sp else (), self.state, sp and sp.state, self.cache,
+            sp and sp.cache, self.counts, inputs)
+        if sp:
+            sp.cache = dcache
         # The one device->host transfer of the step.
         return jax.device_get((out.tokens, out.logprobs, out.top_ids, out.top_logprobs))
+
+    def _run_spec(self, inputs: SpecInputs):
+        sp = self.spec
+        self.cache, sp.cache, out = spec_step(self.graphdef, sp.graphdef, sp.taps, sp.mask_token_id, sp.ctx_window,
+                                              self.state, sp.state, self.cache, sp.cache, inputs)
+        return jax.device_get((out.tokens, out.accepted, out.logprobs, out.top_ids, out.top_logprobs))

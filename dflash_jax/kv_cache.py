@@ -58,8 +58,10 @@ def write_kv(pages: jax.Array, new: jax.Array, meta: AttentionMeta, positions: j
              valid: jax.Array) -> jax.Array:
     """Scatter new (B, T, K, H) into pages (P, S, K, H) at the tokens' positions; padded tokens go to TRASH_PAGE."""
     page_size = pages.shape[1]
-    page_idx = jnp.take_along_axis(meta.page_table, jnp.clip(positions // page_size, 0, meta.page_table.shape[1] - 1),
-                                   axis=1)
+    logical = positions // page_size
+    # Beyond the slot's page table (a verify block running past the context cap): trash, never a clipped real page.
+    valid = valid & (logical < meta.page_table.shape[1])
+    page_idx = jnp.take_along_axis(meta.page_table, jnp.clip(logical, 0, meta.page_table.shape[1] - 1), axis=1)
     page_idx = jnp.where(valid, page_idx, TRASH_PAGE)
     offset = jnp.where(valid, positions % page_size, 0)
     return pages.at[page_idx, offset].set(new.astype(pages.dtype), mode="drop")

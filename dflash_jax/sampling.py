@@ -74,11 +74,12 @@ def filter_logits(logits: jax.Array, p: SamplingArrays) -> jax.Array:
     return jnp.where(scaled >= threshold[:, None], scaled, -jnp.inf)
 
 
-def sample(logits: jax.Array, counts: jax.Array, p: SamplingArrays, positions: jax.Array) -> SampleOutput:
+def sample(logits: jax.Array, counts: jax.Array | None, p: SamplingArrays, positions: jax.Array) -> SampleOutput:
     """logits (B, V) f32 of the next token; positions (B,) the position being sampled (keys the per-slot RNG, so a
-    seeded request draws the same tokens whatever batch it shares)."""
+    seeded request draws the same tokens whatever batch it shares, and speculative decoding draws what plain decoding
+    draws). counts None: no penalties (speculating slots never carry any)."""
     logprobs = jax.nn.log_softmax(logits, axis=-1)
-    penalized = apply_penalties(logits, counts, p)
+    penalized = logits if counts is None else apply_penalties(logits, counts, p)
     greedy = jnp.argmax(penalized, axis=-1).astype(jnp.int32)
     keys = jax.vmap(lambda s, pos: jax.random.fold_in(jax.random.key(s), pos))(p.seed, positions)
     drawn = jax.vmap(jax.random.categorical)(keys, filter_logits(penalized, p)).astype(jnp.int32)

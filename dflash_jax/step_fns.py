@@ -1,7 +1,8 @@
-"""The jitted device step: model forward over a (slots x tokens) bucket, sampling of each slot's next token.
+"""The jitted device steps: a plain step (prefill chunk or one decode token per slot) and the fused DFlash step
+(draft a block, verify it with the target, accept, commit) for every speculating slot at once.
 
-Dimensions: B slots in the bucket, T tokens per slot, V vocab, R = num_slots + 1 rows of per-slot device state
-(the last row belongs to padding).
+Dimensions: B slots in the bucket, T tokens per slot (block size in the spec step), V vocab, D hidden,
+R = num_slots + 1 rows of per-slot device state (the last row belongs to padding).
 """
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dflash_jax.kv_cache import AttentionMeta, KVCache
+from dflash_jax.kv_cache import AttentionMeta, KVCache, token_positions
 from dflash_jax.sampling import SampleOutput, SamplingArrays, sample
+from dflash_jax.speculative import accept_lengths
 
 
 @jax.tree_util.register_dataclass
@@ -26,12 +28,38 @@ class StepInputs:
     sampling: SamplingArrays
 
 
-@partial(jax.jit, static_argnums=(0,), donate_argnums=(2, 3))
-def model_step(graphdef: nnx.GraphDef, state: nnx.State, cache: KVCache, counts: jax.Array,
-               inputs: StepInputs) -> tuple[KVCache, jax.Array, SampleOutput]:
-    """counts (R, V) i32: tokens generated so far per slot (for presence/frequency penalties)."""
+@jax.tree_util.register_dataclass
+@dataclass
+class SpecInputs:
+    last_tokens: jax.Array  # (B,) i32: each slot's newest token, not yet in the cache
+    meta: AttentionMeta  # q_lens = T for live rows (0 for padding), kv_lens = cached length + T
+    sampling: SamplingArrays
+    injected: jax.Array  # (B, T-1) i32: drafts to verify instead of the drafter's, where use_injected
+    use_injected: jax.Array  # (B,) bool
+
+
+@jax.tree_util.register_dataclass
+@dataclass
+class SpecOutput:
+    tokens: jax.Array  # (B, T) i32: target choice at each block position; the first accepted+1 are emitted
+    accepted: jax.Array  # (B,) i32: drafts accepted (0 .. T-1)
+    logprobs: jax.Array  # (B, T) f32
+    top_ids: jax.Array  # (B, T, MAX_TOP_LOGPROBS) i32
+    top_logprobs: jax.Array  # (B, T, MAX_TOP_LOGPROBS) f32
+
+
+@partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=(5, 6, 7))
+def model_step(graphdef: nnx.GraphDef, drafter_graphdef, taps: tuple[int, ...], state: nnx.State, drafter_state,
+               cache: KVCache, dcache: KVCache | None, counts: jax.Array,
+               inputs: StepInputs) -> tuple[KVCache, KVCache | None, jax.Array, SampleOutput]:
+    """Prefill chunk or plain decode. counts (R, V) i32: tokens generated so far per slot (penalties). With a
+    drafter, the tap features of every token written here also go into the drafter's context cache."""
     model = nnx.merge(graphdef, state)
-    hidden, cache, _ = model(inputs.tokens, inputs.meta, cache)
+    hidden, cache, feats = model(inputs.tokens, inputs.meta, cache, taps)
+    if drafter_graphdef is not None:
+        drafter = nnx.merge(drafter_graphdef, drafter_state)
+        positions, valid = token_positions(inputs.meta, inputs.tokens.shape[1])
+        dcache = drafter.write_context(feats, inputs.meta, positions, valid, dcache)
     last = jnp.maximum(inputs.meta.q_lens - 1, 0)
     h_last = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]  # (B, D)
     logits = model.logits(h_last)
@@ -39,4 +67,40 @@ def model_step(graphdef: nnx.GraphDef, state: nnx.State, cache: KVCache, counts:
     out = sample(logits, rows, inputs.sampling, positions=inputs.meta.kv_lens)
     rows = rows.at[jnp.arange(rows.shape[0]), out.tokens].add(1)
     counts = counts.at[inputs.slot_ids].set(rows)
-    return cache, counts, out
+    return cache, dcache, counts, out
+
+
+@partial(jax.jit, static_argnums=(0, 1, 2, 3, 4), donate_argnums=(7, 8))
+def spec_step(graphdef: nnx.GraphDef, drafter_graphdef, taps: tuple[int, ...], mask_token_id: int,
+              ctx_window: int | None, state: nnx.State, drafter_state, cache: KVCache, dcache: KVCache,
+              inputs: SpecInputs) -> tuple[KVCache, KVCache, SpecOutput]:
+    model = nnx.merge(graphdef, state)
+    drafter = nnx.merge(drafter_graphdef, drafter_state)
+    b, t = inputs.injected.shape[0], inputs.injected.shape[1] + 1
+    cached = inputs.meta.kv_lens - inputs.meta.q_lens  # (B,) committed length; the block starts there
+
+    # Draft: [last token, MASK ...] through the drafter, the target's LM head, argmax (even when sampling:
+    # independently sampled block positions ruin acceptance).
+    block = jnp.concatenate([inputs.last_tokens[:, None], jnp.full((b, t - 1), mask_token_id, jnp.int32)], axis=1)
+    h = drafter(jnp.take(model.embed_tokens[...], block, axis=0), cached, inputs.meta.page_table, dcache,
+                ctx_window)
+    drafts = jnp.argmax(model.logits(h[:, 1:]), axis=-1).astype(jnp.int32)  # (B, T-1)
+    drafts = jnp.where(inputs.use_injected[:, None], inputs.injected, drafts)
+
+    # Verify: the target over [last, d_1 .. d_{T-1}] at positions cached .. cached + T - 1, causal.
+    hidden, cache, feats = model(jnp.concatenate([inputs.last_tokens[:, None], drafts], axis=1), inputs.meta,
+                                 cache, taps)
+    logits = model.logits(hidden)  # (B, T, V)
+    per_pos = jax.tree.map(lambda a: jnp.repeat(a, t, axis=0), inputs.sampling)
+    positions = (cached[:, None] + 1 + jnp.arange(t)[None, :]).reshape(-1)  # position of each chosen token
+    out = sample(logits.reshape(b * t, -1), None, per_pos, positions)
+    choice = out.tokens.reshape(b, t)
+    accepted = accept_lengths(drafts, choice)
+
+    # Commit: the drafter's context gains the features of the tokens now in the cache (last + accepted drafts).
+    tok_pos, valid = token_positions(inputs.meta, t)
+    valid &= jnp.arange(t)[None, :] <= accepted[:, None]
+    dcache = drafter.write_context(feats, inputs.meta, tok_pos, valid, dcache)
+    k = out.top_ids.shape[-1]
+    return cache, dcache, SpecOutput(choice, accepted, out.logprobs.reshape(b, t), out.top_ids.reshape(b, t, k),
+                                     out.top_logprobs.reshape(b, t, k))

@@ -33,3 +33,39 @@ def paged_attention_reference(q: jax.Array, k_pages: jax.Array, v_pages: jax.Arr
     p = p / jnp.where(denom > 0, denom, 1.0)
     out = jnp.einsum("bkgtc,bckh->btkgh", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
     return out.reshape(b, t, n, h).astype(q.dtype)
+
+
+def drafter_attention_reference(q: jax.Array, k_block: jax.Array, v_block: jax.Array, k_pages: jax.Array,
+                                v_pages: jax.Array, page_table: jax.Array, ctx_lens: jax.Array,
+                                ctx_window: int | None = None, causal_window: int | None = None,
+                                *, scale: float | None = None) -> jax.Array:
+    """DFlash block attention. q, k/v_block (B, T, N|K, H): the block's queries and keys; every query sees context
+    keys at positions [ctx_len - ctx_window, ctx_len) from the pages and all T block keys (bidirectional). With
+    `causal_window` (sliding-window drafter layers) a query at block index t sees keys within that many positions
+    before it and none after. Returns (B, T, N, H)."""
+    b, t, n, h = q.shape
+    k_heads = k_pages.shape[2]
+    g = n // k_heads
+    scale = h ** -0.5 if scale is None else scale
+    k_ctx = k_pages[page_table].reshape(b, -1, k_heads, h)  # (B, C, K, H)
+    v_ctx = v_pages[page_table].reshape(b, -1, k_heads, h)
+    k = jnp.concatenate([k_ctx, k_block.astype(k_ctx.dtype)], axis=1)  # (B, C + T, K, H)
+    v = jnp.concatenate([v_ctx, v_block.astype(v_ctx.dtype)], axis=1)
+    c = k_ctx.shape[1]
+    key_pos = jnp.concatenate([jnp.broadcast_to(jnp.arange(c), (b, c)),
+                               ctx_lens[:, None] + jnp.arange(t)[None, :]], axis=1)  # (B, C + T)
+    q_pos = ctx_lens[:, None] + jnp.arange(t)[None, :]  # (B, T)
+    is_ctx = jnp.arange(c + t)[None, :] < c
+    visible = jnp.where(is_ctx, key_pos < ctx_lens[:, None], True)  # (B, C + T)
+    if ctx_window is not None:
+        visible &= jnp.where(is_ctx, key_pos >= ctx_lens[:, None] - ctx_window, True)
+    mask = jnp.broadcast_to(visible[:, None, :], (b, t, c + t))
+    if causal_window is not None:
+        delta = q_pos[:, :, None] - key_pos[:, None, :]
+        mask &= (delta >= 0) & (delta < causal_window)
+    s = jnp.einsum("btkgh,bckh->bkgtc", q.reshape(b, t, k_heads, g, h), k,
+                   preferred_element_type=jnp.float32) * scale
+    s = jnp.where(mask[:, None, None], s, -jnp.inf)
+    p = jax.nn.softmax(s, axis=-1)  # every query sees at least its own block key
+    out = jnp.einsum("bkgtc,bckh->btkgh", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return out.reshape(b, t, n, h).astype(q.dtype)

@@ -79,16 +79,26 @@ def start_request(state, engine, body, prompt_ids: list[int]) -> Request:
     return req
 
 
+def abandon(state, req: Request) -> None:
+    """The client is gone: free the slot (the engine does so within a step) and count the request as cancelled."""
+    req.cancel()
+    state.metrics.observe_finished(req, "cancelled")
+
+
 async def _events(state, req: Request, http_request=None) -> AsyncIterator[TokenEvent]:
     """The request's events up to and including the final one; with http_request, stop (and cancel) early when that
     client disconnects."""
     metrics, last = state.metrics, None
+    next_check = time.monotonic() + DISCONNECT_POLL_S
     while True:
         ev = await req.events.next(DISCONNECT_POLL_S if http_request is not None else None)
-        if ev is None:
+        # Checked by the clock, not only on timeouts: a busy engine delivers tokens faster than any timeout.
+        if http_request is not None and time.monotonic() >= next_check:
+            next_check = time.monotonic() + DISCONNECT_POLL_S
             if await http_request.is_disconnected():
-                req.cancel()
+                abandon(state, req)
                 return
+        if ev is None:
             continue
         if ev.token_id is not None:
             now = time.monotonic()
@@ -164,7 +174,7 @@ async def stream_events(state, req: Request, env: schemas.Envelope, include_usag
         yield "data: [DONE]\n\n"
     finally:
         if not finished:
-            req.cancel()
+            abandon(state, req)
 
 
 async def collect_events(http_request, state, req: Request, env: schemas.Envelope) -> dict:
@@ -179,6 +189,6 @@ async def collect_events(http_request, state, req: Request, env: schemas.Envelop
             texts.append(ev.text)
             finish = ev.finish_reason
     finally:
-        if finish is None:
-            req.cancel()  # the handler was cancelled or the client left: free the slot
+        if finish is None and not req.cancelled.is_set():
+            abandon(state, req)  # the handler itself was cancelled: free the slot
     return env.final("".join(texts), finish or "cancelled", req, lp.result() if lp is not None else None)

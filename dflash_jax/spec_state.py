@@ -1,0 +1,103 @@
+"""DFlash state held by the engine: the drafter's weights and context cache, acceptance counters, and the adaptive
+policy that decides, per slot-count bucket, whether a speculative step beats a plain one.
+
+Policy: a plain step yields 1 token per slot; a spec step yields tau = mean(accepted + 1). Speculate when
+tau * cost(plain, b) > cost(spec, b), with step costs measured at warm-up and refined by running averages, and tau a
+running average of recent spec steps. While not speculating, every PROBE_EVERY-th decode step speculates anyway so
+tau keeps tracking the traffic. Slots with presence/frequency penalties decode plainly (their penalty counts change
+inside a block).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dflash_jax.buckets import bucket_for
+from dflash_jax.kv_cache import KVCache
+
+PROBE_EVERY = 16
+EMA = 0.1
+
+
+@dataclass
+class LoadedDrafter:
+    config: object  # converters.drafter_gguf.DrafterConfig
+    model: nnx.Module  # dflash_jax.models.drafter.Drafter
+    source: str = ""
+
+
+class SpecState:
+    def __init__(self, drafter: LoadedDrafter, engine_cfg, num_pages: int, dtype):
+        dc = drafter.config
+        self.config = dc
+        self.block = min(engine_cfg.draft_max + 1, dc.block_size)
+        self.taps = tuple(dc.target_layer_ids)
+        self.mask_token_id = int(dc.mask_token_id)
+        self.ctx_window = engine_cfg.ctx_size_draft
+        self.graphdef, self.state = nnx.split(drafter.model)
+        self.cache = KVCache.create(dc.num_layers, num_pages, engine_cfg.page_size, dc.num_kv_heads, dc.head_dim,
+                                    dtype)
+        self.policy = engine_cfg.spec_policy
+        self.slot_buckets = engine_cfg.slot_buckets
+        self.cost_plain: dict[int, float] = {}
+        self.cost_spec: dict[int, float] = {}
+        self.tau = (1 + self.block) / 2  # optimistic start; corrected by the first probes
+        self.injector: Callable | None = None  # tests: slot -> forced drafts (list of block-1 ids) or None
+        # Counters (vLLM's spec_decode_* names in /metrics).
+        self.num_drafts = 0
+        self.num_draft_tokens = 0
+        self.num_accepted = 0
+        self.accepted_per_pos = np.zeros(self.block - 1, np.int64)
+
+    def eligible(self, slot) -> bool:
+        p = slot.req.params
+        return self.policy != "never" and p.presence_penalty == 0 and p.frequency_penalty == 0
+
+    def worth_it(self, num_slots: int, step: int) -> bool:
+        if self.policy == "always":
+            return True
+        b = bucket_for(num_slots, self.slot_buckets)
+        plain, spec = self.cost_plain.get(b), self.cost_spec.get(b)
+        if plain is None or spec is None:
+            return True
+        return self.tau * plain > spec or step % PROBE_EVERY == 0
+
+    def record_step(self, num_slots: int, seconds: float, accepted: np.ndarray) -> None:
+        b = bucket_for(num_slots, self.slot_buckets)
+        self.cost_spec[b] = seconds if b not in self.cost_spec else (1 - EMA) * self.cost_spec[b] + EMA * seconds
+        self.tau = (1 - EMA) * self.tau + EMA * float(np.mean(accepted + 1))
+        self.num_drafts += len(accepted)
+        self.num_draft_tokens += len(accepted) * (self.block - 1)
+        self.num_accepted += int(np.sum(accepted))
+        for a in accepted:
+            self.accepted_per_pos[:int(a)] += 1
+
+    def record_plain(self, num_slots: int, seconds: float) -> None:
+        b = bucket_for(num_slots, self.slot_buckets)
+        self.cost_plain[b] = seconds if b not in self.cost_plain else (1 - EMA) * self.cost_plain[b] + EMA * seconds
+
+    def measure_costs(self, engine, repeats: int = 3) -> None:
+        """Time a compiled plain and spec step of every bucket (padding rows only: same shapes, same work)."""
+        for b in self.slot_buckets:
+            for kind in ("plain", "spec"):
+                best = float("inf")
+                for _ in range(repeats):
+                    t0 = time.perf_counter()
+                    if kind == "plain":
+                        engine._run(engine._inputs([], b, 1))
+                    else:
+                        engine._run_spec(engine._spec_inputs([], b))
+                    best = min(best, time.perf_counter() - t0)
+                (self.cost_plain if kind == "plain" else self.cost_spec)[b] = best
+
+    def stats(self) -> dict:
+        return {"block": self.block, "tau": round(self.tau, 3), "policy": self.policy,
+                "num_drafts": self.num_drafts, "num_draft_tokens": self.num_draft_tokens,
+                "num_accepted_tokens": self.num_accepted, "accepted_per_pos": self.accepted_per_pos.tolist(),
+                "cost_plain_ms": {b: round(c * 1e3, 2) for b, c in self.cost_plain.items()},
+                "cost_spec_ms": {b: round(c * 1e3, 2) for b, c in self.cost_spec.items()}}
