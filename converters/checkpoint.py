@@ -10,13 +10,17 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from converters.load_gguf import abstract_model, load_gguf
+from converters.drafter_gguf import check_compatible, load_drafter_gguf
+from converters.load_gguf import abstract_model, fill_model, load_gguf
 from converters.tokenizer import Tokenizer
 from dflash_jax.config import ModelConfig
 from dflash_jax.models.dense import DenseDecoder
+from dflash_jax.models.drafter import Drafter
+from dflash_jax.spec_state import LoadedDrafter
 
 CONFIG_FILE = "config.json"
 TEMPLATE_FILE = "chat_template.jinja"
@@ -73,3 +77,11 @@ def load_model(path: str | Path, dtype=jnp.bfloat16) -> LoadedModel:
     cfg, model, g = load_gguf(str(path), dtype)
     return LoadedModel(cfg, model, Tokenizer.from_metadata(g.metadata, source=g.path),
                        g.get("tokenizer.chat_template"), str(path))
+
+
+def load_drafter(path: str | Path, target_cfg: ModelConfig, dtype=jnp.bfloat16) -> LoadedDrafter:
+    """A DFlash drafter GGUF (fork or upstream schema), checked against its target before anything is served."""
+    dcfg, params = load_drafter_gguf(str(path), np.float32)
+    check_compatible(dcfg, target_cfg, str(path))
+    arrays = ((key, jnp.asarray(value.astype(jnp.dtype(dtype)))) for key, value in params.items())
+    return LoadedDrafter(dcfg, fill_model(dcfg, jnp.dtype(dtype), arrays, Drafter), str(path))

@@ -30,6 +30,7 @@ import numpy as np
 
 from converters.gguf_file import GGUFError, GGUFFile, open_gguf, read_fields
 from converters.tensor_map import dequantize
+from dflash_jax.config import DrafterConfig  # noqa: F401  (re-exported: loaders and writers speak it)
 
 T = gguf.GGMLQuantizationType
 V = gguf.GGUFValueType
@@ -48,79 +49,6 @@ _FILE_TYPES = {
     T.Q5_1: gguf.LlamaFileType.MOSTLY_Q5_1,
 }
 DEFAULT_BLOCK_SIZE = 16  # llama.cpp's default when dflash.block_size is absent
-DEFAULT_MAX_POSITION = 32768
-
-
-@dataclass(frozen=True)
-class DrafterConfig:
-    num_layers: int
-    hidden_size: int
-    intermediate_size: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    rms_eps: float
-    rope_theta: float
-    block_size: int
-    mask_token_id: int
-    target_layer_ids: tuple[int, ...]  # HF ids: "output of layer i" = HF hidden_states[i+1]
-    sliding_window: int | None = None
-    swa_layers: tuple[bool, ...] = ()  # per-layer sliding-window flag; empty = no sliding-window layer
-    max_position: int = DEFAULT_MAX_POSITION
-
-    def __post_init__(self):
-        # Normalize sequences to tuples (lists from JSON / metadata) and an all-False pattern to the empty one, so
-        # that equal drafters compare equal whichever way they were spelled.
-        ids = tuple(int(i) for i in self.target_layer_ids)
-        swa = tuple(bool(s) for s in self.swa_layers)
-        object.__setattr__(self, "target_layer_ids", ids)
-        object.__setattr__(self, "swa_layers", swa if any(swa) else ())
-        for name in ("num_layers", "hidden_size", "intermediate_size", "num_heads", "num_kv_heads", "head_dim",
-                     "max_position"):
-            v = getattr(self, name)
-            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v <= 0:
-                raise ValueError(f"DrafterConfig.{name} must be a positive integer, got {v!r}")
-        if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"DrafterConfig.num_heads ({self.num_heads}) must be a multiple of "
-                             f"DrafterConfig.num_kv_heads ({self.num_kv_heads})")
-        if self.head_dim % 2:
-            raise ValueError(f"DrafterConfig.head_dim must be even for RoPE, got {self.head_dim}")
-        for name in ("rms_eps", "rope_theta"):
-            v = getattr(self, name)
-            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
-                raise ValueError(f"DrafterConfig.{name} must be a positive finite number, got {v!r}")
-        if not isinstance(self.block_size, (int, np.integer)) or self.block_size < 2:
-            raise ValueError(f"DrafterConfig.block_size must be an integer >= 2 (the last token plus at least one "
-                             f"mask), got {self.block_size!r}")
-        if not isinstance(self.mask_token_id, (int, np.integer)) or self.mask_token_id < 0:
-            raise ValueError(f"DrafterConfig.mask_token_id must be a non-negative integer, got {self.mask_token_id!r}")
-        if not ids:
-            raise ValueError("DrafterConfig.target_layer_ids must name at least one target layer")
-        if min(ids) < 0:
-            raise ValueError(f"DrafterConfig.target_layer_ids must be HF layer ids >= 0, got {list(ids)}")
-        if self.sliding_window is not None and (not isinstance(self.sliding_window, (int, np.integer))
-                                                or self.sliding_window <= 0):
-            raise ValueError(f"DrafterConfig.sliding_window must be None or a positive integer, "
-                             f"got {self.sliding_window!r}")
-        if swa:
-            if len(swa) != self.num_layers:
-                raise ValueError(f"DrafterConfig.swa_layers must have one flag per layer ({self.num_layers}), "
-                                 f"got {len(swa)}")
-            if any(swa) and self.sliding_window is None:
-                raise ValueError("DrafterConfig.swa_layers marks sliding-window layers but "
-                                 "DrafterConfig.sliding_window is None")
-
-    @property
-    def num_taps(self) -> int:
-        return len(self.target_layer_ids)
-
-    @property
-    def n_target_features(self) -> int:
-        """Width of the concatenated taps, the input of `fc` (K * H)."""
-        return self.num_taps * self.hidden_size
-
-    def is_swa(self, layer: int) -> bool:
-        return bool(self.swa_layers) and self.swa_layers[layer]
 
 
 # --- names and shapes -------------------------------------------------------------------------------------------
@@ -297,7 +225,8 @@ def _config_from_metadata(g: GGUFFile, schema: str) -> DrafterConfig:
     window = m.int("attention.sliding_window", 0)
     pattern = m.raw(f"{a}.attention.sliding_window_pattern")
     if window > 0:
-        if not isinstance(pattern, list) or not all(isinstance(x, bool) for x in pattern):
+        # llama.cpp accepts the pattern as bools or as 0/1 integers
+        if not isinstance(pattern, list) or not all(x in (0, 1) for x in pattern):
             m.fail(f"{a}.attention.sliding_window = {window} needs {a}.attention.sliding_window_pattern, an array of "
                    f"one bool per layer; found {pattern!r}")
     elif pattern:
@@ -318,7 +247,7 @@ def _config_from_metadata(g: GGUFFile, schema: str) -> DrafterConfig:
             target_layer_ids=tuple(ids),
             sliding_window=window or None,
             swa_layers=tuple(pattern) if window > 0 else (),
-            max_position=m.int("context_length", DEFAULT_MAX_POSITION),
+            max_position=m.int("context_length", 32768),
         )
     except ValueError as e:
         raise GGUFError(g.path, f"invalid drafter metadata: {e}") from e
@@ -434,8 +363,9 @@ def write_drafter_gguf(path: str | os.PathLike, dcfg: DrafterConfig, params: dic
     """Write a drafter GGUF in `schema` ("upstream": what llama.cpp loads; "fork": the dflash-draft files).
 
     tokenizer_source: a GGUF (normally the target) whose `tokenizer.*` metadata is copied; llama.cpp needs it to
-    load a drafter and checks it against the target's vocabulary. The mask token id goes to `tokenizer.ggml.mask_token_id`
-    (upstream) or `dflash-draft.dflash.mask_token_id` (fork). qtype: type of the 2D weights; norms stay F32.
+    load a drafter and checks it against the target's vocabulary. The mask token id goes to
+    `tokenizer.ggml.mask_token_id` (upstream) or `dflash-draft.dflash.mask_token_id` (fork).
+    qtype: type of the 2D weights; norms stay F32.
     """
     _check_schema(schema)
     if qtype not in WRITE_QTYPES:

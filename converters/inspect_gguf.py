@@ -65,7 +65,7 @@ def inspect_file(path: str | os.PathLike, tensors: bool = False) -> dict[str, An
 
 
 def to_json(info: dict[str, Any]) -> str:
-    # Metadata values are plain Python from gguf, but numpy scalars/arrays can slip through in odd files.
+    # Metadata values are plain Python (converters.gguf_file); the default only guards against numpy values.
     return json.dumps(info, indent=2, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
 
 

@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
+
+import numpy as np
 
 SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3")
 
@@ -98,7 +101,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DrafterConfig:
-    """DFlash drafter: Qwen3-style layers at the target's hidden size (DESIGN.md section 4)."""
+    """DFlash drafter: Qwen3-style layers at the target's hidden size (DESIGN.md sections 4, 5)."""
 
     num_layers: int
     hidden_size: int
@@ -110,24 +113,61 @@ class DrafterConfig:
     rope_theta: float
     block_size: int
     mask_token_id: int
-    target_layer_ids: tuple[int, ...]  # HF ids: the output of target layer i (= HF hidden_states[i + 1])
+    target_layer_ids: tuple[int, ...]  # HF ids: "output of layer i" = HF hidden_states[i+1]
     sliding_window: int | None = None
-    swa_layers: tuple[bool, ...] = ()  # per layer: causal sliding-window attention inside the block
+    swa_layers: tuple[bool, ...] = ()  # per-layer sliding-window flag; empty = no sliding-window layer
     max_position: int = 32768
 
     def __post_init__(self):
-        for name in ("num_layers", "hidden_size", "intermediate_size", "num_heads", "num_kv_heads", "head_dim"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"DrafterConfig.{name} must be positive, got {getattr(self, name)}")
-        if self.block_size < 2:
-            raise ValueError(f"DrafterConfig.block_size must be >= 2, got {self.block_size}")
-        if not self.target_layer_ids or list(self.target_layer_ids) != sorted(set(self.target_layer_ids)):
-            raise ValueError(f"DrafterConfig.target_layer_ids must be increasing and non-empty, "
-                             f"got {self.target_layer_ids}")
-        if self.swa_layers and len(self.swa_layers) != self.num_layers:
-            raise ValueError(f"DrafterConfig.swa_layers has {len(self.swa_layers)} entries for "
-                             f"{self.num_layers} layers")
-        if any(self.swa_layers) and not self.sliding_window:
-            raise ValueError("DrafterConfig.sliding_window is required when swa_layers marks a layer")
+        # Normalize sequences to tuples (lists from JSON / metadata) and an all-False pattern to the empty one, so
+        # that equal drafters compare equal whichever way they were spelled.
+        ids = tuple(int(i) for i in self.target_layer_ids)
+        swa = tuple(bool(s) for s in self.swa_layers)
+        object.__setattr__(self, "target_layer_ids", ids)
+        object.__setattr__(self, "swa_layers", swa if any(swa) else ())
+        for name in ("num_layers", "hidden_size", "intermediate_size", "num_heads", "num_kv_heads", "head_dim",
+                     "max_position"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v <= 0:
+                raise ValueError(f"DrafterConfig.{name} must be a positive integer, got {v!r}")
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"DrafterConfig.num_heads ({self.num_heads}) must be a multiple of num_kv_heads")
+            raise ValueError(f"DrafterConfig.num_heads ({self.num_heads}) must be a multiple of "
+                             f"DrafterConfig.num_kv_heads ({self.num_kv_heads})")
+        if self.head_dim % 2:
+            raise ValueError(f"DrafterConfig.head_dim must be even for RoPE, got {self.head_dim}")
+        for name in ("rms_eps", "rope_theta"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+                raise ValueError(f"DrafterConfig.{name} must be a positive finite number, got {v!r}")
+        if not isinstance(self.block_size, (int, np.integer)) or self.block_size < 2:
+            raise ValueError(f"DrafterConfig.block_size must be an integer >= 2 (the last token plus at least one "
+                             f"mask), got {self.block_size!r}")
+        if not isinstance(self.mask_token_id, (int, np.integer)) or self.mask_token_id < 0:
+            raise ValueError(f"DrafterConfig.mask_token_id must be a non-negative integer, got {self.mask_token_id!r}")
+        if not ids:
+            raise ValueError("DrafterConfig.target_layer_ids must name at least one target layer")
+        if min(ids) < 0:
+            raise ValueError(f"DrafterConfig.target_layer_ids must be HF layer ids >= 0, got {list(ids)}")
+        if self.sliding_window is not None and (not isinstance(self.sliding_window, (int, np.integer))
+                                                or self.sliding_window <= 0):
+            raise ValueError(f"DrafterConfig.sliding_window must be None or a positive integer, "
+                             f"got {self.sliding_window!r}")
+        if swa:
+            if len(swa) != self.num_layers:
+                raise ValueError(f"DrafterConfig.swa_layers must have one flag per layer ({self.num_layers}), "
+                                 f"got {len(swa)}")
+            if any(swa) and self.sliding_window is None:
+                raise ValueError("DrafterConfig.swa_layers marks sliding-window layers but "
+                                 "DrafterConfig.sliding_window is None")
+
+    @property
+    def num_taps(self) -> int:
+        return len(self.target_layer_ids)
+
+    @property
+    def n_target_features(self) -> int:
+        """Width of the concatenated taps, the input of `fc` (K * H)."""
+        return self.num_taps * self.hidden_size
+
+    def is_swa(self, layer: int) -> bool:
+        return bool(self.swa_layers) and self.swa_layers[layer]

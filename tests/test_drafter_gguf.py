@@ -211,7 +211,7 @@ def test_fork_tensor_names_under_upstream_arch_rejected(tmp_path, params):
     ("upstream", (), {"dflash.hidden_activation": ("gelu", V.STRING, None)}, "hidden_activation = 'gelu'"),
     ("upstream", (), {"dflash.rope.dimension_count": (16, V.UINT32, None)}, "partial RoPE"),
     ("upstream", (), {"dflash.attention.sliding_window": (64, V.UINT32, None)}, "sliding_window_pattern"),
-    ("upstream", (), {"dflash.block_count": (3, V.UINT32, None)}, "missing tensors \\['blk.2.attn_norm"),
+    ("upstream", (), {"dflash.block_count": (3, V.UINT32, None)}, "3 layers.*missing tensors \\['blk.2.attn_k.weight'"),
 ])
 def test_bad_metadata(tmp_path, params, schema, drop_kv, set_kv, needle):
     src = _write(tmp_path, "src.gguf", params=params, schema=schema)
@@ -286,7 +286,6 @@ def test_llamacpp_runs_our_upstream_drafter(tmp_path, smollm2_path, capfd):
     plain = complete(False)
     spec = complete(True)
     log = capfd.readouterr().err
-    assert "DFlash extract_layers = [2, 9, 15, 21, 28]" in log
     assert "block_size=16, mask_token_id=49151, n_extract=5" in log
     assert spec["timings"]["draft_n"] > 0, spec["timings"]
     assert spec["choices"][0]["text"] == plain["choices"][0]["text"]

@@ -113,15 +113,15 @@ class DenseDecoder(nnx.Module):
         `tap_layers` concatenated (B, T, len(tap_layers) * D) — the DFlash drafter's context features."""
         positions, valid = token_positions(meta, tokens.shape[1])
         x = jnp.take(self.embed_tokens[...], tokens, axis=0)
-        new_k, new_v, taps = [], [], []
+        new_k, new_v, taps = [], [], {}
         # Unrolled on purpose: a scan over stacked layers with the cache as carry copies the cache every step.
         for i, layer in enumerate(self.layers):
             x, k_pages, v_pages = layer(x, positions, valid, meta, cache.k[i], cache.v[i])
             new_k.append(k_pages)
             new_v.append(v_pages)
             if i in tap_layers:
-                taps.append(x)
-        feats = jnp.concatenate(taps, axis=-1) if taps else None
+                taps[i] = x
+        feats = jnp.concatenate([taps[i] for i in tap_layers], axis=-1) if tap_layers else None
         return self.norm(x), KVCache(k=new_k, v=new_v), feats
 
     def logits(self, hidden: jax.Array) -> jax.Array:

@@ -1,0 +1,146 @@
+"""Load generator: N concurrent streaming chat requests against an OpenAI-compatible server, as markdown table rows.
+
+    python bench/load.py --base-url http://127.0.0.1:8080/v1 --concurrency 1,2,4,8,16 --requests 32 --max-tokens 128
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+
+import openai
+
+# A fixed mix of prompt lengths (short chat turns to a few hundred tokens), cycled through in order, so runs are
+# comparable between servers and between commits.
+_PARAGRAPH = ("The history of computing spans mechanical calculators, vacuum tubes, transistors and integrated "
+              "circuits, each step making machines smaller, faster and cheaper while software grew from hand-wired "
+              "programs to operating systems, compilers, networks and the web. ")
+PROMPTS = [
+    "Hi! How are you today?",
+    "Write a short poem about the sea.",
+    "Explain what a hash table is and when to use one.",
+    "Summarize the following text in three bullet points:\n" + _PARAGRAPH * 3,
+    "Give me a recipe for pancakes with step-by-step instructions.",
+    "Read this and list the key technologies it mentions:\n" + _PARAGRAPH * 8,
+    "What are the differences between TCP and UDP?",
+    "Continue the story: " + _PARAGRAPH * 5,
+]
+
+
+@dataclass
+class Result:
+    ttft: float | None = None  # seconds from sending to the first content token
+    gaps: list[float] = field(default_factory=list)  # seconds between consecutive content chunks
+    tokens: int = 0
+    error: str | None = None
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100); nan for no values."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))]
+
+
+async def one_request(client: openai.AsyncOpenAI, model: str, prompt: str, args) -> Result:
+    res = Result()
+    extra = {"ignore_eos": True} if args.ignore_eos else {}
+    start = last = time.perf_counter()
+    try:
+        stream = await client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": prompt}], max_tokens=args.max_tokens,
+            temperature=args.temperature, stream=True, stream_options={"include_usage": True}, extra_body=extra)
+        async for chunk in stream:
+            now = time.perf_counter()
+            if chunk.usage is not None:
+                res.tokens = chunk.usage.completion_tokens
+            if not chunk.choices or not chunk.choices[0].delta.content:
+                continue
+            if res.ttft is None:
+                res.ttft = now - start
+            else:
+                res.gaps.append(now - last)
+            last = now
+    except openai.OpenAIError as e:
+        res.error = f"{type(e).__name__}: {e}"
+    return res
+
+
+async def run_level(client: openai.AsyncOpenAI, model: str, concurrency: int, args) -> dict:
+    todo = asyncio.Queue()
+    for i in range(args.requests):
+        todo.put_nowait(PROMPTS[i % len(PROMPTS)])
+    results: list[Result] = []
+
+    async def worker():
+        while not todo.empty():
+            prompt = todo.get_nowait()
+            results.append(await one_request(client, model, prompt, args))
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    wall = time.perf_counter() - start
+    ok = [r for r in results if r.error is None]
+    ttfts = [r.ttft for r in ok if r.ttft is not None]
+    gaps = [g for r in ok for g in r.gaps]
+    tokens = sum(r.tokens for r in ok)
+    errors = [r.error for r in results if r.error]
+    if errors:
+        print(f"[concurrency {concurrency}] {len(errors)} errors, first: {errors[0]}", file=sys.stderr)
+    return {"concurrency": concurrency, "requests": len(ok), "errors": len(errors), "wall_s": wall,
+            "tok_s": tokens / wall if wall > 0 else 0.0, "tokens": tokens,
+            "ttft": [percentile(ttfts, q) * 1e3 for q in (50, 90, 99)],
+            "itl": [percentile(gaps, q) * 1e3 for q in (50, 90, 99)]}
+
+
+HEADER = ("| concurrency | requests | gen tokens | wall s | gen tok/s | TTFT p50 / p90 / p99 ms | "
+          "ITL p50 / p90 / p99 ms |\n|---|---|---|---|---|---|---|")
+
+
+def row(r: dict) -> str:
+    ttft = " / ".join(f"{v:.0f}" for v in r["ttft"])
+    itl = " / ".join(f"{v:.1f}" for v in r["itl"])
+    errors = f" ({r['errors']} failed)" if r["errors"] else ""
+    return (f"| {r['concurrency']} | {r['requests']}{errors} | {r['tokens']} | {r['wall_s']:.1f} | "
+            f"{r['tok_s']:.1f} | {ttft} | {itl} |")
+
+
+async def main_async(args) -> int:
+    client = openai.AsyncOpenAI(base_url=args.base_url, api_key=args.api_key, max_retries=0, timeout=args.timeout)
+    model = args.model or (await client.models.list()).data[0].id
+    if args.warmup:  # the first request after start may pay one-off costs (connection setup, lazy init)
+        await one_request(client, model, PROMPTS[0], args)
+    print(f"model `{model}`, {args.requests} requests per level, max_tokens {args.max_tokens}, "
+          f"ignore_eos {args.ignore_eos}\n")
+    print(HEADER, flush=True)
+    failed = False
+    for c in args.concurrency:
+        r = await run_level(client, model, c, args)
+        failed |= r["errors"] > 0
+        print(row(r), flush=True)
+    await client.close()
+    return 1 if failed else 0
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--base-url", default="http://127.0.0.1:8080/v1")
+    p.add_argument("--api-key", default="none")
+    p.add_argument("--model", default=None, help="default: the first model /v1/models lists")
+    p.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4, 8, 16])
+    p.add_argument("--requests", type=int, default=32, help="requests per concurrency level")
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--no-ignore-eos", dest="ignore_eos", action="store_false",
+                   help="let requests stop at EOS (default: always generate max_tokens, so levels are comparable)")
+    p.add_argument("--warmup", type=int, default=1, help="requests sent before measuring (0 to skip)")
+    p.add_argument("--timeout", type=float, default=600.0)
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main_async(parse_args())))

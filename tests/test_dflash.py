@@ -1,0 +1,186 @@
+"""DFlash is lossless: with every slot speculating, outputs equal plain decoding token for token (greedy) and draw for
+draw (seeded sampling), with a random drafter and with injected drafts forcing long accepts and rejections."""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from converters.checkpoint import load_model
+from converters.load_gguf import fill_model
+from converters.synthetic import PRESETS, write_random_gguf
+from dflash_jax.config import DrafterConfig
+from dflash_jax.engine import Engine, EngineConfig
+from dflash_jax.models.drafter import Drafter
+from dflash_jax.reference_decode import greedy_generate
+from dflash_jax.requests import Request, SamplingParams
+from dflash_jax.spec_state import LoadedDrafter
+from dflash_jax.speculative import accept_lengths
+from tests.test_engine import run
+
+BLOCK = 8
+VOCAB = 512
+
+
+def random_drafter(dc: DrafterConfig, seed: int) -> Drafter:
+    rng = np.random.default_rng(seed)
+    _, state = nnx.split(nnx.eval_shape(lambda: Drafter(dc, jnp.float32)))
+    arrays = []
+    for path, leaf in jax.tree_util.tree_flatten_with_path(state.to_pure_dict())[0]:
+        key = tuple(getattr(k, "key", getattr(k, "idx", k)) for k in path)
+        base = 1.0 if len(leaf.shape) == 1 else 0.0  # norms around one
+        arrays.append((key, jnp.asarray(base + rng.normal(0, 0.05, leaf.shape).astype(np.float32))))
+    return fill_model(dc, jnp.float32, arrays, Drafter)
+
+
+@pytest.fixture(scope="module")
+def target(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny") / "llama-tiny.gguf"
+    write_random_gguf(str(path), dataclasses.replace(PRESETS["llama-tiny"], vocab_size=VOCAB), None, seed=7)
+    return load_model(str(path), jnp.float32)
+
+
+@pytest.fixture(scope="module")
+def engine(target):
+    dc = DrafterConfig(num_layers=1, hidden_size=128, intermediate_size=256, num_heads=4, num_kv_heads=2, head_dim=32,
+                       rms_eps=1e-5, rope_theta=1e5, block_size=BLOCK, mask_token_id=VOCAB - 1,
+                       target_layer_ids=(0, 1))
+    eng = Engine(target, EngineConfig(num_slots=8, ctx_size=2048, ctx_per_slot=160, page_size=8, prefill_chunk=16,
+                                      draft_max=BLOCK - 1, spec_policy="always"),
+                 LoadedDrafter(dc, random_drafter(dc, 0)))
+    eng.warmup(progress=False)
+    eng.start()
+    yield eng
+    eng.stop()
+
+
+@pytest.mark.parametrize("drafts,choices,expected", [
+    ([[1, 2, 3]], [[1, 2, 3, 4]], [3]),  # all accepted, bonus 4
+    ([[1, 2, 3]], [[9, 2, 3, 4]], [0]),  # immediate rejection: only the bonus y_0
+    ([[1, 2, 3]], [[1, 9, 3, 4]], [1]),  # a later match after a miss does not count
+    ([[1, 2, 3], [0, 0, 0]], [[1, 2, 7, 7], [0, 0, 5, 5]], [2, 2]),  # per row, padding rows included
+])
+def test_accept_lengths(drafts, choices, expected):
+    assert accept_lengths(jnp.asarray(drafts), jnp.asarray(choices)).tolist() == expected
+
+
+def _workload(rng, n):
+    lengths = [1, 5, 8, 9, 17, 33, 40, 3, 16, 2, 12, 25, 7, 30, 4, 11][:n]
+    max_new = [20, 9, 31, 14, 25, 6, 18, 27, 11, 22, 15, 8, 19, 24, 13, 10][:n]
+    return [rng.integers(3, VOCAB - 1, size=k).tolist() for k in lengths], max_new
+
+
+def _reference(target, prompts, max_new):
+    return [greedy_generate(target.model, [p], m)[0][0] for p, m in zip(prompts, max_new)]
+
+
+@pytest.mark.parametrize("concurrent", [1, 2, 8, 16])
+def test_random_drafter_equals_plain(engine, target, concurrent):
+    rng = np.random.default_rng(concurrent)
+    prompts, max_new = _workload(rng, concurrent)
+    reqs = [Request(p, SamplingParams(max_tokens=m, ignore_eos=True)) for p, m in zip(prompts, max_new)]
+    out = run(engine, reqs)
+    assert [toks for toks, _, _ in out] == _reference(target, prompts, max_new)
+    assert all(r.draft_n > 0 for r in reqs)
+
+
+@pytest.mark.parametrize("error_at", [None, 0, 3, BLOCK - 2])
+def test_injected_drafts_equal_plain(engine, target, error_at):
+    """Drafts = the target's own continuation (long and full accepts), optionally wrong at one block position
+    (rejection exactly there), for 8 slots that all finish their prompts before the first multi-slot decode."""
+    rng = np.random.default_rng(100 + (error_at or 0))
+    prompts, max_new = _workload(rng, 8)
+    ref = _reference(target, prompts, max_new)
+    reqs = [Request(p, SamplingParams(max_tokens=m, ignore_eos=True)) for p, m in zip(prompts, max_new)]
+    by_id = {r.id: i for i, r in enumerate(reqs)}
+
+    def inject(slot):
+        cont = ref[by_id[slot.req.id]][slot.req.num_generated:][:BLOCK - 1]
+        cont = cont + [VOCAB - 2] * (BLOCK - 1 - len(cont))
+        if error_at is not None:
+            cont[error_at] = (cont[error_at] + 1) % (VOCAB - 1)
+        return cont
+
+    engine.spec.injector = inject
+    try:
+        out = run(engine, reqs)
+    finally:
+        engine.spec.injector = None
+    assert [toks for toks, _, _ in out] == ref
+    accepted = sum(r.draft_n_accepted for r in reqs)
+    generated = sum(len(t) for t, _, _ in out)
+    if error_at is None:
+        assert accepted >= generated - 2 * len(reqs) * BLOCK  # nearly everything came from accepted drafts
+    else:
+        assert all(r.draft_n_accepted <= r.draft_n * error_at / (BLOCK - 1) for r in reqs)
+
+
+def test_seeded_sampling_equals_plain(engine, target):
+    """The target's choice at a position is keyed by (seed, position), so DFlash with sampling must draw exactly what
+    plain sampling draws; a biased acceptance rule (e.g. accepting drafts the target did not sample) would not."""
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(3, VOCAB - 1, size=6).tolist() for _ in range(8)]
+    params = [SamplingParams(max_tokens=16, temperature=1.0, seed=s, ignore_eos=True) for s in range(8)]
+    spec = run(engine, [Request(p, sp) for p, sp in zip(prompts, params)])
+    engine.spec.policy = "never"
+    try:
+        plain = run(engine, [Request(p, sp) for p, sp in zip(prompts, params)])
+    finally:
+        engine.spec.policy = "always"
+    assert [t for t, _, _ in spec] == [t for t, _, _ in plain]
+    assert len({tuple(t) for t, _, _ in spec}) > 1
+
+
+def test_stop_inside_accepted_run(engine, target):
+    rng = np.random.default_rng(9)
+    prompt = rng.integers(3, VOCAB - 1, size=10).tolist()
+    ref = _reference(target, [prompt], [30])[0]
+    engine.spec.injector = lambda slot: (ref[slot.req.num_generated:] + [1] * BLOCK)[:BLOCK - 1]
+    try:
+        toks, _, reason = run(engine, [Request(prompt, SamplingParams(max_tokens=11, ignore_eos=True))])[0]
+    finally:
+        engine.spec.injector = None
+    assert toks == ref[:11] and reason == "length"
+
+
+def test_drafter_gguf_runs_in_engine_and_equals_plain(target, tmp_path):
+    """A drafter written by our upstream-schema writer loads through the serving loader and stays lossless."""
+    from converters.checkpoint import load_drafter
+    from converters.drafter_gguf import random_drafter_params, write_drafter_gguf
+
+    dc = DrafterConfig(num_layers=1, hidden_size=128, intermediate_size=256, num_heads=4, num_kv_heads=2, head_dim=32,
+                       rms_eps=1e-5, rope_theta=1e5, block_size=BLOCK, mask_token_id=VOCAB - 1,
+                       target_layer_ids=(0, 1))
+    path = tmp_path / "drafter.gguf"
+    write_drafter_gguf(str(path), dc, random_drafter_params(dc, seed=1), schema="upstream")
+    drafter = load_drafter(path, target.config, jnp.float32)
+    assert drafter.config == dc
+    eng = Engine(target, EngineConfig(num_slots=2, ctx_size=512, ctx_per_slot=128, page_size=8, prefill_chunk=16,
+                                      draft_max=BLOCK - 1, spec_policy="always"), drafter)
+    eng.warmup(progress=False)
+    eng.start()
+    try:
+        rng = np.random.default_rng(11)
+        prompts, max_new = _workload(rng, 2)
+        out = run(eng, [Request(p, SamplingParams(max_tokens=m, ignore_eos=True)) for p, m in zip(prompts, max_new)])
+    finally:
+        eng.stop()
+    assert [t for t, _, _ in out] == _reference(target, prompts, max_new)
+
+
+def test_mismatched_drafter_is_refused(target, tmp_path):
+    from converters.checkpoint import load_drafter
+    from converters.drafter_gguf import random_drafter_params, write_drafter_gguf
+    from converters.gguf_file import GGUFError
+
+    dc = DrafterConfig(num_layers=1, hidden_size=64, intermediate_size=128, num_heads=2, num_kv_heads=1, head_dim=32,
+                       rms_eps=1e-5, rope_theta=1e5, block_size=BLOCK, mask_token_id=VOCAB - 1,
+                       target_layer_ids=(0, 5))
+    path = tmp_path / "bad.gguf"
+    write_drafter_gguf(str(path), dc, random_drafter_params(dc, seed=1), schema="fork")
+    with pytest.raises(GGUFError, match="hidden"):
+        load_drafter(path, target.config, jnp.float32)
