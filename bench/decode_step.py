@@ -12,9 +12,14 @@ Variants, each timed with a warm-up and then `--iters` steps:
             and a device_get of the sampled outputs every step (host sync per step).
   fwd_logits  forward + logits + argmax (no sampling, no counts).
   fwd       forward only (returns the last hidden row).
+  fast      the same computation as `full`, jitted with the GraphDef closed over and the state as a flat list of
+            arrays (no static-argument hashing of the GraphDef, no nnx.State flattening per call).
+  fast_engine  `fast` called as `engine` is (numpy inputs, outputs fetched every step).
+Every timing also reports the host time per call spent dispatching; --profile traces chosen (B, variant) pairs with
+jax.profiler and sums the GPU kernel time per step.
 
 Roofline: t_floor = bytes / copy bandwidth, copy bandwidth measured here (x * s over a 4 GiB bf16 array, bytes
-read + written). Two byte counts are given: all parameter bytes (the brief's definition) and the bytes one decode
+read + written; a read-only reduction is reported beside it). Two byte counts are given: all parameter bytes (the brief's definition) and the bytes one decode
 step must read (parameters minus the embedding table when untied, since decode gathers only B rows of it, plus the
 KV cache actually attended: B * (ctx+1) tokens).
 
@@ -24,6 +29,7 @@ KV cache actually attended: B * (ctx+1) tokens).
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
 import os
@@ -89,22 +95,17 @@ def random_model(cfg: ModelConfig, dtype, seed: int = 0):
             kinds.append("zeros")
         else:
             kinds.append("normal")
-    shapes = [(tuple(leaf.shape), jnp.dtype(leaf.dtype)) for _, leaf in leaves]
-
-    @jax.jit
-    def init(key):
-        keys = jax.random.split(key, len(shapes))
-        out = []
-        for k, (shape, dt), kind in zip(keys, shapes, kinds):
-            if kind == "ones":
-                out.append(jnp.ones(shape, dt))
-            elif kind == "zeros":
-                out.append(jnp.zeros(shape, dt))
-            else:
-                out.append((0.02 * jax.random.normal(k, shape, jnp.float32)).astype(dt))
-        return out
-
-    arrays = init(jax.random.key(seed))
+    # One small jit per distinct shape (a single jit drawing every leaf took minutes to compile on the GPU).
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    arrays = []
+    for k, (_, leaf), kind in zip(keys, leaves, kinds):
+        shape, dt = tuple(leaf.shape), jnp.dtype(leaf.dtype)
+        if kind == "ones":
+            arrays.append(jnp.ones(shape, dt))
+        elif kind == "zeros":
+            arrays.append(jnp.zeros(shape, dt))
+        else:
+            arrays.append(_normal(k, shape, dt, 0.02))
     jax.block_until_ready(arrays)
     state = abstract
     state.replace_by_pure_dict(jax.tree_util.tree_unflatten(treedef, arrays))
@@ -116,17 +117,16 @@ def random_model(cfg: ModelConfig, dtype, seed: int = 0):
     return graphdef, state, nbytes
 
 
+@partial(jax.jit, static_argnums=(1, 2, 3))
+def _normal(key, shape, dtype, scale):
+    return (scale * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+
+
 def random_cache(cfg: ModelConfig, num_pages: int, dtype, seed: int = 1) -> KVCache:
     shape = (num_pages, PAGE_SIZE, cfg.num_kv_heads, cfg.head_dim)
-
-    @jax.jit
-    def make(key):
-        keys = jax.random.split(key, 2 * cfg.num_layers)
-        layer = lambda k: jax.random.normal(k, shape, jnp.float32).astype(dtype)  # noqa: E731
-        return KVCache(k=[layer(keys[i]) for i in range(cfg.num_layers)],
-                       v=[layer(keys[cfg.num_layers + i]) for i in range(cfg.num_layers)])
-
-    cache = make(jax.random.key(seed))
+    keys = jax.random.split(jax.random.key(seed), 2 * cfg.num_layers)
+    layers = [_normal(keys[i], shape, jnp.dtype(dtype), 1.0) for i in range(2 * cfg.num_layers)]
+    cache = KVCache(k=layers[:cfg.num_layers], v=layers[cfg.num_layers:])
     jax.block_until_ready(cache)
     return cache
 
@@ -146,6 +146,31 @@ def decode_inputs(cfg: ModelConfig, b: int, ctx: int, pages_per_slot: int, seed:
                               frequency_penalty=np.zeros((b,), np.float32),
                               seed=np.arange(b, dtype=np.uint32))
     return StepInputs(tokens, meta, np.arange(b, dtype=np.int32), np.zeros((b,), bool), sampling)
+
+
+def call_model_step(graphdef, state, cache, counts, inputs):
+    """dflash_jax.step_fns.model_step without a drafter, whichever of its two signatures this checkout has."""
+    if "drafter_graphdef" in MODEL_STEP_PARAMS:
+        cache, _, counts, out = model_step(graphdef, None, (), state, None, cache, None, counts, inputs)
+    else:
+        cache, counts, out = model_step(graphdef, state, cache, counts, inputs)
+    return cache, counts, out
+
+
+def closed_model_step(graphdef, state):
+    """model_step with the GraphDef closed over instead of passed as a static argument, and the state passed as a
+    flat list of arrays: the same computation, without jit hashing/comparing the GraphDef and flattening the
+    nnx.State on every call. Returns (fn(leaves, cache, counts, inputs), leaves)."""
+    leaves, treedef = jax.tree_util.tree_flatten(state)
+
+    @partial(jax.jit, donate_argnums=(1, 2))
+    def step(leaves, cache, counts, inputs):
+        return call_model_step(graphdef, jax.tree_util.tree_unflatten(treedef, leaves), cache, counts, inputs)
+
+    return step, leaves
+
+
+MODEL_STEP_PARAMS = tuple(inspect.signature(getattr(model_step, "__wrapped__", model_step)).parameters)
 
 
 # --- the variants without sampling -----------------------------------------------------------------------------------
@@ -169,76 +194,142 @@ def fwd_logits_step(graphdef, state, cache, inputs: StepInputs):
 
 # --- timing ----------------------------------------------------------------------------------------------------------
 
-def copy_bandwidth(gib: float = 4.0, iters: int = 20) -> dict:
+def memory_bandwidth(gib: float = 4.0, iters: int = 30, warmup: int = 5) -> dict:
+    """copy: y = x * s (bytes read + written); read: sum of x into f32 (bytes read), over a `gib` GiB bf16 array."""
     n = int(gib * 2**30) // 2
-    x = jax.random.normal(jax.random.key(3), (n,), jnp.float32).astype(jnp.bfloat16)
+    x = _normal(jax.random.key(3), (n // 8192, 8192), jnp.bfloat16, 1.0)
     s = jnp.asarray(1.0, jnp.bfloat16)
-    f = jax.jit(lambda x, s: x * s)
-    y = f(x, s)
-    y.block_until_ready()
-    del y
-    times = []
-    for _ in range(iters):
-        t = time.perf_counter()
-        y = f(x, s)
-        y.block_until_ready()
-        times.append(time.perf_counter() - t)
-        del y
-    med = float(np.median(times))
-    res = {"bytes": 2 * x.nbytes, "median_s": med, "min_s": min(times), "GBps": 2 * x.nbytes / med / 1e9,
-           "GBps_best": 2 * x.nbytes / min(times) / 1e9}
+    fns = {"copy": (jax.jit(lambda x, s: x * s), 2 * x.nbytes),
+           "read": (jax.jit(lambda x, s: jnp.sum(x * s, axis=0, dtype=jnp.float32)), x.nbytes)}
+    res = {}
+    for name, (f, nbytes) in fns.items():
+        for _ in range(warmup):
+            f(x, s).block_until_ready()
+        times = []
+        for _ in range(iters):
+            t = time.perf_counter()
+            f(x, s).block_until_ready()
+            times.append(time.perf_counter() - t)
+        med = float(np.median(times))
+        res[name] = {"bytes": nbytes, "median_s": med, "min_s": min(times), "GBps": nbytes / med / 1e9,
+                     "GBps_best": nbytes / min(times) / 1e9}
     del x
     return res
 
 
-def time_loop(step, n_warm: int, iters: int, repeats: int = 3) -> tuple[float, list[float]]:
-    """step() runs one call and returns something to block on; returns the median over `repeats` of the mean ms per
-    step of `iters` back-to-back calls."""
+def time_loop(step, n_warm: int, iters: int, repeats: int = 5) -> tuple[float, list[float], float]:
+    """step() runs one call and returns something to block on. Returns the median over `repeats` of the mean ms per
+    step of `iters` back-to-back calls, the repeats, and the median host time per call spent dispatching (until the
+    last call returned, before blocking): when it is close to the step time the loop is host-bound."""
     out = None
     for _ in range(n_warm):
         out = step()
     jax.block_until_ready(out)
-    means = []
+    means, host = [], []
     for _ in range(repeats):
         t = time.perf_counter()
         for _ in range(iters):
             out = step()
+        host.append((time.perf_counter() - t) / iters * 1e3)
         jax.block_until_ready(out)
         means.append((time.perf_counter() - t) / iters * 1e3)
-    return float(np.median(means)), means
+    return float(np.median(means)), means, float(np.median(host))
 
 
-def bench_model(name: str, args, bw: dict | None, results: list, deadline: float) -> None:
+def device_profile(step, n: int, workdir: str) -> dict:
+    """Trace n steps with jax.profiler and sum the GPU kernel events: device busy ms per step (union of kernel
+    intervals on all GPU lines), span per step, and the kernels taking most time."""
+    import glob
+    import shutil
+    from jax.profiler import ProfileData
+    jax.block_until_ready(step())
+    shutil.rmtree(workdir, ignore_errors=True)
+    with jax.profiler.trace(workdir):
+        out = None
+        for _ in range(n):
+            out = step()
+        jax.block_until_ready(out)
+    files = glob.glob(os.path.join(workdir, "**", "*.xplane.pb"), recursive=True)
+    pd = ProfileData.from_file(files[0])
+    by_name, lines, intervals = {}, {}, []
+    for plane in pd.planes:
+        if not plane.name.startswith("/device:GPU"):
+            continue
+        for line in plane.lines:
+            if line.name in ("XLA Modules", "XLA Ops", "Steps", "XLA TraceMe", "Source code"):
+                lines[f"{plane.name}:{line.name}"] = sum(e.duration_ns for e in line.events) / 1e6 / n
+                continue
+            tot = 0.0
+            for e in line.events:
+                tot += e.duration_ns
+                intervals.append((e.start_ns, e.end_ns))
+                key = e.name[:90]
+                c = by_name.setdefault(key, [0.0, 0])
+                c[0] += e.duration_ns
+                c[1] += 1
+            lines[f"{plane.name}:{line.name}"] = tot / 1e6 / n
+    intervals.sort()
+    busy, cur_s, cur_e = 0.0, None, None
+    for a, b in intervals:
+        if cur_e is None or a > cur_e:
+            if cur_e is not None:
+                busy += cur_e - cur_s
+            cur_s, cur_e = a, b
+        else:
+            cur_e = max(cur_e, b)
+    if cur_e is not None:
+        busy += cur_e - cur_s
+    span = (intervals[-1][1] - intervals[0][0]) if intervals else 0.0
+    top = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:40]
+    return {"busy_ms_per_step": busy / 1e6 / n, "span_ms_per_step": span / 1e6 / n, "kernels_per_step":
+            sum(c for _, c in by_name.values()) / n, "lines_ms_per_step": lines,
+            "top": [(k, v[0] / 1e6 / n, v[1] / n) for k, v in top]}
+
+
+def bench_model(name: str, args, results: list, deadline: float) -> None:
     cfg = SHAPES[name]
     dtype = jnp.dtype(args.dtype)
-    log(f"== {name}: building random {args.dtype} weights on {jax.devices()[0]}")
+    dev = jax.devices()[0]
+    log(f"== {name}: building random {args.dtype} weights on {dev}")
     graphdef, state, nbytes = random_model(cfg, dtype)
     log(f"   params {nbytes['all'] / 1e9:.3f} GB (embedding table {nbytes['embed'] / 1e9:.3f} GB)")
+    bw = None
+    if args.copy_gib > 0:  # measured here, after the weights were drawn, so the card is out of its idle clocks
+        bws = memory_bandwidth(args.copy_gib)
+        bw = bws["copy"]
+        log(f"   copy bandwidth {bws['copy']['GBps']:.1f} GB/s median ({bws['copy']['GBps_best']:.1f} best), "
+            f"read bandwidth {bws['read']['GBps']:.1f} GB/s median ({bws['read']['GBps_best']:.1f} best), "
+            f"over a {args.copy_gib} GiB bf16 array")
+        if args.out:
+            with open(args.out, "a") as f:
+                f.write(json.dumps({"model": name, "bandwidth": bws, "device": dev.device_kind}) + "\n")
     kv_token_bytes = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * dtype.itemsize
     slots = [int(s) for s in args.slots.split(",")]
-    variants_for = {b: ["full", "engine"] for b in slots}
+    variants_for = {b: ["full", "engine", "fast", "fast_engine"] for b in slots}
     for b in [int(s) for s in args.extra_slots.split(",") if s]:
         if b in variants_for:
             variants_for[b] += ["fwd_logits", "fwd"]
+    pages_per_slot = max(-(-(args.ctx + 1) // PAGE_SIZE), args.per_slot // PAGE_SIZE)
+    # One page pool for every B (slot i owns pages 1 + i*M .. (i+1)*M), so its shape never changes.
+    fast_step, leaves = closed_model_step(graphdef, state)
+    profile = {(int(x.split(":")[0]), x.split(":")[1]) for x in args.profile.split(",") if x}
+    holder = {"cache": random_cache(cfg, 1 + max(slots) * pages_per_slot, dtype)}
     for b in slots:
         if time.monotonic() > deadline:
             log(f"   deadline reached: skipping B={b} and later")
             break
-        pages_per_slot = max(-(-(args.ctx + 1) // PAGE_SIZE), args.per_slot // PAGE_SIZE)
-        num_pages = 1 + b * pages_per_slot
-        cache = random_cache(cfg, num_pages, dtype)
-        counts = jnp.zeros((b + 1, cfg.vocab_size), jnp.int32)
+        holder["counts"] = jnp.zeros((b + 1, cfg.vocab_size), jnp.int32)
         np_inputs = decode_inputs(cfg, b, args.ctx, pages_per_slot)
         dev_inputs = jax.device_put(np_inputs)
-        holder = {"cache": cache, "counts": counts}
 
         def full(inp):
-            holder["cache"], holder["counts"], out = model_step(graphdef, state, holder["cache"], holder["counts"], inp)
+            holder["cache"], holder["counts"], out = call_model_step(graphdef, state, holder["cache"],
+                                                                     holder["counts"], inp)
             return out.tokens
 
-        def engine():
-            holder["cache"], holder["counts"], out = model_step(graphdef, state, holder["cache"], holder["counts"],
-                                                                np_inputs)
+        def engine():  # as Engine._run: numpy inputs in, the sampled outputs fetched every step
+            holder["cache"], holder["counts"], out = call_model_step(graphdef, state, holder["cache"],
+                                                                     holder["counts"], np_inputs)
             return jax.device_get((out.tokens, out.logprobs, out.top_ids, out.top_logprobs))[0]
 
         def fwd(inp):
@@ -249,43 +340,65 @@ def bench_model(name: str, args, bw: dict | None, results: list, deadline: float
             holder["cache"], tok = fwd_logits_step(graphdef, state, holder["cache"], inp)
             return tok
 
-        fns = {"full": lambda: full(dev_inputs), "engine": engine, "fwd": lambda: fwd(dev_inputs),
+        def fast(inp):
+            holder["cache"], holder["counts"], out = fast_step(leaves, holder["cache"], holder["counts"], inp)
+            return out.tokens
+
+        def fast_engine():
+            holder["cache"], holder["counts"], out = fast_step(leaves, holder["cache"], holder["counts"], np_inputs)
+            return jax.device_get((out.tokens, out.logprobs, out.top_ids, out.top_logprobs))[0]
+
+        fns = {"full": lambda: full(dev_inputs), "fast": lambda: fast(dev_inputs), "fast_engine": fast_engine, "engine": engine, "fwd": lambda: fwd(dev_inputs),
                "fwd_logits": lambda: fwd_logits(dev_inputs)}
         kv_read = b * (args.ctx + 1) * kv_token_bytes
         kv_gathered = b * pages_per_slot * PAGE_SIZE * kv_token_bytes
-        step_bytes = nbytes["all"] - (0 if cfg.tie_embeddings else nbytes["embed"]) + kv_read
         for variant in variants_for[b]:
             if time.monotonic() > deadline:
                 log(f"   deadline reached: skipping B={b} {variant}")
                 break
+            # bytes the step must read: params (less the embedding table when untied: decode gathers B rows of
+            # it; less the LM head too for `fwd`) plus the attended KV
+            step_bytes = nbytes["all"] - (0 if cfg.tie_embeddings else nbytes["embed"]) + kv_read
+            if variant == "fwd" and not cfg.tie_embeddings:
+                step_bytes -= nbytes["embed"]  # lm_head has the embedding table's shape
             t = time.monotonic()
             try:
                 jax.block_until_ready(fns[variant]())  # compile (or cache hit) + first run
                 compile_s = time.monotonic() - t
-                ms, runs = time_loop(fns[variant], args.warmup, args.iters)
+                ms, runs, host_ms = time_loop(fns[variant], args.warmup, args.iters)
             except Exception as e:  # noqa: BLE001 - report and go on
                 log(f"   B={b} {variant}: FAILED {type(e).__name__}: {str(e)[:400]}")
                 results.append({"model": name, "B": b, "variant": variant, "error": f"{type(e).__name__}: {e}"[:1000]})
                 continue
-            r = {"model": name, "B": b, "variant": variant, "ctx": args.ctx, "pages_per_slot": pages_per_slot,
-                 "ms": ms, "ms_runs": runs, "tok_s": b / ms * 1e3, "compile_s": compile_s,
-                 "param_GB": nbytes["all"] / 1e9, "step_read_GB": step_bytes / 1e9, "kv_read_GB": kv_read / 1e9,
-                 "kv_gathered_GB": kv_gathered / 1e9}
+            r = {"model": name, "device": dev.device_kind, "B": b, "variant": variant, "ctx": args.ctx,
+                 "pages_per_slot": pages_per_slot, "ms": ms, "ms_min": min(runs), "ms_runs": runs,
+                 "host_dispatch_ms": host_ms, "tok_s": b / ms * 1e3, "compile_s": compile_s, "param_GB": nbytes["all"] / 1e9,
+                 "step_read_GB": step_bytes / 1e9, "kv_read_GB": kv_read / 1e9, "kv_gathered_GB": kv_gathered / 1e9}
             if bw:
+                r["copy_GBps"] = bw["GBps"]
                 r["floor_ms_params"] = nbytes["all"] / (bw["GBps"] * 1e9) * 1e3
                 r["floor_ms_read"] = step_bytes / (bw["GBps"] * 1e9) * 1e3
                 r["pct_roofline_params"] = 100 * r["floor_ms_params"] / ms
                 r["pct_roofline_read"] = 100 * r["floor_ms_read"] / ms
+            if (b, variant) in profile:
+                try:
+                    r["profile"] = prof = device_profile(fns[variant], 10, os.path.join(args.profile_dir, "trace"))
+                    log(f"   B={b:2d} {variant:10s} profile: GPU busy {prof['busy_ms_per_step']:.3f} ms/step, span "
+                        f"{prof['span_ms_per_step']:.3f} ms/step, {prof['kernels_per_step']:.0f} kernels/step; top:")
+                    for k, ms_k, cnt in prof["top"][:15]:
+                        log(f"        {ms_k:8.3f} ms  x{cnt:5.0f}  {k}")
+                except Exception as e:  # noqa: BLE001
+                    log(f"   B={b} {variant} profile FAILED {type(e).__name__}: {str(e)[:300]}")
             results.append(r)
             extra = (f"  floor(params) {r['floor_ms_params']:.3f} ms = {r['pct_roofline_params']:.1f}%"
                      f"  floor(read) {r['floor_ms_read']:.3f} ms = {r['pct_roofline_read']:.1f}%") if bw else ""
             log(f"   B={b:2d} {variant:10s} {ms:8.3f} ms/step {r['tok_s']:9.1f} tok/s  (first call {compile_s:.1f}s;"
-                f" runs {', '.join(f'{x:.3f}' for x in runs)}){extra}")
+                f" runs {', '.join(f'{x:.3f}' for x in runs)}; host dispatch {host_ms:.3f} ms/call){extra}")
             if args.out:
                 with open(args.out, "a") as f:
                     f.write(json.dumps(r) + "\n")
-        del holder, cache, counts, dev_inputs
-    del state
+        del dev_inputs
+    del holder, state
 
 
 def main(argv=None):
@@ -303,6 +416,8 @@ def main(argv=None):
     p.add_argument("--budget-s", type=float, default=1e9, help="skip remaining measurements after this many seconds")
     p.add_argument("--out", default=None, help="append JSON lines here")
     p.add_argument("--compile-cache", default=None)
+    p.add_argument("--profile", default="", help="B:variant pairs to trace with jax.profiler, e.g. 1:fast,16:fast")
+    p.add_argument("--profile-dir", default="/tmp/decode_step_profile")
     args = p.parse_args(argv)
     if args.compile_cache:
         jax.config.update("jax_compilation_cache_dir", args.compile_cache)
@@ -310,27 +425,20 @@ def main(argv=None):
     deadline = T0 + args.budget_s
     dev = jax.devices()[0]
     log(f"jax {jax.__version__}, device {dev.device_kind} ({dev.platform}), abstract_model from {ABSTRACT_FROM}")
-    bw = None
-    if args.copy_gib > 0:
-        bw = copy_bandwidth(args.copy_gib)
-        log(f"copy bandwidth: {bw['GBps']:.1f} GB/s median ({bw['GBps_best']:.1f} best) over "
-            f"{bw['bytes'] / 1e9:.2f} GB read+written")
-        if args.out:
-            with open(args.out, "a") as f:
-                f.write(json.dumps({"copy": bw, "device": dev.device_kind}) + "\n")
     results: list = []
     for name in args.models.split(","):
         if time.monotonic() > deadline:
             log(f"deadline reached: skipping {name}")
             continue
-        bench_model(name, args, bw, results, deadline)
+        bench_model(name, args, results, deadline)
     log("summary (ms/step | tok/s | % of copy-bandwidth roofline on all params | on bytes read)")
     for r in results:
         if "error" in r:
             log(f"  {r['model']:13s} B={r['B']:2d} {r['variant']:10s} ERROR {r['error'][:120]}")
         else:
-            pct = (f"{r['pct_roofline_params']:5.1f}% {r['pct_roofline_read']:5.1f}%" if bw else "")
-            log(f"  {r['model']:13s} B={r['B']:2d} {r['variant']:10s} {r['ms']:8.3f} {r['tok_s']:9.1f} {pct}")
+            pct = (f"{r['pct_roofline_params']:5.1f}% {r['pct_roofline_read']:5.1f}%" if "copy_GBps" in r else "")
+            log(f"  {r['model']:13s} B={r['B']:2d} {r['variant']:11s} {r['ms']:8.3f} {r['tok_s']:9.1f} {pct}"
+                f"  host {r['host_dispatch_ms']:.3f}")
 
 
 if __name__ == "__main__":

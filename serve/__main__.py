@@ -11,7 +11,7 @@ from pathlib import Path
 import uvicorn
 
 from serve.app import ServerState, create_app
-from serve.cli import engine_config_kwargs, model_alias, parse_args
+from serve.cli import engine_config_kwargs, model_alias, parse_args, speculative
 
 log = logging.getLogger("serve")
 
@@ -32,7 +32,7 @@ def _slot_context(engine, cfg) -> int:
     return int(per_slot) if per_slot else int(engine.max_prompt_len) + 1
 
 
-def make_loader(args, engine_kwargs: dict, on_failure):
+def make_loader(args, engine_kwargs: dict, use_drafter: bool, on_failure):
     def load(state: ServerState) -> None:
         try:
             import jax.numpy as jnp
@@ -44,9 +44,16 @@ def make_loader(args, engine_kwargs: dict, on_failure):
 
             path = args.model or default_model_path()
             log.info("loading %s", path)
-            loaded = load_model(path, dtype=jnp.dtype(engine_kwargs["dtype"]))
+            dtype = jnp.dtype(engine_kwargs["dtype"])
+            loaded = load_model(path, dtype=dtype)
+            drafter = None
+            if use_drafter:
+                from converters.checkpoint import load_drafter
+
+                log.info("loading draft model %s", args.model_draft)
+                drafter = load_drafter(args.model_draft, loaded.config, dtype=dtype)
             cfg = EngineConfig(**engine_kwargs)
-            engine = Engine(loaded, cfg)
+            engine = Engine(loaded, cfg, drafter=drafter) if drafter is not None else Engine(loaded, cfg)
             tok = engine.tokenizer
             state.bos_text = tok.decode([tok.bos_id]) if tok.bos_id is not None else ""
             eos_text = tok.decode([tok.eos_id]) if tok.eos_id is not None else ""
@@ -58,6 +65,8 @@ def make_loader(args, engine_kwargs: dict, on_failure):
             engine.warmup(progress=True)
             engine.start()
             state.engine, state.slot_ctx = engine, _slot_context(engine, cfg)
+            spec = getattr(engine, "spec", None)
+            state.metrics.draft_width = spec.block - 1 if spec is not None else 0
             state.ready.set()
             log.info("ready: %d slots, %d tokens per slot", cfg.num_slots, state.slot_ctx)
         except BaseException as e:  # noqa: BLE001 - any failure must reach /health and the exit code
@@ -74,9 +83,10 @@ def main(argv: list[str] | None = None) -> int:
     # Flags the engine cannot honour must fail now, before anything listens; this import loads JAX (seconds).
     import jax
 
-    from dflash_jax.engine import EngineConfig
+    from dflash_jax.engine import Engine, EngineConfig
 
     engine_kwargs = engine_config_kwargs(args, EngineConfig, jax.default_backend())
+    use_drafter = speculative(args, Engine)
     model_file = Path(args.model) if args.model else _default_model_file()
     alias = model_alias(args, model_file)
     names = {alias, model_file.name, model_file.stem, str(args.model or model_file)}
@@ -88,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     def stop_server() -> None:
         server.should_exit = True
 
-    state.loader = make_loader(args, engine_kwargs, stop_server)
+    state.loader = make_loader(args, engine_kwargs, use_drafter, stop_server)
     # uvicorn re-raises the signal that stopped it once it has shut down gracefully; with the default handler
     # that would kill us with -SIGTERM after a clean drain, so swallow the re-raise and exit 0 instead.
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import threading
 from contextlib import asynccontextmanager
@@ -16,7 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from converters.chat_template import ChatTemplate, ChatTemplateError, normalize_messages, normalize_tools
 from serve import schemas
-from serve.generation import collect_events, start_request, stream_events
+from serve.generation import abandon, collect_events, start_request, stream_events
 from serve.metrics import CountRequests, Metrics
 from serve.schemas import ApiError
 
@@ -58,7 +59,7 @@ def create_app(state: ServerState) -> FastAPI:
         if state.api_key is None:
             return
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or token.strip() != state.api_key:
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), state.api_key.encode()):
             raise ApiError(401, "Invalid API key", "authentication_error", "invalid_api_key")
 
     def engine_ready():
@@ -86,13 +87,13 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.get("/metrics", dependencies=guarded)
     async def metrics():
-        stats = state.engine.stats() if state.ready.is_set() else None
+        stats = engine_stats(state.engine) if state.ready.is_set() else None
         body, content_type = state.metrics.render(stats)
         return Response(body, media_type=content_type)
 
     @app.get("/slots", dependencies=guarded)
     async def slots():
-        return engine_ready().stats()
+        return engine_stats(engine_ready())
 
     @app.post("/v1/chat/completions", dependencies=guarded)
     @app.post("/chat/completions", dependencies=guarded, include_in_schema=False)
@@ -117,6 +118,18 @@ def create_app(state: ServerState) -> FastAPI:
     return app
 
 
+def engine_stats(engine, attempts: int = 3) -> dict:
+    """engine.stats() reads slots the engine thread is changing without a lock, so a read can catch a slot
+    half-released (AttributeError on a request that just became None); such a read is simply retried."""
+    for i in range(attempts):
+        try:
+            return engine.stats()
+        except (AttributeError, TypeError):
+            if i == attempts - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(_, exc: ApiError):
@@ -124,7 +137,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)  # FastAPI would answer 422; OpenAI answers 400
     async def validation_error(_, exc: RequestValidationError):
-        return JSONResponse(schemas.error_body(str(exc.errors()[:3])), status_code=400)
+        return JSONResponse(schemas.error_body(describe_validation(exc)), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_, exc: StarletteHTTPException):
@@ -155,7 +168,7 @@ async def read_body(request: HttpRequest, model, limit: int):
         raise ApiError(400, describe_validation(e), param=_error_param(e)) from None
 
 
-def describe_validation(e: ValidationError) -> str:
+def describe_validation(e: ValidationError | RequestValidationError) -> str:
     parts = []
     for err in e.errors()[:3]:
         loc = ".".join(str(x) for x in err["loc"])
@@ -197,6 +210,8 @@ def render_chat(state: ServerState, body: schemas.ChatCompletionRequest) -> list
 
 
 def completion_prompt(state: ServerState, body: schemas.CompletionRequest) -> list[int]:
+    if body.echo:
+        raise ApiError(400, "echo is not supported", param="echo")
     prompt = body.prompt
     if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
         if len(prompt) != 1:
@@ -215,6 +230,22 @@ async def respond(request: HttpRequest, state: ServerState, engine, body, prompt
     req = start_request(state, engine, body, prompt_ids)
     env = schemas.Envelope(chat, state.alias)
     if body.stream:
-        return StreamingResponse(stream_events(state, req, env, body.include_usage()), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return EventStreamResponse(stream_events(state, req, env, body.include_usage()), state, req)
     return JSONResponse(await collect_events(request, state, req, env))
+
+
+class EventStreamResponse(StreamingResponse):
+    """SSE response that cancels its request however the response ends early: a client gone before the first
+    chunk never starts the generator, so a `finally` inside it would not run."""
+
+    def __init__(self, content, state: ServerState, req):
+        super().__init__(content, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self._state, self._req = state, req
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            if self._req.finish_time is None and not self._req.cancelled.is_set():
+                abandon(self._state, self._req)

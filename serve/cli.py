@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import json
 from pathlib import Path
 
@@ -55,9 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-body-bytes", type=_positive, default=DEFAULT_MAX_BODY,
                    help=f"largest accepted request body (default: {DEFAULT_MAX_BODY})")
     p.add_argument("-md", "--model-draft", default=None, help="draft model for speculative decoding")
-    p.add_argument("--spec-type", choices=("none", "dflash"), default=None, help="speculative decoding method")
-    p.add_argument("--draft-max", type=_positive, default=None, help="tokens drafted per step")
-    p.add_argument("-cd", "--ctx-size-draft", type=_positive, default=None, help="draft model KV-cache tokens")
+    p.add_argument("--spec-type", choices=("none", "dflash"), default=None,
+                   help="speculative decoding method (default: dflash when -md is given)")
+    p.add_argument("--draft-max", type=_positive, default=None, help="tokens drafted per step (default: 15)")
+    p.add_argument("-cd", "--ctx-size-draft", type=_positive, default=None,
+                   help="recent context positions the drafter attends to")
+    p.add_argument("--spec-policy", choices=("adaptive", "always", "never"), default=None,
+                   help="when to speculate: adaptive (when measured to pay off; default), always, never")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     return p
 
@@ -77,17 +82,28 @@ def engine_config_kwargs(args: argparse.Namespace, config_cls, platform: str) ->
     """EngineConfig keyword arguments from the flags; flags the engine has no field for fail loudly, not silently."""
     names = {f.name for f in dataclasses.fields(config_cls)}
     dtype = args.dtype or ("float32" if platform == "cpu" else "bfloat16")
-    wanted = {"num_slots": args.slots, "ctx_size": args.ctx_size, "prefill_chunk": args.ubatch_size, "dtype": dtype,
-              "ctx_per_slot": args.ctx_per_slot, "page_size": args.page_size,
-              "compile_cache_dir": args.compile_cache_dir}
-    kwargs = {k: v for k, v in wanted.items() if v is not None and k in names}
-    spec = {"spec_type": (args.spec_type, "--spec-type"), "draft_max": (args.draft_max, "--draft-max"),
-            "ctx_size_draft": (args.ctx_size_draft, "-cd/--ctx-size-draft"),
-            "model_draft": (args.model_draft, "-md/--model-draft")}
-    for field, (value, flag) in spec.items():
-        if value is None or (field == "spec_type" and value == "none"):
+    wanted = {"num_slots": (args.slots, "-np"), "ctx_size": (args.ctx_size, "-c"),
+              "prefill_chunk": (args.ubatch_size, "-ub"), "dtype": (dtype, "--dtype"),
+              "ctx_per_slot": (args.ctx_per_slot, "--ctx-per-slot"), "page_size": (args.page_size, "--page-size"),
+              "compile_cache_dir": (args.compile_cache_dir, "--compile-cache-dir"),
+              "draft_max": (args.draft_max, "--draft-max"), "ctx_size_draft": (args.ctx_size_draft, "-cd"),
+              "spec_policy": (args.spec_policy, "--spec-policy")}
+    kwargs = {}
+    for name, (value, flag) in wanted.items():
+        if value is None:
             continue
-        if field not in names:
-            raise SystemExit(f"error: {flag} is not supported yet by this engine (EngineConfig has no {field!r})")
-        kwargs[field] = value
+        if name not in names:
+            raise SystemExit(f"error: {flag} is not supported yet by this engine (EngineConfig has no {name!r})")
+        kwargs[name] = value
     return kwargs
+
+
+def speculative(args: argparse.Namespace, engine_cls) -> bool:
+    """Whether to load the draft model: -md given and --spec-type not 'none' (dflash is the one method)."""
+    if args.spec_type == "dflash" and not args.model_draft:
+        raise SystemExit("error: --spec-type dflash needs a draft model (-md/--model-draft)")
+    if not args.model_draft or args.spec_type == "none":
+        return False
+    if "drafter" not in inspect.signature(engine_cls).parameters:
+        raise SystemExit("error: -md/--model-draft is not supported yet by this engine")
+    return True

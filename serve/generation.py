@@ -148,33 +148,26 @@ def _error_message(ev: TokenEvent) -> str:
 
 
 async def stream_events(state, req: Request, env: schemas.Envelope, include_usage: bool) -> AsyncIterator[str]:
-    """OpenAI SSE chunks; closing the generator early (client gone: Starlette cancels it) cancels the request."""
-    finished = False
+    """OpenAI SSE chunks (EventStreamResponse cancels the request if they stop early)."""
     lp = Logprobs(state.engine.tokenizer, env.chat) if req.params.logprobs else None
     extra = {"usage": None} if include_usage else {}  # OpenAI sends usage: null on every chunk but the last
-    try:
-        if env.chat:
-            yield sse({**env.chunk("", role=True), **extra})
-        async for ev in _events(state, req):
-            if ev.finish_reason == "error":
-                finished = True
-                yield sse(schemas.error_body(_error_message(ev), "server_error"))
-                break
-            token_lp = lp.add(ev) if lp is not None and ev.token_id is not None else None
-            if ev.text or token_lp is not None:
-                yield sse({**env.chunk(ev.text, logprobs=token_lp), **extra})
-            if ev.finish_reason:
-                finished = True
-                final = env.chunk(None if env.chat else "", finish_reason=ev.finish_reason)
-                if not include_usage:
-                    final["timings"] = schemas.timings(req)  # llama-server puts timings on the last chunk
-                yield sse({**final, **extra})
-                if include_usage:
-                    yield sse(env.usage_chunk(req))
-        yield "data: [DONE]\n\n"
-    finally:
-        if not finished:
-            abandon(state, req)
+    if env.chat:
+        yield sse({**env.chunk("", role=True), **extra})
+    async for ev in _events(state, req):
+        if ev.finish_reason == "error":
+            yield sse(schemas.error_body(_error_message(ev), "server_error"))
+            break
+        token_lp = lp.add(ev) if lp is not None and ev.token_id is not None else None
+        if ev.text or token_lp is not None:
+            yield sse({**env.chunk(ev.text, logprobs=token_lp), **extra})
+        if ev.finish_reason:
+            final = env.chunk(None if env.chat else "", finish_reason=ev.finish_reason)
+            if not include_usage:
+                final["timings"] = schemas.timings(req)  # llama-server puts timings on the last chunk
+            yield sse({**final, **extra})
+            if include_usage:
+                yield sse(env.usage_chunk(req))
+    yield "data: [DONE]\n\n"
 
 
 async def collect_events(http_request, state, req: Request, env: schemas.Envelope) -> dict:

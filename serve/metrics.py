@@ -1,10 +1,14 @@
 """Prometheus metrics on a private registry (so several apps in one process, e.g. in tests, never collide)."""
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
+from prometheus_client.core import CounterMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
 
 from dflash_jax.requests import Request
+
+disable_created_metrics()  # the *_created series double the output and no dashboard reads them (vLLM does the same)
 
 # vLLM-style "prefix:name" names, so dashboards built for vLLM need only the prefix changed.
 PREFIX = "dflash:"
@@ -18,6 +22,8 @@ _TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 6.4, 12.8, 25.
 
 class Metrics:
     def __init__(self) -> None:
+        self.draft_width = 0  # tokens per draft round; set once the engine (and its drafter) is loaded
+        self._spec_stats: dict | None = None
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(PREFIX + "requests", "HTTP requests by endpoint and status code",
@@ -39,6 +45,7 @@ class Metrics:
         self.spec_draft_tokens = Counter(PREFIX + "spec_decode_num_draft_tokens", "Drafted tokens", registry=r)
         self.spec_accepted = Counter(PREFIX + "spec_decode_num_accepted_tokens", "Accepted draft tokens",
                                      registry=r)
+        r.register(_PerPosition(self))
 
     def observe_finished(self, req: Request, finish_reason: str) -> None:
         self.finished.labels(finished_reason=finish_reason).inc()
@@ -47,8 +54,8 @@ class Metrics:
             self.ttft.observe(max(req.first_token_time - req.created, 0.0))
         if req.finish_time is not None:
             self.e2e.observe(max(req.finish_time - req.created, 0.0))
-        # Request has no draft-round count yet; use one if the engine adds it rather than invent a number.
-        self.spec_drafts.inc(getattr(req, "num_drafts", 0))
+        if self.draft_width:  # every draft round proposes draft_width tokens for the request
+            self.spec_drafts.inc(req.draft_n // self.draft_width)
         self.spec_draft_tokens.inc(req.draft_n)
         self.spec_accepted.inc(req.draft_n_accepted)
 
@@ -57,7 +64,23 @@ class Metrics:
             self.queue_len.set(stats.get("queue_len", 0))
             self.busy_slots.set(stats.get("busy_slots", 0))
             self.num_slots.set(stats.get("num_slots", 0))
+            self._spec_stats = stats.get("speculative")
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class _PerPosition(Collector):
+    """vLLM's accepted_tokens_per_pos: how often the draft at position k was accepted. Only the engine sees
+    positions, so this is copied from its stats at scrape time."""
+
+    def __init__(self, metrics: Metrics):
+        self.metrics = metrics
+
+    def collect(self):
+        family = CounterMetricFamily(PREFIX + "spec_decode_num_accepted_tokens_per_pos",
+                                     "Accepted draft tokens by position in the draft", labels=["position"])
+        for pos, n in enumerate((self.metrics._spec_stats or {}).get("accepted_per_pos", [])):
+            family.add_metric([str(pos)], n)
+        yield family
 
 
 class CountRequests:

@@ -31,8 +31,9 @@ RAW = [
     "東京は日本の首都です。大阪は",
     "The three laws of thermodynamics are",
 ]
-# A near-tie: llama.cpp's own top-2 gap, below which 8-bit activation rounding may legitimately swap the choice.
-NEAR_TIE = 0.1
+# A near-tie: llama.cpp's own top-2 gap, below which its 8-bit activation rounding (which alone moves single
+# logprobs by up to ~0.15 on these models) may legitimately swap the greedy choice.
+NEAR_TIE = 0.5
 
 
 def _prompts(lm) -> list[list[int]]:

@@ -227,6 +227,7 @@ BAD_REQUESTS = [
     ("completion token out of range", "/v1/completions", {"prompt": [1, 10 ** 9]}, 400, None),
     ("completion empty prompt", "/v1/completions", {"prompt": ""}, 400, None),
     ("completion logprobs too many", "/v1/completions", {"prompt": "x", "logprobs": 99}, 400, None),
+    ("completion echo", "/v1/completions", {"prompt": "x", "echo": True}, 400, None),
 ]
 
 

@@ -1,0 +1,99 @@
+"""Engine throughput without HTTP: aggregate generated tokens/s at several slot counts, optionally with a DFlash
+drafter, and llama.cpp (xllamacpp) on the same GGUF for comparison.
+
+    python bench/engine_throughput.py -m MODEL.gguf [-md DRAFTER.gguf] --slots 1,8 --max-tokens 64 [--llamacpp]
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import platform
+import time
+
+import jax
+import jax.numpy as jnp
+
+from converters.chat_template import ChatTemplate
+from converters.checkpoint import load_drafter, load_model
+from dflash_jax.engine import Engine, EngineConfig
+from dflash_jax.requests import Request, SamplingParams
+
+PROMPTS = [
+    "Write a Python function that returns the n-th Fibonacci number.",
+    "Explain how a hash map works.",
+    "Write a bash one-liner that counts lines in all .py files.",
+    "What is the capital of Japan? Answer in one sentence.",
+    "Write a function in C that reverses a string in place.",
+    "List five uses of a paperclip.",
+    "Sort a list of dictionaries by a key in Python.",
+    "Describe the water cycle for a ten-year-old.",
+]
+
+
+def engine_run(engine: Engine, prompts: list[list[int]], max_tokens: int) -> tuple[float, int]:
+    reqs = [Request(p, SamplingParams(max_tokens=max_tokens, ignore_eos=True)) for p in prompts]
+    t0 = time.perf_counter()
+    for r in reqs:
+        engine.submit(r)
+    n = 0
+    for r in reqs:
+        while True:
+            e = r.events.get()
+            n += e.token_id is not None
+            if e.finish_reason:
+                break
+    return time.perf_counter() - t0, n
+
+
+def llamacpp_run(model: str, prompts: list[list[int]], slots: int, max_tokens: int) -> tuple[float, int]:
+    import xllamacpp as xlc
+
+    p = xlc.CommonParams()
+    p.model.path = model
+    p.n_parallel = slots
+    p.n_ctx = 1024 * slots
+    p.cpuparams.n_threads = p.cpuparams_batch.n_threads = 2
+    srv = xlc.Server(p)
+    body = lambda ids: {"prompt": ids, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}  # noqa
+    t0 = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(slots) as pool:
+        outs = list(pool.map(lambda ids: srv.handle_completions(body(ids)), prompts))
+    return time.perf_counter() - t0, sum(o["usage"]["completion_tokens"] for o in outs)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("-m", "--model", required=True)
+    ap.add_argument("-md", "--model-draft")
+    ap.add_argument("--slots", default="1,8")
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--llamacpp", action="store_true")
+    a = ap.parse_args()
+    lm = load_model(a.model, jnp.dtype(a.dtype))
+    tpl = ChatTemplate(lm.chat_template)
+    prompts = [lm.tokenizer.encode(tpl.render([{"role": "user", "content": p}])) for p in PROMPTS]
+    drafter = load_drafter(a.model_draft, lm.config, jnp.dtype(a.dtype)) if a.model_draft else None
+    device = jax.devices()[0].device_kind if jax.devices()[0].platform == "gpu" else platform.processor() or "cpu"
+    print(f"| impl | device | slots | requests | tokens | seconds | tok/s |")
+    print(f"|---|---|---|---|---|---|---|")
+    for slots in map(int, a.slots.split(",")):
+        work = (prompts * (2 * slots // len(prompts) + 1))[:2 * slots]
+        variants = [("plain", None)] + ([("dflash", drafter)] if drafter else [])
+        for name, d in variants:
+            eng = Engine(lm, EngineConfig(num_slots=slots, ctx_size=1024 * slots, ctx_per_slot=1024,
+                                          prefill_chunk=256, dtype=a.dtype, spec_policy="always"), d)
+            eng.warmup(progress=False)
+            eng.start()
+            engine_run(eng, work[:slots], 8)  # settle
+            secs, n = engine_run(eng, work, a.max_tokens)
+            eng.stop()
+            tau = f" tau={eng.stats()['speculative']['tau']}" if d else ""
+            print(f"| dflash-jax {name}{tau} | {device} | {slots} | {len(work)} | {n} | {secs:.1f} | {n / secs:.1f} |")
+        if a.llamacpp:
+            secs, n = llamacpp_run(a.model, work, slots, a.max_tokens)
+            print(f"| llama.cpp (xllamacpp) | cpu | {slots} | {len(work)} | {n} | {secs:.1f} | {n / secs:.1f} |")
+
+
+if __name__ == "__main__":
+    main()

