@@ -75,6 +75,8 @@ def main():
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--splits", default="", help="extra num_splits values to time for the kernel, e.g. 4,8,16")
+    ap.add_argument("--tune", default="",
+                    help="kernel variants to time, ';'-separated 'block_k,num_warps,num_stages,num_splits' (0 = default)")
     ap.add_argument("--no-ref", action="store_true", help="skip the XLA reference")
     ap.add_argument("--ref-max-bytes", type=float, default=6e9,
                     help="skip the reference where its gathered K/V copy would exceed this many bytes")
@@ -99,12 +101,19 @@ def main():
                 args = make_inputs(jax.random.key(0), b, t, a.heads, a.kv_heads, a.head_dim, ctx, a.page_size)
                 nbytes = (b * ctx * a.kv_heads * a.head_dim * 2 * 2 + 2 * b * t * a.heads * a.head_dim * 2)
                 impls = [("pallas", None)] + [(f"pallas splits={s}", int(s)) for s in a.splits.split(",") if s]
+                for v in [v for v in a.tune.split(";") if v]:
+                    bk, nw, ns, sp = (int(x) or None for x in v.split(","))
+                    impls.append((f"pallas bk={bk} warps={nw} stages={ns} splits={sp}",
+                                  dict(block_k=bk, num_warps=nw, num_stages=ns, num_splits=sp)))
                 gather_bytes = b * ctx * a.kv_heads * a.head_dim * 2 * 2
                 if not a.no_ref and gather_bytes <= a.ref_max_bytes:
                     impls.append(("xla reference", "ref"))
                 for name, opt in impls:
                     if opt == "ref":
                         fn = ref_fn
+                    elif isinstance(opt, dict):
+                        fn = jax.jit(lambda *xs, _o=opt: ragged_paged_attention_pallas(
+                            *xs, interpret=a.interpret, **_o))
                     else:
                         fn = jax.jit(lambda *xs, _s=opt: ragged_paged_attention_pallas(
                             *xs, num_splits=_s, interpret=a.interpret))

@@ -194,26 +194,55 @@ def fwd_logits_step(graphdef, state, cache, inputs: StepInputs):
 
 # --- timing ----------------------------------------------------------------------------------------------------------
 
-def memory_bandwidth(gib: float = 4.0, iters: int = 30, warmup: int = 5) -> dict:
-    """copy: y = x * s (bytes read + written); read: sum of x into f32 (bytes read), over a `gib` GiB bf16 array."""
+def memory_bandwidth(gib: float = 4.0, iters: int = 30, warmup: int = 5, more: bool = False) -> dict:
+    """copy: y = x * s (bytes read + written); read: sum of x into f32 (bytes read), over a `gib` GiB bf16 array.
+    more=True adds: the same on float32, and PyTorch's device-to-device copy_ when torch with CUDA is importable."""
     n = int(gib * 2**30) // 2
     x = _normal(jax.random.key(3), (n // 8192, 8192), jnp.bfloat16, 1.0)
     s = jnp.asarray(1.0, jnp.bfloat16)
-    fns = {"copy": (jax.jit(lambda x, s: x * s), 2 * x.nbytes),
-           "read": (jax.jit(lambda x, s: jnp.sum(x * s, axis=0, dtype=jnp.float32)), x.nbytes)}
+    fns = {"copy": (jax.jit(lambda x, s: x * s), 2 * x.nbytes, (x, s)),
+           "read": (jax.jit(lambda x, s: jnp.sum(x * s, axis=0, dtype=jnp.float32)), x.nbytes, (x, s))}
+    if more:
+        x32 = _normal(jax.random.key(4), (n // 16384, 8192), jnp.float32, 1.0)
+        s32 = jnp.asarray(1.0, jnp.float32)
+        fns["copy_f32"] = (jax.jit(lambda x, s: x * s), 2 * x32.nbytes, (x32, s32))
+        fns["read_f32_rows"] = (jax.jit(lambda x, s: jnp.sum(x * s, axis=1)), x32.nbytes, (x32, s32))
     res = {}
-    for name, (f, nbytes) in fns.items():
+    for name, (f, nbytes, a) in fns.items():
         for _ in range(warmup):
-            f(x, s).block_until_ready()
+            f(*a).block_until_ready()
         times = []
         for _ in range(iters):
             t = time.perf_counter()
-            f(x, s).block_until_ready()
+            f(*a).block_until_ready()
             times.append(time.perf_counter() - t)
         med = float(np.median(times))
         res[name] = {"bytes": nbytes, "median_s": med, "min_s": min(times), "GBps": nbytes / med / 1e9,
                      "GBps_best": nbytes / min(times) / 1e9}
     del x
+    if more:
+        try:
+            import torch
+            if torch.cuda.is_available():
+                xt = torch.empty(n, dtype=torch.bfloat16, device="cuda").normal_()
+                yt = torch.empty_like(xt)
+                for _ in range(warmup):
+                    yt.copy_(xt)
+                torch.cuda.synchronize()
+                ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
+                for a, b in ev:
+                    a.record()
+                    yt.copy_(xt)
+                    b.record()
+                torch.cuda.synchronize()
+                times = [a.elapsed_time(b) / 1e3 for a, b in ev]
+                med = float(np.median(times))
+                res["torch_copy"] = {"bytes": 2 * xt.nbytes, "median_s": med, "min_s": min(times),
+                                     "GBps": 2 * xt.nbytes / med / 1e9, "GBps_best": 2 * xt.nbytes / min(times) / 1e9}
+                del xt, yt
+                torch.cuda.empty_cache()
+        except Exception as e:  # noqa: BLE001
+            res["torch_copy"] = {"error": f"{type(e).__name__}: {e}"[:300]}
     return res
 
 
@@ -417,6 +446,8 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="append JSON lines here")
     p.add_argument("--compile-cache", default=None)
     p.add_argument("--profile", default="", help="B:variant pairs to trace with jax.profiler, e.g. 1:fast,16:fast")
+    p.add_argument("--bandwidth-only", action="store_true",
+                   help="only the bandwidth probes (JAX bf16/f32, PyTorch copy_ if importable), then exit")
     p.add_argument("--profile-dir", default="/tmp/decode_step_profile")
     args = p.parse_args(argv)
     if args.compile_cache:
@@ -425,6 +456,15 @@ def main(argv=None):
     deadline = T0 + args.budget_s
     dev = jax.devices()[0]
     log(f"jax {jax.__version__}, device {dev.device_kind} ({dev.platform}), abstract_model from {ABSTRACT_FROM}")
+    if args.bandwidth_only:
+        bws = memory_bandwidth(args.copy_gib, more=True)
+        for k, v in bws.items():
+            log(f"{k:14s} " + (f"{v['GBps']:8.1f} GB/s median ({v['GBps_best']:.1f} best), {v['bytes'] / 1e9:.2f} GB"
+                               if "GBps" in v else v["error"]))
+        if args.out:
+            with open(args.out, "a") as f:
+                f.write(json.dumps({"bandwidth_only": bws, "device": dev.device_kind}) + "\n")
+        return
     results: list = []
     for name in args.models.split(","):
         if time.monotonic() > deadline:

@@ -1,7 +1,4 @@
-"""Load generator: N concurrent streaming chat requests against an OpenAI-compatible server, as markdown table rows.
-
-    python bench/load.py --base-url http://127.0.0.1:8080/v1 --concurrency 1,2,4,8,16 --requests 32 --max-tokens 128
-"""
+"""Load generator: N concurrent streaming chat requests against an OpenAI-compatible server, as markdown table rows."""
 from __future__ import annotations
 
 import argparse
@@ -127,7 +124,8 @@ async def main_async(args) -> int:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__, epilog="example: python bench/load.py --base-url "
+                                "http://127.0.0.1:8080/v1 --concurrency 1,2,4,8,16 --requests 32 --max-tokens 128")
     p.add_argument("--base-url", default="http://127.0.0.1:8080/v1")
     p.add_argument("--api-key", default="none")
     p.add_argument("--model", default=None, help="default: the first model /v1/models lists")

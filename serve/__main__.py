@@ -5,7 +5,6 @@ import logging
 import os
 import signal
 import sys
-import threading
 from pathlib import Path
 
 import uvicorn

@@ -198,7 +198,11 @@ def encode_prompt(state: ServerState, text: str) -> list[int]:
 
 def render_chat(state: ServerState, body: schemas.ChatCompletionRequest) -> list[int]:
     try:
-        messages = normalize_messages([m.model_dump(exclude_none=True) for m in body.messages])
+        raw = [m.model_dump(exclude_none=True) for m in body.messages]
+        for m in raw:  # OpenAI's newer name for the system role, which chat templates don't know
+            if m["role"] == "developer":
+                m["role"] = "system"
+        messages = normalize_messages(raw)
         tools = normalize_tools(body.tools)
         text = state.template.render(messages, add_generation_prompt=body.add_generation_prompt, tools=tools,
                                      **(body.chat_template_kwargs or {}))

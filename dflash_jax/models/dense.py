@@ -11,7 +11,7 @@ from flax import nnx
 
 from dflash_jax.config import ModelConfig
 from dflash_jax.kv_cache import AttentionMeta, KVCache, token_positions, write_kv
-from pallas_kernels.paged_attention import paged_attention_reference
+from pallas_kernels.ragged_paged_attention import ragged_paged_attention
 
 
 class Linear(nnx.Module):
@@ -71,7 +71,7 @@ class Attention(nnx.Module):
         k = rope(k, positions, cfg.rope_theta)
         k_pages = write_kv(k_pages, k, meta, positions, valid)
         v_pages = write_kv(v_pages, v, meta, positions, valid)
-        o = paged_attention_reference(q, k_pages, v_pages, meta.page_table, meta.q_lens, meta.kv_lens)
+        o = ragged_paged_attention(q, k_pages, v_pages, meta.page_table, meta.q_lens, meta.kv_lens)
         return self.o_proj(o.reshape(b, t, -1)), k_pages, v_pages
 
 

@@ -15,7 +15,7 @@ from flax import nnx
 
 from dflash_jax.kv_cache import AttentionMeta, KVCache, write_kv
 from dflash_jax.models.dense import MLP, Linear, RMSNorm, rope
-from pallas_kernels.paged_attention import drafter_attention_reference
+from pallas_kernels.ragged_paged_attention import drafter_attention
 
 
 class DrafterAttention(nnx.Module):
@@ -42,7 +42,7 @@ class DrafterAttention(nnx.Module):
         q = self.q_norm(self.q_proj(x).reshape(b, t, self.cfg.num_heads, self.cfg.head_dim))
         q = rope(q, positions, self.cfg.rope_theta)
         k, v = self.kv(x, positions)
-        o = drafter_attention_reference(q, k, v, k_pages, v_pages, page_table, ctx_lens, ctx_window,
+        o = drafter_attention(q, k, v, k_pages, v_pages, page_table, ctx_lens, ctx_window,
                                         causal_window=self.window)
         return self.o_proj(o.reshape(b, t, -1))
 

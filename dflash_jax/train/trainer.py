@@ -6,6 +6,7 @@ Only the drafter's own weights train; the target (embedding, LM head, tap featur
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import time
@@ -94,10 +95,16 @@ def init_drafter_params(dcfg: DrafterConfig, seed: int, std: float = 0.02) -> tu
 
 
 def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
+    return _optimizer(tc.clip_norm, tc.weight_decay, tc.lr)
+
+
+@functools.lru_cache(maxsize=None)
+def _optimizer(clip_norm: float, weight_decay: float, lr: float) -> optax.GradientTransformation:
+    """Cached: the optimizer is a static argument of the jitted step, so equal configs must give the same object."""
     def build(learning_rate):
-        return optax.chain(optax.clip_by_global_norm(tc.clip_norm),
-                           optax.adamw(learning_rate, b1=0.9, b2=0.95, weight_decay=tc.weight_decay))
-    return optax.inject_hyperparams(build)(learning_rate=tc.lr)
+        return optax.chain(optax.clip_by_global_norm(clip_norm),
+                           optax.adamw(learning_rate, b1=0.9, b2=0.95, weight_decay=weight_decay))
+    return optax.inject_hyperparams(build)(learning_rate=lr)
 
 
 def lr_at(step: int, total: int, tc: TrainConfig) -> float:
@@ -138,7 +145,7 @@ def train_step(static: StepStatic, optimizer, target_state, params, opt_state, b
     opt_state.hyperparams["learning_rate"] = jnp.asarray(lr, jnp.float32)
     updates, opt_state = optimizer.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
-    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["grad_norm"] = optax.tree.norm(grads)
     return params, opt_state, metrics
 
 
