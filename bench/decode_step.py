@@ -1,13 +1,14 @@
 """Plain decode (T=1, no speculation) step time of the engine's jitted step on random weights built on the device.
 
 No GGUF: the model is `abstract_model(cfg)` split into (graphdef, state) and every leaf is drawn with jax.random
-inside one jit, so the weights never touch host memory. For each slot count B the paged KV cache holds `--ctx`
-cached tokens per slot (pages allocated, random content); the step writes token ctx+1 of every slot and attends over
-it, exactly as Engine._decode does.
+on the device (one small jit per distinct shape), so the weights never touch host memory. For each slot count B
+the paged KV cache holds `--ctx` cached tokens per slot (pages allocated, random content); the step writes token
+ctx+1 of every slot and attends over it, exactly as Engine._decode does.
 
 Variants, each timed with a warm-up and then `--iters` steps:
   full      `model_step` (forward, final norm, logits, sampling, penalty counts) with device-resident inputs,
-            dispatched back to back and synchronised once at the end: the device step time.
+            dispatched back to back and synchronised once at the end: the device step time, unless the host needs
+            longer to dispatch a call (compare `host dispatch`; --profile gives the GPU time itself).
   engine    the same compiled `model_step`, called the way Engine._run does it: numpy inputs (host->device each step)
             and a device_get of the sampled outputs every step (host sync per step).
   fwd_logits  forward + logits + argmax (no sampling, no counts).
@@ -19,9 +20,11 @@ Every timing also reports the host time per call spent dispatching; --profile tr
 jax.profiler and sums the GPU kernel time per step.
 
 Roofline: t_floor = bytes / copy bandwidth, copy bandwidth measured here (x * s over a 4 GiB bf16 array, bytes
-read + written; a read-only reduction is reported beside it). Two byte counts are given: all parameter bytes (the brief's definition) and the bytes one decode
-step must read (parameters minus the embedding table when untied, since decode gathers only B rows of it, plus the
-KV cache actually attended: B * (ctx+1) tokens).
+read + written; a read-only reduction is reported beside it; --bandwidth-only adds f32 and PyTorch's copy_, which
+reached 4.3 TB/s on an H200 where the bf16 `x * s` kernel reached 3.0). Two byte counts are given: all parameter
+bytes (the usual weight-streaming roofline) and the bytes one decode step must read (parameters minus the
+embedding table when untied, since decode gathers only B rows of it, plus the KV cache actually attended:
+B * (ctx+1) tokens).
 
     python bench/decode_step.py --models qwen3-8b,smollm2-135m --slots 1,2,4,8,16 --out results.jsonl
     python bench/decode_step.py --models tiny --slots 1,2 --iters 3      # CPU smoke test
@@ -31,7 +34,6 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
-import math
 import os
 import sys
 import time
@@ -229,7 +231,8 @@ def memory_bandwidth(gib: float = 4.0, iters: int = 30, warmup: int = 5, more: b
                 for _ in range(warmup):
                     yt.copy_(xt)
                 torch.cuda.synchronize()
-                ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
+                ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                      for _ in range(iters)]
                 for a, b in ev:
                     a.record()
                     yt.copy_(xt)
@@ -377,7 +380,8 @@ def bench_model(name: str, args, results: list, deadline: float) -> None:
             holder["cache"], holder["counts"], out = fast_step(leaves, holder["cache"], holder["counts"], np_inputs)
             return jax.device_get((out.tokens, out.logprobs, out.top_ids, out.top_logprobs))[0]
 
-        fns = {"full": lambda: full(dev_inputs), "fast": lambda: fast(dev_inputs), "fast_engine": fast_engine, "engine": engine, "fwd": lambda: fwd(dev_inputs),
+        fns = {"full": lambda: full(dev_inputs), "fast": lambda: fast(dev_inputs), "fast_engine": fast_engine,
+               "engine": engine, "fwd": lambda: fwd(dev_inputs),
                "fwd_logits": lambda: fwd_logits(dev_inputs)}
         kv_read = b * (args.ctx + 1) * kv_token_bytes
         kv_gathered = b * pages_per_slot * PAGE_SIZE * kv_token_bytes
@@ -401,7 +405,8 @@ def bench_model(name: str, args, results: list, deadline: float) -> None:
                 continue
             r = {"model": name, "device": dev.device_kind, "B": b, "variant": variant, "ctx": args.ctx,
                  "pages_per_slot": pages_per_slot, "ms": ms, "ms_min": min(runs), "ms_runs": runs,
-                 "host_dispatch_ms": host_ms, "tok_s": b / ms * 1e3, "compile_s": compile_s, "param_GB": nbytes["all"] / 1e9,
+                 "host_dispatch_ms": host_ms, "tok_s": b / ms * 1e3, "compile_s": compile_s,
+                 "param_GB": nbytes["all"] / 1e9,
                  "step_read_GB": step_bytes / 1e9, "kv_read_GB": kv_read / 1e9, "kv_gathered_GB": kv_gathered / 1e9}
             if bw:
                 r["copy_GBps"] = bw["GBps"]

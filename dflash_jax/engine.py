@@ -25,7 +25,7 @@ from dflash_jax.requests import Request
 from dflash_jax.sampling import SamplingArrays
 from dflash_jax.scheduler import Scheduler, Slot
 from dflash_jax.spec_state import LoadedDrafter, SpecState
-from dflash_jax.step_fns import SpecInputs, StepInputs, model_step, spec_step
+from dflash_jax.step_fns import CompiledSteps, SpecInputs, StepInputs
 
 
 @dataclass(frozen=True)
@@ -95,6 +95,9 @@ class Engine:
                                     jnp.dtype(cfg.dtype))
         self.counts = jnp.zeros((cfg.num_slots + 1, mc.vocab_size), jnp.int32)
         self.spec = SpecState(drafter, cfg, num_pages, jnp.dtype(cfg.dtype)) if drafter is not None else None
+        sp = self.spec
+        self.steps = CompiledSteps(self.graphdef, self.state, sp and sp.graphdef, sp and sp.state,
+                                   sp.taps if sp else (), sp.mask_token_id if sp else 0, sp and sp.ctx_window)
         self.scheduler = Scheduler(cfg.num_slots, PageAllocator(num_pages), cfg.page_size, cfg.per_slot,
                                    cfg.prefill_chunk, loaded.tokenizer)
         self.max_prompt_len = cfg.per_slot - 1
@@ -103,6 +106,7 @@ class Engine:
         self._draining = False
         self._wake = threading.Event()
         self.num_steps = 0
+        self.error: str | None = None  # set when the step loop died; the server's /health reports it
 
     # --- public ----------------------------------------------------------------------------------------------
     def submit(self, req: Request) -> None:
@@ -160,7 +164,13 @@ class Engine:
                 self._wake.wait(0.05)
                 self._wake.clear()
                 continue
-            self.step()
+            try:
+                self.step()
+            except Exception as e:  # noqa: BLE001 - the donated device state is gone: fail every request loudly
+                self.error = f"{type(e).__name__}: {e}"
+                self._draining = True
+                self.scheduler.fail_all(self.error)
+                raise
 
     def step(self) -> None:
         s = self.scheduler
@@ -263,9 +273,7 @@ class Engine:
 
     def _run(self, inputs: StepInputs):
         sp = self.spec
-        self.cache, dcache, self.counts, out = model_step(
-            self.graphdef, sp and sp.graphdef, sp.taps if sp else (), self.state, sp and sp.state, self.cache,
-            sp and sp.cache, self.counts, inputs)
+        self.cache, dcache, self.counts, out = self.steps.model_step(self.cache, sp and sp.cache, self.counts, inputs)
         if sp:
             sp.cache = dcache
         # The one device->host transfer of the step.
@@ -273,6 +281,5 @@ class Engine:
 
     def _run_spec(self, inputs: SpecInputs):
         sp = self.spec
-        self.cache, sp.cache, out = spec_step(self.graphdef, sp.graphdef, sp.taps, sp.mask_token_id, sp.ctx_window,
-                                              self.state, sp.state, self.cache, sp.cache, inputs)
+        self.cache, sp.cache, out = self.steps.spec_step(self.cache, sp.cache, inputs)
         return jax.device_get((out.tokens, out.accepted, out.logprobs, out.top_ids, out.top_logprobs))

@@ -56,6 +56,7 @@ class Request:
     created: float = field(default_factory=time.monotonic)
     # Filled by the engine, read by the server for usage/timings:
     num_generated: int = 0
+    start_time: float | None = None  # admitted into a slot (queue wait ends)
     first_token_time: float | None = None
     prompt_done_time: float | None = None
     finish_time: float | None = None

@@ -88,6 +88,7 @@ class Scheduler:
                 slot.max_new, slot.text, slot.emitted = max_new, "", 0
                 slot.detok = IncrementalDetokenizer(self.tokenizer, skip_special=True)
                 slot.seed = req.params.seed if req.params.seed is not None else self._rng.getrandbits(32)
+                req.start_time = time.monotonic()
 
     # --- planning --------------------------------------------------------------------------------------------
     def plan(self) -> Plan:
@@ -149,14 +150,32 @@ class Scheduler:
         slot.req, slot.pages, slot.pending, slot.detok = None, [], None, None
         req.events.put(event)
 
+    def fail_all(self, message: str) -> None:
+        with self.lock:
+            queued, self.queue = list(self.queue), collections.deque()
+        for req in queued:
+            req.events.put(TokenEvent(None, message, finish_reason="error"))
+        for slot in self.slots:
+            if slot.req is not None:
+                self.finish(slot, "error", TokenEvent(None, message))
+
     def stats(self) -> dict:
+        with self.lock:
+            return self._stats()
+
+    def _stats(self) -> dict:
+        slots = [(s, s.req) for s in self.slots]  # one read of each slot's request: the engine thread may clear it
         return {
             "num_slots": len(self.slots),
-            "busy_slots": sum(s.req is not None for s in self.slots),
+            "busy_slots": sum(req is not None for _, req in slots),
             "queue_len": len(self.queue),
             "num_pages_free": self.allocator.num_free,
-            "slots": [{"id": s.id, "busy": s.req is not None, "state": s.state,
-                       "request_id": s.req.id if s.req else None,
-                       "n_prompt": len(s.req.prompt_ids) if s.req else 0,
-                       "n_generated": s.req.num_generated if s.req else 0} for s in self.slots],
+            "slots": [{"id": s.id, "busy": req is not None,
+                       "state": "idle" if req is None else ("prefill" if s.num_cached < len(req.prompt_ids)
+                                                            else "decode"),
+                       "request_id": req.id if req else None,
+                       "n_prompt": len(req.prompt_ids) if req else 0,
+                       "n_generated": req.num_generated if req else 0,
+                       "draft_n": req.draft_n if req else 0,
+                       "draft_n_accepted": req.draft_n_accepted if req else 0} for s, req in slots],
         }

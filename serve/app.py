@@ -77,6 +77,8 @@ def create_app(state: ServerState) -> FastAPI:
             return JSONResponse({"status": "error", "error": state.load_error}, status_code=500)
         if not state.ready.is_set():
             return JSONResponse({"status": "loading"}, status_code=503)
+        if state.engine is not None and state.engine.error:
+            return JSONResponse({"status": "error", "error": state.engine.error}, status_code=500)
         return {"status": "ok"}
 
     @app.get("/v1/models")

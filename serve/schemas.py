@@ -129,7 +129,7 @@ def timings(req: Request) -> dict:
     admission timestamp) to the end of prefill; generation time from the first sampled token to the last."""
     n_prompt, n_gen = len(req.prompt_ids), req.num_generated
     prompt_end = req.prompt_done_time or req.first_token_time or req.finish_time or req.created
-    prompt_ms = max(prompt_end - req.created, 0.0) * 1e3
+    prompt_ms = max(prompt_end - (req.start_time or req.created), 0.0) * 1e3
     gen_start = req.first_token_time or prompt_end
     predicted_ms = max((req.finish_time or time.monotonic()) - gen_start, 0.0) * 1e3
     return {"prompt_n": n_prompt, "prompt_ms": prompt_ms,
