@@ -57,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--warmup", type=int, default=100)
     t.add_argument("--steps", type=int, default=2000)
     t.add_argument("--time-budget", type=float, default=None, help="seconds; the cosine horizon is fitted to it")
+    t.add_argument("--ce-chunk", type=int, default=4096, help="rows of (rows, vocab) logits alive at once")
     t.add_argument("--eval-every", type=int, default=200)
     t.add_argument("--ckpt-every", type=int, default=500)
     t.add_argument("--dtype", default=None)
@@ -131,7 +132,7 @@ def cmd_train(a) -> None:
                               a.mask_token_id if a.mask_token_id is not None else mc.vocab_size - 1, a.taps)
     tc = TrainConfig(batch_size=a.batch_size, seq_len=a.seq_len, anchors_per_seq=a.anchors, lr=a.lr,
                      warmup_steps=a.warmup, num_steps=a.steps, time_budget_s=a.time_budget, compute_dtype=dtype,
-                     seed=a.seed, eval_every=a.eval_every, ckpt_every=a.ckpt_every)
+                     ce_chunk=a.ce_chunk, seed=a.seed, eval_every=a.eval_every, ckpt_every=a.ckpt_every)
     ds = Dataset.load(*a.data)
     print(f"data: {ds.stats()}\ndrafter: {dcfg}")
     out = train(loaded, dcfg, ds, tc, a.run, resume=not a.no_resume)
