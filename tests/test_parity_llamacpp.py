@@ -34,6 +34,9 @@ RAW = [
 # A near-tie: llama.cpp's own top-2 gap, below which its 8-bit activation rounding (which alone moves single
 # logprobs by up to ~0.15 on these models) may legitimately swap the greedy choice.
 NEAR_TIE = 0.5
+# With f32 weights the remaining difference is llama.cpp's f16 rounding of queries in its attention (~1e-3 per
+# logprob, measured); random-weight models have near-tied logits, so a split there must sit at such a tie.
+F32_TIE = 0.02
 
 
 def _prompts(lm) -> list[list[int]]:
@@ -42,7 +45,7 @@ def _prompts(lm) -> list[list[int]]:
     return chats + [lm.tokenizer.encode(r) for r in RAW]
 
 
-def _compare(model_path: str, exact: bool):
+def _compare(model_path: str, exact: bool, tie: float = 0.0):
     lm = load_model(model_path, jnp.float32)
     prompts = _prompts(lm)
     ours, our_logprobs = greedy_generate(lm.model, prompts, NEW_TOKENS)  # all prompts in one jitted batch
@@ -54,7 +57,8 @@ def _compare(model_path: str, exact: bool):
         all_diffs += diffs
         report.append((i, agreed, len(pieces), first_bad and first_bad.margin))
         if exact:
-            assert first_bad is None, f"prompt {i}: diverged after {agreed} pieces (llama.cpp margin {first_bad.margin})"
+            assert first_bad is None or first_bad.margin < tie, (
+                f"prompt {i}: diverged after {agreed} pieces (llama.cpp margin {first_bad.margin})")
         elif first_bad is not None:
             assert first_bad.margin < NEAR_TIE, (f"prompt {i}: diverged after {agreed} pieces where llama.cpp was "
                                                  f"sure (top-2 gap {first_bad.margin:.3f})")
@@ -101,4 +105,5 @@ def test_qwen05_quantized(qwen05_path):
 def test_random_qwen3_exact(tmp_path):
     path = tmp_path / "qwen3-tiny.gguf"
     write_random_gguf(str(path), PRESETS["qwen3-tiny"], "tests/data/vocab/ggml-vocab-qwen2.gguf", seed=3)
-    _compare(str(path), exact=True)
+    report = _compare(str(path), exact=True, tie=F32_TIE)
+    assert sum(a for _, a, _, _ in report) >= len(report) * 16
