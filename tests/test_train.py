@@ -22,7 +22,7 @@ from dflash_jax.requests import SamplingParams
 from dflash_jax.train import data as train_data
 from dflash_jax.train.data import Dataset, run_requests
 from dflash_jax.train.export import export_dir, export_gguf, load_dir, params_to_numpy, to_loaded
-from dflash_jax.train.features import tap_features
+from dflash_jax.train.features import FeatureCache, tap_features
 from dflash_jax.train.loss import block_labels, context_visibility, drafter_blocks, sample_anchors
 from dflash_jax.train.trainer import TrainConfig, default_taps, init_drafter_params, lr_at, train
 
@@ -196,6 +196,27 @@ def test_loss_falls_and_resumes(target, tmp_path):
     assert saved == more["history"]
 
 
+def test_cached_features_and_vocab_subset(target, tmp_path):
+    """The CPU path: features computed once into a float16 cache and a softmax over the response tokens only; the
+    cached features equal the on-the-fly ones and the loss still falls."""
+    rng = np.random.default_rng(4)
+    prompts = [rng.integers(3, VOCAB - 1, size=int(rng.integers(3, 12))).tolist() for _ in range(12)]
+    ds = _greedy_dataset(target, prompts, 24)
+    seqs, _, _ = ds.split_for_training(4, 48)
+    cache = FeatureCache.build(target.model, [s for s, _ in seqs], (0, 1), tmp_path / "feats", batch_tokens=256,
+                               progress=False)
+    s0 = jnp.asarray(seqs[3][0])[None]
+    direct = tap_features(target.model, s0, jnp.asarray([s0.shape[1]]), (0, 1))[0]
+    np.testing.assert_allclose(cache.get(3).astype(np.float32), np.asarray(direct), rtol=2e-3, atol=2e-3)
+    tc = TrainConfig(batch_size=4, seq_len=48, anchors_per_seq=16, lr=3e-3, warmup_steps=5, num_steps=20, val_seqs=4,
+                     eval_every=20, ckpt_every=20, log_every=5, init_std=0.05, vocab_subset=True,
+                     feature_cache=str(tmp_path / "feats"))
+    res = train(target, tiny_drafter_config(), ds, tc, tmp_path / "run", progress=False)
+    losses = [h["loss"] for h in res["history"] if "loss" in h]
+    assert losses[-1] < 0.7 * losses[0], losses
+    assert any("val_tau" in h for h in res["history"])  # validated with the full vocabulary
+
+
 def test_drafter_imitating_deterministic_target_accepts(cycle_target, tmp_path):
     """Trained on the cycle target's own answers, the drafter's drafts are accepted through the engine's fused spec
     step: tau >= 3 with block 8 (it reaches ~7). Training with labels shifted by one position (the classic mismatch)
@@ -251,9 +272,9 @@ def test_generate_dataset_and_split(target, tmp_path):
     assert {r["key"] for r in ds.records} == {f"p/{i}#{j}" for i in range(6) for j in range(2)}
     encode = train_data.PromptEncoder(target)
     assert ds.records[0]["prompt_ids"] == encode(prompts[int(ds.records[0]["key"][2])].messages)
-    train_seqs, val_seqs = ds.split_for_training(4, 64)
-    val_prompts = {tuple(s[:p].tolist()) for s, p in val_seqs}
-    assert val_seqs and not any(tuple(s[:p].tolist()) in val_prompts for s, p in train_seqs)
+    seqs, train_idx, val_idx = ds.split_for_training(4, 64)
+    val_prompts = {tuple(seqs[i][0][:seqs[i][1]].tolist()) for i in val_idx}
+    assert val_idx and not any(tuple(seqs[i][0][:seqs[i][1]].tolist()) in val_prompts for i in train_idx)
 
 
 def test_prompt_sources(tmp_path):

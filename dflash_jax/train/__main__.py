@@ -58,6 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--steps", type=int, default=2000)
     t.add_argument("--time-budget", type=float, default=None, help="seconds; the cosine horizon is fitted to it")
     t.add_argument("--ce-chunk", type=int, default=4096, help="rows of (rows, vocab) logits alive at once")
+    t.add_argument("--vocab-subset", action="store_true",
+                   help="softmax over the tokens of the training responses only (cheaper on CPU; validation uses the "
+                        "full vocabulary)")
+    t.add_argument("--feature-cache", default=None, help="directory: compute target features once and reuse them "
+                                                           "(CPU); default: recompute in every step (GPU)")
+    t.add_argument("--val-seqs", type=int, default=32)
+    t.add_argument("--log-every", type=int, default=10)
     t.add_argument("--eval-every", type=int, default=200)
     t.add_argument("--ckpt-every", type=int, default=500)
     t.add_argument("--dtype", default=None)
@@ -132,7 +139,8 @@ def cmd_train(a) -> None:
                               a.mask_token_id if a.mask_token_id is not None else mc.vocab_size - 1, a.taps)
     tc = TrainConfig(batch_size=a.batch_size, seq_len=a.seq_len, anchors_per_seq=a.anchors, lr=a.lr,
                      warmup_steps=a.warmup, num_steps=a.steps, time_budget_s=a.time_budget, compute_dtype=dtype,
-                     ce_chunk=a.ce_chunk, seed=a.seed, eval_every=a.eval_every, ckpt_every=a.ckpt_every)
+                     ce_chunk=a.ce_chunk, vocab_subset=a.vocab_subset, feature_cache=a.feature_cache,
+                     val_seqs=a.val_seqs, log_every=a.log_every, seed=a.seed, eval_every=a.eval_every, ckpt_every=a.ckpt_every)
     ds = Dataset.load(*a.data)
     print(f"data: {ds.stats()}\ndrafter: {dcfg}")
     out = train(loaded, dcfg, ds, tc, a.run, resume=not a.no_resume)

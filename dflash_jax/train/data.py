@@ -238,7 +238,8 @@ class Dataset:
         return out
 
     def split_for_training(self, val_n: int, seq_len: int, seed: int = 0):
-        """(train, validation) sequences; validation = val_n sequences of distinct prompts, none also in train."""
+        """(sequences, train indices, validation indices); validation = about val_n sequences of distinct prompts
+        (at most a quarter of the prompts), none of whose prompts is also in train."""
         seqs = self.sequences(seq_len)
         prompt_of = [tuple(s[:p].tolist()) for s, p in seqs]
         count: dict[tuple, int] = {}
@@ -253,9 +254,9 @@ class Dataset:
                 break
             val_prompts.add(groups[gi])
             n_val += count[groups[gi]]
-        train = [s for s, k in zip(seqs, prompt_of) if k not in val_prompts]
-        val = [s for s, k in zip(seqs, prompt_of) if k in val_prompts][:val_n]
-        return train, val
+        train = [i for i, k in enumerate(prompt_of) if k not in val_prompts]
+        val = [i for i, k in enumerate(prompt_of) if k in val_prompts][:val_n]
+        return seqs, train, val
 
     def stats(self) -> dict:
         resp = [len(r["response_ids"]) for r in self.records]

@@ -132,15 +132,32 @@ def chunked_cross_entropy(hidden: jax.Array, labels: jax.Array, logits_fn, chunk
     return ce.reshape(-1)[:r], correct.reshape(-1)[:r]
 
 
+def head_weight(target) -> jax.Array:
+    """(V, D) rows of the target's LM head (the embedding when tied)."""
+    return target.lm_head.weight[...] if target.lm_head is not None else target.embed_tokens[...]
+
+
 def dflash_loss(drafter, target, feats: jax.Array, tokens: jax.Array, lengths: jax.Array, anchors: jax.Array,
-                anchor_valid: jax.Array, mask_token_id: int, block: int, gamma: float,
-                chunk: int = 2048) -> tuple[jax.Array, dict]:
+                anchor_valid: jax.Array, mask_token_id: int, block: int, gamma: float, chunk: int = 2048,
+                vocab_ids: jax.Array | None = None, vocab_index: jax.Array | None = None) -> tuple[jax.Array, dict]:
     """Weighted cross-entropy of all blocks, plus metrics: per-slot accuracy and the accepted length a greedy verify
-    of these very blocks would give (exact for greedy target data: the sequence is then the target's own choice)."""
+    of these very blocks would give (exact for greedy target data: the sequence is then the target's own choice).
+
+    vocab_ids (S,) / vocab_index (V,): optionally restrict the softmax to a candidate subset of the vocabulary (e.g.
+    every token of the training responses) — a cheaper approximation of the full softmax when the LM head dominates
+    the step (CPU training); vocab_index maps a token id to its row in vocab_ids, or -1 (such labels are dropped)."""
     h = drafter_blocks(drafter, target.embed_tokens[...], feats, tokens, anchors, mask_token_id, block)
     labels, valid = block_labels(tokens, lengths, anchors, anchor_valid, block)
+    if vocab_ids is None:
+        logits_fn = target.logits
+    else:
+        head = jnp.take(head_weight(target), vocab_ids, axis=0)  # (S, D)
+        logits_fn = lambda x: jnp.einsum("rd,vd->rv", x, head, preferred_element_type=jnp.float32)  # noqa: E731
+        labels = vocab_index[labels]
+        valid &= labels >= 0
+        labels = jnp.maximum(labels, 0)
     d = h.shape[-1]
-    ce, correct = chunked_cross_entropy(h[:, :, 1:].reshape(-1, d), labels.reshape(-1), target.logits, chunk)
+    ce, correct = chunked_cross_entropy(h[:, :, 1:].reshape(-1, d), labels.reshape(-1), logits_fn, chunk)
     ce, correct = ce.reshape(labels.shape), correct.reshape(labels.shape)
     w = position_weights(block, gamma)[None, None, :] * valid
     loss = jnp.sum(ce * w) / jnp.maximum(jnp.sum(w), 1e-6)

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from dflash_jax.config import DrafterConfig, ModelConfig
 from dflash_jax.models.drafter import Drafter
 from dflash_jax.train.data import Dataset
-from dflash_jax.train.features import pad_batch, tap_features
+from dflash_jax.train.features import FeatureCache, pad_batch, tap_features
 from dflash_jax.train.loss import dflash_loss, sample_anchors
 
 GAMMA_BY_BLOCK = {16: 7.0, 10: 5.0, 8: 4.0}  # DESIGN.md section 4
@@ -48,6 +48,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     compute_dtype: str = "float32"  # bfloat16 on GPU
     ce_chunk: int = 2048  # rows of (rows, vocab) logits alive at once
+    vocab_subset: bool = False  # softmax over the tokens of the training responses only (cheaper LM head on CPU)
+    feature_cache: str | None = None  # directory: compute the frozen target's tap features once, reuse every epoch
     init_std: float = 0.02
     seed: int = 0
     val_seqs: int = 32  # held out from the data file for the validation loss / tau
@@ -129,19 +131,23 @@ class StepStatic:
     compute_dtype: str
 
 
-def _loss(static: StepStatic, target_state, params, batch):
+def _loss(static: StepStatic, target_state, params, batch, vocab=None):
+    """batch: (tokens, lengths, anchors, anchor_valid, cached tap features or None); vocab: (ids, index) or None."""
     target = nnx.merge(static.target_graphdef, target_state)
-    tokens, lengths, anchors, valid = batch
-    feats = tap_features(target, tokens, lengths, static.taps)
+    tokens, lengths, anchors, valid, feats = batch
+    if feats is None:
+        feats = tap_features(target, tokens, lengths, static.taps)
     cdt = jnp.dtype(static.compute_dtype)
     drafter = nnx.merge(static.drafter_graphdef, jax.tree.map(lambda p: p.astype(cdt), params))
+    vocab_ids, vocab_index = vocab if vocab is not None else (None, None)
     return dflash_loss(drafter, target, feats, tokens, lengths, anchors, valid, static.mask_token_id, static.block,
-                       static.gamma, static.ce_chunk)
+                       static.gamma, static.ce_chunk, vocab_ids, vocab_index)
 
 
 @partial(jax.jit, static_argnums=(0, 1), donate_argnums=(3, 4))
-def train_step(static: StepStatic, optimizer, target_state, params, opt_state, batch, lr):
-    (_, metrics), grads = jax.value_and_grad(lambda p: _loss(static, target_state, p, batch), has_aux=True)(params)
+def train_step(static: StepStatic, optimizer, target_state, params, opt_state, batch, lr, vocab=None):
+    (_, metrics), grads = jax.value_and_grad(lambda p: _loss(static, target_state, p, batch, vocab),
+                                             has_aux=True)(params)
     opt_state.hyperparams["learning_rate"] = jnp.asarray(lr, jnp.float32)
     updates, opt_state = optimizer.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
@@ -157,18 +163,19 @@ def eval_step(static: StepStatic, target_state, params, batch):
 class Batcher:
     """Shuffled epochs of fixed-size batches with random anchors; its numpy RNG state is checkpointed."""
 
-    def __init__(self, seqs: list[tuple[np.ndarray, int]], tc: TrainConfig, seed: int):
-        if len(seqs) < 1:
+    def __init__(self, seqs: list[tuple[np.ndarray, int]], indices: list[int], tc: TrainConfig, seed: int,
+                 cache: FeatureCache | None = None):
+        if len(indices) < 1:
             raise ValueError("no training sequences (each needs a prompt and at least 2 response tokens)")
-        self.seqs, self.tc = seqs, tc
+        self.seqs, self.indices, self.tc, self.cache = seqs, indices, tc, cache
         self.rng = np.random.default_rng(seed)
         self.order: list[int] = []
 
     def next(self):
         while len(self.order) < self.tc.batch_size:
-            self.order += self.rng.permutation(len(self.seqs)).tolist()
+            self.order += [self.indices[i] for i in self.rng.permutation(len(self.indices))]
         idx, self.order = self.order[:self.tc.batch_size], self.order[self.tc.batch_size:]
-        return make_batch([self.seqs[i] for i in idx], self.tc, self.rng)
+        return make_batch(self.seqs, idx, self.tc, self.rng, self.cache)
 
     def state(self) -> dict:
         return {"rng": self.rng.bit_generator.state, "order": self.order}
@@ -178,11 +185,31 @@ class Batcher:
         self.order = list(s["order"])
 
 
-def make_batch(items: list[tuple[np.ndarray, int]], tc: TrainConfig, rng: np.random.Generator):
-    tokens, lengths = pad_batch([s for s, _ in items], tc.seq_len)
-    prompt_lens = np.array([p for _, p in items], np.int32)
+def make_batch(seqs: list[tuple[np.ndarray, int]], idx: list[int], tc: TrainConfig, rng: np.random.Generator,
+               cache: FeatureCache | None = None):
+    tokens, lengths = pad_batch([seqs[i][0] for i in idx], tc.seq_len)
+    prompt_lens = np.array([seqs[i][1] for i in idx], np.int32)
     anchors, valid = sample_anchors(rng, prompt_lens, lengths, tc.anchors_per_seq)
-    return tokens, lengths, anchors, valid
+    feats = None
+    if cache is not None:
+        width = cache.feats.shape[1]
+        feats = np.zeros((len(idx), tc.seq_len, width), np.float16)
+        for row, i in enumerate(idx):
+            f = cache.get(i)[:tc.seq_len]
+            feats[row, :len(f)] = f
+    return tokens, lengths, anchors, valid, feats
+
+
+def _device(batch):
+    return tuple(None if x is None else jnp.asarray(x) for x in batch)
+
+
+def vocab_subset(seqs: list[tuple[np.ndarray, int]], indices: list[int], vocab_size: int):
+    """(ids (S,), index (V,)) of every token in the responses of the given sequences."""
+    ids = np.unique(np.concatenate([seqs[i][0][seqs[i][1]:] for i in indices])).astype(np.int32)
+    index = np.full((vocab_size,), -1, np.int32)
+    index[ids] = np.arange(len(ids), dtype=np.int32)
+    return jnp.asarray(ids), jnp.asarray(index)
 
 
 def train(target, dcfg: DrafterConfig, dataset: Dataset, tc: TrainConfig, out_dir: str | Path,
@@ -203,11 +230,18 @@ def train(target, dcfg: DrafterConfig, dataset: Dataset, tc: TrainConfig, out_di
     static = StepStatic(t_graphdef, d_graphdef, tuple(dcfg.target_layer_ids), int(dcfg.mask_token_id),
                         dcfg.block_size, float(gamma), tc.ce_chunk, str(cdt))
 
-    train_seqs, val_seqs = dataset.split_for_training(tc.val_seqs, tc.seq_len, seed=tc.seed)
-    batcher = Batcher(train_seqs, tc, tc.seed)
+    seqs, train_idx, val_idx = dataset.split_for_training(tc.val_seqs, tc.seq_len, seed=tc.seed)
+    cache = None
+    if tc.feature_cache:
+        cache = FeatureCache.build(target.model, [s for s, _ in seqs], static.taps, tc.feature_cache,
+                                   progress=progress)
+    vocab = vocab_subset(seqs, train_idx, target.config.vocab_size) if tc.vocab_subset else None
+    if vocab is not None and progress:
+        print(f"softmax over {len(vocab[0])} of {target.config.vocab_size} tokens (those of the training responses)")
+    batcher = Batcher(seqs, train_idx, tc, tc.seed, cache)
     val_rng = np.random.default_rng(tc.seed + 1)
-    val_batches = [make_batch(val_seqs[i:i + tc.batch_size], tc, val_rng)
-                   for i in range(0, len(val_seqs) - tc.batch_size + 1, tc.batch_size)]
+    val_batches = [make_batch(seqs, val_idx[i:i + tc.batch_size], tc, val_rng, cache)
+                   for i in range(0, len(val_idx) - tc.batch_size + 1, tc.batch_size)]
 
     mgr = ocp.CheckpointManager(out_dir / "checkpoints",
                                 options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
@@ -233,7 +267,7 @@ def train(target, dcfg: DrafterConfig, dataset: Dataset, tc: TrainConfig, out_di
     def validate(s: int) -> dict:
         if not val_batches:
             return {}
-        ms = [jax.device_get(eval_step(static, t_state, params, tuple(map(jnp.asarray, vb)))) for vb in val_batches]
+        ms = [jax.device_get(eval_step(static, t_state, params, _device(vb))) for vb in val_batches]
         return {"step": s, "val_loss": float(np.mean([m["loss"] for m in ms])),
                 "val_tau": float(np.mean([m["tau"] for m in ms])),
                 "val_acc_per_pos": np.mean([m["acc_per_pos"] for m in ms], axis=0).round(4).tolist()}
@@ -242,9 +276,8 @@ def train(target, dcfg: DrafterConfig, dataset: Dataset, tc: TrainConfig, out_di
     timed_from, timed_steps = None, 0
     bar = tqdm(total=total, initial=step, desc="training drafter", disable=not progress, unit="step")
     while step < total:
-        batch = tuple(map(jnp.asarray, batcher.next()))
-        params, opt_state, metrics = train_step(static, optimizer, t_state, params, opt_state, batch,
-                                                lr_at(step, total, tc))
+        params, opt_state, metrics = train_step(static, optimizer, t_state, params, opt_state,
+                                                _device(batcher.next()), lr_at(step, total, tc), vocab)
         step += 1
         bar.update(1)
         if step == 2:  # step 1 compiled; time from here
