@@ -184,3 +184,19 @@ def test_mismatched_drafter_is_refused(target, tmp_path):
     write_drafter_gguf(str(path), dc, random_drafter_params(dc, seed=1), schema="fork")
     with pytest.raises(GGUFError, match="hidden"):
         load_drafter(path, target.config, jnp.float32)
+
+
+def test_no_compiles_with_dflash_on(engine, target):
+    compiles = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda event, duration, **kw: compiles.append(event) if event.startswith("/jax/core/compile/") else None)
+    try:
+        rng = np.random.default_rng(21)
+        prompts, max_new = _workload(rng, 12)
+        params = [SamplingParams(max_tokens=m, temperature=(0.7 if i % 3 == 0 else 0.0), seed=i, ignore_eos=True,
+                                 presence_penalty=(0.5 if i % 4 == 1 else 0.0), logprobs=i % 2 == 0, top_logprobs=2)
+                  for i, m in enumerate(max_new)]
+        run(engine, [Request(p, sp) for p, sp in zip(prompts, params)])
+    finally:
+        jax.monitoring.clear_event_listeners()
+    assert compiles == []
