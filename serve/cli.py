@@ -98,8 +98,15 @@ def engine_config_kwargs(args: argparse.Namespace, config_cls, platform: str) ->
     return kwargs
 
 
+# The drafter shipped for the embedded default model: used when neither -m nor -md is given.
+DEFAULT_DRAFTER = Path(__file__).resolve().parent.parent / "dflash_jax" / "assets" / "smollm2-135m-dflash.gguf"
+
+
 def speculative(args: argparse.Namespace, engine_cls) -> bool:
-    """Whether to load the draft model: -md given and --spec-type not 'none' (dflash is the one method)."""
+    """Whether to load the draft model: -md given (or the default model with its shipped drafter) and --spec-type
+    not 'none' (dflash is the one method)."""
+    if not args.model and not args.model_draft and args.spec_type != "none" and DEFAULT_DRAFTER.exists():
+        args.model_draft = str(DEFAULT_DRAFTER)
     if args.spec_type == "dflash" and not args.model_draft:
         raise SystemExit("error: --spec-type dflash needs a draft model (-md/--model-draft)")
     if not args.model_draft or args.spec_type == "none":
