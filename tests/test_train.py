@@ -17,7 +17,6 @@ from converters.synthetic import PRESETS, write_random_gguf
 from dflash_jax.config import DrafterConfig
 from dflash_jax.engine import Engine, EngineConfig
 from dflash_jax.kv_cache import AttentionMeta, KVCache
-from dflash_jax.models.drafter import Drafter
 from dflash_jax.requests import SamplingParams
 from dflash_jax.train import data as train_data
 from dflash_jax.train.data import Dataset, run_requests

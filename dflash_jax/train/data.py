@@ -157,8 +157,11 @@ def generate_dataset(loaded, engine, prompts: list[Prompt], out_path: str | Path
             key = f"{p.key}#{j}"
             if key in done:
                 continue
-            params = SamplingParams(max_tokens=max_tokens) if j == 0 else \
-                SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=0.95, seed=seed * 100003 + j * 7919 + i)
+            if j == 0:
+                params = SamplingParams(max_tokens=max_tokens)
+            else:
+                params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=0.95,
+                                        seed=seed * 100003 + j * 7919 + i)
             ids = encode(p.messages)
             if len(ids) + 2 >= engine.cfg.per_slot:
                 continue
@@ -211,8 +214,16 @@ def self_written_prompts(loaded, engine, n: int, seed: int = 0, progress: bool =
 # --- the saved dataset ------------------------------------------------------------------------------------------
 
 def _read_jsonl(path: Path) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """Records of a JSON-lines file; a cut-off last line (a run killed mid-write) is ignored."""
+    lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
+    out = []
+    for i, line in enumerate(lines):
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i != len(lines) - 1:
+                raise
+    return out
 
 
 class Dataset:
