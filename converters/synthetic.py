@@ -1,4 +1,5 @@
-"""Random-weight GGUF files in the exact tensor/metadata layout llama.cpp loads for llama, qwen2 and qwen3 models."""
+"""Random-weight GGUF files in the exact tensor/metadata layout llama.cpp loads for llama, qwen2, qwen3 and qwen35
+(hybrid, see converters.synthetic_qwen35) models."""
 from __future__ import annotations
 
 import argparse
@@ -14,6 +15,7 @@ from typing import Any
 import gguf
 import numpy as np
 
+from converters import synthetic_qwen35
 from converters.gguf_file import GGUFValue, read_fields
 from converters.quant_blocks import SUPPORTED as SUPPORTED_QTYPES
 from converters.quant_blocks import random_float_bytes, random_quant_bytes
@@ -84,6 +86,7 @@ PRESETS: dict[str, SyntheticSpec] = {
                                 head_dim=128, vocab_size=151936, context_length=40960, tied_embeddings=True),
     "qwen3-8b": SyntheticSpec("qwen3", num_layers=36, hidden=4096, ffn=12288, num_heads=32, num_kv_heads=8,
                               head_dim=128, vocab_size=151936, context_length=40960),
+    **synthetic_qwen35.PRESETS,
 }
 
 
@@ -172,6 +175,9 @@ def tensor_plan(spec: SyntheticSpec, vocab_size: int, weight_scale: float | None
     the layers), times ATTN_OUT_GAIN / FFN_DOWN_GAIN for the two that write the residual stream; the output matrix gets
     LOGIT_STD/sqrt(hidden); norms are 1 + 0.1*noise.
     """
+    if spec.arch == "qwen35":
+        return _check_blocks(spec, synthetic_qwen35.tensor_plan(spec, vocab_size, weight_scale, PlannedTensor, QTYPES,
+                                                                ATTN_OUT_GAIN, FFN_DOWN_GAIN, LOGIT_STD))
     wt = QTYPES[spec.qtype]
     d, q_dim, kv_dim = spec.hidden, spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
 
@@ -201,8 +207,12 @@ def tensor_plan(spec: SyntheticSpec, vocab_size: int, weight_scale: float | None
     plan.append(norm("output_norm.weight", d))
     if not spec.tied_embeddings:
         plan.append(PlannedTensor("output.weight", (vocab_size, d), wt, out_std))
-    block = gguf.GGML_QUANT_SIZES[wt][0]
-    bad = [f"{t.name} {t.shape}" for t in plan if len(t.shape) == 2 and t.shape[1] % block]
+    return _check_blocks(spec, plan)
+
+
+def _check_blocks(spec, plan: list[PlannedTensor]) -> list[PlannedTensor]:
+    block = gguf.GGML_QUANT_SIZES[QTYPES[spec.qtype]][0]
+    bad = [f"{t.name} {t.shape}" for t in plan if len(t.shape) == 2 and t.shape[1] % block and t.qtype != T.F32]
     if bad:
         raise ValueError(f"{spec.qtype} packs rows in blocks of {block}; these rows do not divide: "
                          f"{', '.join(bad[:4])}")
@@ -244,6 +254,17 @@ def random_tensor(t: PlannedTensor, seed: int, index: int, pool: ThreadPoolExecu
 def _add_arch_metadata(w: gguf.GGUFWriter, spec: SyntheticSpec, vocab_size: int) -> None:
     w.add_type("model")
     w.add_name(f"synthetic {spec.arch} (random weights)")
+    if spec.arch == "qwen35":
+        synthetic_qwen35.add_metadata(w, spec)
+    else:
+        _add_dense_hparams(w, spec, vocab_size)
+    qtype = QTYPES[spec.qtype]
+    w.add_file_type(int(FILE_TYPES[qtype]))
+    if qtype not in (T.F32, T.F16, T.BF16):
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def _add_dense_hparams(w: gguf.GGUFWriter, spec: SyntheticSpec, vocab_size: int) -> None:
     w.add_context_length(spec.context_length)
     w.add_embedding_length(spec.hidden)
     w.add_block_count(spec.num_layers)
@@ -259,10 +280,6 @@ def _add_arch_metadata(w: gguf.GGUFWriter, spec: SyntheticSpec, vocab_size: int)
         w.add_rope_dimension_count(spec.head_dim)
     w.add_rope_freq_base(spec.rope_theta)
     w.add_layer_norm_rms_eps(spec.rms_eps)
-    qtype = QTYPES[spec.qtype]
-    w.add_file_type(int(FILE_TYPES[qtype]))
-    if qtype not in (T.F32, T.F16, T.BF16):
-        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
 def write_random_gguf(out_path: str | os.PathLike, spec: SyntheticSpec, tokenizer_source: str | os.PathLike | None,
