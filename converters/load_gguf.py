@@ -9,13 +9,18 @@ from tqdm import tqdm
 
 from converters.gguf_file import GGUFFile, open_gguf
 from converters.tensor_map import check_tensors, load_tensor
-from dflash_jax.config import ModelConfig
+from dflash_jax.config import HybridConfig, ModelConfig
 from dflash_jax.models.dense import DenseDecoder
+from dflash_jax.models.hybrid import HybridDecoder
+
+
+def model_class(cfg: ModelConfig):
+    return HybridDecoder if isinstance(cfg, HybridConfig) else DenseDecoder
 
 
 def abstract_model(cfg: ModelConfig, dtype) -> DenseDecoder:
     """The model with shapes only (no memory), to be filled from a checkpoint."""
-    return nnx.eval_shape(lambda: DenseDecoder(cfg, dtype))
+    return nnx.eval_shape(lambda: model_class(cfg)(cfg, dtype))
 
 
 def set_param(tree: dict, path: tuple, value) -> None:
@@ -56,4 +61,4 @@ def load_gguf(path: str, dtype=jnp.bfloat16, progress: bool = True) -> tuple[Mod
                                           disable=not progress, unit="tensor"):
             yield param_path, jnp.asarray(load_tensor(g, cfg, name).astype(np.dtype(dtype)))
 
-    return cfg, fill_model(cfg, dtype, arrays()), g
+    return cfg, fill_model(cfg, dtype, arrays(), model_class(cfg)), g

@@ -5,7 +5,7 @@ import gguf
 import numpy as np
 
 from converters.gguf_file import GGUFError, GGUFFile, TensorInfo
-from dflash_jax.config import ModelConfig
+from dflash_jax.config import HybridConfig, ModelConfig
 
 _LAYER_MAP = {
     "attn_norm.weight": ("input_layernorm", "weight"),
@@ -27,6 +27,9 @@ _LAYER_MAP = {
 
 def expected_tensors(cfg: ModelConfig) -> dict[str, tuple[tuple, tuple[int, ...]]]:
     """GGUF name -> (parameter path, numpy shape) of every tensor the config needs."""
+    if isinstance(cfg, HybridConfig):
+        from converters.tensor_map_qwen35 import expected_tensors as hybrid_tensors
+        return hybrid_tensors(cfg)
     d, f, h = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
     qd, kd = cfg.num_heads * h, cfg.num_kv_heads * h
     out = {

@@ -1,14 +1,16 @@
-"""Model configuration of the dense decoder family (llama / qwen2 / qwen3), read from GGUF metadata."""
+"""Model configurations read from GGUF metadata: the dense decoder family (llama / qwen2 / qwen3) and the qwen35
+hybrid (Gated DeltaNet + gated full attention)."""
 from __future__ import annotations
 
 import dataclasses
 import json
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 
-SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3")
+SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", "qwen35")
 
 
 @dataclass(frozen=True)
@@ -27,10 +29,12 @@ class ModelConfig:
     tie_embeddings: bool
     has_qkv_bias: bool  # qwen2
     has_qk_norm: bool  # qwen3: per-head RMSNorm on q and k before RoPE
+    ARCHS: ClassVar[tuple[str, ...]] = ("llama", "qwen2", "qwen3")
 
     def __post_init__(self):
-        if self.arch not in SUPPORTED_ARCHS:
-            raise ValueError(f"arch {self.arch!r} is not supported; supported: {', '.join(SUPPORTED_ARCHS)}")
+        if self.arch not in self.ARCHS:
+            raise ValueError(f"arch {self.arch!r} is not supported by {type(self).__name__}; "
+                             f"supported: {', '.join(self.ARCHS)}")
         for name in ("num_layers", "hidden_size", "intermediate_size", "num_heads", "num_kv_heads", "head_dim",
                      "vocab_size", "max_position"):
             if getattr(self, name) <= 0:
@@ -44,6 +48,11 @@ class ModelConfig:
     @property
     def q_per_kv(self) -> int:
         return self.num_heads // self.num_kv_heads
+
+    @property
+    def num_kv_layers(self) -> int:
+        """Layers with a paged KV cache."""
+        return self.num_layers
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)
@@ -60,6 +69,8 @@ class ModelConfig:
         arch = g.arch
         if arch not in SUPPORTED_ARCHS:
             raise GGUFError(g.path, f"unknown architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHS)}")
+        if arch in HybridConfig.ARCHS and cls is not HybridConfig:
+            return HybridConfig.from_gguf(g)
         req = lambda key: int(g.arch_key(key, required=True))  # noqa: E731
         hidden = req("embedding_length")
         num_heads = req("attention.head_count")
@@ -94,6 +105,104 @@ class ModelConfig:
                 tie_embeddings="output.weight" not in g.tensors,
                 has_qkv_bias="blk.0.attn_q.bias" in g.tensors,
                 has_qk_norm="blk.0.attn_q_norm.weight" in g.tensors,
+            )
+        except ValueError as e:
+            raise GGUFError(g.path, str(e)) from e
+
+
+@dataclass(frozen=True)
+class HybridConfig(ModelConfig):
+    """qwen35: layers i with (i + 1) % full_attention_interval == 0 are gated full attention (query + sigmoid output
+    gate packed per head in attn_q, q/k RMSNorm, partial multi-section RoPE); the others are Gated DeltaNet."""
+
+    rope_dims: int = 0  # rotary dims per head; the rest pass through
+    full_attention_interval: int = 4
+    conv_kernel: int = 4
+    ssm_k_heads: int = 1  # key heads, broadcast to value heads in tiled order (v head j uses key head j % k)
+    ssm_v_heads: int = 1
+    ssm_head_dim: int = 1  # key and value head dim (the delta-rule state is ssm_head_dim x ssm_head_dim)
+    ARCHS: ClassVar[tuple[str, ...]] = ("qwen35",)
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("rope_dims", "full_attention_interval", "conv_kernel", "ssm_k_heads", "ssm_v_heads",
+                     "ssm_head_dim"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"HybridConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.rope_dims > self.head_dim or self.rope_dims % 2:
+            raise ValueError(f"HybridConfig.rope_dims must be even and <= head_dim {self.head_dim}, "
+                             f"got {self.rope_dims}")
+        if self.ssm_v_heads % self.ssm_k_heads:
+            raise ValueError(f"HybridConfig.ssm_v_heads ({self.ssm_v_heads}) must be a multiple of "
+                             f"ssm_k_heads ({self.ssm_k_heads})")
+        if not self.attention_layers:
+            raise ValueError(f"HybridConfig.full_attention_interval {self.full_attention_interval} leaves no "
+                             f"attention layer in {self.num_layers}")
+
+    def is_recurrent(self, layer: int) -> bool:
+        return (layer + 1) % self.full_attention_interval != 0
+
+    @property
+    def attention_layers(self) -> tuple[int, ...]:
+        return tuple(i for i in range(self.num_layers) if not self.is_recurrent(i))
+
+    @property
+    def recurrent_layers(self) -> tuple[int, ...]:
+        return tuple(i for i in range(self.num_layers) if self.is_recurrent(i))
+
+    @property
+    def num_kv_layers(self) -> int:
+        return len(self.attention_layers)
+
+    @property
+    def ssm_key_dim(self) -> int:
+        return self.ssm_k_heads * self.ssm_head_dim
+
+    @property
+    def ssm_value_dim(self) -> int:
+        return self.ssm_v_heads * self.ssm_head_dim
+
+    @property
+    def conv_dim(self) -> int:
+        """Channels of the causal conv: q, k and v, concatenated."""
+        return 2 * self.ssm_key_dim + self.ssm_value_dim
+
+    @classmethod
+    def from_gguf(cls, g) -> "HybridConfig":
+        from converters.gguf_file import GGUFError
+
+        req = lambda key: int(g.arch_key(key, required=True))  # noqa: E731
+        hidden, num_heads = req("embedding_length"), req("attention.head_count")
+        head_dim = int(g.arch_key("attention.key_length", hidden // num_heads))
+        if int(g.arch_key("attention.value_length", head_dim)) != head_dim:
+            raise GGUFError(g.path, "attention.value_length != key_length is not supported")
+        if g.get(f"{g.arch}.attention.recurrent_layers") is not None:
+            raise GGUFError(g.path, "an explicit attention.recurrent_layers pattern is not supported; "
+                                    "only full_attention_interval")
+        state = req("ssm.state_size")
+        v_heads = req("ssm.time_step_rank")
+        if req("ssm.inner_size") != state * v_heads:
+            raise GGUFError(g.path, f"ssm.inner_size {req('ssm.inner_size')} != ssm.state_size {state} x "
+                                    f"ssm.time_step_rank {v_heads}")
+        scaling = g.arch_key("rope.scaling.type", "none")
+        if scaling not in ("none", None):
+            raise GGUFError(g.path, f"rope scaling {scaling!r} is not supported")
+        embd = g.tensors.get("token_embd.weight")
+        vocab = g.arch_key("vocab_size") or (embd.shape[0] if embd is not None
+                                             else len(g.get("tokenizer.ggml.tokens") or ()))
+        try:
+            return cls(
+                arch=g.arch, num_layers=req("block_count"), hidden_size=hidden,
+                intermediate_size=req("feed_forward_length"), num_heads=num_heads,
+                num_kv_heads=int(g.arch_key("attention.head_count_kv", num_heads)), head_dim=head_dim,
+                vocab_size=int(vocab), rope_theta=float(g.arch_key("rope.freq_base", 10000.0)),
+                rms_eps=float(g.arch_key("attention.layer_norm_rms_epsilon", 1e-6)),
+                max_position=int(g.arch_key("context_length", 4096)),
+                tie_embeddings="output.weight" not in g.tensors, has_qkv_bias=False, has_qk_norm=True,
+                rope_dims=int(g.arch_key("rope.dimension_count", head_dim)),
+                full_attention_interval=int(g.arch_key("full_attention_interval", 4)),
+                conv_kernel=req("ssm.conv_kernel"), ssm_k_heads=req("ssm.group_count"), ssm_v_heads=v_heads,
+                ssm_head_dim=state,
             )
         except ValueError as e:
             raise GGUFError(g.path, str(e)) from e

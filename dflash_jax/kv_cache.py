@@ -45,6 +45,8 @@ class AttentionMeta:
     q_lens: jax.Array  # (B,) int32: valid tokens of each slot in this step; 0 = padded slot
     kv_lens: jax.Array  # (B,) int32: cached length of each slot after this step's writes
     page_table: jax.Array  # (B, M) int32: page ids of each slot, in position order
+    # (B,) int32: row of each slot in per-slot state (hybrid models' recurrent state pool); None = row b is slot b.
+    slot_ids: jax.Array | None = None
 
 
 def token_positions(meta: AttentionMeta, num_tokens: int) -> tuple[jax.Array, jax.Array]:

@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dflash_jax.kv_cache import AttentionMeta, KVCache
+from dflash_jax.kv_cache import AttentionMeta
+from dflash_jax.state_pool import make_cache
 
 
 @partial(jax.jit, static_argnums=(0,), donate_argnums=(4,))
@@ -27,8 +28,7 @@ def greedy_generate(model, prompts: list[list[int]], max_new_tokens: int, page_s
     b = len(prompts)
     max_len = max(map(len, prompts)) + max_new_tokens
     pages_per_slot = -(-max_len // page_size)
-    cache = KVCache.create(cfg.num_layers, 1 + b * pages_per_slot, page_size, cfg.num_kv_heads, cfg.head_dim,
-                           cache_dtype or model.embed_tokens[...].dtype)
+    cache = make_cache(cfg, 1 + b * pages_per_slot, page_size, b, cache_dtype or model.embed_tokens[...].dtype)
     page_table = jnp.asarray(1 + np.arange(b * pages_per_slot, dtype=np.int32).reshape(b, pages_per_slot))
     t = max(map(len, prompts))
     tokens = np.zeros((b, t), np.int32)

@@ -1,0 +1,223 @@
+"""Qwen3.5 / Qwen3.6 hybrid decoder (GGUF arch `qwen35`) in Flax NNX, following llama.cpp's `src/models/qwen35.cpp`:
+Gated DeltaNet layers with per-slot recurrent state, and every `full_attention_interval`-th layer gated full
+attention over the paged KV cache.
+
+Dimensions: B slots, T tokens per slot, D hidden, N query heads, K KV heads, H head dim, C conv channels (q, k, v),
+Hk / Hv key / value heads of the delta rule, Dh their head dim, R state rows.
+Weights keep the HF (out, in) layout; V heads stay in the GGUF's tiled order (value head j reads key head j % Hk).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dflash_jax.config import HybridConfig
+from dflash_jax.kv_cache import AttentionMeta, token_positions, write_kv
+from dflash_jax.models.dense import MLP, Linear, RMSNorm, rope
+from dflash_jax.state_pool import HybridCache
+from pallas_kernels import gated_delta_net as gdn
+from pallas_kernels.ragged_paged_attention import ragged_paged_attention
+
+
+def partial_rope(x: jax.Array, positions: jax.Array, theta: float, rope_dims: int) -> jax.Array:
+    """Multi-section RoPE for text: every section sees the same position, so it is NeoX RoPE on the first rope_dims
+    dims (frequencies over rope_dims, not the head dim); the other dims pass through."""
+    return jnp.concatenate([rope(x[..., :rope_dims], positions, theta), x[..., rope_dims:]], axis=-1)
+
+
+class GatedAttention(nnx.Module):
+    def __init__(self, cfg: HybridConfig, dtype):
+        d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_proj = Linear(d, 2 * n * h, dtype)  # per head: [query (H), output gate (H)]
+        self.k_proj = Linear(d, k * h, dtype)
+        self.v_proj = Linear(d, k * h, dtype)
+        self.o_proj = Linear(n * h, d, dtype)
+        self.q_norm = RMSNorm(h, cfg.rms_eps, dtype)
+        self.k_norm = RMSNorm(h, cfg.rms_eps, dtype)
+        self.cfg = cfg
+
+    def __call__(self, x, positions, valid, meta: AttentionMeta, k_pages, v_pages):
+        cfg = self.cfg
+        b, t, _ = x.shape
+        qg = self.q_proj(x).reshape(b, t, cfg.num_heads, 2 * cfg.head_dim)
+        q, gate = qg[..., :cfg.head_dim], qg[..., cfg.head_dim:]
+        k = self.k_proj(x).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+        v = self.v_proj(x).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+        q = partial_rope(self.q_norm(q), positions, cfg.rope_theta, cfg.rope_dims)
+        k = partial_rope(self.k_norm(k), positions, cfg.rope_theta, cfg.rope_dims)
+        k_pages = write_kv(k_pages, k, meta, positions, valid)
+        v_pages = write_kv(v_pages, v, meta, positions, valid)
+        o = ragged_paged_attention(q, k_pages, v_pages, meta.page_table, meta.q_lens, meta.kv_lens)
+        o = o * jax.nn.sigmoid(gate.astype(jnp.float32)).astype(o.dtype)
+        return self.o_proj(o.reshape(b, t, -1)), k_pages, v_pages
+
+
+def _l2norm(x, eps):
+    # llama.cpp's GDN l2 norm: x / sqrt(sum(x^2) + eps) (an rms_norm with eps / n, rescaled).
+    return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + eps)
+
+
+class GatedDeltaNet(nnx.Module):
+    def __init__(self, cfg: HybridConfig, dtype):
+        d, hv = cfg.hidden_size, cfg.ssm_v_heads
+        self.in_proj_qkv = Linear(d, cfg.conv_dim, dtype)
+        self.in_proj_z = Linear(d, cfg.ssm_value_dim, dtype)
+        self.in_proj_b = Linear(d, hv, dtype)
+        self.in_proj_a = Linear(d, hv, dtype)
+        self.conv1d = nnx.Param(jnp.zeros((cfg.conv_dim, cfg.conv_kernel), dtype))  # (C, kernel)
+        self.dt_bias = nnx.Param(jnp.zeros((hv,), dtype))
+        self.A = nnx.Param(jnp.zeros((hv,), dtype))  # = -exp(A_log), as the GGUF stores it
+        self.norm = RMSNorm(cfg.ssm_head_dim, cfg.rms_eps, dtype)
+        self.out_proj = Linear(cfg.ssm_value_dim, d, dtype)
+        self.cfg = cfg
+
+    def qkv(self, x):
+        """Raw conv input (B, T, C) f32: what the conv state keeps, and what a replay rebuilds it from."""
+        return self.in_proj_qkv(x).astype(jnp.float32)
+
+    def rule_inputs(self, x, qkv, conv_state, valid):
+        """(q, k, v, g, beta) of the delta rule for each token; padded tokens get g = beta = 0 (no-ops)."""
+        cfg = self.cfg
+        b, t, _ = x.shape
+        y, _ = gdn.causal_conv(conv_state, qkv, self.conv1d[...].astype(jnp.float32), jnp.zeros((b,), jnp.int32))
+        y = jax.nn.silu(y)
+        kd, dh = cfg.ssm_key_dim, cfg.ssm_head_dim
+        rep = cfg.ssm_v_heads // cfg.ssm_k_heads
+        q = _l2norm(y[..., :kd].reshape(b, t, cfg.ssm_k_heads, dh), cfg.rms_eps)
+        k = _l2norm(y[..., kd:2 * kd].reshape(b, t, cfg.ssm_k_heads, dh), cfg.rms_eps)
+        q = jnp.tile(q, (1, 1, rep, 1)) * dh ** -0.5  # (B, T, Hv, Dh), tiled: value head j <- key head j % Hk
+        k = jnp.tile(k, (1, 1, rep, 1))
+        v = y[..., 2 * kd:].reshape(b, t, cfg.ssm_v_heads, dh)
+        beta = jax.nn.sigmoid(self.in_proj_b(x).astype(jnp.float32))
+        a = self.in_proj_a(x).astype(jnp.float32) + self.dt_bias[...].astype(jnp.float32)
+        g = jax.nn.softplus(a) * self.A[...].astype(jnp.float32)
+        mask = valid[..., None]
+        return q, k, v, jnp.where(mask, g, 0.0), jnp.where(mask, beta, 0.0)
+
+    def output(self, o, x):
+        """Gated RMSNorm with z, then the output projection. o (B, T, Hv, Dh) f32."""
+        b, t, _ = x.shape
+        z = self.in_proj_z(x).astype(jnp.float32).reshape(o.shape)
+        o = self.norm(o) * jax.nn.silu(z)
+        return self.out_proj(o.reshape(b, t, -1).astype(x.dtype))
+
+
+class HybridLayer(nnx.Module):
+    def __init__(self, cfg: HybridConfig, layer: int, dtype):
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_eps, dtype)
+        recurrent = cfg.is_recurrent(layer)
+        self.linear_attn = GatedDeltaNet(cfg, dtype) if recurrent else None
+        self.self_attn = None if recurrent else GatedAttention(cfg, dtype)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_eps, dtype)
+        self.mlp = MLP(cfg, dtype)
+
+
+@jax.tree_util.register_dataclass
+@dataclass
+class PendingState:
+    """What a verify leaves for the commit: per recurrent layer, the block's conv inputs and delta-rule inputs."""
+
+    qkv: list[jax.Array]  # recurrent layers x (B, T, C) f32
+    k: list[jax.Array]  # recurrent layers x (B, T, Hv, Dh)
+    v: list[jax.Array]  # recurrent layers x (B, T, Hv, Dh)
+    g: list[jax.Array]  # recurrent layers x (B, T, Hv)
+    beta: list[jax.Array]  # recurrent layers x (B, T, Hv)
+
+
+class HybridDecoder(nnx.Module):
+    is_hybrid = True
+
+    def __init__(self, cfg: HybridConfig, dtype=jnp.bfloat16, q8_linears: frozenset[str] = frozenset()):
+        if q8_linears:
+            raise NotImplementedError(f"{cfg.arch}: Q8_0-resident weights are not wired into the hybrid model yet; "
+                                      f"load with weights='bf16' (dequantized)")
+        self.cfg = cfg
+        self.embed_tokens = nnx.Param(jnp.zeros((cfg.vocab_size, cfg.hidden_size), dtype))  # (V, D)
+        self.layers = nnx.List([HybridLayer(cfg, i, dtype) for i in range(cfg.num_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_eps, dtype)
+        self.lm_head = None if cfg.tie_embeddings else Linear(cfg.hidden_size, cfg.vocab_size, dtype)
+
+    def __call__(self, tokens: jax.Array, meta: AttentionMeta, cache: HybridCache,
+                 tap_layers: tuple[int, ...] = ()) -> tuple[jax.Array, HybridCache, jax.Array | None]:
+        """Prefill chunk (chunked delta rule) or decode (T = 1, recurrent); commits the recurrent state of the
+        valid tokens. Same contract as DenseDecoder.__call__."""
+        hidden, cache, feats, _ = self._forward(tokens, meta, cache, tap_layers, verify=False)
+        return hidden, cache, feats
+
+    def verify(self, tokens, meta, cache, tap_layers=()):
+        """A speculative block: KV written, recurrent state left as it was, token by token (the decode form, so that
+        verify and decode logits agree); returns what `commit` needs to advance the state by the accepted prefix."""
+        return self._forward(tokens, meta, cache, tap_layers, verify=True)
+
+    def commit(self, cache: HybridCache, pending: PendingState, meta: AttentionMeta,
+               num_steps: jax.Array) -> HybridCache:
+        """Advance each slot's recurrent state by exactly its first num_steps (B,) verified tokens: a fixed-length
+        masked replay of the delta rule, and the conv window rebuilt from the committed inputs."""
+        rows, fresh = self._rows(meta, num_steps.shape[0])
+        conv, ssm = list(cache.conv), list(cache.ssm)
+        for r in range(len(conv)):
+            c0, s0 = self._read_state(cache, r, rows, fresh)
+            conv[r] = conv[r].at[rows].set(gdn.conv_window(c0, pending.qkv[r], num_steps))
+            s1 = gdn.replay(s0, pending.k[r], pending.v[r], pending.g[r], pending.beta[r], num_steps)
+            ssm[r] = ssm[r].at[rows].set(s1)
+        return HybridCache(k=cache.k, v=cache.v, conv=conv, ssm=ssm)
+
+    @staticmethod
+    def _rows(meta: AttentionMeta, b: int):
+        rows = meta.slot_ids if meta.slot_ids is not None else jnp.arange(b, dtype=jnp.int32)
+        # A block starting at position 0 is a new request: it starts from zero state, whatever the row held.
+        return rows, (meta.kv_lens - meta.q_lens) == 0
+
+    @staticmethod
+    def _read_state(cache: HybridCache, r: int, rows, fresh):
+        c0 = jnp.where(fresh[:, None, None], 0.0, cache.conv[r][rows])
+        s0 = jnp.where(fresh[:, None, None, None], 0.0, cache.ssm[r][rows])
+        return c0, s0
+
+    def _forward(self, tokens, meta, cache: HybridCache, tap_layers, verify: bool):
+        b, t = tokens.shape
+        positions, valid = token_positions(meta, t)
+        rows, fresh = self._rows(meta, b)
+        x = jnp.take(self.embed_tokens[...], tokens, axis=0)
+        k_pages, v_pages, conv, ssm = list(cache.k), list(cache.v), list(cache.conv), list(cache.ssm)
+        pending = PendingState([], [], [], [], [])
+        taps, a_i, r_i = {}, 0, 0
+        # Unrolled on purpose, as in the dense decoder: a scan with the cache as carry copies it every step.
+        for i, layer in enumerate(self.layers):
+            h = layer.input_layernorm(x)
+            if layer.linear_attn is not None:
+                net = layer.linear_attn
+                c0, s0 = self._read_state(cache, r_i, rows, fresh)
+                qkv = net.qkv(h)
+                q, k, v, g, beta = net.rule_inputs(h, qkv, c0, valid)
+                if verify or t == 1:
+                    s1, o = gdn.recurrent(s0, q, k, v, g, beta)
+                else:
+                    s1, o = gdn.chunked(s0, q, k, v, g, beta)
+                if verify:
+                    for field, value in zip(("qkv", "k", "v", "g", "beta"), (qkv, k, v, g, beta)):
+                        getattr(pending, field).append(value)
+                else:
+                    conv[r_i] = conv[r_i].at[rows].set(gdn.conv_window(c0, qkv, meta.q_lens))
+                    ssm[r_i] = ssm[r_i].at[rows].set(s1)
+                a = net.output(o, h)
+                r_i += 1
+            else:
+                a, k_pages[a_i], v_pages[a_i] = layer.self_attn(h, positions, valid, meta, k_pages[a_i],
+                                                                v_pages[a_i])
+                a_i += 1
+            x = x + a
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            if i in tap_layers:
+                taps[i] = x
+        feats = jnp.concatenate([taps[i] for i in tap_layers], axis=-1) if tap_layers else None
+        return self.norm(x), HybridCache(k=k_pages, v=v_pages, conv=conv, ssm=ssm), feats, pending
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """(..., D) -> (..., V) float32."""
+        if self.lm_head is not None:
+            return self.lm_head(hidden).astype(jnp.float32)
+        return jnp.einsum("...d,vd->...v", hidden, self.embed_tokens[...], preferred_element_type=jnp.float32)

@@ -1,0 +1,108 @@
+"""Gated delta rule (Yang et al., "Gated Delta Networks", 2024; the Qwen3-Next / Qwen3.5 linear attention) in pure jnp:
+the recurrent form (decode, verify, and the replay that commits a verified prefix) and the chunked parallel form
+(prefill chunks), both from a given state. No Pallas kernel yet: these references are what every backend runs.
+
+Per value head, with the state S (Dk, Dv), log decay g, write strength beta, unit-norm k and q scaled by 1/sqrt(Dk):
+    S_t = exp(g_t) S_{t-1} + k_t (beta_t (v_t - k_t^T exp(g_t) S_{t-1}))^T,    o_t = S_t^T q_t
+A token with g = 0 and beta = 0 leaves S unchanged, which is how padding is masked.
+
+Dimensions: B rows, T tokens, H value heads, Dk key dim, Dv value dim, C chunk.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+CHUNK = 64  # as llama.cpp's chunked form; any size gives the same result up to rounding
+
+
+def recurrent_step(state, q, k, v, g, beta):
+    """One token. state (B, H, Dk, Dv) f32; q, k (B, H, Dk); v (B, H, Dv); g, beta (B, H) -> (state, o (B, H, Dv))."""
+    state = state * jnp.exp(g)[..., None, None]
+    kv_mem = jnp.einsum("bhkv,bhk->bhv", state, k)
+    delta = (v - kv_mem) * beta[..., None]
+    state = state + jnp.einsum("bhk,bhv->bhkv", k, delta)
+    return state, jnp.einsum("bhkv,bhk->bhv", state, q)
+
+
+def recurrent(state, q, k, v, g, beta):
+    """Token by token over T: q, k (B, T, H, Dk); v (B, T, H, Dv); g, beta (B, T, H) -> (state, o (B, T, H, Dv))."""
+    def body(s, xs):
+        return recurrent_step(s, *xs)
+
+    xs = tuple(jnp.moveaxis(a, 1, 0) for a in (q, k, v, g, beta))
+    state, o = jax.lax.scan(body, state, xs)
+    return state, jnp.moveaxis(o, 0, 1)
+
+
+def replay(state, k, v, g, beta, num_steps):
+    """The state after the first num_steps (B,) tokens only: later tokens become no-ops (g = 0, beta = 0). A
+    fixed-length masked scan, so one compiled step serves every acceptance length."""
+    keep = jnp.arange(k.shape[1])[None, :] < num_steps[:, None]  # (B, T)
+    g = jnp.where(keep[..., None], g, 0.0)
+    beta = jnp.where(keep[..., None], beta, 0.0)
+    state, _ = recurrent(state, jnp.zeros_like(k), k, v, g, beta)
+    return state
+
+
+def chunked(state, q, k, v, g, beta, chunk: int = CHUNK):
+    """The same map as `recurrent`, computed chunk by chunk: inside a chunk the delta rule's triangular system is
+    solved at once (WY form), across chunks the state is carried. Tokens past T pad with g = beta = 0 (no-ops)."""
+    b, t, h, dk = k.shape
+    c = min(chunk, t)
+    pad = -t % c
+    if pad:
+        q, k, v, g, beta = (jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2)) for a in (q, k, v, g, beta))
+    n = (t + pad) // c
+
+    def split(a):  # (B, T, H, ...) -> (N, B, H, C, ...)
+        a = a.reshape(b, n, c, h, *a.shape[3:])
+        return jnp.moveaxis(jnp.moveaxis(a, 1, 0), 2, 3)
+
+    qs, ks, vs, gs, bs = (split(a) for a in (q, k, v, g, beta))
+    lower = jnp.tril(jnp.ones((c, c), bool))
+    strict = jnp.tril(jnp.ones((c, c), bool), -1)
+    eye = jnp.eye(c, dtype=k.dtype)
+
+    def body(s, xs):
+        qc, kc, vc, gc, bc = xs  # (B, H, C, D) / (B, H, C)
+        gcum = jnp.cumsum(gc, axis=-1)  # (B, H, C)
+        diff = gcum[..., :, None] - gcum[..., None, :]
+        decay = jnp.where(lower, jnp.exp(jnp.where(lower, diff, 0.0)), 0.0)  # (B, H, C, C): exp(G_i - G_j), j <= i
+        kb = kc * bc[..., None]
+        # (I + L) W = I with L strictly lower: each token's write corrected for the chunk's earlier writes.
+        lmat = jnp.where(strict, jnp.einsum("bhik,bhjk->bhij", kb, kc) * decay, 0.0)
+        tmat = jax.lax.linalg.triangular_solve(eye + lmat, jnp.broadcast_to(eye, lmat.shape), left_side=True,
+                                               lower=True, unit_diagonal=True)
+        u = jnp.einsum("bhij,bhjv->bhiv", tmat, vc * bc[..., None])
+        w = jnp.einsum("bhij,bhjk->bhik", tmat, kb * jnp.exp(gcum)[..., None])
+        v_new = u - jnp.einsum("bhik,bhkv->bhiv", w, s)
+        attn = jnp.where(lower, jnp.einsum("bhik,bhjk->bhij", qc, kc) * decay, 0.0)
+        o = jnp.einsum("bhik,bhkv->bhiv", qc * jnp.exp(gcum)[..., None], s) + jnp.einsum("bhij,bhjv->bhiv", attn,
+                                                                                         v_new)
+        g_last = gcum[..., -1]
+        k_decayed = kc * jnp.exp(g_last[..., None] - gcum)[..., None]
+        s = s * jnp.exp(g_last)[..., None, None] + jnp.einsum("bhik,bhiv->bhkv", k_decayed, v_new)
+        return s, o
+
+    state, o = jax.lax.scan(body, state, (qs, ks, vs, gs, bs))  # o (N, B, H, C, Dv)
+    o = jnp.moveaxis(jnp.moveaxis(o, 0, 1), 3, 2).reshape(b, n * c, h, -1)
+    return state, o[:, :t]
+
+
+def causal_conv(conv_state, x, weight, num_valid):
+    """Depthwise causal conv over [last K-1 inputs, x] (llama.cpp's ssm_conv), without the activation.
+
+    conv_state (B, K-1, C); x (B, T, C); weight (C, K); num_valid (B,) -> (y (B, T, C), new conv state (B, K-1, C):
+    the last K-1 inputs up to and including token num_valid - 1)."""
+    full = jnp.concatenate([conv_state.astype(x.dtype), x], axis=1)  # (B, K-1+T, C)
+    t = x.shape[1]
+    y = sum(full[:, j:j + t] * weight[:, j] for j in range(weight.shape[1]))
+    return y, conv_window(conv_state, x, num_valid)
+
+
+def conv_window(conv_state, x, num_valid):
+    """The conv state after the first num_valid (B,) tokens of x: the last K-1 inputs of [conv_state, x[:num_valid]]."""
+    full = jnp.concatenate([conv_state.astype(x.dtype), x], axis=1)
+    idx = num_valid[:, None] + jnp.arange(conv_state.shape[1])[None, :]  # (B, K-1) rows of `full`
+    return jnp.take_along_axis(full, idx[..., None], axis=1)
