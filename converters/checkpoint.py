@@ -37,7 +37,7 @@ class LoadedModel:
 
 
 def convert_gguf(gguf_path: Path, out_dir: Path, dtype: str = "bfloat16") -> Path:
-    cfg, model, g = load_gguf(str(gguf_path), jnp.dtype(dtype))
+    cfg, model, g = load_gguf(str(gguf_path), jnp.dtype(dtype), weights="bf16")  # directories hold float params
     out_dir = Path(out_dir).absolute()
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / CONFIG_FILE).write_text(json.dumps({"model": json.loads(cfg.to_json()), "dtype": str(jnp.dtype(dtype)),
@@ -69,12 +69,13 @@ def load_checkpoint(directory: Path, dtype=None) -> LoadedModel:
                        template_path.read_text() if template_path.exists() else None, str(directory))
 
 
-def load_model(path: str | Path, dtype=jnp.bfloat16) -> LoadedModel:
-    """A GGUF file or a directory written by `convert_gguf`."""
+def load_model(path: str | Path, dtype=jnp.bfloat16, weights: str = "q8_0") -> LoadedModel:
+    """A GGUF file or a directory written by `convert_gguf`. weights: 'q8_0' keeps a GGUF's Q8_0 projections as
+    int8 + scales (see `load_gguf`), 'bf16' dequantizes everything to `dtype`; directories hold float weights."""
     path = Path(path)
     if path.is_dir():
         return load_checkpoint(path, dtype)
-    cfg, model, g = load_gguf(str(path), dtype)
+    cfg, model, g = load_gguf(str(path), dtype, weights=weights)
     return LoadedModel(cfg, model, Tokenizer.from_metadata(g.metadata, source=g.path),
                        g.get("tokenizer.chat_template"), str(path))
 

@@ -8,7 +8,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from converters.gguf_file import GGUFFile, open_gguf
-from converters.tensor_map import check_tensors, load_tensor
+from converters.tensor_map import check_tensors, load_q8_0, load_tensor, q8_0_linears
 from dflash_jax.config import HybridConfig, ModelConfig
 from dflash_jax.models.dense import DenseDecoder
 from dflash_jax.models.hybrid import HybridDecoder
@@ -29,9 +29,9 @@ def set_param(tree: dict, path: tuple, value) -> None:
     tree[path[-1]] = value
 
 
-def fill_model(cfg: ModelConfig, dtype, arrays, module_cls=DenseDecoder):
+def fill_model(cfg: ModelConfig, dtype, arrays, module_cls=DenseDecoder, **module_kwargs):
     """arrays: iterable of (param path, array); every parameter must be given exactly once."""
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: module_cls(cfg, dtype)))
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: module_cls(cfg, dtype, **module_kwargs)))
     pure = state.to_pure_dict()
     seen = set()
     for path, value in arrays:
@@ -50,15 +50,32 @@ def _get(tree, path):
     return tree
 
 
-def load_gguf(path: str, dtype=jnp.bfloat16, progress: bool = True) -> tuple[ModelConfig, DenseDecoder, GGUFFile]:
+WEIGHT_FORMATS = ("q8_0", "bf16")
+
+
+def load_gguf(path: str, dtype=jnp.bfloat16, progress: bool = True,
+              weights: str = "q8_0") -> tuple[ModelConfig, DenseDecoder, GGUFFile]:
+    """weights='q8_0' (default) keeps every Q8_0 projection as int8 values + f16 scales, exactly as stored, so the
+    model computes what llama.cpp's Q8_0 model computes; every other tensor, and every tensor with 'bf16', is
+    dequantized to `dtype` (the name says what GPUs run; on CPU `dtype` is usually float32)."""
+    if weights not in WEIGHT_FORMATS:
+        raise ValueError(f"weights must be one of {', '.join(WEIGHT_FORMATS)}, got {weights!r}")
     g = open_gguf(path)
     cfg = ModelConfig.from_gguf(g)
     expected = check_tensors(g, cfg)
+    q8 = q8_0_linears(g, cfg, expected) if weights == "q8_0" else {}
 
     def arrays():
         # One tensor dequantized at a time keeps host memory bounded by the largest tensor.
         for name, (param_path, _) in tqdm(expected.items(), desc=f"loading {g.path.rsplit('/', 1)[-1]}",
                                           disable=not progress, unit="tensor"):
+            if name in q8:
+                qweight, scales = load_q8_0(g, cfg, name)
+                linear = tuple(int(p) if p.isdigit() else p for p in q8[name].split("."))
+                yield linear + ("qweight",), jnp.asarray(qweight)
+                yield linear + ("scales",), jnp.asarray(scales)
+                if name != "token_embd.weight":
+                    continue
             yield param_path, jnp.asarray(load_tensor(g, cfg, name).astype(np.dtype(dtype)))
 
-    return cfg, fill_model(cfg, dtype, arrays(), model_class(cfg)), g
+    return cfg, fill_model(cfg, dtype, arrays(), model_class(cfg), q8_linears=frozenset(q8.values())), g

@@ -84,6 +84,42 @@ def unpermute_llama_qk(w: np.ndarray, num_heads: int) -> np.ndarray:
     return w.reshape(num_heads, rows // num_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def q8_0_blocks(info: TensorInfo) -> tuple[np.ndarray, np.ndarray]:
+    """A Q8_0 tensor's raw blocks (ggml `block_q8_0`: f16 d, then 32 int8 q; value = d * q) -> values (rows, cols)
+    int8 and scales (rows, cols / 32) f16, bit for bit as stored."""
+    if info.qtype != gguf.GGMLQuantizationType.Q8_0 or len(info.shape) != 2:
+        raise ValueError(f"{info.name}: expected a 2D Q8_0 tensor, got {info.qtype.name} {info.shape}")
+    rows, cols = info.shape
+    blocks = np.asarray(info.raw, dtype=np.uint8).reshape(rows, cols // 32, 34)
+    scales = np.ascontiguousarray(blocks[:, :, :2]).view("<f2").reshape(rows, cols // 32)
+    values = np.ascontiguousarray(blocks[:, :, 2:]).view(np.int8).reshape(rows, cols)
+    return values, scales
+
+
+def q8_0_linears(g: GGUFFile, cfg: ModelConfig, expected) -> dict[str, str]:
+    """GGUF name -> dotted path of the Linear that keeps it as Q8_0, for every Q8_0 projection weight. An untied
+    embedding is only looked up, never multiplied, so it stays float; a tied one also becomes the Q8_0 `lm_head`."""
+    out = {}
+    for name, (path, shape) in expected.items():
+        if len(shape) != 2 or g.tensors[name].qtype != gguf.GGMLQuantizationType.Q8_0:
+            continue
+        if name == "token_embd.weight":
+            if cfg.tie_embeddings:
+                out[name] = "lm_head"
+            continue
+        out[name] = ".".join(str(p) for p in path[:-1])
+    return out
+
+
+def load_q8_0(g: GGUFFile, cfg: ModelConfig, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """A Q8_0 projection as pallas_kernels.weight_matmul wants it: values (in, out) int8, scales (in / 32, out) f16."""
+    values, scales = q8_0_blocks(g.tensors[name])
+    if cfg.arch == "llama" and name.endswith(("attn_q.weight", "attn_k.weight")):
+        heads = cfg.num_heads if "attn_q" in name else cfg.num_kv_heads
+        values, scales = unpermute_llama_qk(values, heads), unpermute_llama_qk(scales, heads)
+    return np.ascontiguousarray(values.T), np.ascontiguousarray(scales.T)
+
+
 def load_tensor(g: GGUFFile, cfg: ModelConfig, name: str) -> np.ndarray:
     w = dequantize(g.tensors[name])
     if cfg.arch == "llama" and name.endswith(("attn_q.weight", "attn_k.weight")):

@@ -44,7 +44,7 @@ def make_loader(args, engine_kwargs: dict, use_drafter: bool, on_failure):
             path = args.model or default_model_path()
             log.info("loading %s", path)
             dtype = jnp.dtype(engine_kwargs["dtype"])
-            loaded = load_model(path, dtype=dtype)
+            loaded = load_model(path, dtype=dtype, weights=args.weights)
             drafter = None
             if use_drafter:
                 from converters.checkpoint import load_drafter

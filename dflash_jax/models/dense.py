@@ -1,7 +1,8 @@
 """Dense decoder (llama / qwen2 / qwen3 as flags) in Flax NNX over a paged KV cache, following the HF Llama/Qwen code.
 
 Dimensions: B slots, T tokens per slot, D hidden, F intermediate, N query heads, K KV heads, H head dim, V vocab.
-Weights keep the HF (out, in) layout so GGUF rows map one to one.
+Float weights keep the HF (out, in) layout so GGUF rows map one to one; Q8_0 linears keep the GGUF blocks as int8 values
++ f16 scales in the layout of pallas_kernels/weight_matmul.py. Every product goes through that module's dispatcher.
 """
 from __future__ import annotations
 
@@ -12,16 +13,32 @@ from flax import nnx
 from dflash_jax.config import ModelConfig
 from dflash_jax.kv_cache import AttentionMeta, KVCache, token_positions, write_kv
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention
+from pallas_kernels.weight_matmul import Q8_BLOCK, linear, q8_0_linear
 
 
 class Linear(nnx.Module):
-    def __init__(self, in_features: int, out_features: int, dtype, bias: bool = False):
-        self.weight = nnx.Param(jnp.zeros((out_features, in_features), dtype))  # (out, in)
+    """y = x W^T (+ b). With q8_0 the weight is GGUF Q8_0, kept exactly as stored (no bf16 rounding of d * q)."""
+
+    def __init__(self, in_features: int, out_features: int, dtype, bias: bool = False, q8_0: bool = False):
+        if q8_0:
+            self.qweight = nnx.Param(jnp.zeros((in_features, out_features), jnp.int8))  # (in, out)
+            self.scales = nnx.Param(jnp.zeros((in_features // Q8_BLOCK, out_features), jnp.float16))
+        else:
+            self.weight = nnx.Param(jnp.zeros((out_features, in_features), dtype))  # (out, in)
+        self.is_q8_0 = q8_0
         self.bias = nnx.Param(jnp.zeros((out_features,), dtype)) if bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = jnp.einsum("...i,oi->...o", x, self.weight[...])
+        if self.is_q8_0:
+            y = q8_0_linear(x, self.qweight[...], self.scales[...])
+        else:
+            y = linear(x, self.weight[...])
         return y + self.bias[...] if self.bias is not None else y
+
+
+def _sub(names: frozenset[str], prefix: str) -> frozenset[str]:
+    """The names under `prefix.` with the prefix removed (which linears of a submodule are Q8_0)."""
+    return frozenset(n[len(prefix) + 1:] for n in names if n.startswith(prefix + "."))
 
 
 class RMSNorm(nnx.Module):
@@ -49,12 +66,12 @@ def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, dtype):
+    def __init__(self, cfg: ModelConfig, dtype, q8: frozenset[str] = frozenset()):
         d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.q_proj = Linear(d, n * h, dtype, bias=cfg.has_qkv_bias)
-        self.k_proj = Linear(d, k * h, dtype, bias=cfg.has_qkv_bias)
-        self.v_proj = Linear(d, k * h, dtype, bias=cfg.has_qkv_bias)
-        self.o_proj = Linear(n * h, d, dtype)
+        self.q_proj = Linear(d, n * h, dtype, bias=cfg.has_qkv_bias, q8_0="q_proj" in q8)
+        self.k_proj = Linear(d, k * h, dtype, bias=cfg.has_qkv_bias, q8_0="k_proj" in q8)
+        self.v_proj = Linear(d, k * h, dtype, bias=cfg.has_qkv_bias, q8_0="v_proj" in q8)
+        self.o_proj = Linear(n * h, d, dtype, q8_0="o_proj" in q8)
         self.q_norm = RMSNorm(h, cfg.rms_eps, dtype) if cfg.has_qk_norm else None
         self.k_norm = RMSNorm(h, cfg.rms_eps, dtype) if cfg.has_qk_norm else None
         self.cfg = cfg
@@ -76,21 +93,21 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-    def __init__(self, cfg: ModelConfig, dtype):
-        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, dtype)
-        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, dtype)
-        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, dtype)
+    def __init__(self, cfg: ModelConfig, dtype, q8: frozenset[str] = frozenset()):
+        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, dtype, q8_0="gate_proj" in q8)
+        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, dtype, q8_0="up_proj" in q8)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, dtype, q8_0="down_proj" in q8)
 
     def __call__(self, x):
         return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: ModelConfig, dtype):
+    def __init__(self, cfg: ModelConfig, dtype, q8: frozenset[str] = frozenset()):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_eps, dtype)
-        self.self_attn = Attention(cfg, dtype)
+        self.self_attn = Attention(cfg, dtype, _sub(q8, "self_attn"))
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_eps, dtype)
-        self.mlp = MLP(cfg, dtype)
+        self.mlp = MLP(cfg, dtype, _sub(q8, "mlp"))
 
     def __call__(self, x, positions, valid, meta, k_pages, v_pages):
         a, k_pages, v_pages = self.self_attn(self.input_layernorm(x), positions, valid, meta, k_pages, v_pages)
@@ -100,12 +117,18 @@ class DecoderLayer(nnx.Module):
 
 
 class DenseDecoder(nnx.Module):
-    def __init__(self, cfg: ModelConfig, dtype=jnp.bfloat16):
+    def __init__(self, cfg: ModelConfig, dtype=jnp.bfloat16, q8_linears: frozenset[str] = frozenset()):
+        """q8_linears: dotted paths of the Linear layers that hold Q8_0 weights ('layers.3.mlp.up_proj', 'lm_head').
+        A tied model with a Q8_0 embedding gets an `lm_head` holding those Q8_0 blocks, so its logits are Q8_0
+        products, while `embed_tokens` keeps the dequantized rows for the lookup (decode reads only B rows of it)."""
         self.cfg = cfg
         self.embed_tokens = nnx.Param(jnp.zeros((cfg.vocab_size, cfg.hidden_size), dtype))  # (V, D)
-        self.layers = nnx.List([DecoderLayer(cfg, dtype) for _ in range(cfg.num_layers)])
+        self.layers = nnx.List([DecoderLayer(cfg, dtype, _sub(q8_linears, f"layers.{i}"))
+                                for i in range(cfg.num_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_eps, dtype)
-        self.lm_head = None if cfg.tie_embeddings else Linear(cfg.hidden_size, cfg.vocab_size, dtype)
+        head_q8 = "lm_head" in q8_linears
+        self.lm_head = (None if cfg.tie_embeddings and not head_q8
+                        else Linear(cfg.hidden_size, cfg.vocab_size, dtype, q8_0=head_q8))
 
     def __call__(self, tokens: jax.Array, meta: AttentionMeta, cache: KVCache,
                  tap_layers: tuple[int, ...] = ()) -> tuple[jax.Array, KVCache, jax.Array | None]:
@@ -128,4 +151,4 @@ class DenseDecoder(nnx.Module):
         """(..., D) -> (..., V) float32."""
         if self.lm_head is not None:
             return self.lm_head(hidden).astype(jnp.float32)
-        return jnp.einsum("...d,vd->...v", hidden, self.embed_tokens[...], preferred_element_type=jnp.float32)
+        return linear(hidden, self.embed_tokens[...], out_dtype=jnp.float32)

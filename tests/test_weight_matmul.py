@@ -1,0 +1,208 @@
+"""Weight-streaming matmul kernels (pallas_kernels/weight_matmul.py) against their jnp references, and Q8_0 weights
+kept as stored: the int8 + scale layout dequantizes bit for bit to what gguf.quants gives.
+
+CPU: the Pallas kernels in interpret mode on small shapes whose K and N are not multiples of the tiles, with several
+K splits. GPU (marked `gpu`): the compiled Triton-lowered kernels at Qwen3-8B layer shapes.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import gguf
+import numpy as np
+import pytest
+
+jax = pytest.importorskip("jax")
+import jax.numpy as jnp  # noqa: E402
+
+from converters.gguf_file import TensorInfo  # noqa: E402
+from converters.tensor_map import q8_0_blocks  # noqa: E402
+from pallas_kernels.weight_matmul import (  # noqa: E402
+    TileConfig,
+    default_impl,
+    linear,
+    matmul_pallas,
+    matmul_reference,
+    pick_config,
+    q8_0_dequantize,
+    q8_0_linear,
+    q8_0_matmul_pallas,
+    q8_0_matmul_reference,
+)
+
+Q8 = gguf.GGMLQuantizationType.Q8_0
+MS = (1, 3, 8, 16, 64, 128, 256)
+K, N = 352, 200  # 11 Q8_0 blocks; neither a multiple of the tiles below
+
+
+def q8_0_tensor(rng, rows: int, cols: int) -> tuple[TensorInfo, np.ndarray]:
+    """Gaussian weights quantized by gguf.quants (ggml's own Q8_0 rounding) -> (tensor info over the raw bytes,
+    gguf.quants' dequantized float32 (rows, cols))."""
+    w = rng.standard_normal((rows, cols)).astype(np.float32) * 0.05
+    w[0, :32] = 0.0  # an all-zero block: d = 0
+    raw = gguf.quants.quantize(w, Q8)
+    return TensorInfo("w", (rows, cols), Q8, raw), gguf.quants.dequantize(raw, Q8).reshape(rows, cols)
+
+
+def device_q8(info: TensorInfo):
+    values, scales = q8_0_blocks(info)
+    return jnp.asarray(values.T.copy()), jnp.asarray(scales.T.copy())
+
+
+def config(m: int) -> TileConfig:
+    # Small tiles so that M, N and K all have partial last tiles, and 3 splits over the 6 K steps (the last uneven).
+    return TileConfig(block_m=min(max(16, 1 << (m - 1).bit_length()), 64), block_n=64, block_k=64, num_splits=3)
+
+
+def test_q8_0_layout_dequantizes_exactly_like_gguf():
+    info, want = q8_0_tensor(np.random.default_rng(0), 48, K)
+    values, scales = q8_0_blocks(info)
+    assert values.dtype == np.int8 and scales.dtype == np.float16
+    assert values.shape == (48, K) and scales.shape == (48, K // 32)
+    q, s = device_q8(info)
+    got = np.asarray(q8_0_dequantize(q, s)).T
+    np.testing.assert_array_equal(got, want)  # bit for bit: no re-quantization anywhere
+    assert np.all(got[0, :32] == 0.0) and np.any(got != 0.0)
+
+
+@pytest.mark.parametrize("m", MS)
+def test_q8_0_kernel_interpret(m):
+    rng = np.random.default_rng(m)
+    info, w_f32 = q8_0_tensor(rng, N, K)
+    q, s = device_q8(info)
+    x = jnp.asarray(rng.standard_normal((m, K)), jnp.float32)
+    got = np.asarray(q8_0_matmul_pallas(x, q, s, config=config(m), interpret=True))
+    ref = np.asarray(q8_0_matmul_reference(x, q, s))
+    exact = np.asarray(x, np.float64) @ w_f32.T.astype(np.float64)  # the gguf.quants weights, in float64
+    scale = np.abs(np.asarray(x, np.float64)) @ np.abs(w_f32.T.astype(np.float64))  # f32 rounding bound
+    assert got.shape == (m, N) and np.all(np.isfinite(got))
+    assert np.all(np.abs(got - exact) <= 1e-5 * scale + 1e-30)
+    assert np.all(np.abs(ref - exact) <= 1e-5 * scale + 1e-30)
+
+
+@pytest.mark.parametrize("m", MS)
+def test_bf16_kernel_interpret(m):
+    rng = np.random.default_rng(100 + m)
+    w = jnp.asarray(rng.standard_normal((N, K)) * 0.05, jnp.bfloat16)
+    x = jnp.asarray(rng.standard_normal((m, K)), jnp.bfloat16)
+    got = np.asarray(matmul_pallas(x, w, config=config(m), interpret=True).astype(jnp.float32))
+    exact = np.asarray(x, np.float64) @ np.asarray(w, np.float64).T
+    scale = np.abs(np.asarray(x, np.float64)) @ np.abs(np.asarray(w, np.float64)).T
+    assert got.shape == (m, N)
+    # one bf16 rounding of the f32 result (2^-9 relative) plus f32 accumulation
+    assert np.all(np.abs(got - exact) <= 2.0 ** -8 * np.abs(exact) + 1e-5 * scale)
+    ref = np.asarray(matmul_reference(x, w).astype(jnp.float32))
+    assert np.all(np.abs(ref - exact) <= 2.0 ** -7 * np.abs(exact) + 1e-3 * scale)
+
+
+def test_q8_0_kernel_bf16_activations_and_leading_dims():
+    """The GPU serving case: bf16 x (B, T, K), f16 scales; int8 -> bf16 is exact, so only the output rounds."""
+    rng = np.random.default_rng(7)
+    info, w_f32 = q8_0_tensor(rng, N, K)
+    q, s = device_q8(info)
+    x = jnp.asarray(rng.standard_normal((2, 5, K)), jnp.bfloat16)
+    got = q8_0_matmul_pallas(x, q, s, config=config(10), interpret=True)
+    assert got.shape == (2, 5, N) and got.dtype == jnp.bfloat16
+    exact = np.asarray(x, np.float64).reshape(10, K) @ w_f32.T.astype(np.float64)
+    scale = np.abs(np.asarray(x, np.float64).reshape(10, K)) @ np.abs(w_f32.T.astype(np.float64))
+    got = np.asarray(got.astype(jnp.float32)).reshape(10, N)
+    assert np.all(np.abs(got - exact) <= 2.0 ** -8 * np.abs(exact) + 1e-5 * scale)
+
+
+def test_default_tiles_interpret():
+    """pick_config's own choice (one split here: few K steps) through the dispatcher's interpret path."""
+    rng = np.random.default_rng(11)
+    info, _ = q8_0_tensor(rng, N, K)
+    q, s = device_q8(info)
+    x = jnp.asarray(rng.standard_normal((3, K)), jnp.float32)
+    np.testing.assert_allclose(np.asarray(q8_0_linear(x, q, s, impl="interpret")),
+                               np.asarray(q8_0_linear(x, q, s, impl="reference")), rtol=1e-5, atol=1e-5)
+    w = jnp.asarray(rng.standard_normal((N, K)), jnp.float32)
+    np.testing.assert_allclose(np.asarray(linear(x, w, impl="interpret", out_dtype=jnp.float32)),
+                               np.asarray(linear(x, w, impl="reference")), rtol=1e-5, atol=1e-4)
+
+
+def test_pick_config_fills_the_gpu():
+    # Qwen3-8B q_proj at M=1: 32 N tiles of 128; splits bring it to about 2 programs per SM on 132 SMs, each
+    # still walking >= 2 K steps.
+    cfg = pick_config(1, 4096, 4096, quantized=True, num_sms=132)
+    programs = -(-4096 // cfg.block_n) * cfg.num_splits
+    assert programs >= 256 and 4096 // cfg.block_k // cfg.num_splits >= 2
+    assert pick_config(256, 4096, 12288, quantized=False, num_sms=132).block_m == 64
+
+
+def test_dispatch_and_errors(monkeypatch):
+    monkeypatch.delenv("DFLASH_MATMUL_IMPL", raising=False)
+    assert default_impl() == ("pallas" if jax.default_backend() == "gpu" else "reference")
+    monkeypatch.setenv("DFLASH_MATMUL_IMPL", "reference")
+    assert default_impl() == "reference"
+    x = jnp.ones((2, 64), jnp.float32)
+    with pytest.raises(ValueError, match="unknown matmul impl"):
+        linear(x, jnp.ones((8, 64)), impl="cublas")
+    with pytest.raises(ValueError, match="inputs"):
+        q8_0_matmul_pallas(jnp.ones((2, 32)), jnp.ones((64, 8), jnp.int8), jnp.ones((2, 8), jnp.float16),
+                           interpret=True)
+    with pytest.raises(ValueError, match="Q8_0 weight"):
+        q8_0_matmul_pallas(x, jnp.ones((64, 8), jnp.int8), jnp.ones((3, 8), jnp.float16), interpret=True)
+
+
+def test_loaded_q8_0_model_matches_dequantized_load(tmp_path):
+    """Every Q8_0 projection of a random llama file (tied embedding, permuted q/k rows) loads as int8 + scales that
+    dequantize exactly to the float load of the same file; untied float tensors are untouched."""
+    from converters.checkpoint import load_model
+    from converters.synthetic import PRESETS, write_random_gguf
+    from flax import nnx
+
+    path = tmp_path / "llama-q8.gguf"
+    write_random_gguf(str(path), dataclasses.replace(PRESETS["llama-tiny"], qtype="q8_0"),
+                      "tests/data/vocab/ggml-vocab-qwen2.gguf", seed=2)
+    q8 = load_model(path, jnp.float32)
+    f32 = load_model(path, jnp.float32, weights="bf16")
+    assert f32.model.lm_head is None and q8.model.lm_head is not None  # tied: the head is the Q8_0 embedding
+    checked = 0
+    for lin_q, lin_f in [(q8.model.lm_head, None)] + [
+            (getattr(getattr(lq, part), name), getattr(getattr(lf, part), name))
+            for lq, lf in zip(q8.model.layers, f32.model.layers)
+            for part, names in (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
+                                ("mlp", ("gate_proj", "up_proj", "down_proj"))) for name in names]:
+        assert lin_q.is_q8_0 and lin_q.qweight[...].dtype == jnp.int8
+        want = f32.model.embed_tokens[...] if lin_f is None else lin_f.weight[...]
+        np.testing.assert_array_equal(np.asarray(q8_0_dequantize(lin_q.qweight[...], lin_q.scales[...])).T,
+                                      np.asarray(want))
+        checked += 1
+    assert checked == 1 + 7 * len(q8.model.layers)
+    np.testing.assert_array_equal(np.asarray(q8.model.embed_tokens[...]), np.asarray(f32.model.embed_tokens[...]))
+    int8_bytes = sum(a.nbytes for a in jax.tree.leaves(nnx.split(q8.model)[1]) if a.dtype == jnp.int8)
+    assert int8_bytes > 0
+
+
+# --- GPU ----------------------------------------------------------------------------------------------------------
+
+GPU_SHAPES = [(4096, 4096), (4096, 12288), (12288, 4096), (4096, 1024)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", (1, 16, 128, 256))
+@pytest.mark.parametrize("kn", GPU_SHAPES)
+def test_q8_0_kernel_gpu(m, kn):
+    k, n = kn
+    rng = np.random.default_rng(m + k)
+    q = jnp.asarray(rng.integers(-127, 128, (k, n)), jnp.int8)
+    s = jnp.asarray(rng.uniform(0.5, 2.0, (k // 32, n)) * 2e-3, jnp.float16)
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+    got = np.asarray(q8_0_matmul_pallas(x, q, s).astype(jnp.float32))
+    ref = np.asarray(q8_0_matmul_reference(x.astype(jnp.float32), q, s))
+    np.testing.assert_allclose(got, ref, rtol=1e-2, atol=1e-2 * float(np.std(ref)))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", (1, 16, 128, 256))
+@pytest.mark.parametrize("kn", GPU_SHAPES)
+def test_bf16_kernel_gpu(m, kn):
+    k, n = kn
+    rng = np.random.default_rng(m + n)
+    w = jnp.asarray(rng.standard_normal((n, k)) * 0.02, jnp.bfloat16)
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+    got = np.asarray(matmul_pallas(x, w).astype(jnp.float32))
+    ref = np.asarray(jnp.einsum("mk,nk->mn", x, w, preferred_element_type=jnp.float32))
+    np.testing.assert_allclose(got, ref, rtol=1e-2, atol=1e-2 * float(np.std(ref)))
