@@ -88,19 +88,24 @@ def _next_pow2(x: int) -> int:
     return 1 << max(0, (int(x) - 1).bit_length())
 
 
-def pick_config(m: int, k: int, n: int, quantized: bool, num_sms: int | None = None) -> TileConfig:
-    """Tiles for an (M, K) x (K, N) product. BM >= 16 (the tensor-core minimum; rows past M are masked). Splits so
-    that about four programs per SM stream weights, each split still walking >= 2 K steps to pipeline its loads."""
+def pick_config(m: int, k: int, n: int, quantized: bool, num_sms: int | None = None, *, block_n: int | None = None,
+                block_k: int | None = None, num_warps: int | None = None, num_stages: int = 3) -> TileConfig:
+    """Tiles for an (M, K) x (K, N) product (given tiles are kept; splits always derived). BM >= 16 (the tensor-core
+    minimum; rows past M are masked). Splits so that about four programs per SM stream weights, each split walking
+    >= 2 K steps to pipeline its loads, and the f32 partials (splits x M x N x 4 bytes, written and read again) stay
+    under a quarter of the weight bytes."""
     num_sms = _num_sms() if num_sms is None else num_sms
     block_m = min(max(16, _next_pow2(m)), 64)
-    block_n = 128 if quantized else 64
-    block_k = 256 if quantized else 128
+    block_n = block_n or (128 if quantized else 64)
+    block_k = block_k or ((256 if block_m <= 32 else 128) if quantized else 128)
     tiles = -(-m // block_m) * -(-n // block_n)
     k_steps = -(-k // block_k)
-    want = -(-4 * num_sms // tiles)
-    num_splits = max(1, min(want, k_steps // 2 or 1, 16))
-    num_warps = 4 if block_m <= 32 else 8
-    return TileConfig(block_m, block_n, block_k, num_splits, num_warps)
+    weight_bytes_per_k = 1 if quantized else 2
+    want = min(-(-4 * num_sms // tiles), k_steps // 2 or 1, 16, max(1, k * weight_bytes_per_k // (16 * m)))
+    steps = -(-k_steps // max(1, want))
+    num_splits = -(-k_steps // steps)  # every split gets work
+    num_warps = num_warps or (4 if block_m <= 32 else 8)
+    return TileConfig(block_m, block_n, block_k, num_splits, num_warps, num_stages)
 
 
 # --- kernels ----------------------------------------------------------------------------------------------------

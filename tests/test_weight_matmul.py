@@ -178,11 +178,11 @@ def test_loaded_q8_0_model_matches_dequantized_load(tmp_path):
 
 # --- GPU ----------------------------------------------------------------------------------------------------------
 
-GPU_SHAPES = [(4096, 4096), (4096, 12288), (12288, 4096), (4096, 1024)]
+GPU_SHAPES = [(4096, 4096), (12288, 4096), (4096, 1000)]  # (K, N); N = 1000 leaves partial tiles
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("m", (1, 16, 128, 256))
+@pytest.mark.parametrize("m", (1, 16, 256))
 @pytest.mark.parametrize("kn", GPU_SHAPES)
 def test_q8_0_kernel_gpu(m, kn):
     k, n = kn
@@ -196,7 +196,7 @@ def test_q8_0_kernel_gpu(m, kn):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("m", (1, 16, 128, 256))
+@pytest.mark.parametrize("m", (1, 16, 256))
 @pytest.mark.parametrize("kn", GPU_SHAPES)
 def test_bf16_kernel_gpu(m, kn):
     k, n = kn
