@@ -85,7 +85,13 @@ def log(*a):
 # --- model and cache built on the device -----------------------------------------------------------------------------
 
 def random_model(cfg: ModelConfig, dtype, seed: int = 0):
-    graphdef, abstract = nnx.split(abstract_model(cfg, dtype))
+    return random_module(abstract_model(cfg, dtype), seed)
+
+
+def random_module(abstract_module, seed: int = 0):
+    """(graphdef, state, bytes) of an abstract (eval_shape) module with every leaf drawn on the device: norms 1,
+    biases 0, the rest N(0, 0.02)."""
+    graphdef, abstract = nnx.split(abstract_module)
     pure = abstract.to_pure_dict()
     leaves, treedef = jax.tree_util.tree_flatten_with_path(pure)
     kinds = []
@@ -146,7 +152,7 @@ def decode_inputs(cfg: ModelConfig, b: int, ctx: int, pages_per_slot: int, seed:
                               top_p=np.full((b,), 0.95, np.float32), min_p=np.full((b,), 0.05, np.float32),
                               presence_penalty=np.zeros((b,), np.float32),
                               frequency_penalty=np.zeros((b,), np.float32),
-                              seed=np.arange(b, dtype=np.uint32))
+                              seed=np.arange(b, dtype=np.uint32), top_n=np.zeros((b,), np.int32))
     return StepInputs(tokens, meta, np.arange(b, dtype=np.int32), np.zeros((b,), bool), sampling)
 
 

@@ -271,6 +271,14 @@ def test_generate_dataset_and_split(target, tmp_path):
     assert {r["key"] for r in ds.records} == {f"p/{i}#{j}" for i in range(6) for j in range(2)}
     encode = train_data.PromptEncoder(target)
     assert ds.records[0]["prompt_ids"] == encode(prompts[int(ds.records[0]["key"][2])].messages)
+    # The fixed-shape batched generator (the GPU data path) writes the same records: same keys, greedy rows and
+    # seeded samples token for token, since both sample with the server's function keyed by (seed, position).
+    fast = tmp_path / "fast.jsonl"
+    assert train_data.generate_dataset_batched(target, prompts, fast, samples=2, max_tokens=12, batch=4,
+                                               prompt_pad=40, progress=False) == len(ds)
+    by_key = {r["key"]: r for r in Dataset.load(fast).records}
+    for r in ds.records:
+        assert by_key[r["key"]] == r, r["key"]
     seqs, train_idx, val_idx = ds.split_for_training(4, 64)
     val_prompts = {tuple(seqs[i][0][:seqs[i][1]].tolist()) for i in val_idx}
     assert val_idx and not any(tuple(seqs[i][0][:seqs[i][1]].tolist()) in val_prompts for i in train_idx)

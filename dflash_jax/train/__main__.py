@@ -40,6 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--time-budget", type=float, default=None, help="seconds for answering (after the self-written "
                                                                    "prompts); then stop and keep what was generated")
+    d.add_argument("--batch", type=int, default=0,
+                   help="answer in fixed-shape batches of this many sequences instead of through the serving engine "
+                        "(two compiles in all: the fast path on a GPU; --time-budget does not apply)")
+    d.add_argument("--prompt-pad", type=int, default=512, help="with --batch: longest prompt kept (tokens)")
 
     t = sub.add_parser("train", help="train a drafter on the data (resumes from the run directory)")
     t.add_argument("--model", required=True)
@@ -107,6 +111,19 @@ def cmd_data(a) -> None:
         prompts += data.humaneval_prompts(a.humaneval or None, "train")
     for f in a.prompt_file:
         prompts += data.file_prompts(data.TRAIN_PROMPTS if f == "default" else f)
+    t0 = time.monotonic()
+    if a.batch:
+        if a.self_prompts:
+            written = data.self_written_prompts_batched(loaded, a.self_prompts, seed=a.seed, batch=a.batch)
+            print(f"the target wrote {len(written)} distinct prompts in {time.monotonic() - t0:.0f} s, e.g. "
+                  f"{[p.messages[0][1] for p in written[:4]]}")
+            prompts += written
+        n = data.generate_dataset_batched(loaded, prompts, a.out, samples=a.samples, temperature=a.temperature,
+                                          max_tokens=a.max_tokens, seed=a.seed, batch=a.batch,
+                                          prompt_pad=a.prompt_pad)
+        print(json.dumps({"prompts": len(prompts), "written_now": n, "seconds": round(time.monotonic() - t0, 1),
+                          **data.Dataset.load(a.out).stats()}))
+        return
     engine = Engine(loaded, EngineConfig(num_slots=a.slots, ctx_size=a.slots * a.ctx_per_slot,
                                          ctx_per_slot=a.ctx_per_slot, page_size=16, prefill_chunk=256, dtype=dtype))
     engine.start()

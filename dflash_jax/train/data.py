@@ -197,9 +197,8 @@ def self_written_prompts(loaded, engine, n: int, seed: int = 0, progress: bool =
     out: dict[str, str] = {}
 
     def on_done(key, ids, toks, finish):
-        text = loaded.tokenizer.decode(toks, skip_special=True).strip()
-        line = next((ln.strip().strip('"').strip() for ln in text.splitlines() if ln.strip()), "")
-        if 10 <= len(line) <= 300:
+        line = _parse_question(loaded.tokenizer.decode(toks, skip_special=True).strip())
+        if line:
             out[key] = line
 
     run_requests(engine, jobs, on_done, progress=progress, desc="writing prompts")
@@ -209,6 +208,90 @@ def self_written_prompts(loaded, engine, n: int, seed: int = 0, progress: bool =
             seen.add(out[key].lower())
             prompts.append(Prompt(key, "self", (("user", out[key]),)))
     return prompts
+
+
+def _parse_question(text: str) -> str | None:
+    line = next((ln.strip().strip('"').strip() for ln in text.splitlines() if ln.strip()), "")
+    return line if 10 <= len(line) <= 300 else None
+
+
+def _parse_stub(text: str) -> str | None:
+    """A Python function signature + docstring from a reply that may wrap it in a markdown fence."""
+    if "```" in text:
+        parts = text.split("```")
+        text = parts[1] if len(parts) > 1 else parts[0]
+        text = text[len("python"):] if text.startswith("python") else text
+    text = text.strip("\n")
+    start = text.find("def ")
+    if start < 0:
+        return None
+    text = text[start:].rstrip()
+    return text if 20 <= len(text) <= 800 else None
+
+
+def self_prompt_asks(n: int) -> list[tuple[str, str]]:
+    """(kind, request) pairs: even ones ask for a user question on a topic, odd ones for a Python function stub."""
+    out = []
+    for i in range(n):
+        topic = SELF_PROMPT_TOPICS[(i // 2) % len(SELF_PROMPT_TOPICS)]
+        if i % 2 == 0:
+            out.append(("question", f"Write one question or request that a user might send to an AI assistant about "
+                                    f"{topic}. Reply with the question only."))
+        else:
+            out.append(("stub", f"Write the signature and docstring of a Python function for a small programming "
+                                f"task related to {topic}. Reply with the code only, without the function body."))
+    return out
+
+
+def self_written_prompts_batched(loaded, n: int, seed: int = 0, batch: int = 256, progress: bool = True) -> list[Prompt]:
+    """Like self_written_prompts, but through batch_generate, and half of them HumanEval-style code stubs."""
+    from dflash_jax.train.batch_generate import GenJob, batch_generate
+
+    encode = PromptEncoder(loaded)
+    asks = self_prompt_asks(n)
+    jobs = [GenJob(tuple(encode((("user", ask),))), 1.0, 0.95, seed * 100003 + i) for i, (_, ask) in enumerate(asks)]
+    answers = batch_generate(loaded.model, jobs, 128, loaded.tokenizer.eog_ids, batch=batch,
+                             prompt_pad=max(len(j.prompt_ids) for j in jobs), progress=progress)
+    seen, prompts = set(), []
+    for i, ((kind, _), (toks, _)) in enumerate(zip(asks, answers)):
+        text = loaded.tokenizer.decode(toks, skip_special=True).strip()
+        parsed = _parse_question(text) if kind == "question" else _parse_stub(text)
+        if parsed and parsed.lower() not in seen:
+            seen.add(parsed.lower())
+            content = parsed if kind == "question" else code_message(parsed)
+            prompts.append(Prompt(f"self/{i}", "self", (("user", content),)))
+    return prompts
+
+
+def generate_dataset_batched(loaded, prompts: list[Prompt], out_path: str | Path, samples: int = 2,
+                             temperature: float = 0.7, max_tokens: int = 512, seed: int = 0, batch: int = 256,
+                             prompt_pad: int = 512, progress: bool = True) -> int:
+    """generate_dataset through batch_generate (same keys, seeds and records); prompts over prompt_pad are skipped."""
+    from dflash_jax.train.batch_generate import GenJob, batch_generate
+
+    out_path = Path(out_path)
+    done = {r["key"] for r in _read_jsonl(out_path)} if out_path.exists() else set()
+    encode = PromptEncoder(loaded)
+    keys, sources, jobs = [], [], []
+    for j in range(samples):
+        for i, p in enumerate(prompts):
+            key = f"{p.key}#{j}"
+            ids = tuple(encode(p.messages))
+            if key in done or len(ids) > prompt_pad:
+                continue
+            jobs.append(GenJob(ids) if j == 0 else GenJob(ids, temperature, 0.95, seed * 100003 + j * 7919 + i))
+            keys.append(key)
+            sources.append(p.source)
+    answers = batch_generate(loaded.model, jobs, max_tokens, loaded.tokenizer.eog_ids, batch=batch,
+                             prompt_pad=prompt_pad, progress=progress)
+    written = 0
+    with open(out_path, "a") as f:
+        for key, src, job, (toks, finish) in zip(keys, sources, jobs, answers):
+            if len(toks) >= 2:
+                f.write(json.dumps({"key": key, "source": src, "prompt_ids": list(job.prompt_ids),
+                                    "response_ids": toks, "finish": finish}) + "\n")
+                written += 1
+    return written
 
 
 # --- the saved dataset ------------------------------------------------------------------------------------------
