@@ -19,12 +19,13 @@ from tqdm import tqdm
 
 from converters.checkpoint import LoadedModel
 from dflash_jax.buckets import bucket_for, pad_rows, power_of_two_buckets
-from dflash_jax.kv_cache import TRASH_PAGE, AttentionMeta, KVCache
+from dflash_jax.kv_cache import TRASH_PAGE, AttentionMeta
 from dflash_jax.page_allocator import PageAllocator
 from dflash_jax.requests import Request
 from dflash_jax.sampling import SamplingArrays
 from dflash_jax.scheduler import Scheduler, Slot
 from dflash_jax.spec_state import LoadedDrafter, SpecState
+from dflash_jax.state_pool import make_cache
 from dflash_jax.step_fns import CompiledSteps, SpecInputs, StepInputs
 
 
@@ -91,8 +92,8 @@ class Engine:
         mc = loaded.config
         self.pages_per_slot = -(-cfg.per_slot // cfg.page_size)
         num_pages = 1 + -(-cfg.ctx_size // cfg.page_size)
-        self.cache = KVCache.create(mc.num_layers, num_pages, cfg.page_size, mc.num_kv_heads, mc.head_dim,
-                                    jnp.dtype(cfg.dtype))
+        # Hybrid targets also get one recurrent-state row per slot, plus the row padding writes into.
+        self.cache = make_cache(mc, num_pages, cfg.page_size, cfg.num_slots + 1, jnp.dtype(cfg.dtype))
         self.counts = jnp.zeros((cfg.num_slots + 1, mc.vocab_size), jnp.int32)
         self.spec = SpecState(drafter, cfg, num_pages, jnp.dtype(cfg.dtype)) if drafter is not None else None
         sp = self.spec
@@ -251,7 +252,7 @@ class Engine:
             q_lens[i], kv_lens[i], slot_ids[i], is_first[i] = len(toks), kv_len, slot.id, first
             page_table[i, :len(slot.pages)] = slot.pages
         sampling = SamplingArrays.from_params([s.req.params for s, *_ in rows], b, [s.seed for s, *_ in rows])
-        meta = AttentionMeta(q_lens=q_lens, kv_lens=kv_lens, page_table=page_table)
+        meta = AttentionMeta(q_lens=q_lens, kv_lens=kv_lens, page_table=page_table, slot_ids=slot_ids)
         return StepInputs(tokens, meta, slot_ids, is_first, sampling)
 
     def _spec_inputs(self, slots: list[Slot], b: int) -> SpecInputs:
@@ -262,14 +263,16 @@ class Engine:
         page_table = np.full((b, self.pages_per_slot), TRASH_PAGE, np.int32)
         injected = np.zeros((b, t - 1), np.int32)
         use_injected = np.zeros((b,), bool)
+        slot_ids = np.full((b,), self.cfg.num_slots, np.int32)
         for i, slot in enumerate(slots):
-            last[i], q_lens[i], kv_lens[i] = slot.pending, t, slot.num_cached + t
+            last[i], q_lens[i], kv_lens[i], slot_ids[i] = slot.pending, t, slot.num_cached + t, slot.id
             page_table[i, :len(slot.pages)] = slot.pages
             forced = self.spec.injector(slot) if self.spec.injector else None
             if forced is not None:
                 injected[i], use_injected[i] = forced[:t - 1], True
         sampling = SamplingArrays.from_params([s.req.params for s in slots], b, [s.seed for s in slots])
-        return SpecInputs(last, AttentionMeta(q_lens, kv_lens, page_table), sampling, injected, use_injected)
+        return SpecInputs(last, AttentionMeta(q_lens, kv_lens, page_table, slot_ids), sampling, injected,
+                          use_injected)
 
     def _run(self, inputs: StepInputs):
         sp = self.spec

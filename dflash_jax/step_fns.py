@@ -85,15 +85,22 @@ def _spec_step(graphdef: nnx.GraphDef, drafter_graphdef, taps: tuple[int, ...], 
     drafts = jnp.argmax(model.logits(h[:, 1:]), axis=-1).astype(jnp.int32)  # (B, T-1)
     drafts = jnp.where(inputs.use_injected[:, None], inputs.injected, drafts)
 
-    # Verify: the target over [last, d_1 .. d_{T-1}] at positions cached .. cached + T - 1, causal.
-    hidden, cache, feats = model(jnp.concatenate([inputs.last_tokens[:, None], drafts], axis=1), inputs.meta,
-                                 cache, taps)
+    # Verify: the target over [last, d_1 .. d_{T-1}] at positions cached .. cached + T - 1, causal. A hybrid target
+    # leaves its recurrent state untouched here and returns the block's delta-rule inputs for the commit below.
+    verify_tokens = jnp.concatenate([inputs.last_tokens[:, None], drafts], axis=1)
+    is_hybrid = getattr(model, "is_hybrid", False)
+    if is_hybrid:
+        hidden, cache, feats, pending = model.verify(verify_tokens, inputs.meta, cache, taps)
+    else:
+        hidden, cache, feats = model(verify_tokens, inputs.meta, cache, taps)
     logits = model.logits(hidden)  # (B, T, V)
     per_pos = jax.tree.map(lambda a: jnp.repeat(a, t, axis=0), inputs.sampling)
     positions = (cached[:, None] + 1 + jnp.arange(t)[None, :]).reshape(-1)  # position of each chosen token
     out = sample(logits.reshape(b * t, -1), None, per_pos, positions)
     choice = out.tokens.reshape(b, t)
     accepted = accept_lengths(drafts, choice)
+    if is_hybrid:  # rollback = commit exactly last + accepted drafts, by replay, per slot, inside this jit
+        cache = model.commit(cache, pending, inputs.meta, accepted + 1)
 
     # Commit: the drafter's context gains the features of the tokens now in the cache (last + accepted drafts).
     tok_pos, valid = token_positions(inputs.meta, t)
