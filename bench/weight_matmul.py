@@ -76,9 +76,10 @@ def copy_bandwidth() -> float:
 
 
 def xla_q8(x, q, s):
-    """XLA's own product on Q8_0 weights: int8 -> bf16 times the block scale (rounded to bf16), then a bf16 dot."""
+    """XLA's own product on Q8_0 weights: the kernel's dequantization (f32 d * q rounded to bf16), then a bf16 dot."""
     k, n = q.shape
-    w = (q.astype(x.dtype).reshape(k // Q8_BLOCK, Q8_BLOCK, n) * s.astype(x.dtype)[:, None, :]).reshape(k, n)
+    w = (q.astype(jnp.float32).reshape(k // Q8_BLOCK, Q8_BLOCK, n) * s.astype(jnp.float32)[:, None, :])
+    w = w.reshape(k, n).astype(x.dtype)
     return jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
 
 
@@ -122,7 +123,7 @@ def check_once(k: int, n: int, m: int) -> float:
     x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
     q = jnp.asarray(rng.integers(-127, 128, (k, n)), jnp.int8)
     s = jnp.asarray(rng.uniform(1e-3, 3e-3, (k // Q8_BLOCK, n)), jnp.float16)
-    ref = np.asarray(q8_0_matmul_reference(x.astype(jnp.float32), q, s))
+    ref = np.asarray(q8_0_matmul_reference(x, q, s).astype(jnp.float32))
     got = np.asarray(q8_0_matmul_pallas(x, q, s, interpret=INTERPRET).astype(jnp.float32))
     w = jnp.asarray(rng.standard_normal((n, k)) * 0.02, jnp.bfloat16)
     ref2 = np.asarray(jnp.einsum("mk,nk->mn", x, w, preferred_element_type=jnp.float32))

@@ -8,10 +8,11 @@ Weight layouts (no copy at call time; fixed at load):
   32 values of block b of output n at rows 32b..32b+31 of column n. Transposed from the file's (N, K/32) blocks once
   at load so a tile (32, BN) is 32 rows of BN contiguous bytes (coalesced), and its scales one contiguous row.
 
-Q8_0 semantics: y[m, n] = sum_b s[b, n] * sum_{k in block b} x[m, k] * q[k, n], accumulated in f32 — exactly
-x @ dequant(W) with the dequantized f32 weights of gguf.quants, up to f32 summation order. The kernel takes one tensor
-core product per 32-row block (int8 -> x.dtype is exact for bf16/f16/f32, and the bf16 x int8 products are exact in f32)
-and applies the block's scale to the f32 partial, so no weight is ever rounded to bf16.
+Q8_0 semantics: the weight w = f32(d) * f32(q) (exactly gguf.quants' dequantized value), rounded to the activation
+dtype, times x with f32 accumulation. With f32 activations (CPU) that is the exact f32 product of llama.cpp's weights;
+with bf16 activations (GPU) it is bit for bit the weight `--weights bf16` would load, so a Q8_0 model computes what
+the bf16 model computes while streaming half the bytes. Dequantization happens in registers, tile by tile; the weight
+never exists in memory as floats.
 
 Kernel layout. Grid (M tiles, N tiles, K splits); M tiles fastest so the programs that share a weight tile run
 together and the second read hits L2. A program loops over its share of K in steps of BK, loads (BM, BK) of x (tiny,
@@ -58,10 +59,9 @@ def matmul_reference(x: jax.Array, weight: jax.Array, out_dtype=None) -> jax.Arr
 
 
 def q8_0_matmul_reference(x: jax.Array, qweight: jax.Array, scales: jax.Array) -> jax.Array:
-    """x (..., K) @ dequant(qweight, scales) (K, N) with f32 weights and f32 accumulation -> (..., N) in x.dtype."""
-    w = q8_0_dequantize(qweight, scales)
-    y = jnp.einsum("...k,kn->...n", x.astype(jnp.float32), w, precision=lax.Precision.HIGHEST,
-                   preferred_element_type=jnp.float32)
+    """x (..., K) @ dequant(qweight, scales).astype(x.dtype) (K, N), f32 accumulation -> (..., N) in x.dtype."""
+    w = q8_0_dequantize(qweight, scales).astype(x.dtype)
+    y = jnp.einsum("...k,kn->...n", x, w, precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
     return y.astype(x.dtype)
 
 
@@ -74,7 +74,7 @@ class TileConfig:
     block_k: int
     num_splits: int
     num_warps: int = 4
-    num_stages: int = 3
+    num_stages: int = 2
 
 
 def _num_sms() -> int:
@@ -89,7 +89,7 @@ def _next_pow2(x: int) -> int:
 
 
 def pick_config(m: int, k: int, n: int, quantized: bool, num_sms: int | None = None, *, block_n: int | None = None,
-                block_k: int | None = None, num_warps: int | None = None, num_stages: int = 3) -> TileConfig:
+                block_k: int | None = None, num_warps: int | None = None, num_stages: int = 2) -> TileConfig:
     """Tiles for an (M, K) x (K, N) product (given tiles are kept; splits always derived). BM >= 16 (the tensor-core
     minimum; rows past M are masked). Splits so that about four programs per SM stream weights, each split walking
     >= 2 K steps to pipeline its loads, and the f32 partials (splits x M x N x 4 bytes, written and read again) stay
@@ -115,26 +115,22 @@ def _q8_kernel(x_ref, q_ref, s_ref, o_ref, *, m: int, k: int, n: int, cfg: TileC
     mi, ni, si = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     rows = mi * cfg.block_m + lax.broadcasted_iota(jnp.int32, (cfg.block_m, 1), 0)  # (BM, 1)
     cols = ni * cfg.block_n + lax.broadcasted_iota(jnp.int32, (1, cfg.block_n), 1)  # (1, BN)
-    k_row = lax.broadcasted_iota(jnp.int32, (1, Q8_BLOCK), 1)  # (1, 32)
-    k_col = lax.broadcasted_iota(jnp.int32, (Q8_BLOCK, 1), 0)  # (32, 1)
+    k_row = lax.broadcasted_iota(jnp.int32, (1, cfg.block_k), 1)  # (1, BK)
+    k_col = lax.broadcasted_iota(jnp.int32, (cfg.block_k, 1), 0)  # (BK, 1)
     row_ok, col_ok = rows < m, cols < n
     k_first = si * steps * cfg.block_k
 
     def body(i, acc):
-        for j in range(cfg.block_k // Q8_BLOCK):
-            k0 = k_first + i * cfg.block_k + j * Q8_BLOCK
-            in_k = k0 < k  # K is a multiple of 32: a block is all in or all out
-            x_mask = jnp.broadcast_to(row_ok & in_k, (cfg.block_m, Q8_BLOCK))
-            w_mask = jnp.broadcast_to(col_ok & in_k, (Q8_BLOCK, cfg.block_n))
-            xs = load(x_ref.at[rows, k0 + k_row], mask=x_mask, other=0.0)  # (BM, 32)
-            qs = load(q_ref.at[k0 + k_col, cols], mask=w_mask, other=0,
-                      eviction_policy="evict_first")  # (32, BN) int8, streamed once
-            s_row = jnp.zeros((1, 1), jnp.int32) + k0 // Q8_BLOCK
-            sc = load(s_ref.at[s_row, cols], mask=col_ok & in_k, other=0.0)  # (1, BN)
-            part = lax.dot_general(xs, qs.astype(xs.dtype), (((1,), (0,)), ((), ())),
-                                   preferred_element_type=jnp.float32)
-            acc = acc + part * sc.astype(jnp.float32)
-        return acc
+        k0 = k_first + i * cfg.block_k
+        x_mask = jnp.broadcast_to(row_ok & (k0 + k_row < k), (cfg.block_m, cfg.block_k))
+        w_mask = jnp.broadcast_to(col_ok & (k0 + k_col < k), (cfg.block_k, cfg.block_n))
+        xs = load(x_ref.at[rows, k0 + k_row], mask=x_mask, other=0.0)  # (BM, BK)
+        qs = load(q_ref.at[k0 + k_col, cols], mask=w_mask, other=0,
+                  eviction_policy="evict_first")  # (BK, BN) int8, streamed once
+        # Each scale row serves 32 weight rows: these loads hit L1 after the first.
+        sc = load(s_ref.at[(k0 + k_col) // Q8_BLOCK, cols], mask=w_mask, other=0.0)  # (BK, BN)
+        w = (qs.astype(jnp.float32) * sc.astype(jnp.float32)).astype(xs.dtype)
+        return acc + lax.dot_general(xs, w, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
 
     acc = lax.fori_loop(0, steps, body, jnp.zeros((cfg.block_m, cfg.block_n), jnp.float32))
     store(o_ref.at[si * m + rows, cols], acc, mask=row_ok & col_ok)
@@ -202,8 +198,6 @@ def q8_0_matmul_pallas(x: jax.Array, qweight: jax.Array, scales: jax.Array, *, c
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
     cfg = config or pick_config(m, k, n, quantized=True)
-    if cfg.block_k % Q8_BLOCK:
-        raise ValueError(f"block_k must be a multiple of {Q8_BLOCK}, got {cfg.block_k}")
     y = _call(_q8_kernel, x2, (qweight, scales), m, k, n, cfg, interpret, "q8_0_matmul")
     return y.astype(x.dtype).reshape(*lead, n)
 

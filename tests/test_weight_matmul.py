@@ -50,7 +50,8 @@ def device_q8(info: TensorInfo):
 
 
 def config(m: int) -> TileConfig:
-    # Small tiles so that M, N and K all have partial last tiles, and 3 splits over the 6 K steps (the last uneven).
+    # Small tiles so that M, N and K all have partial last tiles (K = 5.5 steps of 64; the Q8_0 block rows of the
+    # half step are masked), and 3 splits over the 6 K steps.
     return TileConfig(block_m=min(max(16, 1 << (m - 1).bit_length()), 64), block_n=64, block_k=64, num_splits=3)
 
 
@@ -96,17 +97,22 @@ def test_bf16_kernel_interpret(m):
 
 
 def test_q8_0_kernel_bf16_activations_and_leading_dims():
-    """The GPU serving case: bf16 x (B, T, K), f16 scales; int8 -> bf16 is exact, so only the output rounds."""
+    """The GPU serving case: bf16 x (B, T, K). The weights are gguf.quants' values rounded to bf16 — the very weights
+    `--weights bf16` loads — so a Q8_0 model equals the bf16 model up to f32 summation order."""
     rng = np.random.default_rng(7)
     info, w_f32 = q8_0_tensor(rng, N, K)
     q, s = device_q8(info)
     x = jnp.asarray(rng.standard_normal((2, 5, K)), jnp.bfloat16)
     got = q8_0_matmul_pallas(x, q, s, config=config(10), interpret=True)
     assert got.shape == (2, 5, N) and got.dtype == jnp.bfloat16
-    exact = np.asarray(x, np.float64).reshape(10, K) @ w_f32.T.astype(np.float64)
-    scale = np.abs(np.asarray(x, np.float64).reshape(10, K)) @ np.abs(w_f32.T.astype(np.float64))
+    w_bf16 = np.asarray(jnp.asarray(w_f32, jnp.bfloat16), np.float64)  # what a bf16 load of the file holds
+    x64 = np.asarray(x, np.float64).reshape(10, K)
+    exact, scale = x64 @ w_bf16.T, np.abs(x64) @ np.abs(w_bf16.T)
     got = np.asarray(got.astype(jnp.float32)).reshape(10, N)
     assert np.all(np.abs(got - exact) <= 2.0 ** -8 * np.abs(exact) + 1e-5 * scale)
+    same_as_bf16_weights = np.asarray(matmul_pallas(x, jnp.asarray(w_f32, jnp.bfloat16), config=config(10),
+                                                    interpret=True).astype(jnp.float32)).reshape(10, N)
+    assert np.all(np.abs(got - same_as_bf16_weights) <= 2.0 ** -7 * np.abs(exact) + 1e-5 * scale)
 
 
 def test_default_tiles_interpret():
@@ -191,7 +197,7 @@ def test_q8_0_kernel_gpu(m, kn):
     s = jnp.asarray(rng.uniform(0.5, 2.0, (k // 32, n)) * 2e-3, jnp.float16)
     x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
     got = np.asarray(q8_0_matmul_pallas(x, q, s).astype(jnp.float32))
-    ref = np.asarray(q8_0_matmul_reference(x.astype(jnp.float32), q, s))
+    ref = np.asarray(q8_0_matmul_reference(x, q, s).astype(jnp.float32))
     np.testing.assert_allclose(got, ref, rtol=1e-2, atol=1e-2 * float(np.std(ref)))
 
 
