@@ -388,40 +388,7 @@ def write_drafter_gguf(path: str | os.PathLike, dcfg: DrafterConfig, params: dic
     tmp = f"{os.fspath(path)}.partial"
     w = gguf.GGUFWriter(tmp, arch)
     try:
-        w.add_type("model")
-        w.add_name(f"DFlash drafter ({schema} schema)")
-        w.add_context_length(dcfg.max_position)
-        w.add_embedding_length(dcfg.hidden_size)
-        w.add_block_count(dcfg.num_layers)
-        w.add_feed_forward_length(dcfg.intermediate_size)
-        w.add_head_count(dcfg.num_heads)
-        w.add_head_count_kv(dcfg.num_kv_heads)
-        w.add_key_length(dcfg.head_dim)
-        w.add_value_length(dcfg.head_dim)
-        w.add_layer_norm_rms_eps(dcfg.rms_eps)
-        w.add_rope_freq_base(dcfg.rope_theta)
-        if schema == "upstream":
-            w.add_uint32(f"{arch}.block_size", dcfg.block_size)
-            w.add_key_value(f"{arch}.target_layers", [i + 1 for i in dcfg.target_layer_ids], V.ARRAY,
-                            sub_type=V.INT32)
-            w.add_uint32(MASK_TOKEN_KEY, dcfg.mask_token_id)
-        else:
-            w.add_uint32(f"{arch}.dflash.block_size", dcfg.block_size)
-            w.add_uint32(f"{arch}.dflash.mask_token_id", dcfg.mask_token_id)
-            w.add_key_value(f"{arch}.dflash.target_layer_ids", list(dcfg.target_layer_ids), V.ARRAY,
-                            sub_type=V.INT32)
-            w.add_uint32(f"{arch}.dflash.n_target_features", dcfg.n_target_features)
-        if dcfg.sliding_window is not None:
-            # llama.cpp requires the per-layer pattern whenever the window is set
-            w.add_uint32(f"{arch}.attention.sliding_window", dcfg.sliding_window)
-            pattern = list(dcfg.swa_layers) or [False] * dcfg.num_layers
-            w.add_key_value(f"{arch}.attention.sliding_window_pattern", pattern, V.ARRAY, sub_type=V.BOOL)
-        for key, field in tok.items():
-            w.add_key_value(key, field.value, field.type, sub_type=field.sub_type)
-        w.add_file_type(int(_FILE_TYPES[wt]))
-        if wt not in (T.F32, T.F16, T.BF16):
-            w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-
+        _add_metadata(w, dcfg, schema, tok, wt)
         for name, p in tensor_names(schema, dcfg).items():
             x = np.ascontiguousarray(np.asarray(params[p], dtype=np.float32))
             if x.ndim == 1 or wt == T.F32:
@@ -440,6 +407,67 @@ def write_drafter_gguf(path: str | os.PathLike, dcfg: DrafterConfig, params: dic
         raise
     w.close()
     os.replace(tmp, path)
+
+
+def _add_metadata(w: gguf.GGUFWriter, dcfg: DrafterConfig, schema: str, tok: dict[str, Any], wt: T) -> None:
+    arch = SCHEMAS[schema]
+    w.add_type("model")
+    w.add_name(f"DFlash drafter ({schema} schema)")
+    w.add_context_length(dcfg.max_position)
+    w.add_embedding_length(dcfg.hidden_size)
+    w.add_block_count(dcfg.num_layers)
+    w.add_feed_forward_length(dcfg.intermediate_size)
+    w.add_head_count(dcfg.num_heads)
+    w.add_head_count_kv(dcfg.num_kv_heads)
+    w.add_key_length(dcfg.head_dim)
+    w.add_value_length(dcfg.head_dim)
+    w.add_layer_norm_rms_eps(dcfg.rms_eps)
+    w.add_rope_freq_base(dcfg.rope_theta)
+    if schema == "upstream":
+        w.add_uint32(f"{arch}.block_size", dcfg.block_size)
+        w.add_key_value(f"{arch}.target_layers", [i + 1 for i in dcfg.target_layer_ids], V.ARRAY,
+                        sub_type=V.INT32)
+        w.add_uint32(MASK_TOKEN_KEY, dcfg.mask_token_id)
+    else:
+        w.add_uint32(f"{arch}.dflash.block_size", dcfg.block_size)
+        w.add_uint32(f"{arch}.dflash.mask_token_id", dcfg.mask_token_id)
+        w.add_key_value(f"{arch}.dflash.target_layer_ids", list(dcfg.target_layer_ids), V.ARRAY,
+                        sub_type=V.INT32)
+        w.add_uint32(f"{arch}.dflash.n_target_features", dcfg.n_target_features)
+    if dcfg.sliding_window is not None:
+        # llama.cpp requires the per-layer pattern whenever the window is set
+        w.add_uint32(f"{arch}.attention.sliding_window", dcfg.sliding_window)
+        pattern = list(dcfg.swa_layers) or [False] * dcfg.num_layers
+        w.add_key_value(f"{arch}.attention.sliding_window_pattern", pattern, V.ARRAY, sub_type=V.BOOL)
+    for key, field in tok.items():
+        w.add_key_value(key, field.value, field.type, sub_type=field.sub_type)
+    w.add_file_type(int(_FILE_TYPES[wt]))
+    if wt not in (T.F32, T.F16, T.BF16):
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def write_drafter_header(path: str | os.PathLike, dcfg: DrafterConfig, schema: str = "upstream",
+                         qtype: str = "q8_0") -> None:
+    """A drafter file with real metadata and tensor infos whose data region is a hole (a sparse file of zeros):
+    checks configs and shapes of full-size drafters (e.g. 27B-class, ~2 GB in Q8_0) without writing weights."""
+    _check_schema(schema)
+    wt = WRITE_QTYPES[qtype]
+    shapes = param_shapes(dcfg)
+    w = gguf.GGUFWriter(os.fspath(path), SCHEMAS[schema])
+    _add_metadata(w, dcfg, schema, {}, wt)
+    data_bytes = 0
+    for name, p in tensor_names(schema, dcfg).items():
+        t = wt if len(shapes[p]) == 2 else T.F32
+        b, ts = gguf.GGML_QUANT_SIZES[t]
+        n = int(np.prod(shapes[p])) // b * ts
+        w.add_tensor_info(name, shapes[p], np.dtype(np.float32), n, raw_dtype=t)
+        data_bytes += -(-n // w.data_alignment) * w.data_alignment
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    w.close()
+    header = os.path.getsize(path)
+    os.truncate(path, -(-header // w.data_alignment) * w.data_alignment + data_bytes)
 
 
 def random_drafter_params(dcfg: DrafterConfig, seed: int, scale: float | None = None) -> dict[tuple, np.ndarray]:
