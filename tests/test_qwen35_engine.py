@@ -114,3 +114,34 @@ def test_injected_drafts_cut_at_every_position(engine, workload, monkeypatch):
         engine.spec.injector = None
     assert [t for t, _, _ in out] == ref[:8]
     assert seen == set(range(BLOCK))
+
+
+def test_seeded_sampling_equals_plain(engine, workload):
+    """Choices keyed by (seed, position): DFlash must draw what plain decoding draws, so the replayed state after
+    each step must be the state plain decoding reaches."""
+    prompts, _ = workload
+    params = [SamplingParams(max_tokens=16, temperature=1.0, seed=s, ignore_eos=True) for s in range(8)]
+    spec = run(engine, [Request(p, sp) for p, sp in zip(prompts, params)])
+    engine.spec.policy = "never"
+    try:
+        plain = run(engine, [Request(p, sp) for p, sp in zip(prompts, params)])
+    finally:
+        engine.spec.policy = "always"
+    assert [t for t, _, _ in spec] == [t for t, _, _ in plain]
+    assert len({tuple(t) for t, _, _ in spec}) > 1
+
+
+def test_no_compiles_after_warmup(engine, workload):
+    import jax
+
+    compiles = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda event, duration, **kw: compiles.append(event) if event.startswith("/jax/core/compile/") else None)
+    try:
+        prompts, _ = workload
+        params = [SamplingParams(max_tokens=m, temperature=(0.7 if i % 3 == 0 else 0.0), seed=i, ignore_eos=True,
+                                 presence_penalty=(0.5 if i % 4 == 1 else 0.0)) for i, m in enumerate(MAX_NEW)]
+        run(engine, [Request(p, sp) for p, sp in zip(prompts, params)])
+    finally:
+        jax.monitoring.clear_event_listeners()
+    assert compiles == []
