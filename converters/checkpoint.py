@@ -17,7 +17,7 @@ from flax import nnx
 from converters.drafter_gguf import check_compatible, load_drafter_gguf
 from converters.load_gguf import abstract_model, fill_model, load_gguf
 from converters.tokenizer import Tokenizer
-from dflash_jax.config import ModelConfig
+from dflash_jax.config import HybridConfig, ModelConfig
 from dflash_jax.models.dense import DenseDecoder
 from dflash_jax.models.drafter import Drafter
 from dflash_jax.spec_state import LoadedDrafter
@@ -55,7 +55,8 @@ def convert_gguf(gguf_path: Path, out_dir: Path, dtype: str = "bfloat16") -> Pat
 def load_checkpoint(directory: Path, dtype=None) -> LoadedModel:
     directory = Path(directory).absolute()
     meta = json.loads((directory / CONFIG_FILE).read_text())
-    cfg = ModelConfig(**meta["model"])
+    cfg_cls = HybridConfig if meta["model"]["arch"] in HybridConfig.ARCHS else ModelConfig
+    cfg = cfg_cls(**meta["model"])
     stored = jnp.dtype(meta["dtype"])
     graphdef, state = nnx.split(abstract_model(cfg, stored))
     with ocp.StandardCheckpointer() as ckpt:

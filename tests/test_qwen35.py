@@ -117,3 +117,13 @@ def test_matches_llamacpp(tiny, tiny_path):
     print(f"|top-1 logprob diff|: mean {np.mean(diffs):.2e}, max {np.max(diffs):.2e} over {len(diffs)} tokens")
     assert agreed_total >= 3 * NEW_TOKENS  # not a string of immediate near-tie splits
     assert np.mean(diffs) < 1e-3 and np.max(diffs) < 1e-2
+
+
+def test_converted_directory_round_trip(tiny, tiny_path, tmp_path):
+    from converters.checkpoint import convert_gguf
+
+    out = convert_gguf(tiny_path, tmp_path / "converted", dtype="float32")
+    back = load_model(out, jnp.float32)
+    assert back.config == tiny.config and isinstance(back.config, HybridConfig)
+    prompt = [tiny.tokenizer.encode("hello world, hello hybrid")]
+    assert greedy_generate(back.model, prompt, 6)[0] == greedy_generate(tiny.model, prompt, 6)[0]
