@@ -127,3 +127,21 @@ def test_converted_directory_round_trip(tiny, tiny_path, tmp_path):
     assert back.config == tiny.config and isinstance(back.config, HybridConfig)
     prompt = [tiny.tokenizer.encode("hello world, hello hybrid")]
     assert greedy_generate(back.model, prompt, 6)[0] == greedy_generate(tiny.model, prompt, 6)[0]
+
+
+def test_q8_0_weights_stay_q8_0_and_equal_dequantized(tmp_path):
+    """A Q8_0 hybrid keeps its projections as int8 + scales (the GPU format), and computes what the same weights
+    dequantized to f32 compute. (Against llama.cpp, its F32 rewrite of this file agrees token for token, measured;
+    llama.cpp on the Q8_0 file itself also rounds activations to 8 bits, which random hybrids amplify.)"""
+    path = tmp_path / "qwen35-q8.gguf"
+    spec = dataclasses.replace(PRESETS["qwen35-tiny"], vocab_size=512, tied_embeddings=True, qtype="q8_0")
+    write_random_gguf(str(path), spec, None, seed=4)
+    q8 = load_model(str(path), jnp.float32)
+    f32 = load_model(str(path), jnp.float32, weights="bf16")
+    assert q8.model.layers[0].linear_attn.in_proj_qkv.qweight[...].dtype == jnp.int8
+    assert q8.model.layers[3].self_attn.q_proj.qweight[...].dtype == jnp.int8
+    prompts = [list(range(3, 40)), [7, 9, 11]]
+    tq, lq = greedy_generate(q8.model, prompts, 12)
+    tf, lf = greedy_generate(f32.model, prompts, 12)
+    assert tq == tf
+    np.testing.assert_allclose(lq, lf, atol=1e-3)

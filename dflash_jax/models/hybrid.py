@@ -16,10 +16,11 @@ from flax import nnx
 
 from dflash_jax.config import HybridConfig
 from dflash_jax.kv_cache import AttentionMeta, token_positions, write_kv
-from dflash_jax.models.dense import MLP, Linear, RMSNorm, rope
+from dflash_jax.models.dense import MLP, Linear, RMSNorm, _sub, rope
 from dflash_jax.state_pool import HybridCache
 from pallas_kernels import gated_delta_net as gdn
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention
+from pallas_kernels.weight_matmul import linear
 
 
 def partial_rope(x: jax.Array, positions: jax.Array, theta: float, rope_dims: int) -> jax.Array:
@@ -29,12 +30,12 @@ def partial_rope(x: jax.Array, positions: jax.Array, theta: float, rope_dims: in
 
 
 class GatedAttention(nnx.Module):
-    def __init__(self, cfg: HybridConfig, dtype):
+    def __init__(self, cfg: HybridConfig, dtype, q8: frozenset[str] = frozenset()):
         d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.q_proj = Linear(d, 2 * n * h, dtype)  # per head: [query (H), output gate (H)]
-        self.k_proj = Linear(d, k * h, dtype)
-        self.v_proj = Linear(d, k * h, dtype)
-        self.o_proj = Linear(n * h, d, dtype)
+        self.q_proj = Linear(d, 2 * n * h, dtype, q8_0="q_proj" in q8)  # per head: [query (H), output gate (H)]
+        self.k_proj = Linear(d, k * h, dtype, q8_0="k_proj" in q8)
+        self.v_proj = Linear(d, k * h, dtype, q8_0="v_proj" in q8)
+        self.o_proj = Linear(n * h, d, dtype, q8_0="o_proj" in q8)
         self.q_norm = RMSNorm(h, cfg.rms_eps, dtype)
         self.k_norm = RMSNorm(h, cfg.rms_eps, dtype)
         self.cfg = cfg
@@ -61,17 +62,17 @@ def _l2norm(x, eps):
 
 
 class GatedDeltaNet(nnx.Module):
-    def __init__(self, cfg: HybridConfig, dtype):
+    def __init__(self, cfg: HybridConfig, dtype, q8: frozenset[str] = frozenset()):
         d, hv = cfg.hidden_size, cfg.ssm_v_heads
-        self.in_proj_qkv = Linear(d, cfg.conv_dim, dtype)
-        self.in_proj_z = Linear(d, cfg.ssm_value_dim, dtype)
-        self.in_proj_b = Linear(d, hv, dtype)
-        self.in_proj_a = Linear(d, hv, dtype)
+        self.in_proj_qkv = Linear(d, cfg.conv_dim, dtype, q8_0="in_proj_qkv" in q8)
+        self.in_proj_z = Linear(d, cfg.ssm_value_dim, dtype, q8_0="in_proj_z" in q8)
+        self.in_proj_b = Linear(d, hv, dtype, q8_0="in_proj_b" in q8)
+        self.in_proj_a = Linear(d, hv, dtype, q8_0="in_proj_a" in q8)
         self.conv1d = nnx.Param(jnp.zeros((cfg.conv_dim, cfg.conv_kernel), dtype))  # (C, kernel)
         self.dt_bias = nnx.Param(jnp.zeros((hv,), dtype))
         self.A = nnx.Param(jnp.zeros((hv,), dtype))  # = -exp(A_log), as the GGUF stores it
         self.norm = RMSNorm(cfg.ssm_head_dim, cfg.rms_eps, dtype)
-        self.out_proj = Linear(cfg.ssm_value_dim, d, dtype)
+        self.out_proj = Linear(cfg.ssm_value_dim, d, dtype, q8_0="out_proj" in q8)
         self.cfg = cfg
 
     def qkv(self, x):
@@ -106,13 +107,13 @@ class GatedDeltaNet(nnx.Module):
 
 
 class HybridLayer(nnx.Module):
-    def __init__(self, cfg: HybridConfig, layer: int, dtype):
+    def __init__(self, cfg: HybridConfig, layer: int, dtype, q8: frozenset[str] = frozenset()):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_eps, dtype)
         recurrent = cfg.is_recurrent(layer)
-        self.linear_attn = GatedDeltaNet(cfg, dtype) if recurrent else None
-        self.self_attn = None if recurrent else GatedAttention(cfg, dtype)
+        self.linear_attn = GatedDeltaNet(cfg, dtype, _sub(q8, "linear_attn")) if recurrent else None
+        self.self_attn = None if recurrent else GatedAttention(cfg, dtype, _sub(q8, "self_attn"))
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_eps, dtype)
-        self.mlp = MLP(cfg, dtype)
+        self.mlp = MLP(cfg, dtype, _sub(q8, "mlp"))
 
 
 @jax.tree_util.register_dataclass
@@ -131,14 +132,15 @@ class HybridDecoder(nnx.Module):
     is_hybrid = True
 
     def __init__(self, cfg: HybridConfig, dtype=jnp.bfloat16, q8_linears: frozenset[str] = frozenset()):
-        if q8_linears:
-            raise NotImplementedError(f"{cfg.arch}: Q8_0-resident weights are not wired into the hybrid model yet; "
-                                      f"load with weights='bf16' (dequantized)")
+        """q8_linears: dotted paths of the Linear layers that keep GGUF Q8_0 weights, as in DenseDecoder."""
         self.cfg = cfg
         self.embed_tokens = nnx.Param(jnp.zeros((cfg.vocab_size, cfg.hidden_size), dtype))  # (V, D)
-        self.layers = nnx.List([HybridLayer(cfg, i, dtype) for i in range(cfg.num_layers)])
+        self.layers = nnx.List([HybridLayer(cfg, i, dtype, _sub(q8_linears, f"layers.{i}"))
+                                for i in range(cfg.num_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_eps, dtype)
-        self.lm_head = None if cfg.tie_embeddings else Linear(cfg.hidden_size, cfg.vocab_size, dtype)
+        head_q8 = "lm_head" in q8_linears
+        self.lm_head = (None if cfg.tie_embeddings and not head_q8
+                        else Linear(cfg.hidden_size, cfg.vocab_size, dtype, q8_0=head_q8))
 
     def __call__(self, tokens: jax.Array, meta: AttentionMeta, cache: HybridCache,
                  tap_layers: tuple[int, ...] = ()) -> tuple[jax.Array, HybridCache, jax.Array | None]:
@@ -220,4 +222,4 @@ class HybridDecoder(nnx.Module):
         """(..., D) -> (..., V) float32."""
         if self.lm_head is not None:
             return self.lm_head(hidden).astype(jnp.float32)
-        return jnp.einsum("...d,vd->...v", hidden, self.embed_tokens[...], preferred_element_type=jnp.float32)
+        return linear(hidden, self.embed_tokens[...], out_dtype=jnp.float32)
