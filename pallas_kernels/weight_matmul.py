@@ -97,7 +97,9 @@ def pick_config(m: int, k: int, n: int, quantized: bool, num_sms: int | None = N
     num_sms = _num_sms() if num_sms is None else num_sms
     block_m = min(max(16, _next_pow2(m)), 64)
     block_n = block_n or (128 if quantized else 64)
-    block_k = block_k or ((256 if block_m <= 32 else 128) if quantized else 128)
+    # Q8_0 at 128: the pipelined stage holds the int8 tile and its gathered f16 scales (3 B a weight), and two stages
+    # of a 256-deep tile would nearly fill an SM's shared memory.
+    block_k = block_k or 128
     tiles = -(-m // block_m) * -(-n // block_n)
     k_steps = -(-k // block_k)
     weight_bytes_per_k = 1 if quantized else 2
@@ -219,25 +221,30 @@ def matmul_pallas(x: jax.Array, weight: jax.Array, *, config: TileConfig | None 
 
 # --- dispatch ---------------------------------------------------------------------------------------------------
 
-def default_impl() -> str:
-    """'pallas' on a GPU backend, else 'reference'; $DFLASH_MATMUL_IMPL (reference|pallas|interpret) overrides."""
+def default_impl(quantized: bool = False) -> str:
+    """On a GPU: the Pallas kernel for Q8_0 weights and XLA's own product ('reference') for float weights — on an
+    H200 XLA's bf16 product streamed faster than the bf16 kernel (65 vs 55 % of copy bandwidth for a Qwen3-8B layer
+    at M=1), while XLA's Q8_0 product (dequantized weights materialized) ran at 13 %, below the Q8_0 kernel
+    (BENCHMARKS.md). Off GPU: the reference. $DFLASH_MATMUL_IMPL (reference|pallas|interpret) overrides both."""
     env = os.environ.get("DFLASH_MATMUL_IMPL", "").strip().lower()
     if env and env != "auto":
         return env
-    return "pallas" if jax.default_backend() == "gpu" else "reference"
+    if jax.default_backend() != "gpu":
+        return "reference"
+    return "pallas" if quantized else "reference"
 
 
-def _resolve(impl: str) -> str:
-    impl = default_impl() if impl == "auto" else impl
+def _resolve(impl: str, quantized: bool) -> str:
+    impl = default_impl(quantized) if impl == "auto" else impl
     if impl not in ("reference", "pallas", "interpret"):
         raise ValueError(f"unknown matmul impl {impl!r}; expected auto, reference, pallas or interpret")
     return impl
 
 
 def linear(x: jax.Array, weight: jax.Array, *, impl: str = "auto", out_dtype=None) -> jax.Array:
-    """x (..., K) @ weight (N, K).T. impl: 'auto' (the Pallas kernel on GPU, the reference elsewhere;
-    $DFLASH_MATMUL_IMPL overrides), 'reference', 'pallas', 'interpret' (CPU tests only, slow)."""
-    impl = _resolve(impl)
+    """x (..., K) @ weight (N, K).T. impl: 'auto' (`default_impl`), 'reference', 'pallas', 'interpret' (the kernel
+    in Pallas interpret mode: CPU tests only, slow)."""
+    impl = _resolve(impl, quantized=False)
     if impl == "reference":
         return matmul_reference(x, weight, out_dtype)
     return matmul_pallas(x, weight, interpret=impl == "interpret", out_dtype=out_dtype)
@@ -245,7 +252,7 @@ def linear(x: jax.Array, weight: jax.Array, *, impl: str = "auto", out_dtype=Non
 
 def q8_0_linear(x: jax.Array, qweight: jax.Array, scales: jax.Array, *, impl: str = "auto") -> jax.Array:
     """x (..., K) @ dequant(qweight, scales) (K, N), dispatched like `linear`."""
-    impl = _resolve(impl)
+    impl = _resolve(impl, quantized=True)
     if impl == "reference":
         return q8_0_matmul_reference(x, qweight, scales)
     return q8_0_matmul_pallas(x, qweight, scales, interpret=impl == "interpret")
