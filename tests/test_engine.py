@@ -170,3 +170,23 @@ def test_cancel_frees_slot(engine, tiny):
 def test_prompt_too_long_is_rejected(engine):
     with pytest.raises(ValueError, match="context per slot"):
         engine.submit(Request(list(range(3, 3 + 128)), SamplingParams()))
+
+
+def test_q8_0_model_serves_like_its_dequantized_load(tmp_path):
+    """A Q8_0 file served with its projections kept as int8 + scales gives the tokens of the same file dequantized at
+    load (f32 here, where the Q8_0 product is exact), through the whole engine: scheduler, buckets, donated caches."""
+    path = tmp_path / "llama-tiny-q8_0.gguf"
+    write_random_gguf(str(path), dataclasses.replace(PRESETS["llama-tiny"], vocab_size=512, qtype="q8_0"), None,
+                      seed=8)
+    q8, dequantized = load_model(str(path), jnp.float32), load_model(str(path), jnp.float32, weights="bf16")
+    assert q8.model.layers[0].mlp.up_proj.is_q8_0 and not dequantized.model.layers[0].mlp.up_proj.is_q8_0
+    eng = Engine(q8, EngineConfig(num_slots=2, ctx_size=256, ctx_per_slot=64, page_size=8, prefill_chunk=16))
+    eng.warmup(progress=False)
+    eng.start()
+    try:
+        prompts = prompts_for(np.random.default_rng(2), 3, 512)
+        got = run(eng, [Request(p, SamplingParams(max_tokens=6, ignore_eos=True)) for p in prompts])
+    finally:
+        eng.stop()
+    for p, (toks, _, _) in zip(prompts, got):
+        assert toks == greedy_generate(dequantized.model, [p], 6)[0][0]
