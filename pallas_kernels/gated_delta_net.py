@@ -1,6 +1,7 @@
 """Gated delta rule (Yang et al., "Gated Delta Networks", 2024; the Qwen3-Next / Qwen3.5 linear attention) in pure jnp:
 the recurrent form (decode, verify, and the replay that commits a verified prefix) and the chunked parallel form
-(prefill chunks), both from a given state. No Pallas kernel yet: these references are what every backend runs.
+(prefill chunks), both from a given state; and the recurrent form as a Pallas kernel (Triton lowering on GPUs,
+`interpret=True` on CPU) behind `recurrent_dispatch`.
 
 Per value head, with the state S (Dk, Dv), log decay g, write strength beta, unit-norm k and q scaled by 1/sqrt(Dk):
     S_t = exp(g_t) S_{t-1} + k_t (beta_t (v_t - k_t^T exp(g_t) S_{t-1}))^T,    o_t = S_t^T q_t
@@ -10,8 +11,12 @@ Dimensions: B rows, T tokens, H value heads, Dk key dim, Dv value dim, C chunk.
 """
 from __future__ import annotations
 
+import functools
+import os
+
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
 
 CHUNK = 64  # as llama.cpp's chunked form; any size gives the same result up to rounding
 
@@ -41,7 +46,7 @@ def replay(state, k, v, g, beta, num_steps):
     keep = jnp.arange(k.shape[1])[None, :] < num_steps[:, None]  # (B, T)
     g = jnp.where(keep[..., None], g, 0.0)
     beta = jnp.where(keep[..., None], beta, 0.0)
-    state, _ = recurrent(state, jnp.zeros_like(k), k, v, g, beta)
+    state, _ = recurrent_dispatch(state, jnp.zeros_like(k), k, v, g, beta)
     return state
 
 
@@ -106,3 +111,84 @@ def conv_window(conv_state, x, num_valid):
     full = jnp.concatenate([conv_state.astype(x.dtype), x], axis=1)
     idx = num_valid[:, None] + jnp.arange(conv_state.shape[1])[None, :]  # (B, K-1) rows of `full`
     return jnp.take_along_axis(full, idx[..., None], axis=1)
+
+
+# --- Pallas kernel: the recurrent form (decode, verify, replay) ---------------------------------------------------
+#
+# Value columns of the state are independent in the delta rule (S[:, j] only meets v[j] and o[j]), so a program
+# owns one (row, head, value tile): S tile (Dk, BV) stays in registers for all T tokens, read once and written once,
+# where the XLA scan reads and writes the whole state every token. Grid (B, H, Dv / BV); T padded to a power of two
+# with no-op tokens (g = beta = 0), as Triton wants power-of-two blocks.
+
+def _recurrent_kernel(s_ref, q_ref, k_ref, v_ref, g_ref, b_ref, s_out_ref, o_ref, *, num_tokens: int):
+    def body(t, s):
+        q = q_ref[pl.ds(t, 1), :].astype(jnp.float32)  # (1, Dk)
+        k = k_ref[pl.ds(t, 1), :].astype(jnp.float32)
+        v = v_ref[pl.ds(t, 1), :].astype(jnp.float32)  # (1, BV)
+        g = g_ref[pl.ds(t, 1)].astype(jnp.float32)  # (1,)
+        beta = b_ref[pl.ds(t, 1)].astype(jnp.float32)
+        s = s * jnp.exp(g)[:, None]
+        kv_mem = jnp.sum(s * k.T, axis=0, keepdims=True)  # (1, BV)
+        delta = (v - kv_mem) * beta[:, None]
+        s = s + k.T * delta
+        o_ref[pl.ds(t, 1), :] = jnp.sum(s * q.T, axis=0, keepdims=True).astype(o_ref.dtype)
+        return s
+
+    s_out_ref[...] = jax.lax.fori_loop(0, num_tokens, body, s_ref[...].astype(jnp.float32))
+
+
+def recurrent_pallas(state, q, k, v, g, beta, *, block_v: int | None = None, interpret: bool = False,
+                     num_warps: int = 4):
+    """Same map as `recurrent` (same arguments and results), as one Pallas kernel."""
+    b, t, h, dk = k.shape
+    dv = v.shape[-1]
+    tp = 1 << max(0, (t - 1).bit_length())
+    bv = block_v or min(dv, 32)
+    if dv % bv or dk & (dk - 1) or bv & (bv - 1):
+        raise ValueError(f"gated delta rule kernel needs power-of-two Dk and value tiles dividing Dv; got Dk {dk}, "
+                         f"Dv {dv}, block_v {bv}")
+
+    def heads_first(a):  # (B, T, H, ...) -> (B, H, Tp, ...), padded tokens are no-ops
+        a = jnp.moveaxis(a, 2, 1)
+        return jnp.pad(a, [(0, 0), (0, 0), (0, tp - t)] + [(0, 0)] * (a.ndim - 3)) if tp != t else a
+
+    qh, kh, vh, gh, bh = (heads_first(a) for a in (q, k, v, g, beta))
+    grid = (b, h, dv // bv)
+    tok = lambda bi, hi, j: (bi, hi, 0, 0)  # noqa: E731
+    in_specs = [
+        pl.BlockSpec((None, None, dk, bv), lambda bi, hi, j: (bi, hi, 0, j)),
+        pl.BlockSpec((None, None, tp, dk), tok),
+        pl.BlockSpec((None, None, tp, dk), tok),
+        pl.BlockSpec((None, None, tp, bv), lambda bi, hi, j: (bi, hi, 0, j)),
+        pl.BlockSpec((None, None, tp), lambda bi, hi, j: (bi, hi, 0)),
+        pl.BlockSpec((None, None, tp), lambda bi, hi, j: (bi, hi, 0)),
+    ]
+    out_specs = [pl.BlockSpec((None, None, dk, bv), lambda bi, hi, j: (bi, hi, 0, j)),
+                 pl.BlockSpec((None, None, tp, bv), lambda bi, hi, j: (bi, hi, 0, j))]
+    out_shape = [jax.ShapeDtypeStruct(state.shape, jnp.float32), jax.ShapeDtypeStruct((b, h, tp, dv), v.dtype)]
+    compiler_params = None
+    if not interpret:
+        from jax.experimental.pallas import triton as pl_triton  # noqa: PLC0415
+        compiler_params = pl_triton.CompilerParams(num_warps=num_warps, num_stages=1)
+    new_state, o = pl.pallas_call(
+        functools.partial(_recurrent_kernel, num_tokens=t), grid=grid, in_specs=in_specs, out_specs=out_specs,
+        out_shape=out_shape, interpret=interpret, compiler_params=compiler_params,
+        name="gated_delta_rule_recurrent")(state.astype(jnp.float32), qh, kh, vh, gh, bh)
+    return new_state, jnp.moveaxis(o[:, :, :t], 1, 2)
+
+
+def default_impl() -> str:
+    """'reference' unless $DFLASH_GDN_IMPL (reference|pallas|interpret) says otherwise. The kernel is tested in
+    interpret mode on CPU only; make 'pallas' the GPU default once it has been checked (and timed) on a GPU."""
+    env = os.environ.get("DFLASH_GDN_IMPL", "").strip().lower()
+    return env if env and env != "auto" else "reference"
+
+
+def recurrent_dispatch(state, q, k, v, g, beta, *, impl: str = "auto"):
+    """`recurrent` through the chosen implementation: 'reference' (XLA scan), 'pallas', 'interpret'."""
+    impl = default_impl() if impl == "auto" else impl
+    if impl == "reference":
+        return recurrent(state, q, k, v, g, beta)
+    if impl not in ("pallas", "interpret"):
+        raise ValueError(f"unknown gated delta rule impl {impl!r}")
+    return recurrent_pallas(state, q, k, v, g, beta, interpret=impl == "interpret")

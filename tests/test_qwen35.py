@@ -45,6 +45,16 @@ def test_chunked_equals_recurrent(t, chunk):
     np.testing.assert_allclose(s_ch, s_rec, atol=2e-6)
 
 
+@pytest.mark.parametrize("t,dh,block_v", [(1, 32, 32), (5, 32, 16), (16, 64, 32)])
+def test_recurrent_kernel_interpret(t, dh, block_v):
+    """The Pallas recurrent kernel (interpret mode) against the scan; T = 5 pads to 8 with no-op tokens."""
+    q, k, v, g, beta, s0 = _rule_inputs(np.random.default_rng(t), 2, t, 3, dh)
+    s_ref, o_ref = gdn.recurrent(s0, q, k, v, g, beta)
+    s_k, o_k = gdn.recurrent_pallas(s0, q, k, v, g, beta, block_v=block_v, interpret=True)
+    np.testing.assert_allclose(o_k, o_ref, atol=1e-6)
+    np.testing.assert_allclose(s_k, s_ref, atol=1e-6)
+
+
 def test_replay_commits_exactly_the_prefix():
     q, k, v, g, beta, s0 = _rule_inputs(np.random.default_rng(0), 3, 16, 2, 8)
     steps = jnp.array([1, 7, 16])

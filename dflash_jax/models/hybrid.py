@@ -196,7 +196,7 @@ class HybridDecoder(nnx.Module):
                 qkv = net.qkv(h)
                 q, k, v, g, beta = net.rule_inputs(h, qkv, c0, valid)
                 if verify or t == 1:
-                    s1, o = gdn.recurrent(s0, q, k, v, g, beta)
+                    s1, o = gdn.recurrent_dispatch(s0, q, k, v, g, beta)
                 else:
                     s1, o = gdn.chunked(s0, q, k, v, g, beta)
                 if verify:
