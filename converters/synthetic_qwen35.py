@@ -33,6 +33,10 @@ class Qwen35Spec:
     context_length: int = 4096
     tied_embeddings: bool = False
     qtype: str = "f32"
+    # As convert_hf_to_gguf writes real Qwen3.5/3.6 files: the MTP (next-token) block appended after the trunk
+    # (block_count = trunk + mtp_layers), and the per-layer `attention.recurrent_layers` pattern from HF layer_types.
+    mtp_layers: int = 0
+    recurrent_layers_key: bool = False
     arch: str = "qwen35"
 
     def __post_init__(self):
@@ -60,10 +64,11 @@ PRESETS: dict[str, Qwen35Spec] = {
     "qwen35-tiny": Qwen35Spec(num_layers=8, hidden=128, ffn=256, num_heads=4, num_kv_heads=2, head_dim=64,
                               rope_dims=16, rope_sections=(3, 3, 2, 0), ssm_k_heads=2, ssm_v_heads=4,
                               ssm_head_dim=32),
-    # Qwen3.6-27B (DESIGN.md section 6).
+    # Qwen3.6-27B (DESIGN.md section 6), with its MTP block and layer pattern as the HF converter writes them.
     "qwen35-27b": Qwen35Spec(num_layers=64, hidden=5120, ffn=17408, num_heads=24, num_kv_heads=4, head_dim=256,
                              rope_dims=64, rope_sections=(11, 11, 10, 0), ssm_k_heads=16, ssm_v_heads=48,
-                             ssm_head_dim=128, vocab_size=248320, context_length=262144),
+                             ssm_head_dim=128, vocab_size=248320, context_length=262144, mtp_layers=1,
+                             recurrent_layers_key=True),
 }
 
 
@@ -108,6 +113,19 @@ def tensor_plan(spec: Qwen35Spec, vocab_size: int, weight_scale: float | None, p
         plan += [f32(p + "post_attention_norm.weight", (d,), 0.1, 1.0),
                  proj(p + "ffn_gate.weight", spec.ffn, d), proj(p + "ffn_up.weight", spec.ffn, d),
                  proj(p + "ffn_down.weight", d, spec.ffn, ffn_down_gain)]
+    for i in range(spec.num_layers, spec.num_layers + spec.mtp_layers):
+        # llama.cpp's load_block_mtp: a full-attention block plus the nextn projections (not run by the trunk).
+        p = f"blk.{i}."
+        plan += [f32(p + "attn_norm.weight", (d,), 0.1, 1.0),
+                 proj(p + "attn_q.weight", 2 * q_dim, d), proj(p + "attn_k.weight", kv_dim, d),
+                 proj(p + "attn_v.weight", kv_dim, d),
+                 f32(p + "attn_q_norm.weight", (h,), 0.1, 1.0), f32(p + "attn_k_norm.weight", (h,), 0.1, 1.0),
+                 proj(p + "attn_output.weight", d, q_dim, attn_out_gain),
+                 f32(p + "post_attention_norm.weight", (d,), 0.1, 1.0),
+                 proj(p + "ffn_gate.weight", spec.ffn, d), proj(p + "ffn_up.weight", spec.ffn, d),
+                 proj(p + "ffn_down.weight", d, spec.ffn, ffn_down_gain),
+                 proj(p + "nextn.eh_proj.weight", d, 2 * d), f32(p + "nextn.enorm.weight", (d,), 0.1, 1.0),
+                 f32(p + "nextn.hnorm.weight", (d,), 0.1, 1.0)]
     plan.append(f32("output_norm.weight", (d,), 0.1, 1.0))
     if not spec.tied_embeddings:
         plan.append(planned("output.weight", (vocab_size, d), wt, out_std))
@@ -118,7 +136,13 @@ def add_metadata(w: gguf.GGUFWriter, spec: Qwen35Spec) -> None:
     """The keys llama.cpp's qwen35 loader reads (names as convert_hf_to_gguf writes them)."""
     w.add_context_length(spec.context_length)
     w.add_embedding_length(spec.hidden)
-    w.add_block_count(spec.num_layers)
+    w.add_block_count(spec.num_layers + spec.mtp_layers)
+    if spec.mtp_layers:
+        w.add_nextn_predict_layers(spec.mtp_layers)
+    if spec.recurrent_layers_key:
+        # (the gguf package here predates GGUFWriter.add_recurrent_layers; same key and type)
+        w.add_array(f"{spec.arch}.attention.recurrent_layers",
+                    [spec.is_recurrent(i) for i in range(spec.num_layers)] + [False] * spec.mtp_layers)
     w.add_feed_forward_length(spec.ffn)
     w.add_head_count(spec.num_heads)
     w.add_head_count_kv(spec.num_kv_heads)

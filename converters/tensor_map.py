@@ -58,7 +58,7 @@ def check_tensors(g: GGUFFile, cfg: ModelConfig) -> dict[str, tuple[tuple, tuple
     expected = expected_tensors(cfg)
     problems = []
     missing = sorted(set(expected) - set(g.tensors))
-    extra = sorted(set(g.tensors) - set(expected) - {"rope_freqs.weight"})
+    extra = sorted(n for n in set(g.tensors) - set(expected) - {"rope_freqs.weight"} if not cfg.skips_tensor(n))
     if missing:
         problems.append(f"missing tensors {missing[:8]}{' ...' if len(missing) > 8 else ''}")
     if extra:

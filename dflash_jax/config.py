@@ -54,6 +54,10 @@ class ModelConfig:
         """Layers with a paged KV cache."""
         return self.num_layers
 
+    def skips_tensor(self, name: str) -> bool:
+        """A tensor of the file that the model deliberately does not load."""
+        return False
+
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)
 
@@ -121,10 +125,18 @@ class HybridConfig(ModelConfig):
     ssm_k_heads: int = 1  # key heads, broadcast to value heads in tiled order (v head j uses key head j % k)
     ssm_v_heads: int = 1
     ssm_head_dim: int = 1  # key and value head dim (the delta-rule state is ssm_head_dim x ssm_head_dim)
+    recurrent_pattern: tuple[bool, ...] = ()  # explicit per-layer pattern (attention.recurrent_layers); () = interval
+    num_mtp_layers: int = 0  # MTP blocks stored after the trunk (nextn_predict_layers): kept in the file, not loaded
     ARCHS: ClassVar[tuple[str, ...]] = ("qwen35",)
 
     def __post_init__(self):
         super().__post_init__()
+        object.__setattr__(self, "recurrent_pattern", tuple(bool(r) for r in self.recurrent_pattern))
+        if self.recurrent_pattern and len(self.recurrent_pattern) != self.num_layers:
+            raise ValueError(f"HybridConfig.recurrent_pattern has {len(self.recurrent_pattern)} flags for "
+                             f"{self.num_layers} layers")
+        if self.num_mtp_layers < 0:
+            raise ValueError(f"HybridConfig.num_mtp_layers must be >= 0, got {self.num_mtp_layers}")
         for name in ("rope_dims", "full_attention_interval", "conv_kernel", "ssm_k_heads", "ssm_v_heads",
                      "ssm_head_dim"):
             if getattr(self, name) <= 0:
@@ -140,7 +152,15 @@ class HybridConfig(ModelConfig):
                              f"attention layer in {self.num_layers}")
 
     def is_recurrent(self, layer: int) -> bool:
+        if self.recurrent_pattern:
+            return self.recurrent_pattern[layer]
         return (layer + 1) % self.full_attention_interval != 0
+
+    def skips_tensor(self, name: str) -> bool:
+        # The MTP block (a draft head of its own) sits in blk.{num_layers ...}: DFlash does not use it.
+        parts = name.split(".")
+        return (self.num_mtp_layers > 0 and parts[0] == "blk" and parts[1].isdigit()
+                and self.num_layers <= int(parts[1]) < self.num_layers + self.num_mtp_layers)
 
     @property
     def attention_layers(self) -> tuple[int, ...]:
@@ -176,9 +196,11 @@ class HybridConfig(ModelConfig):
         head_dim = int(g.arch_key("attention.key_length", hidden // num_heads))
         if int(g.arch_key("attention.value_length", head_dim)) != head_dim:
             raise GGUFError(g.path, "attention.value_length != key_length is not supported")
-        if g.get(f"{g.arch}.attention.recurrent_layers") is not None:
-            raise GGUFError(g.path, "an explicit attention.recurrent_layers pattern is not supported; "
-                                    "only full_attention_interval")
+        num_mtp = int(g.arch_key("nextn_predict_layers", 0))
+        num_layers = req("block_count") - num_mtp
+        pattern = g.arch_key("attention.recurrent_layers")
+        if pattern is not None and len(pattern) < num_layers:
+            raise GGUFError(g.path, f"attention.recurrent_layers has {len(pattern)} flags for {num_layers} layers")
         state = req("ssm.state_size")
         v_heads = req("ssm.time_step_rank")
         if req("ssm.inner_size") != state * v_heads:
@@ -192,7 +214,7 @@ class HybridConfig(ModelConfig):
                                              else len(g.get("tokenizer.ggml.tokens") or ()))
         try:
             return cls(
-                arch=g.arch, num_layers=req("block_count"), hidden_size=hidden,
+                arch=g.arch, num_layers=num_layers, hidden_size=hidden,
                 intermediate_size=req("feed_forward_length"), num_heads=num_heads,
                 num_kv_heads=int(g.arch_key("attention.head_count_kv", num_heads)), head_dim=head_dim,
                 vocab_size=int(vocab), rope_theta=float(g.arch_key("rope.freq_base", 10000.0)),
@@ -202,7 +224,8 @@ class HybridConfig(ModelConfig):
                 rope_dims=int(g.arch_key("rope.dimension_count", head_dim)),
                 full_attention_interval=int(g.arch_key("full_attention_interval", 4)),
                 conv_kernel=req("ssm.conv_kernel"), ssm_k_heads=req("ssm.group_count"), ssm_v_heads=v_heads,
-                ssm_head_dim=state,
+                ssm_head_dim=state, num_mtp_layers=num_mtp,
+                recurrent_pattern=tuple(bool(r) for r in pattern[:num_layers]) if pattern is not None else (),
             )
         except ValueError as e:
             raise GGUFError(g.path, str(e)) from e

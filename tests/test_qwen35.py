@@ -155,3 +155,22 @@ def test_q8_0_weights_stay_q8_0_and_equal_dequantized(tmp_path):
     tf, lf = greedy_generate(f32.model, prompts, 12)
     assert tq == tf
     np.testing.assert_allclose(lq, lf, atol=1e-3)
+
+
+def test_mtp_block_and_layer_pattern_as_converted_files_have_them(tmp_path):
+    """Real Qwen3.5/3.6 GGUFs carry the MTP block after the trunk (block_count = trunk + 1, nextn_predict_layers)
+    and the attention.recurrent_layers pattern: the trunk loads, the MTP block is left in the file, and greedy
+    decoding still matches llama.cpp."""
+    path = tmp_path / "qwen35-mtp.gguf"
+    spec = dataclasses.replace(PRESETS["qwen35-tiny"], tied_embeddings=True, mtp_layers=1, recurrent_layers_key=True)
+    write_random_gguf(str(path), spec, QWEN2_VOCAB, seed=5)
+    lm = load_model(str(path), jnp.float32)
+    cfg = lm.config
+    assert (cfg.num_layers, cfg.num_mtp_layers, cfg.attention_layers) == (8, 1, (3, 7))
+    assert cfg.recurrent_pattern == tuple(spec.is_recurrent(i) for i in range(8))
+    prompt = lm.tokenizer.encode("The three laws of thermodynamics are")
+    ours, our_logprobs = greedy_generate(lm.model, [prompt], 16)
+    _, pieces = LlamaCpp(str(path), n_ctx=256).greedy(prompt, 16)
+    agreed, diffs, first_bad = align(ours[0], our_logprobs[0], lm.tokenizer.token_bytes, pieces)
+    assert first_bad is None or first_bad.margin < F32_TIE, f"diverged after {agreed} pieces"
+    assert agreed >= 8 and max(diffs) < 1e-2

@@ -43,6 +43,7 @@ def test_27b_target_config_and_tensor_map(target_27b):
     assert (cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size) == (64, 5120, 17408, 248320)
     assert (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rope_dims, cfg.rope_theta) == (24, 4, 256, 64, 1e7)
     assert cfg.attention_layers == tuple(range(3, 64, 4)) and len(cfg.recurrent_layers) == 48
+    assert cfg.num_mtp_layers == 1 and "blk.64.nextn.eh_proj.weight" in g.tensors  # kept in the file, not loaded
     assert (cfg.ssm_k_heads, cfg.ssm_v_heads, cfg.ssm_head_dim, cfg.conv_dim) == (16, 48, 128, 10240)
     expected = check_tensors(g, cfg)  # every tensor present with the shape our model wants, nothing left over
     assert expected["blk.3.attn_q.weight"][1] == (12288, 5120)  # query + gate, packed per head
