@@ -481,3 +481,34 @@ def random_drafter_params(dcfg: DrafterConfig, seed: int, scale: float | None = 
             std = scale if scale is not None else 1.0 / math.sqrt(shape[1])
             out[p] = (std * rng.standard_normal(shape)).astype(np.float32)
     return out
+
+
+PRESETS = {
+    # z-lab Qwen3.6-27B-DFlash (DESIGN.md section 5): taps of a 64-layer target, mask = Qwen3.5/3.6's unused row.
+    "qwen3.6-27b": DrafterConfig(num_layers=5, hidden_size=5120, intermediate_size=17408, num_heads=32,
+                                 num_kv_heads=8, head_dim=128, rms_eps=1e-6, rope_theta=1e7, block_size=16,
+                                 mask_token_id=248070, target_layer_ids=(1, 16, 31, 46, 61), max_position=262144),
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    ap = argparse.ArgumentParser(prog="python -m converters.drafter_gguf",
+                                 description="Write a random-weight DFlash drafter GGUF of a preset shape.")
+    ap.add_argument("out")
+    ap.add_argument("--preset", required=True, choices=sorted(PRESETS))
+    ap.add_argument("--schema", default="upstream", choices=sorted(SCHEMAS))
+    ap.add_argument("--qtype", default="q8_0", choices=sorted(WRITE_QTYPES))
+    ap.add_argument("--tokenizer-source", default=None, help="target GGUF whose tokenizer llama.cpp will check")
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args(argv)
+    dcfg = PRESETS[a.preset]
+    write_drafter_gguf(a.out, dcfg, random_drafter_params(dcfg, a.seed), a.schema, a.tokenizer_source, a.qtype)
+    print(f"wrote {a.out}: {os.path.getsize(a.out):,} bytes ({a.schema} schema, {dcfg.num_layers} layers, "
+          f"hidden {dcfg.hidden_size}, {a.qtype})", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

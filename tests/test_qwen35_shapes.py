@@ -13,6 +13,7 @@ import pytest
 from flax import nnx
 
 from converters.checkpoint import load_drafter
+from converters.drafter_gguf import PRESETS as DRAFTER_PRESETS
 from converters.drafter_gguf import (check_compatible, load_drafter_gguf, param_shapes, random_drafter_params,
                                      read_drafter_config, tensor_names, write_drafter_gguf, write_drafter_header)
 from converters.gguf_file import GGUFError, open_gguf
@@ -26,6 +27,7 @@ TAPS = (1, 16, 31, 46, 61)  # 64 layers: uniform from 1 to L-3
 DRAFTER_27B = DrafterConfig(num_layers=5, hidden_size=5120, intermediate_size=17408, num_heads=32, num_kv_heads=8,
                             head_dim=128, rms_eps=1e-6, rope_theta=1e7, block_size=16, mask_token_id=248070,
                             target_layer_ids=TAPS, max_position=262144)
+assert DRAFTER_27B == DRAFTER_PRESETS["qwen3.6-27b"]  # what `python -m converters.drafter_gguf` writes for the GPU
 MiB = 1 << 20
 
 
