@@ -121,17 +121,17 @@ def conv_window(conv_state, x, num_valid):
 # with no-op tokens (g = beta = 0), as Triton wants power-of-two blocks.
 
 def _recurrent_kernel(s_ref, q_ref, k_ref, v_ref, g_ref, b_ref, s_out_ref, o_ref, *, num_tokens: int):
+    # q, k arrive as (Dk, Tp): a token's key is a column load, so no transposes inside the kernel.
     def body(t, s):
-        q = q_ref[pl.ds(t, 1), :].astype(jnp.float32)  # (1, Dk)
-        k = k_ref[pl.ds(t, 1), :].astype(jnp.float32)
+        q = q_ref[:, pl.ds(t, 1)].astype(jnp.float32)  # (Dk, 1)
+        k = k_ref[:, pl.ds(t, 1)].astype(jnp.float32)
         v = v_ref[pl.ds(t, 1), :].astype(jnp.float32)  # (1, BV)
-        g = g_ref[pl.ds(t, 1)].astype(jnp.float32)  # (1,)
-        beta = b_ref[pl.ds(t, 1)].astype(jnp.float32)
-        s = s * jnp.exp(g)[:, None]
-        kv_mem = jnp.sum(s * k.T, axis=0, keepdims=True)  # (1, BV)
-        delta = (v - kv_mem) * beta[:, None]
-        s = s + k.T * delta
-        o_ref[pl.ds(t, 1), :] = jnp.sum(s * q.T, axis=0, keepdims=True).astype(o_ref.dtype)
+        decay = jnp.exp(g_ref[pl.ds(t, 1)].astype(jnp.float32))[:, None]  # (1, 1)
+        beta = b_ref[pl.ds(t, 1)].astype(jnp.float32)[:, None]
+        s = s * decay
+        delta = (v - jnp.sum(s * k, axis=0, keepdims=True)) * beta  # (1, BV)
+        s = s + k * delta
+        o_ref[pl.ds(t, 1), :] = jnp.sum(s * q, axis=0, keepdims=True).astype(o_ref.dtype)
         return s
 
     s_out_ref[...] = jax.lax.fori_loop(0, num_tokens, body, s_ref[...].astype(jnp.float32))
@@ -153,12 +153,13 @@ def recurrent_pallas(state, q, k, v, g, beta, *, block_v: int | None = None, int
         return jnp.pad(a, [(0, 0), (0, 0), (0, tp - t)] + [(0, 0)] * (a.ndim - 3)) if tp != t else a
 
     qh, kh, vh, gh, bh = (heads_first(a) for a in (q, k, v, g, beta))
+    qh, kh = jnp.swapaxes(qh, 2, 3), jnp.swapaxes(kh, 2, 3)  # (B, H, Dk, Tp)
     grid = (b, h, dv // bv)
     tok = lambda bi, hi, j: (bi, hi, 0, 0)  # noqa: E731
     in_specs = [
         pl.BlockSpec((None, None, dk, bv), lambda bi, hi, j: (bi, hi, 0, j)),
-        pl.BlockSpec((None, None, tp, dk), tok),
-        pl.BlockSpec((None, None, tp, dk), tok),
+        pl.BlockSpec((None, None, dk, tp), tok),
+        pl.BlockSpec((None, None, dk, tp), tok),
         pl.BlockSpec((None, None, tp, bv), lambda bi, hi, j: (bi, hi, 0, j)),
         pl.BlockSpec((None, None, tp), lambda bi, hi, j: (bi, hi, 0)),
         pl.BlockSpec((None, None, tp), lambda bi, hi, j: (bi, hi, 0)),
