@@ -6,7 +6,7 @@ Weight layouts (no copy at call time; fixed at load):
 - float: (N, K) = the HF / GGUF (out, in) layout the dense model stores.
 - Q8_0: values (K, N) int8 and scales (K/32, N) f16 — GGUF's block `d * q[i]` (ggml-common.h `block_q8_0`) with the
   32 values of block b of output n at rows 32b..32b+31 of column n. Transposed from the file's (N, K/32) blocks once
-  at load so a tile (32, BN) is 32 rows of BN contiguous bytes (coalesced), and its scales one contiguous row.
+  at load so a (BK, BN) tile is BK rows of BN contiguous bytes (coalesced) and its scales BK/32 contiguous rows.
 
 Q8_0 semantics: the weight w = f32(d) * f32(q) (exactly gguf.quants' dequantized value), rounded to the activation
 dtype, times x with f32 accumulation. With f32 activations (CPU) that is the exact f32 product of llama.cpp's weights;
