@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from converters.checkpoint import load_model
 from converters.gguf_file import GGUFError
@@ -18,7 +19,7 @@ from pallas_kernels import gated_delta_net as gdn
 from tests.llamacpp_ref import LlamaCpp, align
 
 QWEN2_VOCAB = "tests/data/vocab/ggml-vocab-qwen2.gguf"
-NEW_TOKENS = 32
+NEW_TOKENS = 24
 # With f32 weights and an f32 KV cache the remaining differences are float rounding (~1e-4 per logprob); a greedy
 # split is only acceptable where llama.cpp's own top-2 gap is below this.
 F32_TIE = 0.02
@@ -110,7 +111,7 @@ def test_missing_tensor_names_the_file(tmp_path, monkeypatch):
 def test_matches_llamacpp(tiny, tiny_path):
     lm = tiny
     raw = ['def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n',
-           "Once upon a time, in a small village by the sea,", "東京は日本の首都です。大阪は", LONG]
+           "Once upon a time, in a small village by the sea,", LONG]
     prompts = [lm.tokenizer.encode(r) for r in raw]
     assert len(prompts[-1]) > 400
     ours, our_logprobs = greedy_generate(lm.model, prompts, NEW_TOKENS)
@@ -125,7 +126,7 @@ def test_matches_llamacpp(tiny, tiny_path):
         assert first_bad is None or first_bad.margin < F32_TIE, (
             f"prompt {i}: diverged after {agreed} pieces where llama.cpp's top-2 gap was {first_bad.margin:.4f}")
     print(f"|top-1 logprob diff|: mean {np.mean(diffs):.2e}, max {np.max(diffs):.2e} over {len(diffs)} tokens")
-    assert agreed_total >= 3 * NEW_TOKENS  # not a string of immediate near-tie splits
+    assert agreed_total >= 2 * NEW_TOKENS  # not a string of immediate near-tie splits
     assert np.mean(diffs) < 1e-3 and np.max(diffs) < 1e-2
 
 
@@ -134,9 +135,12 @@ def test_converted_directory_round_trip(tiny, tiny_path, tmp_path):
 
     out = convert_gguf(tiny_path, tmp_path / "converted", dtype="float32")
     back = load_model(out, jnp.float32)
-    assert back.config == tiny.config and isinstance(back.config, HybridConfig)
-    prompt = [tiny.tokenizer.encode("hello world, hello hybrid")]
-    assert greedy_generate(back.model, prompt, 6)[0] == greedy_generate(tiny.model, prompt, 6)[0]
+    assert back.config == tiny.config and isinstance(back.model, type(tiny.model))
+    flat = dict(jax.tree_util.tree_flatten_with_path(nnx.state(tiny.model).to_pure_dict())[0])
+    flat_back = jax.tree_util.tree_flatten_with_path(nnx.state(back.model).to_pure_dict())[0]
+    assert len(flat_back) == len(flat) > 50
+    for path, x in flat_back:
+        assert np.array_equal(np.asarray(x), np.asarray(flat[path])), path
 
 
 def test_q8_0_weights_stay_q8_0_and_equal_dequantized(tmp_path):
@@ -144,15 +148,16 @@ def test_q8_0_weights_stay_q8_0_and_equal_dequantized(tmp_path):
     dequantized to f32 compute. (Against llama.cpp, its F32 rewrite of this file agrees token for token, measured;
     llama.cpp on the Q8_0 file itself also rounds activations to 8 bits, which random hybrids amplify.)"""
     path = tmp_path / "qwen35-q8.gguf"
-    spec = dataclasses.replace(PRESETS["qwen35-tiny"], vocab_size=512, tied_embeddings=True, qtype="q8_0")
+    spec = dataclasses.replace(PRESETS["qwen35-tiny"], num_layers=4, vocab_size=512, tied_embeddings=True,
+                               qtype="q8_0")
     write_random_gguf(str(path), spec, None, seed=4)
     q8 = load_model(str(path), jnp.float32)
     f32 = load_model(str(path), jnp.float32, weights="bf16")
     assert q8.model.layers[0].linear_attn.in_proj_qkv.qweight[...].dtype == jnp.int8
     assert q8.model.layers[3].self_attn.q_proj.qweight[...].dtype == jnp.int8
     prompts = [list(range(3, 40)), [7, 9, 11]]
-    tq, lq = greedy_generate(q8.model, prompts, 12)
-    tf, lf = greedy_generate(f32.model, prompts, 12)
+    tq, lq = greedy_generate(q8.model, prompts, 8)
+    tf, lf = greedy_generate(f32.model, prompts, 8)
     assert tq == tf
     np.testing.assert_allclose(lq, lf, atol=1e-3)
 
@@ -162,12 +167,13 @@ def test_mtp_block_and_layer_pattern_as_converted_files_have_them(tmp_path):
     and the attention.recurrent_layers pattern: the trunk loads, the MTP block is left in the file, and greedy
     decoding still matches llama.cpp."""
     path = tmp_path / "qwen35-mtp.gguf"
-    spec = dataclasses.replace(PRESETS["qwen35-tiny"], tied_embeddings=True, mtp_layers=1, recurrent_layers_key=True)
+    spec = dataclasses.replace(PRESETS["qwen35-tiny"], num_layers=4, tied_embeddings=True, mtp_layers=1,
+                               recurrent_layers_key=True)
     write_random_gguf(str(path), spec, QWEN2_VOCAB, seed=5)
     lm = load_model(str(path), jnp.float32)
     cfg = lm.config
-    assert (cfg.num_layers, cfg.num_mtp_layers, cfg.attention_layers) == (8, 1, (3, 7))
-    assert cfg.recurrent_pattern == tuple(spec.is_recurrent(i) for i in range(8))
+    assert (cfg.num_layers, cfg.num_mtp_layers, cfg.attention_layers) == (4, 1, (3,))
+    assert cfg.recurrent_pattern == (True, True, True, False)
     prompt = lm.tokenizer.encode("The three laws of thermodynamics are")
     ours, our_logprobs = greedy_generate(lm.model, [prompt], 16)
     _, pieces = LlamaCpp(str(path), n_ctx=256).greedy(prompt, 16)
