@@ -150,7 +150,8 @@ def cmd_train(a) -> None:
     from dflash_jax.train.trainer import TrainConfig, drafter_config_for, train
 
     dtype = a.dtype or _default_dtype()
-    loaded = load_model(a.model, jnp.dtype(dtype))
+    # Float weights: the loss differentiates through the target's LM head, and the Q8_0 kernel has no VJP.
+    loaded = load_model(a.model, jnp.dtype(dtype), weights="bf16")
     mc = loaded.config
     dcfg = drafter_config_for(mc, a.layers, a.block_size,
                               a.mask_token_id if a.mask_token_id is not None else mc.vocab_size - 1, a.taps)
