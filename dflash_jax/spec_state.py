@@ -4,7 +4,8 @@ policy that decides, per slot-count bucket, whether a speculative step beats a p
 Policy: a plain step yields 1 token per slot; a spec step yields tau = mean(accepted + 1). Speculate when
 tau * cost(plain, b) > cost(spec, b), with step costs measured at warm-up and refined by running averages, and tau a
 running average of recent spec steps. While not speculating, every PROBE_EVERY-th decode step speculates anyway so
-tau keeps tracking the traffic. Slots with presence/frequency penalties decode plainly (their penalty counts change
+tau keeps tracking the traffic (every 4 * PROBE_EVERY-th when a spec step costs over 1.5x what it would yield).
+Slots with presence/frequency penalties decode plainly (their penalty counts change
 inside a block).
 """
 from __future__ import annotations
@@ -65,7 +66,11 @@ class SpecState:
         plain, spec = self.cost_plain.get(b), self.cost_spec.get(b)
         if plain is None or spec is None:
             return True
-        return self.tau * plain > spec or step % PROBE_EVERY == 0
+        if self.tau * plain > spec:
+            return True
+        # A probe costs (spec - tau * plain) against plain decoding: far from break-even, probe 4x more rarely.
+        every = PROBE_EVERY if spec < 1.5 * self.tau * plain else 4 * PROBE_EVERY
+        return step % every == 0
 
     def record_step(self, num_slots: int, seconds: float, accepted: np.ndarray) -> None:
         b = bucket_for(num_slots, self.slot_buckets)
