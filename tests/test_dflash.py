@@ -200,3 +200,79 @@ def test_no_compiles_with_dflash_on(engine, target):
     finally:
         jax.monitoring.clear_event_listeners()
     assert compiles == []
+
+
+def test_shipped_drafter_is_lossless_on_smollm2(smollm2_path):
+    """The drafter shipped with the default model, on the real SmolLM2 weights it was trained for: greedy output with
+    every step speculating equals plain decoding, and its drafts are accepted (it reads the target's features)."""
+    from converters.checkpoint import load_drafter
+    from serve.cli import DEFAULT_DRAFTER
+
+    if not DEFAULT_DRAFTER.exists():
+        pytest.skip("no shipped drafter in this checkout")
+    from dflash_jax.train.data import PromptEncoder
+
+    target = load_model(str(smollm2_path), jnp.float32)
+    drafter = load_drafter(DEFAULT_DRAFTER, target.config, jnp.float32)
+    encode = PromptEncoder(target)
+    prompts = [encode((("user", "Write a Python function that returns the factorial of n."),)),
+               encode((("user", "What is the capital of France?"),))]
+    outs = {}
+    for name, d in (("dflash", drafter), ("plain", None)):
+        eng = Engine(target, EngineConfig(num_slots=2, ctx_size=1024, ctx_per_slot=512, page_size=16,
+                                          prefill_chunk=64, draft_max=drafter.config.block_size - 1,
+                                          spec_policy="always"), d)
+        eng.start()
+        try:
+            outs[name] = run(eng, [Request(p, SamplingParams(max_tokens=32)) for p in prompts])
+            stats = eng.stats()
+        finally:
+            eng.stop()
+        if d is not None:
+            assert stats["speculative"]["num_accepted_tokens"] > 0, stats["speculative"]
+    assert [t for t, _, _ in outs["dflash"]] == [t for t, _, _ in outs["plain"]]
+
+
+def test_adaptive_policy_decides_from_costs_and_tau():
+    """Speculate while tau x plain > spec; otherwise only probe, more rarely the further from break-even."""
+    from dflash_jax.spec_state import PROBE_EVERY, SpecState
+
+    sp = SpecState.__new__(SpecState)
+    sp.policy, sp.slot_buckets = "adaptive", (1, 2, 4, 8)
+    sp.cost_plain, sp.cost_spec = {}, {}
+    sp.tau = 1.0
+    assert sp.worth_it(3, 1)  # no costs measured yet for the bucket
+    sp.cost_plain[4], sp.cost_spec[4] = 0.010, 0.018
+    sp.tau = 2.0
+    assert all(sp.worth_it(3, s) for s in range(1, 40))  # 2 x 10 ms > 18 ms: always
+    sp.tau = 1.5  # 15 ms < 18 ms, within 1.5x: probe every PROBE_EVERY steps
+    assert [s for s in range(1, 4 * PROBE_EVERY + 1) if sp.worth_it(4, s)] == [PROBE_EVERY * k for k in (1, 2, 3, 4)]
+    sp.tau = 1.0  # 10 ms vs 18 ms: far from break-even, probe 4x more rarely
+    assert [s for s in range(1, 8 * PROBE_EVERY + 1) if sp.worth_it(4, s)] == [4 * PROBE_EVERY, 8 * PROBE_EVERY]
+    sp.policy = "always"
+    assert sp.worth_it(4, 1)
+
+
+def test_adaptive_engine_stops_speculating_when_it_loses(target):
+    """A random drafter (acceptance ~0) on CPU, where a verify costs more than a plain step: after the first probes the
+    engine decodes plainly, except rare probes; the output still equals plain decoding."""
+    dc = DrafterConfig(num_layers=1, hidden_size=128, intermediate_size=256, num_heads=4, num_kv_heads=2, head_dim=32,
+                       rms_eps=1e-5, rope_theta=1e5, block_size=BLOCK, mask_token_id=VOCAB - 1,
+                       target_layer_ids=(0, 1))
+    eng = Engine(target, EngineConfig(num_slots=2, ctx_size=512, ctx_per_slot=256, page_size=8, prefill_chunk=16,
+                                      draft_max=BLOCK - 1, spec_policy="adaptive"),
+                 LoadedDrafter(dc, random_drafter(dc, 3)))
+    eng.warmup(progress=False)
+    eng.start()
+    try:
+        prompts = [[5, 6, 7, 8], [9, 10, 11]]
+        out = run(eng, [Request(p, SamplingParams(max_tokens=150, ignore_eos=True)) for p in prompts])
+        sp = eng.stats()["speculative"]
+    finally:
+        eng.stop()
+    assert [t for t, _, _ in out] == _reference(target, prompts, [150, 150])
+    costs = sp["cost_spec_ms"][2] / sp["cost_plain_ms"][2]
+    if costs <= 1.2:
+        pytest.skip(f"a spec step costs only {costs:.2f}x a plain step here; nothing to stop")
+    # ~150 decode steps; optimistic start + EMA decay take a handful of spec steps, then probes only
+    assert sp["num_drafts"] / 2 < 40, sp
