@@ -71,7 +71,7 @@ def load_checkpoint(directory: Path, dtype=None) -> LoadedModel:
 
 
 def load_model(path: str | Path, dtype=jnp.bfloat16, weights: str = "auto") -> LoadedModel:
-    """A GGUF file or a directory written by `convert_gguf`. weights: 'auto' (q8_0 on GPU, bf16 elsewhere), 'q8_0' keeps a GGUF's Q8_0 projections as
+    """A GGUF file or a directory written by `convert_gguf`. weights: 'auto' (= bf16 for now, see `resolve_weights`), 'q8_0' keeps a GGUF's Q8_0 projections as
     int8 + scales (see `load_gguf`), 'bf16' dequantizes everything to `dtype`; directories hold float weights."""
     path = Path(path)
     if path.is_dir():
