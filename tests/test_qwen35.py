@@ -151,7 +151,7 @@ def test_q8_0_weights_stay_q8_0_and_equal_dequantized(tmp_path):
     spec = dataclasses.replace(PRESETS["qwen35-tiny"], num_layers=4, vocab_size=512, tied_embeddings=True,
                                qtype="q8_0")
     write_random_gguf(str(path), spec, None, seed=4)
-    q8 = load_model(str(path), jnp.float32)
+    q8 = load_model(str(path), jnp.float32, weights="q8_0")
     f32 = load_model(str(path), jnp.float32, weights="bf16")
     assert q8.model.layers[0].linear_attn.in_proj_qkv.qweight[...].dtype == jnp.int8
     assert q8.model.layers[3].self_attn.q_proj.qweight[...].dtype == jnp.int8
