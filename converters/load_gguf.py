@@ -1,6 +1,7 @@
 """GGUF file -> (ModelConfig, DenseDecoder with its weights on the default device), one tensor at a time."""
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
