@@ -14,7 +14,6 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
