@@ -56,6 +56,19 @@ def test_recurrent_kernel_interpret(t, dh, block_v):
     np.testing.assert_allclose(s_k, s_ref, atol=1e-6)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("t", [1, 16])
+def test_recurrent_kernel_gpu(t):
+    """The compiled kernel at the Qwen3.6-27B delta-rule shape (48 value heads of 128): the check that makes
+    DFLASH_GDN_IMPL=pallas safe to default on GPUs."""
+    q, k, v, g, beta, s0 = _rule_inputs(np.random.default_rng(t), 8, t, 48, 128)
+    with jax.default_matmul_precision("float32"):  # no TF32 in the reference's einsums
+        s_ref, o_ref = gdn.recurrent(s0, q, k, v, g, beta)
+    s_k, o_k = gdn.recurrent_pallas(s0, q, k, v, g, beta)
+    np.testing.assert_allclose(o_k, o_ref, atol=1e-5)
+    np.testing.assert_allclose(s_k, s_ref, atol=1e-5)
+
+
 def test_replay_commits_exactly_the_prefix():
     q, k, v, g, beta, s0 = _rule_inputs(np.random.default_rng(0), 3, 16, 2, 8)
     steps = jnp.array([1, 7, 16])
