@@ -40,14 +40,25 @@ def recurrent(state, q, k, v, g, beta):
     return state, jnp.moveaxis(o, 0, 1)
 
 
+def _only_first(num_steps, g, beta):
+    """Tokens from num_steps (B,) on become no-ops (g = 0, beta = 0)."""
+    keep = (jnp.arange(g.shape[1])[None, :] < num_steps[:, None])[..., None]  # (B, T, 1)
+    return jnp.where(keep, g, 0.0), jnp.where(keep, beta, 0.0)
+
+
 def replay(state, k, v, g, beta, num_steps):
-    """The state after the first num_steps (B,) tokens only: later tokens become no-ops (g = 0, beta = 0). A
-    fixed-length masked scan, so one compiled step serves every acceptance length."""
-    keep = jnp.arange(k.shape[1])[None, :] < num_steps[:, None]  # (B, T)
-    g = jnp.where(keep[..., None], g, 0.0)
-    beta = jnp.where(keep[..., None], beta, 0.0)
-    state, _ = recurrent_dispatch(state, jnp.zeros_like(k), k, v, g, beta)
+    """The state after the first num_steps (B,) tokens only. A fixed-length masked scan, so one compiled step
+    serves every acceptance length."""
+    g, beta = _only_first(num_steps, g, beta)
+    state, _ = recurrent(state, jnp.zeros_like(k), k, v, g, beta)
     return state
+
+
+def pool_replay(pool, rows, fresh, k, v, g, beta, num_steps, *, impl: str = "auto"):
+    """`replay` on the state pool: rows[b] advanced by exactly its first num_steps[b] tokens, in place."""
+    g, beta = _only_first(num_steps, g, beta)
+    pool, _ = pool_recurrent(pool, rows, fresh, jnp.zeros_like(k), k, v, g, beta, emit=False, impl=impl)
+    return pool
 
 
 def chunked(state, q, k, v, g, beta, chunk: int = CHUNK):
@@ -120,26 +131,37 @@ def conv_window(conv_state, x, num_valid):
 # where the XLA scan reads and writes the whole state every token. Grid (B, H, Dv / BV); T padded to a power of two
 # with no-op tokens (g = beta = 0), as Triton wants power-of-two blocks.
 
-def _recurrent_kernel(s_ref, q_ref, k_ref, v_ref, g_ref, b_ref, s_out_ref, o_ref, *, num_tokens: int):
-    # q, k arrive as (Dk, Tp): a token's key is a column load, so no transposes inside the kernel.
+def _recurrent_kernel(rows_ref, fresh_ref, pool_ref, q_ref, k_ref, v_ref, g_ref, b_ref, *out_refs, num_tokens: int,
+                      block_v: int, write: bool, emit: bool):
+    # The state tile is read from (and written back to) the slot's row of the pool in place: no gather or scatter of
+    # whole states around the kernel. q, k arrive as (Dk, Tp): a token's key is a column load, no transposes.
+    cols = pl.ds(pl.program_id(2) * block_v, block_v)
+    row, head = rows_ref[0], pl.program_id(1)
+    s0 = pool_ref[row, head, :, cols].astype(jnp.float32)  # (Dk, BV)
+    s0 = jnp.where(fresh_ref[0] != 0, 0.0, s0)  # a request's first block starts from zero state
+    o_ref = out_refs[-1] if emit else None
+
     def body(t, s):
-        q = q_ref[:, pl.ds(t, 1)].astype(jnp.float32)  # (Dk, 1)
-        k = k_ref[:, pl.ds(t, 1)].astype(jnp.float32)
+        k = k_ref[:, pl.ds(t, 1)].astype(jnp.float32)  # (Dk, 1)
         v = v_ref[pl.ds(t, 1), :].astype(jnp.float32)  # (1, BV)
         decay = jnp.exp(g_ref[pl.ds(t, 1)].astype(jnp.float32))[:, None]  # (1, 1)
         beta = b_ref[pl.ds(t, 1)].astype(jnp.float32)[:, None]
         s = s * decay
         delta = (v - jnp.sum(s * k, axis=0, keepdims=True)) * beta  # (1, BV)
         s = s + k * delta
-        o_ref[pl.ds(t, 1), :] = jnp.sum(s * q, axis=0, keepdims=True).astype(o_ref.dtype)
+        if emit:
+            q = q_ref[:, pl.ds(t, 1)].astype(jnp.float32)
+            o_ref[pl.ds(t, 1), :] = jnp.sum(s * q, axis=0, keepdims=True).astype(o_ref.dtype)
         return s
 
-    s_out_ref[...] = jax.lax.fori_loop(0, num_tokens, body, s_ref[...].astype(jnp.float32))
+    s = jax.lax.fori_loop(0, num_tokens, body, s0)
+    if write:
+        out_refs[0][row, head, :, cols] = s
 
 
-def recurrent_pallas(state, q, k, v, g, beta, *, block_v: int | None = None, interpret: bool = False,
-                     num_warps: int = 4):
-    """Same map as `recurrent` (same arguments and results), as one Pallas kernel."""
+def pool_recurrent_pallas(pool, rows, fresh, q, k, v, g, beta, *, write: bool = True, emit: bool = True,
+                          block_v: int | None = None, interpret: bool = False, num_warps: int = 4):
+    """`pool_recurrent` as one Pallas kernel: grid (B, H, Dv / BV), the pool aliased to the updated pool."""
     b, t, h, dk = k.shape
     dv = v.shape[-1]
     tp = 1 << max(0, (t - 1).bit_length())
@@ -154,28 +176,52 @@ def recurrent_pallas(state, q, k, v, g, beta, *, block_v: int | None = None, int
 
     qh, kh, vh, gh, bh = (heads_first(a) for a in (q, k, v, g, beta))
     qh, kh = jnp.swapaxes(qh, 2, 3), jnp.swapaxes(kh, 2, 3)  # (B, H, Dk, Tp)
-    grid = (b, h, dv // bv)
     tok = lambda bi, hi, j: (bi, hi, 0, 0)  # noqa: E731
+    whole = pl.BlockSpec(pool.shape, lambda bi, hi, j: (0, 0, 0, 0))
     in_specs = [
-        pl.BlockSpec((None, None, dk, bv), lambda bi, hi, j: (bi, hi, 0, j)),
+        pl.BlockSpec((1,), lambda bi, hi, j: (bi,)),
+        pl.BlockSpec((1,), lambda bi, hi, j: (bi,)),
+        whole,
         pl.BlockSpec((None, None, dk, tp), tok),
         pl.BlockSpec((None, None, dk, tp), tok),
         pl.BlockSpec((None, None, tp, bv), lambda bi, hi, j: (bi, hi, 0, j)),
         pl.BlockSpec((None, None, tp), lambda bi, hi, j: (bi, hi, 0)),
         pl.BlockSpec((None, None, tp), lambda bi, hi, j: (bi, hi, 0)),
     ]
-    out_specs = [pl.BlockSpec((None, None, dk, bv), lambda bi, hi, j: (bi, hi, 0, j)),
-                 pl.BlockSpec((None, None, tp, bv), lambda bi, hi, j: (bi, hi, 0, j))]
-    out_shape = [jax.ShapeDtypeStruct(state.shape, jnp.float32), jax.ShapeDtypeStruct((b, h, tp, dv), v.dtype)]
+    out_specs, out_shape = [], []
+    if write:
+        out_specs.append(whole)
+        out_shape.append(jax.ShapeDtypeStruct(pool.shape, pool.dtype))
+    if emit:
+        out_specs.append(pl.BlockSpec((None, None, tp, bv), lambda bi, hi, j: (bi, hi, 0, j)))
+        out_shape.append(jax.ShapeDtypeStruct((b, h, tp, dv), v.dtype))
     compiler_params = None
     if not interpret:
         from jax.experimental.pallas import triton as pl_triton  # noqa: PLC0415
         compiler_params = pl_triton.CompilerParams(num_warps=num_warps, num_stages=1)
-    new_state, o = pl.pallas_call(
-        functools.partial(_recurrent_kernel, num_tokens=t), grid=grid, in_specs=in_specs, out_specs=out_specs,
-        out_shape=out_shape, interpret=interpret, compiler_params=compiler_params,
-        name="gated_delta_rule_recurrent")(state.astype(jnp.float32), qh, kh, vh, gh, bh)
-    return new_state, jnp.moveaxis(o[:, :, :t], 1, 2)
+    outs = pl.pallas_call(
+        functools.partial(_recurrent_kernel, num_tokens=t, block_v=bv, write=write, emit=emit), grid=(b, h, dv // bv),
+        in_specs=in_specs, out_specs=out_specs, out_shape=out_shape, input_output_aliases={2: 0} if write else {},
+        interpret=interpret, compiler_params=compiler_params, name="gated_delta_rule_recurrent",
+    )(rows.astype(jnp.int32), fresh.astype(jnp.int32), pool, qh, kh, vh, gh, bh)
+    new_pool = outs[0] if write else pool
+    o = jnp.moveaxis(outs[-1][:, :, :t], 1, 2) if emit else None
+    return new_pool, o
+
+
+def recurrent_pallas(state, q, k, v, g, beta, *, block_v: int | None = None, interpret: bool = False,
+                     num_warps: int = 4):
+    """Same map as `recurrent` (same arguments and results), as one Pallas kernel (the pool form, row b = state b)."""
+    b = k.shape[0]
+    rows = jnp.arange(b, dtype=jnp.int32)
+    return pool_recurrent_pallas(state.astype(jnp.float32), rows, jnp.zeros((b,), jnp.int32), q, k, v, g, beta,
+                                 block_v=block_v, interpret=interpret, num_warps=num_warps)
+
+
+def pool_recurrent_reference(pool, rows, fresh, q, k, v, g, beta, *, write: bool = True, emit: bool = True):
+    s0 = jnp.where(fresh[:, None, None, None], 0.0, pool[rows])
+    s1, o = recurrent(s0, q, k, v, g, beta)
+    return (pool.at[rows].set(s1) if write else pool), (o if emit else None)
 
 
 def default_impl() -> str:
@@ -185,11 +231,30 @@ def default_impl() -> str:
     return env if env and env != "auto" else "reference"
 
 
+def _resolve(impl: str) -> str:
+    impl = default_impl() if impl == "auto" else impl
+    if impl not in ("reference", "pallas", "interpret"):
+        raise ValueError(f"unknown gated delta rule impl {impl!r}")
+    return impl
+
+
 def recurrent_dispatch(state, q, k, v, g, beta, *, impl: str = "auto"):
     """`recurrent` through the chosen implementation: 'reference' (XLA scan), 'pallas', 'interpret'."""
-    impl = default_impl() if impl == "auto" else impl
+    impl = _resolve(impl)
     if impl == "reference":
         return recurrent(state, q, k, v, g, beta)
-    if impl not in ("pallas", "interpret"):
-        raise ValueError(f"unknown gated delta rule impl {impl!r}")
     return recurrent_pallas(state, q, k, v, g, beta, interpret=impl == "interpret")
+
+
+def pool_recurrent(pool, rows, fresh, q, k, v, g, beta, *, write: bool = True, emit: bool = True,
+                   impl: str = "auto"):
+    """The recurrent form on a per-slot state pool: row rows[b] (zeros where fresh[b]) advanced by row b's tokens.
+
+    pool (R, H, Dk, Dv) f32; rows, fresh (B,). Returns (the pool with the advanced rows written back if `write`,
+    else unchanged; o (B, T, H, Dv) if `emit`, else None). Decode writes and emits, a verify only emits, the commit's
+    replay only writes. Rows must be distinct except rows that nobody reads (padding)."""
+    impl = _resolve(impl)
+    if impl == "reference":
+        return pool_recurrent_reference(pool, rows, fresh, q, k, v, g, beta, write=write, emit=emit)
+    return pool_recurrent_pallas(pool, rows, fresh, q, k, v, g, beta, write=write, emit=emit,
+                                 interpret=impl == "interpret")

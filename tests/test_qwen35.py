@@ -56,6 +56,26 @@ def test_recurrent_kernel_interpret(t, dh, block_v):
     np.testing.assert_allclose(s_k, s_ref, atol=1e-6)
 
 
+@pytest.mark.parametrize("write,emit", [(True, True), (False, True), (True, False)])
+def test_pool_kernel_updates_only_its_rows(write, emit):
+    """Decode (write + emit), verify (emit) and replay (write) on the state pool in place: rows read and written
+    through `rows`, zeros for fresh rows, every other row (other slots) bit for bit untouched."""
+    q, k, v, g, beta, _ = _rule_inputs(np.random.default_rng(1), 3, 5, 2, 32)
+    pool = jnp.asarray(np.random.default_rng(2).normal(size=(5, 2, 32, 32)).astype(np.float32))
+    rows, fresh = jnp.array([3, 0, 4]), jnp.array([False, True, False])
+    p_ref, o_ref = gdn.pool_recurrent(pool, rows, fresh, q, k, v, g, beta, write=write, emit=emit, impl="reference")
+    p_k, o_k = gdn.pool_recurrent(pool, rows, fresh, q, k, v, g, beta, write=write, emit=emit, impl="interpret")
+    np.testing.assert_allclose(p_k, p_ref, atol=1e-6)
+    np.testing.assert_array_equal(p_k[jnp.array([1, 2])], pool[jnp.array([1, 2])])
+    if emit:
+        np.testing.assert_allclose(o_k, o_ref, atol=1e-6)
+    want, _ = gdn.recurrent(jnp.zeros_like(pool[:1]), q[1:2], k[1:2], v[1:2], g[1:2], beta[1:2])
+    if write:
+        np.testing.assert_allclose(p_k[0], want[0], atol=1e-6)  # slot 1 started fresh in row 0
+    else:
+        np.testing.assert_array_equal(p_k, pool)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("t", [1, 16])
 def test_recurrent_kernel_gpu(t):

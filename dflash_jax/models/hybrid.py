@@ -161,10 +161,10 @@ class HybridDecoder(nnx.Module):
         rows, fresh = self._rows(meta, num_steps.shape[0])
         conv, ssm = list(cache.conv), list(cache.ssm)
         for r in range(len(conv)):
-            c0, s0 = self._read_state(cache, r, rows, fresh)
+            c0 = self._read_conv(cache, r, rows, fresh)
             conv[r] = conv[r].at[rows].set(gdn.conv_window(c0, pending.qkv[r], num_steps))
-            s1 = gdn.replay(s0, pending.k[r], pending.v[r], pending.g[r], pending.beta[r], num_steps)
-            ssm[r] = ssm[r].at[rows].set(s1)
+            ssm[r] = gdn.pool_replay(ssm[r], rows, fresh, pending.k[r], pending.v[r], pending.g[r], pending.beta[r],
+                                     num_steps)
         return HybridCache(k=cache.k, v=cache.v, conv=conv, ssm=ssm)
 
     @staticmethod
@@ -174,10 +174,8 @@ class HybridDecoder(nnx.Module):
         return rows, (meta.kv_lens - meta.q_lens) == 0
 
     @staticmethod
-    def _read_state(cache: HybridCache, r: int, rows, fresh):
-        c0 = jnp.where(fresh[:, None, None], 0.0, cache.conv[r][rows])
-        s0 = jnp.where(fresh[:, None, None, None], 0.0, cache.ssm[r][rows])
-        return c0, s0
+    def _read_conv(cache: HybridCache, r: int, rows, fresh):
+        return jnp.where(fresh[:, None, None], 0.0, cache.conv[r][rows])
 
     def _forward(self, tokens, meta, cache: HybridCache, tap_layers, verify: bool):
         b, t = tokens.shape
@@ -192,19 +190,21 @@ class HybridDecoder(nnx.Module):
             h = layer.input_layernorm(x)
             if layer.linear_attn is not None:
                 net = layer.linear_attn
-                c0, s0 = self._read_state(cache, r_i, rows, fresh)
+                c0 = self._read_conv(cache, r_i, rows, fresh)
                 qkv = net.qkv(h)
                 q, k, v, g, beta = net.rule_inputs(h, qkv, c0, valid)
-                if verify or t == 1:
-                    s1, o = gdn.recurrent_dispatch(s0, q, k, v, g, beta)
+                if verify or t == 1:  # token by token, the state pool read (and for decode written) in place
+                    pool, o = gdn.pool_recurrent(ssm[r_i], rows, fresh, q, k, v, g, beta, write=not verify)
                 else:
+                    s0 = jnp.where(fresh[:, None, None, None], 0.0, ssm[r_i][rows])
                     s1, o = gdn.chunked(s0, q, k, v, g, beta)
+                    pool = ssm[r_i].at[rows].set(s1)
                 if verify:
                     for field, value in zip(("qkv", "k", "v", "g", "beta"), (qkv, k, v, g, beta)):
                         getattr(pending, field).append(value)
                 else:
                     conv[r_i] = conv[r_i].at[rows].set(gdn.conv_window(c0, qkv, meta.q_lens))
-                    ssm[r_i] = ssm[r_i].at[rows].set(s1)
+                    ssm[r_i] = pool
                 a = net.output(o, h)
                 r_i += 1
             else:
