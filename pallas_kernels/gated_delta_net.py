@@ -1,7 +1,7 @@
 """Gated delta rule (Yang et al., "Gated Delta Networks", 2024; the Qwen3-Next / Qwen3.5 linear attention) in pure jnp:
 the recurrent form (decode, verify, and the replay that commits a verified prefix) and the chunked parallel form
-(prefill chunks), both from a given state; and the recurrent form as a Pallas kernel (Triton lowering on GPUs,
-`interpret=True` on CPU) behind `recurrent_dispatch`.
+(prefill chunks), both from a given state; and the recurrent form on a per-slot state pool (`pool_recurrent`,
+`pool_replay`) as a Pallas kernel (Triton lowering on GPUs, `interpret=True` on CPU) or its jnp reference.
 
 Per value head, with the state S (Dk, Dv), log decay g, write strength beta, unit-norm k and q scaled by 1/sqrt(Dk):
     S_t = exp(g_t) S_{t-1} + k_t (beta_t (v_t - k_t^T exp(g_t) S_{t-1}))^T,    o_t = S_t^T q_t
@@ -236,14 +236,6 @@ def _resolve(impl: str) -> str:
     if impl not in ("reference", "pallas", "interpret"):
         raise ValueError(f"unknown gated delta rule impl {impl!r}")
     return impl
-
-
-def recurrent_dispatch(state, q, k, v, g, beta, *, impl: str = "auto"):
-    """`recurrent` through the chosen implementation: 'reference' (XLA scan), 'pallas', 'interpret'."""
-    impl = _resolve(impl)
-    if impl == "reference":
-        return recurrent(state, q, k, v, g, beta)
-    return recurrent_pallas(state, q, k, v, g, beta, interpret=impl == "interpret")
 
 
 def pool_recurrent(pool, rows, fresh, q, k, v, g, beta, *, write: bool = True, emit: bool = True,
