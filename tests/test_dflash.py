@@ -24,6 +24,9 @@ from tests.test_engine import run
 
 BLOCK = 8
 VOCAB = 512
+TINY_DRAFTER = DrafterConfig(num_layers=1, hidden_size=128, intermediate_size=256, num_heads=4, num_kv_heads=2,
+                             head_dim=32, rms_eps=1e-5, rope_theta=1e5, block_size=BLOCK, mask_token_id=VOCAB - 1,
+                             target_layer_ids=(0, 1))
 
 
 def random_drafter(dc: DrafterConfig, seed: int) -> Drafter:
@@ -46,9 +49,7 @@ def target(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engine(target):
-    dc = DrafterConfig(num_layers=1, hidden_size=128, intermediate_size=256, num_heads=4, num_kv_heads=2, head_dim=32,
-                       rms_eps=1e-5, rope_theta=1e5, block_size=BLOCK, mask_token_id=VOCAB - 1,
-                       target_layer_ids=(0, 1))
+    dc = TINY_DRAFTER
     eng = Engine(target, EngineConfig(num_slots=8, ctx_size=2048, ctx_per_slot=160, page_size=8, prefill_chunk=16,
                                       draft_max=BLOCK - 1, spec_policy="always"),
                  LoadedDrafter(dc, random_drafter(dc, 0)))
@@ -152,9 +153,7 @@ def test_drafter_gguf_runs_in_engine_and_equals_plain(target, tmp_path):
     from converters.checkpoint import load_drafter
     from converters.drafter_gguf import random_drafter_params, write_drafter_gguf
 
-    dc = DrafterConfig(num_layers=1, hidden_size=128, intermediate_size=256, num_heads=4, num_kv_heads=2, head_dim=32,
-                       rms_eps=1e-5, rope_theta=1e5, block_size=BLOCK, mask_token_id=VOCAB - 1,
-                       target_layer_ids=(0, 1))
+    dc = TINY_DRAFTER
     path = tmp_path / "drafter.gguf"
     write_drafter_gguf(str(path), dc, random_drafter_params(dc, seed=1), schema="upstream")
     drafter = load_drafter(path, target.config, jnp.float32)
@@ -256,9 +255,7 @@ def test_adaptive_policy_decides_from_costs_and_tau():
 def test_adaptive_engine_stops_speculating_when_it_loses(target):
     """A random drafter (acceptance ~0) on CPU, where a verify costs more than a plain step: after the first probes the
     engine decodes plainly, except rare probes; the output still equals plain decoding."""
-    dc = DrafterConfig(num_layers=1, hidden_size=128, intermediate_size=256, num_heads=4, num_kv_heads=2, head_dim=32,
-                       rms_eps=1e-5, rope_theta=1e5, block_size=BLOCK, mask_token_id=VOCAB - 1,
-                       target_layer_ids=(0, 1))
+    dc = TINY_DRAFTER
     eng = Engine(target, EngineConfig(num_slots=2, ctx_size=512, ctx_per_slot=256, page_size=8, prefill_chunk=16,
                                       draft_max=BLOCK - 1, spec_policy="adaptive"),
                  LoadedDrafter(dc, random_drafter(dc, 3)))
