@@ -48,6 +48,7 @@ from flax import nnx  # noqa: E402
 
 from dflash_jax.config import ModelConfig  # noqa: E402
 from dflash_jax.kv_cache import AttentionMeta, KVCache  # noqa: E402
+from dflash_jax.profiling import device_profile  # noqa: E402
 from dflash_jax.sampling import SamplingArrays  # noqa: E402
 from dflash_jax.step_fns import StepInputs, model_step  # noqa: E402
 
@@ -272,56 +273,6 @@ def time_loop(step, n_warm: int, iters: int, repeats: int = 5) -> tuple[float, l
         jax.block_until_ready(out)
         means.append((time.perf_counter() - t) / iters * 1e3)
     return float(np.median(means)), means, float(np.median(host))
-
-
-def device_profile(step, n: int, workdir: str) -> dict:
-    """Trace n steps with jax.profiler and sum the GPU kernel events: device busy ms per step (union of kernel
-    intervals on all GPU lines), span per step, and the kernels taking most time."""
-    import glob
-    import shutil
-    from jax.profiler import ProfileData
-    jax.block_until_ready(step())
-    shutil.rmtree(workdir, ignore_errors=True)
-    with jax.profiler.trace(workdir):
-        out = None
-        for _ in range(n):
-            out = step()
-        jax.block_until_ready(out)
-    files = glob.glob(os.path.join(workdir, "**", "*.xplane.pb"), recursive=True)
-    pd = ProfileData.from_file(files[0])
-    by_name, lines, intervals = {}, {}, []
-    for plane in pd.planes:
-        if not plane.name.startswith("/device:GPU"):
-            continue
-        for line in plane.lines:
-            if line.name in ("XLA Modules", "XLA Ops", "Steps", "XLA TraceMe", "Source code"):
-                lines[f"{plane.name}:{line.name}"] = sum(e.duration_ns for e in line.events) / 1e6 / n
-                continue
-            tot = 0.0
-            for e in line.events:
-                tot += e.duration_ns
-                intervals.append((e.start_ns, e.end_ns))
-                key = e.name[:90]
-                c = by_name.setdefault(key, [0.0, 0])
-                c[0] += e.duration_ns
-                c[1] += 1
-            lines[f"{plane.name}:{line.name}"] = tot / 1e6 / n
-    intervals.sort()
-    busy, cur_s, cur_e = 0.0, None, None
-    for a, b in intervals:
-        if cur_e is None or a > cur_e:
-            if cur_e is not None:
-                busy += cur_e - cur_s
-            cur_s, cur_e = a, b
-        else:
-            cur_e = max(cur_e, b)
-    if cur_e is not None:
-        busy += cur_e - cur_s
-    span = (intervals[-1][1] - intervals[0][0]) if intervals else 0.0
-    top = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:40]
-    return {"busy_ms_per_step": busy / 1e6 / n, "span_ms_per_step": span / 1e6 / n, "kernels_per_step":
-            sum(c for _, c in by_name.values()) / n, "lines_ms_per_step": lines,
-            "top": [(k, v[0] / 1e6 / n, v[1] / n) for k, v in top]}
 
 
 def bench_model(name: str, args, results: list, deadline: float) -> None:

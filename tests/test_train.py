@@ -195,6 +195,19 @@ def test_loss_falls_and_resumes(target, tmp_path):
     assert saved == more["history"]
 
 
+def test_profiled_steps_are_training_steps(target, tmp_path):
+    """--profile-steps traces real steps: the run still ends at num_steps, and the profile is written."""
+    rng = np.random.default_rng(4)
+    prompts = [rng.integers(3, VOCAB - 1, size=6).tolist() for _ in range(8)]
+    tc = TrainConfig(batch_size=2, seq_len=32, anchors_per_seq=4, num_steps=8, val_seqs=2, eval_every=100,
+                     ckpt_every=100, log_every=1, profile_steps=2)
+    out = train(target, tiny_drafter_config(), _greedy_dataset(target, prompts, 12), tc, tmp_path / "run",
+                progress=False)
+    assert [h["step"] for h in out["history"] if "loss" in h][-1] == 8
+    prof = json.loads((tmp_path / "run" / "profile.json").read_text())
+    assert prof["wall_ms_per_step"] > 0 and "busy_ms_per_step" in prof
+
+
 def test_cached_features_and_vocab_subset(target, tmp_path):
     """The CPU path: features computed once into a float16 cache and a softmax over the response tokens only; the
     cached features equal the on-the-fly ones and the loss still falls."""

@@ -74,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--dtype", default=None)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--no-resume", action="store_true")
+    t.add_argument("--profile-steps", type=int, default=0,
+                   help="after step 3, trace this many steps with jax.profiler: top GPU kernels, RUN/profile.json")
 
     e = sub.add_parser("export", help="latest checkpoint -> drafter GGUF (+ converted directory)")
     e.add_argument("--run", required=True)
@@ -159,7 +161,7 @@ def cmd_train(a) -> None:
                      warmup_steps=a.warmup, num_steps=a.steps, time_budget_s=a.time_budget, compute_dtype=dtype,
                      ce_chunk=a.ce_chunk, vocab_subset=a.vocab_subset, feature_cache=a.feature_cache,
                      val_seqs=a.val_seqs, log_every=a.log_every, seed=a.seed, eval_every=a.eval_every,
-                     ckpt_every=a.ckpt_every)
+                     ckpt_every=a.ckpt_every, profile_steps=a.profile_steps)
     ds = Dataset.load(*a.data)
     print(f"data: {ds.stats()}\ndrafter: {dcfg}")
     out = train(loaded, dcfg, ds, tc, a.run, resume=not a.no_resume)

@@ -56,6 +56,7 @@ class TrainConfig:
     eval_every: int = 200
     ckpt_every: int = 500
     log_every: int = 10
+    profile_steps: int = 0  # > 0: after step 3, trace this many steps with jax.profiler (profile.json, top kernels)
 
     def __post_init__(self):
         for name in ("batch_size", "seq_len", "anchors_per_seq", "num_steps", "ce_chunk", "eval_every",
@@ -279,11 +280,20 @@ def train(target, dcfg: DrafterConfig, dataset: Dataset, tc: TrainConfig, out_di
     start = time.monotonic()
     timed_from, timed_steps = None, 0
     bar = tqdm(total=total, initial=step, desc="training drafter", disable=not progress, unit="step")
-    while step < total:
+    metrics = None
+
+    def one_step():
+        nonlocal params, opt_state, metrics, step
         params, opt_state, metrics = train_step(static, optimizer, t_state, params, opt_state,
                                                 _device(batcher.next()), lr_at(step, total, tc), vocab)
         step += 1
         bar.update(1)
+        return params
+
+    while step < total:
+        if tc.profile_steps and step == 3 and step + tc.profile_steps + 1 < total:
+            profile_steps(one_step, tc.profile_steps, out_dir, progress)
+        one_step()
         if step == 2:  # step 1 compiled; time from here
             jax.block_until_ready(params)
             timed_from = time.monotonic()
@@ -318,6 +328,23 @@ def train(target, dcfg: DrafterConfig, dataset: Dataset, tc: TrainConfig, out_di
     (out_dir / HISTORY_FILE).write_text(json.dumps(history, indent=1))
     plot_history(history, out_dir / "loss_curve.png")
     return {"params": params, "history": history, "config": dcfg, "graphdef": d_graphdef}
+
+
+def profile_steps(step_fn, n: int, out_dir: Path, progress: bool) -> dict:
+    """Wall and device time of n training steps (after one untraced warm step), the device's top kernels; saved as
+    out_dir/profile.json. On a GPU this is the first thing to run when a step is slower than its FLOPs suggest."""
+    from dflash_jax.profiling import device_profile
+
+    t0 = time.monotonic()
+    prof = device_profile(step_fn, n, str(out_dir / "profile"))
+    prof["wall_ms_per_step"] = (time.monotonic() - t0) * 1e3 / (n + 1)
+    (out_dir / "profile.json").write_text(json.dumps(prof, indent=1))
+    if progress:
+        tqdm.write(f"profile of {n} steps: wall {prof['wall_ms_per_step']:.1f} ms/step, device busy "
+                   f"{prof['busy_ms_per_step']:.1f} ms/step, {prof['kernels_per_step']:.0f} kernels/step; top:")
+        for name, ms, count in prof["top"][:15]:
+            tqdm.write(f"  {ms:9.2f} ms x{count:6.0f}  {name}")
+    return prof
 
 
 def plot_history(history: list[dict], path: str | Path) -> None:
