@@ -170,7 +170,7 @@ def test_loaded_q8_0_model_matches_dequantized_load(tmp_path):
     path = tmp_path / "llama-q8.gguf"
     write_random_gguf(str(path), dataclasses.replace(PRESETS["llama-tiny"], qtype="q8_0"),
                       "tests/data/vocab/ggml-vocab-qwen2.gguf", seed=2)
-    q8 = load_model(path, jnp.float32)
+    q8 = load_model(path, jnp.float32, weights="q8_0")
     f32 = load_model(path, jnp.float32, weights="bf16")
     assert f32.model.lm_head is None and q8.model.lm_head is not None  # tied: the head is the Q8_0 embedding
     checked = 0
