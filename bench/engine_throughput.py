@@ -69,26 +69,30 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--llamacpp", action="store_true")
+    ap.add_argument("--spec-policy", default="always,adaptive",
+                    help="with -md: the DFlash policies to run (always = every step speculates; adaptive = the default)")
     a = ap.parse_args()
     lm = load_model(a.model, jnp.dtype(a.dtype))
     tpl = ChatTemplate(lm.chat_template)
     prompts = [lm.tokenizer.encode(tpl.render([{"role": "user", "content": p}])) for p in PROMPTS]
     drafter = load_drafter(a.model_draft, lm.config, jnp.dtype(a.dtype)) if a.model_draft else None
     device = jax.devices()[0].device_kind if jax.devices()[0].platform == "gpu" else platform.processor() or "cpu"
-    print(f"| impl | device | slots | requests | tokens | seconds | tok/s |")
-    print(f"|---|---|---|---|---|---|---|")
+    print("| impl | device | slots | requests | tokens | seconds | tok/s |")
+    print("|---|---|---|---|---|---|---|")
     for slots in map(int, a.slots.split(",")):
         work = (prompts * (2 * slots // len(prompts) + 1))[:2 * slots]
-        variants = [("plain", None)] + ([("dflash", drafter)] if drafter else [])
-        for name, d in variants:
+        variants = [("plain", None, "never")] + ([(f"dflash {pol}", drafter, pol)
+                                                   for pol in a.spec_policy.split(",")] if drafter else [])
+        for name, d, policy in variants:
             eng = Engine(lm, EngineConfig(num_slots=slots, ctx_size=1024 * slots, ctx_per_slot=1024,
-                                          prefill_chunk=256, dtype=a.dtype, spec_policy="always"), d)
+                                          prefill_chunk=256, dtype=a.dtype, spec_policy=policy), d)
             eng.warmup(progress=False)
             eng.start()
             engine_run(eng, work[:slots], 8)  # settle
             secs, n = engine_run(eng, work, a.max_tokens)
             eng.stop()
-            tau = f" tau={eng.stats()['speculative']['tau']}" if d else ""
+            sp = eng.stats()["speculative"] if d else None
+            tau = f" tau={sp['tau']} ({sp['num_drafts']} slot-steps speculated)" if d else ""
             print(f"| dflash-jax {name}{tau} | {device} | {slots} | {len(work)} | {n} | {secs:.1f} | {n / secs:.1f} |")
         if a.llamacpp:
             secs, n = llamacpp_run(a.model, work, slots, a.max_tokens)

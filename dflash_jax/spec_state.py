@@ -46,7 +46,8 @@ class SpecState:
         self.slot_buckets = engine_cfg.slot_buckets
         self.cost_plain: dict[int, float] = {}
         self.cost_spec: dict[int, float] = {}
-        self.tau = (1 + self.block) / 2  # optimistic start; corrected by the first probes
+        self.tau = (1 + self.block) / 2  # optimistic prior: replaced by the first spec step's measurement
+        self.num_spec_steps = 0
         self.injector: Callable | None = None  # tests: slot -> forced drafts (list of block-1 ids) or None
         # Counters (vLLM's spec_decode_* names in /metrics).
         self.num_drafts = 0
@@ -74,7 +75,10 @@ class SpecState:
     def record_step(self, num_slots: int, seconds: float, accepted: np.ndarray) -> None:
         b = bucket_for(num_slots, self.slot_buckets)
         self.cost_spec[b] = seconds if b not in self.cost_spec else (1 - EMA) * self.cost_spec[b] + EMA * seconds
-        self.tau = (1 - EMA) * self.tau + EMA * float(np.mean(accepted + 1))
+        self.num_spec_steps += 1
+        # Running mean for the first 1/EMA steps, then an EMA: the optimistic prior is gone after one measurement.
+        alpha = max(EMA, 1.0 / self.num_spec_steps)
+        self.tau = (1 - alpha) * self.tau + alpha * float(np.mean(accepted + 1))
         self.num_drafts += len(accepted)
         self.num_draft_tokens += len(accepted) * (self.block - 1)
         self.num_accepted += int(np.sum(accepted))
