@@ -303,3 +303,23 @@ class DrafterConfig:
 
     def is_swa(self, layer: int) -> bool:
         return bool(self.swa_layers) and self.swa_layers[layer]
+
+
+def default_taps(num_layers: int, num_taps: int = 5) -> tuple[int, ...]:
+    """DESIGN.md: taps spread uniformly from layer 1 to L-3 (30 layers -> [1, 8, 14, 20, 27]); tiny targets tap all."""
+    if num_layers < num_taps + 3:
+        return tuple(range(num_layers))
+    return tuple(int(round(x)) for x in np.linspace(1, num_layers - 3, num_taps))
+
+
+def drafter_config_for(target: ModelConfig, num_layers: int, block_size: int, mask_token_id: int,
+                       target_layer_ids: tuple[int, ...] | None = None,
+                       intermediate_size: int | None = None) -> DrafterConfig:
+    """A drafter shaped like the target's layers (same hidden size, heads, head dim, RoPE base)."""
+    return DrafterConfig(num_layers=num_layers, hidden_size=target.hidden_size,
+                         intermediate_size=intermediate_size or target.intermediate_size,
+                         num_heads=target.num_heads, num_kv_heads=target.num_kv_heads, head_dim=target.head_dim,
+                         rms_eps=target.rms_eps, rope_theta=target.rope_theta, block_size=block_size,
+                         mask_token_id=mask_token_id,
+                         target_layer_ids=tuple(target_layer_ids or default_taps(target.num_layers)),
+                         max_position=target.max_position)

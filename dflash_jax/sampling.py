@@ -42,10 +42,6 @@ class SamplingArrays:
                    np.asarray([s & 0xFFFFFFFF for s in seeds] + [0] * (rows - len(params)), np.uint32),
                    np.asarray(top_n, np.int32))
 
-    @classmethod
-    def greedy(cls, rows: int) -> "SamplingArrays":
-        return cls.from_params([], rows, [])
-
 
 @jax.tree_util.register_dataclass
 @dataclass

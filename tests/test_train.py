@@ -14,7 +14,7 @@ from flax import nnx
 
 from converters.checkpoint import load_drafter, load_model
 from converters.synthetic import PRESETS, write_random_gguf
-from dflash_jax.config import DrafterConfig
+from dflash_jax.config import DrafterConfig, default_taps
 from dflash_jax.engine import Engine, EngineConfig
 from dflash_jax.kv_cache import AttentionMeta, KVCache
 from dflash_jax.requests import SamplingParams
@@ -23,7 +23,7 @@ from dflash_jax.train.data import Dataset, run_requests
 from dflash_jax.train.export import export_dir, export_gguf, load_dir, params_to_numpy, to_loaded
 from dflash_jax.train.features import FeatureCache, tap_features
 from dflash_jax.train.loss import block_labels, context_visibility, drafter_blocks, sample_anchors
-from dflash_jax.train.trainer import TrainConfig, default_taps, init_drafter_params, lr_at, train
+from dflash_jax.train.trainer import TrainConfig, init_drafter_params, lr_at, train
 
 VOCAB = 512
 BLOCK = 8

@@ -149,7 +149,8 @@ def cmd_train(a) -> None:
 
     from converters.checkpoint import load_model
     from dflash_jax.train.data import Dataset
-    from dflash_jax.train.trainer import TrainConfig, drafter_config_for, train
+    from dflash_jax.config import drafter_config_for
+    from dflash_jax.train.trainer import TrainConfig, train
 
     dtype = a.dtype or _default_dtype()
     # Float weights: the loss differentiates through the target's LM head, and the Q8_0 kernel has no VJP.

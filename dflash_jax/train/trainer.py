@@ -22,7 +22,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from tqdm import tqdm
 
-from dflash_jax.config import DrafterConfig, ModelConfig
+from dflash_jax.config import DrafterConfig
 from dflash_jax.models.drafter import Drafter
 from dflash_jax.train.data import Dataset
 from dflash_jax.train.features import FeatureCache, pad_batch, tap_features
@@ -65,26 +65,6 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
         if not (self.lr > 0 and 0 <= self.min_lr_ratio <= 1 and self.clip_norm > 0):
             raise ValueError("TrainConfig: lr and clip_norm must be positive and min_lr_ratio in [0, 1]")
-
-
-def default_taps(num_layers: int, num_taps: int = 5) -> tuple[int, ...]:
-    """DESIGN.md: taps spread uniformly from layer 1 to L-3 (30 layers -> [1, 8, 14, 20, 27]); tiny targets tap all."""
-    if num_layers < num_taps + 3:
-        return tuple(range(num_layers))
-    return tuple(int(round(x)) for x in np.linspace(1, num_layers - 3, num_taps))
-
-
-def drafter_config_for(target: ModelConfig, num_layers: int, block_size: int, mask_token_id: int,
-                       target_layer_ids: tuple[int, ...] | None = None,
-                       intermediate_size: int | None = None) -> DrafterConfig:
-    """A drafter shaped like the target's layers (same hidden size, heads, head dim, RoPE base)."""
-    return DrafterConfig(num_layers=num_layers, hidden_size=target.hidden_size,
-                         intermediate_size=intermediate_size or target.intermediate_size,
-                         num_heads=target.num_heads, num_kv_heads=target.num_kv_heads, head_dim=target.head_dim,
-                         rms_eps=target.rms_eps, rope_theta=target.rope_theta, block_size=block_size,
-                         mask_token_id=mask_token_id,
-                         target_layer_ids=tuple(target_layer_ids or default_taps(target.num_layers)),
-                         max_position=target.max_position)
 
 
 def init_drafter_params(dcfg: DrafterConfig, seed: int, std: float = 0.02) -> tuple[nnx.GraphDef, nnx.State]:
