@@ -143,30 +143,36 @@ def run_requests(engine, jobs: list[tuple[str, list[int], SamplingParams]], on_d
     bar.close()
 
 
+def _answer_jobs(loaded, prompts: list[Prompt], out_path: str | Path, samples: int, temperature: float,
+                 max_tokens: int, seed: int, max_prompt: int) -> list[tuple[str, str, list[int], SamplingParams]]:
+    """(key, source, prompt ids, params) of every answer not yet in out_path: sample 0 greedy, the others at
+    `temperature` with a seed per (prompt, sample); sample 0 of every prompt first (the most valuable data).
+    Prompts longer than max_prompt tokens are left out."""
+    out_path = Path(out_path)
+    done = {r["key"] for r in _read_jsonl(out_path)} if out_path.exists() else set()
+    encode = PromptEncoder(loaded)
+    ids = [encode(p.messages) for p in prompts]
+    jobs = []
+    for j in range(samples):
+        for i, p in enumerate(prompts):
+            key = f"{p.key}#{j}"
+            if key in done or len(ids[i]) > max_prompt:
+                continue
+            params = SamplingParams(max_tokens=max_tokens) if j == 0 else \
+                SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=0.95,
+                               seed=seed * 100003 + j * 7919 + i)
+            jobs.append((key, p.source, ids[i], params))
+    return jobs
+
+
 def generate_dataset(loaded, engine, prompts: list[Prompt], out_path: str | Path, samples: int = 2,
                      temperature: float = 0.7, max_tokens: int = 512, seed: int = 0, time_budget_s: float | None = None,
                      progress: bool = True) -> int:
     """Answer every prompt once greedily and `samples - 1` times at `temperature`; append records to out_path (JSON
     lines), skipping keys already there. Returns the number of records written now."""
-    out_path = Path(out_path)
-    done = {r["key"] for r in _read_jsonl(out_path)} if out_path.exists() else set()
-    encode = PromptEncoder(loaded)
-    jobs = []
-    for j in range(samples):
-        for i, p in enumerate(prompts):  # sample 0 (greedy) of every prompt first: the most valuable data
-            key = f"{p.key}#{j}"
-            if key in done:
-                continue
-            if j == 0:
-                params = SamplingParams(max_tokens=max_tokens)
-            else:
-                params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=0.95,
-                                        seed=seed * 100003 + j * 7919 + i)
-            ids = encode(p.messages)
-            if len(ids) + 2 >= engine.cfg.per_slot:
-                continue
-            jobs.append((key, ids, params, p.source))
-    source = {k: s for k, _, _, s in jobs}
+    jobs = _answer_jobs(loaded, prompts, out_path, samples, temperature, max_tokens, seed,
+                        max_prompt=engine.cfg.per_slot - 3)
+    source = {k: src for k, src, _, _ in jobs}
     written = 0
     with open(out_path, "a") as f:
         def on_done(key, ids, toks, finish):
@@ -179,7 +185,7 @@ def generate_dataset(loaded, engine, prompts: list[Prompt], out_path: str | Path
             written += 1
 
         deadline = time.monotonic() + time_budget_s if time_budget_s else None
-        run_requests(engine, [(k, ids, p) for k, ids, p, _ in jobs], on_done, deadline=deadline, progress=progress,
+        run_requests(engine, [(k, ids, p) for k, _, ids, p in jobs], on_done, deadline=deadline, progress=progress,
                      desc="answering prompts")
     return written
 
@@ -269,26 +275,15 @@ def generate_dataset_batched(loaded, prompts: list[Prompt], out_path: str | Path
     """generate_dataset through batch_generate (same keys, seeds and records); prompts over prompt_pad are skipped."""
     from dflash_jax.train.batch_generate import GenJob, batch_generate
 
-    out_path = Path(out_path)
-    done = {r["key"] for r in _read_jsonl(out_path)} if out_path.exists() else set()
-    encode = PromptEncoder(loaded)
-    keys, sources, jobs = [], [], []
-    for j in range(samples):
-        for i, p in enumerate(prompts):
-            key = f"{p.key}#{j}"
-            ids = tuple(encode(p.messages))
-            if key in done or len(ids) > prompt_pad:
-                continue
-            jobs.append(GenJob(ids) if j == 0 else GenJob(ids, temperature, 0.95, seed * 100003 + j * 7919 + i))
-            keys.append(key)
-            sources.append(p.source)
-    answers = batch_generate(loaded.model, jobs, max_tokens, loaded.tokenizer.eog_ids, batch=batch,
+    jobs = _answer_jobs(loaded, prompts, out_path, samples, temperature, max_tokens, seed, max_prompt=prompt_pad)
+    gen = [GenJob(tuple(ids), p.temperature, p.top_p, p.seed or 0) for _, _, ids, p in jobs]
+    answers = batch_generate(loaded.model, gen, max_tokens, loaded.tokenizer.eog_ids, batch=batch,
                              prompt_pad=prompt_pad, progress=progress)
     written = 0
     with open(out_path, "a") as f:
-        for key, src, job, (toks, finish) in zip(keys, sources, jobs, answers):
+        for (key, src, ids, _), (toks, finish) in zip(jobs, answers):
             if len(toks) >= 2:
-                f.write(json.dumps({"key": key, "source": src, "prompt_ids": list(job.prompt_ids),
+                f.write(json.dumps({"key": key, "source": src, "prompt_ids": list(ids),
                                     "response_ids": toks, "finish": finish}) + "\n")
                 written += 1
     return written
