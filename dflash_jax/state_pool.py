@@ -18,22 +18,14 @@ from dflash_jax.kv_cache import KVCache
 
 @jax.tree_util.register_dataclass
 @dataclass
-class HybridCache:
-    k: list[jax.Array]  # attention layers x (P, S, K, H)
-    v: list[jax.Array]  # attention layers x (P, S, K, H)
+class HybridCache(KVCache):
+    """KVCache's pages (k, v: one entry per attention layer) plus the recurrent layers' state rows."""
     conv: list[jax.Array]  # recurrent layers x (R, W, C) f32: the last W inputs of the causal conv
     ssm: list[jax.Array]  # recurrent layers x (R, Hv, Dk, Dv) f32: the delta-rule state
 
-    @property
-    def page_size(self) -> int:
-        return self.k[0].shape[1]
-
-    @property
-    def num_pages(self) -> int:
-        return self.k[0].shape[0]
-
     @classmethod
-    def create(cls, cfg: HybridConfig, num_pages: int, page_size: int, num_rows: int, dtype) -> "HybridCache":
+    def create(cls, cfg: HybridConfig, num_pages: int, page_size: int, num_rows: int,  # type: ignore[override]
+               dtype) -> "HybridCache":
         kv = KVCache.create(cfg.num_kv_layers, num_pages, page_size, cfg.num_kv_heads, cfg.head_dim, dtype)
         # State stays f32 whatever the KV dtype: it integrates every token of the request, so rounding accumulates.
         n = len(cfg.recurrent_layers)

@@ -116,19 +116,33 @@ class DecoderLayer(nnx.Module):
         return x, k_pages, v_pages
 
 
-class DenseDecoder(nnx.Module):
+class DecoderEnds:
+    """What every decoder has around its layers: the token embedding, the final norm and the LM head (the embedding
+    itself when tied, unless the head is Q8_0)."""
+
+    def _init_ends(self, cfg, dtype, q8_linears: frozenset[str]) -> None:
+        self.embed_tokens = nnx.Param(jnp.zeros((cfg.vocab_size, cfg.hidden_size), dtype))  # (V, D)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_eps, dtype)
+        head_q8 = "lm_head" in q8_linears
+        self.lm_head = (None if cfg.tie_embeddings and not head_q8
+                        else Linear(cfg.hidden_size, cfg.vocab_size, dtype, q8_0=head_q8))
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """(..., D) -> (..., V) float32."""
+        if self.lm_head is not None:
+            return self.lm_head(hidden).astype(jnp.float32)
+        return linear(hidden, self.embed_tokens[...], out_dtype=jnp.float32)
+
+
+class DenseDecoder(DecoderEnds, nnx.Module):
     def __init__(self, cfg: ModelConfig, dtype=jnp.bfloat16, q8_linears: frozenset[str] = frozenset()):
         """q8_linears: dotted paths of the Linear layers that hold Q8_0 weights ('layers.3.mlp.up_proj', 'lm_head').
         A tied model with a Q8_0 embedding gets an `lm_head` holding those Q8_0 blocks, so its logits are Q8_0
         products, while `embed_tokens` keeps the dequantized rows for the lookup (decode reads only B rows of it)."""
         self.cfg = cfg
-        self.embed_tokens = nnx.Param(jnp.zeros((cfg.vocab_size, cfg.hidden_size), dtype))  # (V, D)
+        self._init_ends(cfg, dtype, q8_linears)
         self.layers = nnx.List([DecoderLayer(cfg, dtype, _sub(q8_linears, f"layers.{i}"))
                                 for i in range(cfg.num_layers)])
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_eps, dtype)
-        head_q8 = "lm_head" in q8_linears
-        self.lm_head = (None if cfg.tie_embeddings and not head_q8
-                        else Linear(cfg.hidden_size, cfg.vocab_size, dtype, q8_0=head_q8))
 
     def __call__(self, tokens: jax.Array, meta: AttentionMeta, cache: KVCache,
                  tap_layers: tuple[int, ...] = ()) -> tuple[jax.Array, KVCache, jax.Array | None]:
@@ -147,8 +161,3 @@ class DenseDecoder(nnx.Module):
         feats = jnp.concatenate([taps[i] for i in tap_layers], axis=-1) if tap_layers else None
         return self.norm(x), KVCache(k=new_k, v=new_v), feats
 
-    def logits(self, hidden: jax.Array) -> jax.Array:
-        """(..., D) -> (..., V) float32."""
-        if self.lm_head is not None:
-            return self.lm_head(hidden).astype(jnp.float32)
-        return linear(hidden, self.embed_tokens[...], out_dtype=jnp.float32)

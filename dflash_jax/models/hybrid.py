@@ -16,11 +16,10 @@ from flax import nnx
 
 from dflash_jax.config import HybridConfig
 from dflash_jax.kv_cache import AttentionMeta, token_positions, write_kv
-from dflash_jax.models.dense import MLP, Linear, RMSNorm, _sub, rope
+from dflash_jax.models.dense import MLP, DecoderEnds, Linear, RMSNorm, _sub, rope
 from dflash_jax.state_pool import HybridCache
 from pallas_kernels import gated_delta_net as gdn
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention
-from pallas_kernels.weight_matmul import linear
 
 
 def partial_rope(x: jax.Array, positions: jax.Array, theta: float, rope_dims: int) -> jax.Array:
@@ -128,19 +127,15 @@ class PendingState:
     beta: list[jax.Array]  # recurrent layers x (B, T, Hv)
 
 
-class HybridDecoder(nnx.Module):
+class HybridDecoder(DecoderEnds, nnx.Module):
     is_hybrid = True
 
     def __init__(self, cfg: HybridConfig, dtype=jnp.bfloat16, q8_linears: frozenset[str] = frozenset()):
         """q8_linears: dotted paths of the Linear layers that keep GGUF Q8_0 weights, as in DenseDecoder."""
         self.cfg = cfg
-        self.embed_tokens = nnx.Param(jnp.zeros((cfg.vocab_size, cfg.hidden_size), dtype))  # (V, D)
+        self._init_ends(cfg, dtype, q8_linears)
         self.layers = nnx.List([HybridLayer(cfg, i, dtype, _sub(q8_linears, f"layers.{i}"))
                                 for i in range(cfg.num_layers)])
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_eps, dtype)
-        head_q8 = "lm_head" in q8_linears
-        self.lm_head = (None if cfg.tie_embeddings and not head_q8
-                        else Linear(cfg.hidden_size, cfg.vocab_size, dtype, q8_0=head_q8))
 
     def __call__(self, tokens: jax.Array, meta: AttentionMeta, cache: HybridCache,
                  tap_layers: tuple[int, ...] = ()) -> tuple[jax.Array, HybridCache, jax.Array | None]:
@@ -218,8 +213,3 @@ class HybridDecoder(nnx.Module):
         feats = jnp.concatenate([taps[i] for i in tap_layers], axis=-1) if tap_layers else None
         return self.norm(x), HybridCache(k=k_pages, v=v_pages, conv=conv, ssm=ssm), feats, pending
 
-    def logits(self, hidden: jax.Array) -> jax.Array:
-        """(..., D) -> (..., V) float32."""
-        if self.lm_head is not None:
-            return self.lm_head(hidden).astype(jnp.float32)
-        return linear(hidden, self.embed_tokens[...], out_dtype=jnp.float32)
