@@ -32,6 +32,7 @@ B * (ctx+1) tokens).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import inspect
 import json
 import os
@@ -46,23 +47,18 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from dflash_jax.config import ModelConfig  # noqa: E402
-from dflash_jax.kv_cache import AttentionMeta, KVCache  # noqa: E402
+from dflash_jax.config import HybridConfig, ModelConfig  # noqa: E402
+from dflash_jax.kv_cache import AttentionMeta  # noqa: E402
+from dflash_jax.models.dense import DenseDecoder, Linear  # noqa: E402
+from dflash_jax.models.hybrid import HybridDecoder  # noqa: E402
 from dflash_jax.profiling import device_profile  # noqa: E402
 from dflash_jax.sampling import SamplingArrays  # noqa: E402
+from dflash_jax.state_pool import make_cache  # noqa: E402
 from dflash_jax.step_fns import StepInputs, model_step  # noqa: E402
-
-try:  # converters.load_gguf imports gguf; the device image may lack it
-    from converters.load_gguf import abstract_model
-    ABSTRACT_FROM = "converters.load_gguf.abstract_model"
-except ImportError as e:  # same one-liner as converters/load_gguf.py
-    from dflash_jax.models.dense import DenseDecoder
-
-    def abstract_model(cfg, dtype):
-        return nnx.eval_shape(lambda: DenseDecoder(cfg, dtype))
-    ABSTRACT_FROM = f"local copy (converters.load_gguf not importable: {e})"
+from pallas_kernels.weight_matmul import Q8_BLOCK  # noqa: E402
 
 PAGE_SIZE = 16
+WEIGHT_FORMATS = ("bf16", "q8_0")  # as converters.load_gguf.resolve_weights: float weights, or every projection Q8_0
 
 SHAPES = {
     "qwen3-8b": ModelConfig(arch="qwen3", num_layers=36, hidden_size=4096, intermediate_size=12288, num_heads=32,
@@ -74,6 +70,19 @@ SHAPES = {
     "tiny": ModelConfig(arch="qwen3", num_layers=2, hidden_size=64, intermediate_size=128, num_heads=4,
                         num_kv_heads=2, head_dim=16, vocab_size=512, rope_theta=1e6, rms_eps=1e-6,
                         max_position=4096, tie_embeddings=False, has_qkv_bias=False, has_qk_norm=True),
+    # Qwen3.6-27B (converters/synthetic_qwen35.py PRESETS["qwen35-27b"] as HybridConfig.from_gguf reads it): 48 Gated
+    # DeltaNet layers + 16 gated full-attention layers (every 4th), untied 248320-row vocab.
+    "qwen35-27b": HybridConfig(arch="qwen35", num_layers=64, hidden_size=5120, intermediate_size=17408,
+                               num_heads=24, num_kv_heads=4, head_dim=256, vocab_size=248320, rope_theta=1e7,
+                               rms_eps=1e-6, max_position=262144, tie_embeddings=False, has_qkv_bias=False,
+                               has_qk_norm=True, rope_dims=64, full_attention_interval=4, conv_kernel=4,
+                               ssm_k_heads=16, ssm_v_heads=48, ssm_head_dim=128, num_mtp_layers=1),
+    # PRESETS["qwen35-tiny"] (attention at layers 3 and 7, 2 key heads tiled to 4 value heads): CPU smoke tests.
+    "qwen35-tiny": HybridConfig(arch="qwen35", num_layers=8, hidden_size=128, intermediate_size=256, num_heads=4,
+                                num_kv_heads=2, head_dim=64, vocab_size=512, rope_theta=1e7, rms_eps=1e-6,
+                                max_position=4096, tie_embeddings=False, has_qkv_bias=False, has_qk_norm=True,
+                                rope_dims=16, full_attention_interval=4, conv_kernel=4, ssm_k_heads=2,
+                                ssm_v_heads=4, ssm_head_dim=32),
 }
 
 T0 = time.monotonic()
@@ -85,45 +94,98 @@ def log(*a):
 
 # --- model and cache built on the device -----------------------------------------------------------------------------
 
-def random_model(cfg: ModelConfig, dtype, seed: int = 0):
-    return random_module(abstract_model(cfg, dtype), seed)
+def abstract_model(cfg: ModelConfig, dtype, q8_linears: frozenset[str] = frozenset()):
+    """The target with shapes only (no memory), as converters.load_gguf.abstract_model (which imports gguf)."""
+    cls = HybridDecoder if isinstance(cfg, HybridConfig) else DenseDecoder
+    return nnx.eval_shape(lambda: cls(cfg, dtype, q8_linears=q8_linears))
+
+
+def linear_paths(module) -> frozenset[str]:
+    """Dotted paths of every Linear of a module ('layers.3.mlp.down_proj', 'lm_head'); a fused Linear (models/dense.py
+    FUSED, where this checkout has it) also names its parts, which is what decides that it holds Q8_0."""
+    try:
+        from dflash_jax.models.dense import FUSED
+    except ImportError:
+        FUSED = {}
+    out = set()
+    for path, node in nnx.iter_graph(module):
+        if isinstance(node, Linear):
+            name = ".".join(str(p) for p in path)
+            out.add(name)
+            out.update(f"{name[:-len(str(path[-1]))]}{part}" for part in FUSED.get(str(path[-1]), ()))
+    return frozenset(out)
+
+
+def abstract_target(cfg: ModelConfig, dtype, weights: str = "bf16"):
+    """weights 'q8_0': every projection (every Linear, the LM head included) int8 + f16 scales, as a Q8_0 GGUF loads
+    with --weights q8_0; the untied embedding stays `dtype` (only looked up). 'bf16': every weight in `dtype`."""
+    if weights not in WEIGHT_FORMATS:
+        raise ValueError(f"weights must be one of {WEIGHT_FORMATS}, got {weights!r}")
+    model = abstract_model(cfg, dtype)
+    if weights == "bf16":
+        return model
+    model = abstract_model(cfg, dtype, linear_paths(model))
+    floats = [path for path, node in nnx.iter_graph(model) if isinstance(node, Linear) and not node.is_q8_0]
+    assert not floats, f"q8_0 target still has float linears: {floats[:4]}"
+    return model
+
+
+def random_model(cfg: ModelConfig, dtype, seed: int = 0, weights: str = "bf16"):
+    return random_module(abstract_target(cfg, dtype, weights), seed)
+
+
+def leaf_names(path) -> list[str]:
+    return [str(getattr(k, "key", getattr(k, "idx", k))) for k in path]
+
+
+def param_bytes(state) -> dict:
+    """Bytes of a (possibly abstract) nnx.State: all leaves, the embedding table, and the weight count (Q8_0 scales
+    not counted as weights)."""
+    out = {"all": 0, "embed": 0, "params": 0}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(state.to_pure_dict())[0]:
+        n = int(np.prod(leaf.shape))
+        nbytes = n * jnp.dtype(leaf.dtype).itemsize
+        out["all"] += nbytes
+        names = leaf_names(path)
+        out["embed"] += nbytes if names[0] == "embed_tokens" else 0
+        out["params"] += 0 if names[-1] == "scales" else n
+    return out
 
 
 def random_module(abstract_module, seed: int = 0):
     """(graphdef, state, bytes) of an abstract (eval_shape) module with every leaf drawn on the device: norms 1,
-    biases 0, the rest N(0, 0.02)."""
+    biases 0, Gated DeltaNet's A (= -exp(A_log), a decay) -0.1, Q8_0 values uniform int8 in [-127, 127] with scales
+    1 / (127 sqrt(fan_in)), the rest N(0, 0.02)."""
     graphdef, abstract = nnx.split(abstract_module)
     pure = abstract.to_pure_dict()
     leaves, treedef = jax.tree_util.tree_flatten_with_path(pure)
-    kinds = []
-    for path, leaf in leaves:
-        names = [str(getattr(k, "key", getattr(k, "idx", k))) for k in path]
-        if any("norm" in n for n in names):
-            kinds.append("ones")
-        elif names[-1] == "bias":
-            kinds.append("zeros")
-        else:
-            kinds.append("normal")
     # One small jit per distinct shape (a single jit drawing every leaf took minutes to compile on the GPU).
     keys = jax.random.split(jax.random.key(seed), len(leaves))
     arrays = []
-    for k, (_, leaf), kind in zip(keys, leaves, kinds):
+    for k, (path, leaf) in zip(keys, leaves):
+        names = leaf_names(path)
         shape, dt = tuple(leaf.shape), jnp.dtype(leaf.dtype)
-        if kind == "ones":
+        if any("norm" in n for n in names):
             arrays.append(jnp.ones(shape, dt))
-        elif kind == "zeros":
+        elif names[-1] == "bias":
             arrays.append(jnp.zeros(shape, dt))
+        elif names[-1] == "A":
+            arrays.append(jnp.full(shape, -0.1, dt))
+        elif names[-1] == "qweight":
+            arrays.append(_int8(k, shape))
+        elif names[-1] == "scales":  # (in / 32, out): fan_in = in
+            arrays.append(jnp.full(shape, 1.0 / (127 * np.sqrt(shape[0] * Q8_BLOCK)), dt))
         else:
             arrays.append(_normal(k, shape, dt, 0.02))
-    jax.block_until_ready(arrays)
+        jax.block_until_ready(arrays[-1])  # one leaf's temporaries at a time
     state = abstract
     state.replace_by_pure_dict(jax.tree_util.tree_unflatten(treedef, arrays))
-    nbytes = {"all": 0, "embed": 0}
-    for (path, _), a in zip(leaves, arrays):
-        nbytes["all"] += a.nbytes
-        if str(getattr(path[0], "key", path[0])) == "embed_tokens":
-            nbytes["embed"] += a.nbytes
-    return graphdef, state, nbytes
+    return graphdef, state, param_bytes(state)
+
+
+@partial(jax.jit, static_argnums=(1,))
+def _int8(key, shape):
+    return jax.random.randint(key, shape, -127, 128, jnp.int8)
 
 
 @partial(jax.jit, static_argnums=(1, 2, 3))
@@ -131,11 +193,17 @@ def _normal(key, shape, dtype, scale):
     return (scale * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
 
 
-def random_cache(cfg: ModelConfig, num_pages: int, dtype, seed: int = 1) -> KVCache:
-    shape = (num_pages, PAGE_SIZE, cfg.num_kv_heads, cfg.head_dim)
-    keys = jax.random.split(jax.random.key(seed), 2 * cfg.num_layers)
-    layers = [_normal(keys[i], shape, jnp.dtype(dtype), 1.0) for i in range(2 * cfg.num_layers)]
-    cache = KVCache(k=layers[:cfg.num_layers], v=layers[cfg.num_layers:])
+def random_cache(cfg: ModelConfig, num_pages: int, dtype, seed: int = 1, num_rows: int = 1):
+    """The target's cache (dflash_jax.state_pool.make_cache) with random content: KV pages N(0, 1); for a hybrid
+    also `num_rows` rows of recurrent state (conv window and delta-rule state, f32) N(0, 0.01)."""
+    abstract = jax.eval_shape(lambda: make_cache(cfg, num_pages, PAGE_SIZE, num_rows, dtype))
+    keys = iter(jax.random.split(jax.random.key(seed), len(jax.tree_util.tree_leaves(abstract))))
+    fields = {}
+    for f in dataclasses.fields(abstract):  # k, v (and conv, ssm): lists of arrays
+        scale = 1.0 if f.name in ("k", "v") else 0.01
+        fields[f.name] = [_normal(next(keys), tuple(x.shape), jnp.dtype(x.dtype), scale)
+                          for x in getattr(abstract, f.name)]
+    cache = type(abstract)(**fields)
     jax.block_until_ready(cache)
     return cache
 
@@ -148,13 +216,23 @@ def decode_inputs(cfg: ModelConfig, b: int, ctx: int, pages_per_slot: int, seed:
     tokens = rng.integers(0, cfg.vocab_size, (b, 1), dtype=np.int32)
     page_table = (1 + np.arange(b)[:, None] * pages_per_slot + np.arange(pages_per_slot)[None, :]).astype(np.int32)
     meta = AttentionMeta(q_lens=np.ones((b,), np.int32), kv_lens=np.full((b,), kv_len, np.int32),
-                         page_table=page_table)
+                         page_table=page_table, slot_ids=np.arange(b, dtype=np.int32))
     sampling = SamplingArrays(temperature=np.full((b,), 0.8, np.float32), top_k=np.full((b,), 40, np.int32),
                               top_p=np.full((b,), 0.95, np.float32), min_p=np.full((b,), 0.05, np.float32),
                               presence_penalty=np.zeros((b,), np.float32),
                               frequency_penalty=np.zeros((b,), np.float32),
                               seed=np.arange(b, dtype=np.uint32), top_n=np.zeros((b,), np.int32))
     return StepInputs(tokens, meta, np.arange(b, dtype=np.int32), np.zeros((b,), bool), sampling)
+
+
+def slot_rows(num_rows: int, vocab_size: int):
+    """The per-slot device rows the step carries: step_fns.SlotRows where this checkout has it, else the (R, V)
+    penalty counts."""
+    try:
+        from dflash_jax.step_fns import SlotRows
+    except ImportError:
+        return jnp.zeros((num_rows, vocab_size), jnp.int32)
+    return SlotRows.create(num_rows, vocab_size)
 
 
 def call_model_step(graphdef, state, cache, counts, inputs):
@@ -280,8 +358,8 @@ def bench_model(name: str, args, results: list, deadline: float) -> None:
     dtype = jnp.dtype(args.dtype)
     dev = jax.devices()[0]
     log(f"== {name}: building random {args.dtype} weights on {dev}")
-    graphdef, state, nbytes = random_model(cfg, dtype)
-    log(f"   params {nbytes['all'] / 1e9:.3f} GB (embedding table {nbytes['embed'] / 1e9:.3f} GB)")
+    graphdef, state, nbytes = random_model(cfg, dtype, weights=args.weights)
+    log(f"   {args.weights} params {nbytes['all'] / 1e9:.3f} GB (embedding table {nbytes['embed'] / 1e9:.3f} GB)")
     bw = None
     if args.copy_gib > 0:  # measured here, after the weights were drawn, so the card is out of its idle clocks
         bws = memory_bandwidth(args.copy_gib)
@@ -292,7 +370,7 @@ def bench_model(name: str, args, results: list, deadline: float) -> None:
         if args.out:
             with open(args.out, "a") as f:
                 f.write(json.dumps({"model": name, "bandwidth": bws, "device": dev.device_kind}) + "\n")
-    kv_token_bytes = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * dtype.itemsize
+    kv_token_bytes = 2 * cfg.num_kv_layers * cfg.num_kv_heads * cfg.head_dim * dtype.itemsize
     slots = [int(s) for s in args.slots.split(",")]
     variants_for = {b: ["full", "engine", "fast", "fast_engine"] for b in slots}
     for b in [int(s) for s in args.extra_slots.split(",") if s]:
@@ -302,12 +380,12 @@ def bench_model(name: str, args, results: list, deadline: float) -> None:
     # One page pool for every B (slot i owns pages 1 + i*M .. (i+1)*M), so its shape never changes.
     fast_step, leaves = closed_model_step(graphdef, state)
     profile = {(int(x.split(":")[0]), x.split(":")[1]) for x in args.profile.split(",") if x}
-    holder = {"cache": random_cache(cfg, 1 + max(slots) * pages_per_slot, dtype)}
+    holder = {"cache": random_cache(cfg, 1 + max(slots) * pages_per_slot, dtype, num_rows=1 + max(slots))}
     for b in slots:
         if time.monotonic() > deadline:
             log(f"   deadline reached: skipping B={b} and later")
             break
-        holder["counts"] = jnp.zeros((b + 1, cfg.vocab_size), jnp.int32)
+        holder["counts"] = slot_rows(b + 1, cfg.vocab_size)
         np_inputs = decode_inputs(cfg, b, args.ctx, pages_per_slot)
         dev_inputs = jax.device_put(np_inputs)
 
@@ -360,8 +438,8 @@ def bench_model(name: str, args, results: list, deadline: float) -> None:
                 log(f"   B={b} {variant}: FAILED {type(e).__name__}: {str(e)[:400]}")
                 results.append({"model": name, "B": b, "variant": variant, "error": f"{type(e).__name__}: {e}"[:1000]})
                 continue
-            r = {"model": name, "device": dev.device_kind, "B": b, "variant": variant, "ctx": args.ctx,
-                 "pages_per_slot": pages_per_slot, "ms": ms, "ms_min": min(runs), "ms_runs": runs,
+            r = {"model": name, "device": dev.device_kind, "B": b, "variant": variant, "weights": args.weights,
+                 "ctx": args.ctx, "pages_per_slot": pages_per_slot, "ms": ms, "ms_min": min(runs), "ms_runs": runs,
                  "host_dispatch_ms": host_ms, "tok_s": b / ms * 1e3, "compile_s": compile_s,
                  "param_GB": nbytes["all"] / 1e9,
                  "step_read_GB": step_bytes / 1e9, "kv_read_GB": kv_read / 1e9, "kv_gathered_GB": kv_gathered / 1e9}
@@ -401,6 +479,8 @@ def main(argv=None):
     p.add_argument("--per-slot", type=int, default=0,
                    help="page-table width in tokens (Engine: ctx_per_slot); default: just enough for ctx+1")
     p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--weights", default="bf16", choices=WEIGHT_FORMATS,
+                   help="q8_0: every projection int8 + f16 scales (the Q8_0 kernel), as --weights q8_0 loads a GGUF")
     p.add_argument("--iters", type=int, default=50)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--copy-gib", type=float, default=4.0)
@@ -417,7 +497,7 @@ def main(argv=None):
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     deadline = T0 + args.budget_s
     dev = jax.devices()[0]
-    log(f"jax {jax.__version__}, device {dev.device_kind} ({dev.platform}), abstract_model from {ABSTRACT_FROM}")
+    log(f"jax {jax.__version__}, device {dev.device_kind} ({dev.platform})")
     if args.bandwidth_only:
         bws = memory_bandwidth(args.copy_gib, more=True)
         for k, v in bws.items():
