@@ -2,6 +2,7 @@
 drafter, and llama.cpp (xllamacpp) on the same GGUF for comparison.
 
     python bench/engine_throughput.py -m MODEL.gguf [-md DRAFTER.gguf] --slots 1,8 --max-tokens 64 [--llamacpp]
+        [--overlap on,off]   # the engine's host/device overlap (EngineConfig.overlap), both in one run
 """
 from __future__ import annotations
 
@@ -71,8 +72,10 @@ def main() -> None:
     ap.add_argument("--llamacpp", action="store_true")
     ap.add_argument("--spec-policy", default="always,adaptive",
                     help="with -md: the DFlash policies to run (always = every step speculates; adaptive = the default)")
+    ap.add_argument("--overlap", default="on", help="on, off or on,off: launch step k+1 before reading step k")
+    ap.add_argument("--weights", default="auto", help="auto | bf16 | q8_0 (see converters.load_gguf)")
     a = ap.parse_args()
-    lm = load_model(a.model, jnp.dtype(a.dtype))
+    lm = load_model(a.model, jnp.dtype(a.dtype), weights=a.weights)
     tpl = ChatTemplate(lm.chat_template)
     prompts = [lm.tokenizer.encode(tpl.render([{"role": "user", "content": p}])) for p in PROMPTS]
     drafter = load_drafter(a.model_draft, lm.config, jnp.dtype(a.dtype)) if a.model_draft else None
@@ -83,9 +86,11 @@ def main() -> None:
         work = (prompts * (2 * slots // len(prompts) + 1))[:2 * slots]
         variants = [("plain", None, "never")] + ([(f"dflash {pol}", drafter, pol)
                                                    for pol in a.spec_policy.split(",")] if drafter else [])
-        for name, d, policy in variants:
+        variants = [(f"{name} overlap={ov}", d, pol, ov == "on") for name, d, pol in variants
+                    for ov in a.overlap.split(",")]
+        for name, d, policy, overlap in variants:
             eng = Engine(lm, EngineConfig(num_slots=slots, ctx_size=1024 * slots, ctx_per_slot=1024,
-                                          prefill_chunk=256, dtype=a.dtype, spec_policy=policy), d)
+                                          prefill_chunk=256, dtype=a.dtype, spec_policy=policy, overlap=overlap), d)
             eng.warmup(progress=False)
             eng.start()
             engine_run(eng, work[:slots], 8)  # settle

@@ -1,11 +1,12 @@
 """The serving engine: owns the device state (weights, paged KV cache, penalty counts) and runs the step loop.
 
-One iteration: admit queued requests -> plan -> one prefill step (a chunk for every slot still reading its prompt) and
-one decode step (one token for every generating slot), each padded to a bucket -> commit sampled tokens -> events.
+One iteration: admit queued requests -> plan -> launch one prefill step (a chunk for every slot still reading its
+prompt) and one decode step (one token for every generating slot, or a DFlash block), each padded to a bucket ->
+retire the previous iteration's launches (fetch sampled tokens -> events). Launching before retiring keeps the device
+busy while the host does its bookkeeping; decode rows read their input token and cache length from the device.
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import threading
 import time
@@ -18,7 +19,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from converters.checkpoint import LoadedModel
-from dflash_jax.buckets import bucket_for, pad_rows, power_of_two_buckets
+from dflash_jax.buckets import bucket_for, power_of_two_buckets
 from dflash_jax.kv_cache import TRASH_PAGE, AttentionMeta
 from dflash_jax.page_allocator import PageAllocator
 from dflash_jax.requests import Request
@@ -26,7 +27,7 @@ from dflash_jax.sampling import SamplingArrays
 from dflash_jax.scheduler import Scheduler, Slot
 from dflash_jax.spec_state import LoadedDrafter, SpecState
 from dflash_jax.state_pool import make_cache
-from dflash_jax.step_fns import CompiledSteps, SpecInputs, StepInputs
+from dflash_jax.step_fns import CompiledSteps, SlotRows, SpecInputs, StepInputs
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,7 @@ class EngineConfig:
     draft_max: int = 15  # drafts per block (block = draft_max + 1, at most the drafter's trained block size)
     ctx_size_draft: int | None = None  # -cd: how many recent context features the drafter attends to
     spec_policy: str = "adaptive"  # adaptive | always | never (with a drafter)
+    overlap: bool = True  # launch step k+1 before reading step k's output (host work hides behind the device's)
 
     def __post_init__(self):
         if self.num_slots < 1:
@@ -82,6 +84,14 @@ def enable_compile_cache(directory: str | None) -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
+@dataclass
+class _Launch:
+    kind: str  # prefill | decode | spec
+    rows: list  # (slot, its request at launch, whether this row yields tokens) per live row, in batch order
+    out: tuple  # device outputs, fetched at retirement
+    t_launch: float
+
+
 class Engine:
     def __init__(self, loaded: LoadedModel, cfg: EngineConfig, drafter: LoadedDrafter | None = None):
         self.cfg = cfg
@@ -94,7 +104,7 @@ class Engine:
         num_pages = 1 + -(-cfg.ctx_size // cfg.page_size)
         # Hybrid targets also get one recurrent-state row per slot, plus the row padding writes into.
         self.cache = make_cache(mc, num_pages, cfg.page_size, cfg.num_slots + 1, jnp.dtype(cfg.dtype))
-        self.counts = jnp.zeros((cfg.num_slots + 1, mc.vocab_size), jnp.int32)
+        self.rows = SlotRows.create(cfg.num_slots + 1, mc.vocab_size)
         self.spec = SpecState(drafter, cfg, num_pages, jnp.dtype(cfg.dtype)) if drafter is not None else None
         sp = self.spec
         self.steps = CompiledSteps(self.graphdef, self.state, sp and sp.graphdef, sp and sp.state,
@@ -106,6 +116,8 @@ class Engine:
         self._stop = threading.Event()
         self._draining = False
         self._wake = threading.Event()
+        self._inflight: list[_Launch] = []  # launched, not yet retired (at most one iteration's worth)
+        self._last_retire = 0.0
         self.num_steps = 0
         self.error: str | None = None  # set when the step loop died; the server's /health reports it
 
@@ -157,7 +169,7 @@ class Engine:
     # --- loop ------------------------------------------------------------------------------------------------
     def _busy(self) -> bool:
         s = self.scheduler
-        return bool(s.queue) or any(slot.req is not None for slot in s.slots)
+        return bool(s.queue) or bool(self._inflight) or any(slot.req is not None for slot in s.slots)
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -174,86 +186,123 @@ class Engine:
                 raise
 
     def step(self) -> None:
+        """One iteration: launch this iteration's steps, then retire the previous iteration's (their outputs are
+        ready or nearly so; the device is busy with the new launches meanwhile). Without overlap (or while a test
+        injects drafts computed from the host's view) each launch is retired at once."""
         s = self.scheduler
         s.admit()
         plan = s.plan()
+        launched = []
         if plan.prefill:
-            self._prefill(plan.prefill)
+            launched.append(self._launch_prefill(plan.prefill))
         if plan.decode:
             speculating = [sl for sl in plan.decode if self.spec and self.spec.eligible(sl)]
             if speculating and not self.spec.worth_it(len(speculating), self.num_steps):
                 speculating = []
             plain = [sl for sl in plan.decode if sl not in speculating]
             if speculating:
-                self._spec_decode(speculating)
+                launched.append(self._launch_spec(speculating))
             if plain:
-                self._decode(plain)
+                launched.append(self._launch_decode(plain))
+        overlap = self.cfg.overlap and not (self.spec and self.spec.injector)
+        for launch in self._inflight + ([] if overlap else launched):
+            self._retire(launch)
+        self._inflight = launched if overlap else []
         self.num_steps += 1
 
-    def _prefill(self, chunks: list[tuple[Slot, int]]) -> None:
+    def _launch_prefill(self, chunks: list[tuple[Slot, int]]) -> _Launch:
         b = bucket_for(len(chunks), self.cfg.slot_buckets)
         t = bucket_for(max(n for _, n in chunks), self.cfg.chunk_buckets)
-        rows = []
+        rows, final = [], []
         for slot, n in chunks:
             start = slot.num_cached
             rows.append((slot, slot.req.prompt_ids[start:start + n], start + n, start == 0))
-        out = self._run(self._inputs(rows, b, t))
-        now = time.monotonic()
-        for i, (slot, n) in enumerate(chunks):
-            slot.num_cached += n
-            if slot.num_cached == len(slot.req.prompt_ids):
-                slot.req.prompt_done_time = now
-                self._commit(slot, out, i)
+            slot.num_cached += n  # prefill is deterministic: the host advances at launch
+            final.append(slot.num_cached == len(slot.req.prompt_ids))
+            slot.inflight += final[-1]
+        return self._launch("prefill", [c[0] for c in chunks], final, self._inputs(rows, b, t))
 
-    def _decode(self, slots: list[Slot]) -> None:
+    def _launch_decode(self, slots: list[Slot]) -> _Launch:
         b = bucket_for(len(slots), self.cfg.slot_buckets)
-        rows = [(slot, [slot.pending], slot.num_cached + 1, False) for slot in slots]
-        t0 = time.perf_counter()
-        out = self._run(self._inputs(rows, b, 1))
-        if self.spec:
-            self.spec.record_plain(len(slots), time.perf_counter() - t0)
-        for i, slot in enumerate(slots):
-            slot.num_cached += 1
-            self._commit(slot, out, i)
+        for slot in slots:
+            slot.inflight += 1
+        # the token and kv length come from the device rows (chained); the host's values here are placeholders
+        rows = [(slot, [0], 0, False) for slot in slots]
+        return self._launch("decode", slots, [True] * len(slots), self._inputs(rows, b, 1, chained=True))
 
-    def _spec_decode(self, slots: list[Slot]) -> None:
+    def _launch_spec(self, slots: list[Slot]) -> _Launch:
         b = bucket_for(len(slots), self.cfg.slot_buckets)
-        t0 = time.perf_counter()
-        tokens, accepted, logprobs, top_ids, top_lps = self._run_spec(self._spec_inputs(slots, b))
-        self.spec.record_step(len(slots), time.perf_counter() - t0, accepted[:len(slots)])
-        for i, slot in enumerate(slots):
-            n = int(accepted[i])
-            req = slot.req
-            req.draft_n += self.spec.block - 1
-            req.draft_n_accepted += n
-            slot.num_cached += n + 1  # the last token and the accepted drafts are now in the cache
-            for k in range(n + 1):
-                self.scheduler.on_token(slot, int(tokens[i, k]), float(logprobs[i, k]),
-                                        list(zip(top_ids[i, k].tolist(), top_lps[i, k].tolist())))
-                if slot.req is None:  # stop / EOS / max_tokens inside the accepted run: cut exactly there
-                    break
+        for slot in slots:
+            slot.inflight += self.spec.block
+        return self._launch("spec", slots, [True] * len(slots), self._spec_inputs(slots, b))
 
-    def _commit(self, slot: Slot, out, i: int) -> None:
-        tokens, logprobs, top_ids, top_lps = out
+    def _launch(self, kind: str, slots: list[Slot], emits: list[bool], inputs) -> _Launch:
+        t0 = time.perf_counter()
+        out = self._dispatch_spec(inputs) if kind == "spec" else self._dispatch(inputs)
+        return _Launch(kind, [(sl, sl.req, e) for sl, e in zip(slots, emits)], out, t0)
+
+    def _retire(self, launch: _Launch) -> None:
+        """Fetch a launch's outputs and turn them into events. Rows whose request finished (stop string, EOS,
+        cancel) after the launch are dropped: their tokens were computed for nothing, into pages the device
+        overwrites before anyone reads them, since later launches run after this one."""
+        host = jax.device_get(launch.out)
+        now = time.perf_counter()
+        seconds = now - max(launch.t_launch, self._last_retire)
+        self._last_retire = now
+        n = len(launch.rows)
+        if launch.kind == "spec":
+            self.spec.record_step(n, seconds, host[1][:n])
+        elif launch.kind == "decode" and self.spec:
+            self.spec.record_plain(n, seconds)
+        done = time.monotonic()
+        for i, (slot, req, emits) in enumerate(launch.rows):
+            if slot.req is not req or not emits:
+                continue
+            if launch.kind == "spec":
+                slot.inflight -= self.spec.block
+                self._commit_spec(slot, host, i)
+                continue
+            slot.inflight -= 1
+            if launch.kind == "prefill":
+                req.prompt_done_time = done
+            else:
+                slot.num_cached += 1
+            self._commit(slot, host, i)
+
+    def _commit_spec(self, slot: Slot, host, i: int) -> None:
+        tokens, accepted, logprobs, top_ids, top_lps = host
+        n = int(accepted[i])
+        req = slot.req
+        req.draft_n += self.spec.block - 1
+        req.draft_n_accepted += n
+        slot.num_cached += n + 1  # the last token and the accepted drafts are now in the cache
+        for k in range(n + 1):
+            self.scheduler.on_token(slot, int(tokens[i, k]), float(logprobs[i, k]),
+                                    list(zip(top_ids[i, k].tolist(), top_lps[i, k].tolist())))
+            if slot.req is None:  # stop / EOS / max_tokens inside the accepted run: cut exactly there
+                break
+
+    def _commit(self, slot: Slot, host, i: int) -> None:
+        tokens, logprobs, top_ids, top_lps = host
         top = list(zip(top_ids[i].tolist(), top_lps[i].tolist()))
         self.scheduler.on_token(slot, int(tokens[i]), float(logprobs[i]), top)
 
-    def _inputs(self, rows: list, b: int, t: int) -> StepInputs:
+    def _inputs(self, rows: list, b: int, t: int, chained: bool = False) -> StepInputs:
         """rows: (slot, tokens to feed, kv length after, is first chunk), padded to b rows of t tokens."""
-        n = len(rows)
         tokens = np.zeros((b, t), np.int32)
         q_lens = np.zeros((b,), np.int32)
         kv_lens = np.zeros((b,), np.int32)
         page_table = np.full((b, self.pages_per_slot), TRASH_PAGE, np.int32)
         slot_ids = np.full((b,), self.cfg.num_slots, np.int32)
         is_first = np.zeros((b,), bool)
+        chain = np.zeros((b,), bool)
         for i, (slot, toks, kv_len, first) in enumerate(rows):
             tokens[i, :len(toks)] = toks
-            q_lens[i], kv_lens[i], slot_ids[i], is_first[i] = len(toks), kv_len, slot.id, first
+            q_lens[i], kv_lens[i], slot_ids[i], is_first[i], chain[i] = len(toks), kv_len, slot.id, first, chained
             page_table[i, :len(slot.pages)] = slot.pages
         sampling = SamplingArrays.from_params([s.req.params for s, *_ in rows], b, [s.seed for s, *_ in rows])
         meta = AttentionMeta(q_lens=q_lens, kv_lens=kv_lens, page_table=page_table, slot_ids=slot_ids)
-        return StepInputs(tokens, meta, slot_ids, is_first, sampling)
+        return StepInputs(tokens, meta, slot_ids, is_first, sampling, chain)
 
     def _spec_inputs(self, slots: list[Slot], b: int) -> SpecInputs:
         t = self.spec.block
@@ -264,25 +313,32 @@ class Engine:
         injected = np.zeros((b, t - 1), np.int32)
         use_injected = np.zeros((b,), bool)
         slot_ids = np.full((b,), self.cfg.num_slots, np.int32)
+        chained = np.zeros((b,), bool)
         for i, slot in enumerate(slots):
-            last[i], q_lens[i], kv_lens[i], slot_ids[i] = slot.pending, t, slot.num_cached + t, slot.id
+            q_lens[i], slot_ids[i], chained[i] = t, slot.id, True  # last token and cached length: on the device
             page_table[i, :len(slot.pages)] = slot.pages
             forced = self.spec.injector(slot) if self.spec.injector else None
             if forced is not None:
                 injected[i], use_injected[i] = forced[:t - 1], True
         sampling = SamplingArrays.from_params([s.req.params for s in slots], b, [s.seed for s in slots])
         return SpecInputs(last, AttentionMeta(q_lens, kv_lens, page_table, slot_ids), sampling, injected,
-                          use_injected)
+                          use_injected, chained)
 
-    def _run(self, inputs: StepInputs):
+    def _dispatch(self, inputs: StepInputs):
         sp = self.spec
-        self.cache, dcache, self.counts, out = self.steps.model_step(self.cache, sp and sp.cache, self.counts, inputs)
+        self.cache, dcache, self.rows, out = self.steps.model_step(self.cache, sp and sp.cache, self.rows, inputs)
         if sp:
             sp.cache = dcache
-        # The one device->host transfer of the step.
-        return jax.device_get((out.tokens, out.logprobs, out.top_ids, out.top_logprobs))
+        return out.tokens, out.logprobs, out.top_ids, out.top_logprobs
+
+    def _dispatch_spec(self, inputs: SpecInputs):
+        sp = self.spec
+        self.cache, sp.cache, self.rows, out = self.steps.spec_step(self.cache, sp.cache, self.rows, inputs)
+        return out.tokens, out.accepted, out.logprobs, out.top_ids, out.top_logprobs
+
+    def _run(self, inputs: StepInputs):
+        """A plain step launched and fetched at once (warm-up, cost measurement)."""
+        return jax.device_get(self._dispatch(inputs))
 
     def _run_spec(self, inputs: SpecInputs):
-        sp = self.spec
-        self.cache, sp.cache, out = self.steps.spec_step(self.cache, sp.cache, inputs)
-        return jax.device_get((out.tokens, out.accepted, out.logprobs, out.top_ids, out.top_logprobs))
+        return jax.device_get(self._dispatch_spec(inputs))

@@ -1,8 +1,10 @@
 """Host bookkeeping of slots: FIFO admission, pages, chunked-prefill planning, and turning sampled tokens into events.
 
 Invariants: a slot owns its pages from admission to finish (reserved for prompt + max new tokens, so a running request
-never waits for memory); a slot's `num_cached` tokens are in the KV cache; `pending` is the sampled token that is
-not yet in the cache (the next decode step's input).
+never waits for memory). The host's view lags the device by the launched, not yet retired steps: `num_cached` counts
+prompt chunks from their launch but generated tokens from their retirement, and `inflight` bounds the tokens still
+to come from launched steps. The device's own rows (step_fns.SlotRows) hold each slot's exact cache length and
+newest token, which is why decode steps never wait for the host.
 """
 from __future__ import annotations
 
@@ -24,12 +26,12 @@ class Slot:
     req: Request | None = None
     pages: list[int] = field(default_factory=list)
     num_cached: int = 0
-    pending: int | None = None
     max_new: int = 0
     detok: IncrementalDetokenizer | None = None
     text: str = ""  # generated text so far (for stop strings)
     emitted: int = 0  # characters of `text` already sent
     seed: int = 0
+    inflight: int = 0  # tokens that launched, not yet retired steps may still produce (an upper bound)
 
     @property
     def state(self) -> str:
@@ -84,8 +86,8 @@ class Scheduler:
                 if need > self.allocator.num_free:
                     return  # FIFO: the head waits for pages; nobody overtakes it
                 self.queue.popleft()
-                slot.req, slot.pages, slot.num_cached, slot.pending = req, self.allocator.alloc(need), 0, None
-                slot.max_new, slot.text, slot.emitted = max_new, "", 0
+                slot.req, slot.pages, slot.num_cached = req, self.allocator.alloc(need), 0
+                slot.max_new, slot.text, slot.emitted, slot.inflight = max_new, "", 0, 0
                 slot.detok = IncrementalDetokenizer(self.tokenizer, skip_special=True)
                 slot.seed = req.params.seed if req.params.seed is not None else self._rng.getrandbits(32)
                 req.start_time = time.monotonic()
@@ -100,8 +102,8 @@ class Scheduler:
                 self.finish(slot, "cancelled")
             elif slot.state == "prefill":
                 prefill.append((slot, min(self.prefill_chunk, len(slot.req.prompt_ids) - slot.num_cached)))
-            elif slot.pending is not None:
-                decode.append(slot)
+            elif slot.req.num_generated + slot.inflight < slot.max_new:
+                decode.append(slot)  # else launched steps may already finish it: wait for their outputs
         return Plan(prefill, decode)
 
     # --- commit ----------------------------------------------------------------------------------------------
@@ -112,7 +114,6 @@ class Scheduler:
         if req.first_token_time is None:
             req.first_token_time = now
         req.num_generated += 1
-        slot.pending = token
         p = req.params
         lp = logprob if p.logprobs else None
         tops = top[:p.top_logprobs] if p.logprobs and p.top_logprobs else None
@@ -147,7 +148,7 @@ class Scheduler:
         event = event or TokenEvent(None, "")
         event.finish_reason = reason
         self.allocator.free(slot.pages)
-        slot.req, slot.pages, slot.pending, slot.detok = None, [], None, None
+        slot.req, slot.pages, slot.detok, slot.inflight = None, [], None, 0
         req.events.put(event)
 
     def fail_all(self, message: str) -> None:

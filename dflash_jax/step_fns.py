@@ -1,13 +1,17 @@
 """The jitted device steps: a plain step (prefill chunk or one decode token per slot) and the fused DFlash step
 (draft a block, verify it with the target, accept, commit) for every speculating slot at once.
 
+Every step leaves each slot's newest token and cache length on the device (`SlotRows`), and a decoding row can
+take them from there (`chained`) instead of from the host: the engine launches step k+1 before it has read step k's
+output, so the host's bookkeeping of step k overlaps the device's work on step k+1.
+
 Dimensions: B slots in the bucket, T tokens per slot (block size in the spec step), V vocab, D hidden,
 R = num_slots + 1 rows of per-slot device state (the last row belongs to padding).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -20,12 +24,28 @@ from dflash_jax.speculative import accept_lengths
 
 @jax.tree_util.register_dataclass
 @dataclass
+class SlotRows:
+    """Per-slot device state, one row per slot plus the padding row."""
+    counts: jax.Array  # (R, V) i32: tokens generated so far (penalties)
+    last: jax.Array  # (R,) i32: the newest sampled token, not yet in the cache
+    cached: jax.Array  # (R,) i32: tokens in the KV cache
+
+    @classmethod
+    def create(cls, num_rows: int, vocab_size: int) -> "SlotRows":
+        return cls(jnp.zeros((num_rows, vocab_size), jnp.int32), jnp.zeros((num_rows,), jnp.int32),
+                   jnp.zeros((num_rows,), jnp.int32))
+
+
+@jax.tree_util.register_dataclass
+@dataclass
 class StepInputs:
     tokens: jax.Array  # (B, T) i32
     meta: AttentionMeta
-    slot_ids: jax.Array  # (B,) i32, padding rows point at the last row of `counts`
+    slot_ids: jax.Array  # (B,) i32, padding rows point at the last row of `rows`
     is_first: jax.Array  # (B,) bool: first chunk of a new request (its penalty counts restart)
     sampling: SamplingArrays
+    # (B,) bool: decode rows whose token and cache length come from SlotRows (tokens[:, 0] and kv_lens ignored)
+    chained: jax.Array | None = None
 
 
 @jax.tree_util.register_dataclass
@@ -36,6 +56,7 @@ class SpecInputs:
     sampling: SamplingArrays
     injected: jax.Array  # (B, T-1) i32: drafts to verify instead of the drafter's, where use_injected
     use_injected: jax.Array  # (B,) bool
+    chained: jax.Array | None = None  # (B,) bool: last token and cached length come from SlotRows
 
 
 @jax.tree_util.register_dataclass
@@ -48,11 +69,23 @@ class SpecOutput:
     top_logprobs: jax.Array  # (B, T, MAX_TOP_LOGPROBS) f32
 
 
+def _chain(rows: SlotRows, slot_ids: jax.Array, chained: jax.Array | None, first: jax.Array,
+           meta: AttentionMeta) -> tuple[jax.Array, AttentionMeta]:
+    """The first token and kv lengths of each row: from the host, or from the device rows where chained."""
+    if chained is None:
+        return first, meta
+    first = jnp.where(chained, rows.last[slot_ids], first)
+    kv_lens = jnp.where(chained, rows.cached[slot_ids] + meta.q_lens, meta.kv_lens)
+    return first, dataclasses.replace(meta, kv_lens=kv_lens)
+
+
 def _model_step(graphdef: nnx.GraphDef, drafter_graphdef, taps: tuple[int, ...], state: nnx.State, drafter_state,
-               cache: KVCache, dcache: KVCache | None, counts: jax.Array,
-               inputs: StepInputs) -> tuple[KVCache, KVCache | None, jax.Array, SampleOutput]:
-    """Prefill chunk or plain decode. counts (R, V) i32: tokens generated so far per slot (penalties). With a
-    drafter, the tap features of every token written here also go into the drafter's context cache."""
+               cache: KVCache, dcache: KVCache | None, rows: SlotRows,
+               inputs: StepInputs) -> tuple[KVCache, KVCache | None, SlotRows, SampleOutput]:
+    """Prefill chunk or plain decode. With a drafter, the tap features of every token written here also go into the
+    drafter's context cache."""
+    first, meta = _chain(rows, inputs.slot_ids, inputs.chained, inputs.tokens[:, 0], inputs.meta)
+    inputs = dataclasses.replace(inputs, tokens=inputs.tokens.at[:, 0].set(first), meta=meta)
     model = nnx.merge(graphdef, state)
     hidden, cache, feats = model(inputs.tokens, inputs.meta, cache, taps)
     if drafter_graphdef is not None:
@@ -62,16 +95,20 @@ def _model_step(graphdef: nnx.GraphDef, drafter_graphdef, taps: tuple[int, ...],
     last = jnp.maximum(inputs.meta.q_lens - 1, 0)
     h_last = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]  # (B, D)
     logits = model.logits(h_last)
-    rows = jnp.where(inputs.is_first[:, None], 0, counts[inputs.slot_ids])  # (B, V)
-    out = sample(logits, rows, inputs.sampling, positions=inputs.meta.kv_lens)
-    rows = rows.at[jnp.arange(rows.shape[0]), out.tokens].add(1)
-    counts = counts.at[inputs.slot_ids].set(rows)
-    return cache, dcache, counts, out
+    sid = inputs.slot_ids
+    counts = jnp.where(inputs.is_first[:, None], 0, rows.counts[sid])  # (B, V)
+    out = sample(logits, counts, inputs.sampling, positions=inputs.meta.kv_lens)
+    counts = counts.at[jnp.arange(counts.shape[0]), out.tokens].add(1)
+    rows = SlotRows(rows.counts.at[sid].set(counts), rows.last.at[sid].set(out.tokens),
+                    rows.cached.at[sid].set(inputs.meta.kv_lens))
+    return cache, dcache, rows, out
 
 
 def _spec_step(graphdef: nnx.GraphDef, drafter_graphdef, taps: tuple[int, ...], mask_token_id: int,
               ctx_window: int | None, state: nnx.State, drafter_state, cache: KVCache, dcache: KVCache,
-              inputs: SpecInputs) -> tuple[KVCache, KVCache, SpecOutput]:
+              rows: SlotRows, inputs: SpecInputs) -> tuple[KVCache, KVCache, SlotRows, SpecOutput]:
+    last, meta = _chain(rows, inputs.meta.slot_ids, inputs.chained, inputs.last_tokens, inputs.meta)
+    inputs = dataclasses.replace(inputs, last_tokens=last, meta=meta)
     model = nnx.merge(graphdef, state)
     drafter = nnx.merge(drafter_graphdef, drafter_state)
     b, t = inputs.injected.shape[0], inputs.injected.shape[1] + 1
@@ -106,13 +143,18 @@ def _spec_step(graphdef: nnx.GraphDef, drafter_graphdef, taps: tuple[int, ...], 
     tok_pos, valid = token_positions(inputs.meta, t)
     valid &= jnp.arange(t)[None, :] <= accepted[:, None]
     dcache = drafter.write_context(feats, inputs.meta, tok_pos, valid, dcache)
+    sid = inputs.meta.slot_ids
+    live = inputs.meta.q_lens > 0
+    nxt = jnp.take_along_axis(choice, accepted[:, None], axis=1)[:, 0]
+    rows = dataclasses.replace(rows, last=rows.last.at[sid].set(nxt),
+                               cached=rows.cached.at[sid].set(jnp.where(live, cached + accepted + 1, cached)))
     k = out.top_ids.shape[-1]
-    return cache, dcache, SpecOutput(choice, accepted, out.logprobs.reshape(b, t), out.top_ids.reshape(b, t, k),
+    return cache, dcache, rows, SpecOutput(choice, accepted, out.logprobs.reshape(b, t), out.top_ids.reshape(b, t, k),
                                      out.top_logprobs.reshape(b, t, k))
 
 
 model_step = jax.jit(_model_step, static_argnums=(0, 1, 2), donate_argnums=(5, 6, 7))
-spec_step = jax.jit(_spec_step, static_argnums=(0, 1, 2, 3, 4), donate_argnums=(7, 8))
+spec_step = jax.jit(_spec_step, static_argnums=(0, 1, 2, 3, 4), donate_argnums=(7, 8, 9))
 
 
 class CompiledSteps:
@@ -128,20 +170,20 @@ class CompiledSteps:
             return (jax.tree_util.tree_unflatten(treedef, leaves),
                     jax.tree_util.tree_unflatten(d_treedef, d_leaves))
 
-        def plain(leaves, d_leaves, cache, dcache, counts, inputs):
+        def plain(leaves, d_leaves, cache, dcache, rows, inputs):
             st, dst = unflatten(leaves, d_leaves)
-            return _model_step(graphdef, drafter_graphdef, taps, st, dst, cache, dcache, counts, inputs)
+            return _model_step(graphdef, drafter_graphdef, taps, st, dst, cache, dcache, rows, inputs)
 
-        def spec(leaves, d_leaves, cache, dcache, inputs):
+        def spec(leaves, d_leaves, cache, dcache, rows, inputs):
             st, dst = unflatten(leaves, d_leaves)
             return _spec_step(graphdef, drafter_graphdef, taps, mask_token_id, ctx_window, st, dst, cache, dcache,
-                              inputs)
+                              rows, inputs)
 
         self._plain = jax.jit(plain, donate_argnums=(2, 3, 4))
-        self._spec = jax.jit(spec, donate_argnums=(2, 3))
+        self._spec = jax.jit(spec, donate_argnums=(2, 3, 4))
 
-    def model_step(self, cache, dcache, counts, inputs: StepInputs):
-        return self._plain(self.leaves, self.drafter_leaves, cache, dcache, counts, inputs)
+    def model_step(self, cache, dcache, rows: SlotRows, inputs: StepInputs):
+        return self._plain(self.leaves, self.drafter_leaves, cache, dcache, rows, inputs)
 
-    def spec_step(self, cache, dcache, inputs: SpecInputs):
-        return self._spec(self.leaves, self.drafter_leaves, cache, dcache, inputs)
+    def spec_step(self, cache, dcache, rows: SlotRows, inputs: SpecInputs):
+        return self._spec(self.leaves, self.drafter_leaves, cache, dcache, rows, inputs)

@@ -155,6 +155,27 @@ def test_stop_string_cuts_text(engine, tiny):
     assert reason == "stop" and cut == text[:text.find(stop)]
 
 
+def test_slot_reused_after_a_stop_while_a_step_is_in_flight(tiny):
+    """With one slot, a stop string ends request A while the engine has already launched A's next step; B then takes
+    the slot and the pages that step writes into. B must come out as if run alone."""
+    eng = Engine(tiny, EngineConfig(num_slots=1, ctx_size=256, page_size=8, prefill_chunk=16))
+    eng.warmup(progress=False)
+    eng.start()
+    try:
+        rng = np.random.default_rng(5)
+        pa, pb = (rng.integers(3, tiny.config.vocab_size, size=k).tolist() for k in (9, 20))
+        _, text, _ = run(eng, [Request(pa, SamplingParams(max_tokens=20, ignore_eos=True))])[0]
+        stop = text[2:4]
+        (_, cut, reason), (toks_b, _, _) = run(eng, [
+            Request(pa, SamplingParams(max_tokens=20, ignore_eos=True, stop=(stop,))),
+            Request(pb, SamplingParams(max_tokens=12, ignore_eos=True))])
+        assert reason == "stop" and cut == text[:text.find(stop)]
+        assert toks_b == greedy_generate(tiny.model, [pb], 12)[0][0]
+        assert eng.scheduler.allocator.num_free == eng.scheduler.allocator.num_pages - 1
+    finally:
+        eng.stop()
+
+
 def test_cancel_frees_slot(engine, tiny):
     req = Request([5, 6, 7], SamplingParams(max_tokens=100, ignore_eos=True))
     engine.submit(req)
