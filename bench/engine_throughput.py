@@ -73,6 +73,7 @@ def main() -> None:
     ap.add_argument("--spec-policy", default="always,adaptive",
                     help="with -md: the DFlash policies to run (always = every step speculates; adaptive = the default)")
     ap.add_argument("--overlap", default="on", help="on, off or on,off: launch step k+1 before reading step k")
+    ap.add_argument("--prefill-chunk", type=int, default=256, help="-ub: fewer chunk buckets compile faster")
     ap.add_argument("--weights", default="auto", help="auto | bf16 | q8_0 (see converters.load_gguf)")
     a = ap.parse_args()
     lm = load_model(a.model, jnp.dtype(a.dtype), weights=a.weights)
@@ -90,7 +91,7 @@ def main() -> None:
                     for ov in a.overlap.split(",")]
         for name, d, policy, overlap in variants:
             eng = Engine(lm, EngineConfig(num_slots=slots, ctx_size=1024 * slots, ctx_per_slot=1024,
-                                          prefill_chunk=256, dtype=a.dtype, spec_policy=policy, overlap=overlap), d)
+                                          prefill_chunk=a.prefill_chunk, dtype=a.dtype, spec_policy=policy, overlap=overlap), d)
             eng.warmup(progress=False)
             eng.start()
             engine_run(eng, work[:slots], 8)  # settle
