@@ -84,6 +84,6 @@ def test_engine_with_kernels_equals_reference_path(target, spec, monkeypatch):
             if min(kg[j], rg[j]) < TIE:
                 break
             assert kt[j] == rt[j], f"token {j} differs with no near tie up to it"
-            assert abs(kl[j] - rl[j]) < 5e-3
+            assert abs(kl[j] - rl[j]) < 2e-2  # f32 products run as TF32 on the GPU: ~5e-3 apart
             compared += 1
     assert compared >= 0.8 * total, f"only {compared} of {total} tokens compared before near ties"
