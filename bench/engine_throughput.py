@@ -95,11 +95,14 @@ def main() -> None:
             eng.warmup(progress=False)
             eng.start()
             engine_run(eng, work[:slots], 8)  # settle
+            before = dict(eng.host_seconds)
             secs, n = engine_run(eng, work, a.max_tokens)
             eng.stop()
+            host = {k: round(v - before[k], 2) for k, v in eng.host_seconds.items()}
             sp = eng.stats()["speculative"] if d else None
             tau = f" tau={sp['tau']} ({sp['num_drafts']} slot-steps speculated)" if d else ""
-            print(f"| dflash-jax {name}{tau} | {device} | {slots} | {len(work)} | {n} | {secs:.1f} | {n / secs:.1f} |")
+            print(f"| dflash-jax {name}{tau} | {device} | {slots} | {len(work)} | {n} | {secs:.2f} | {n / secs:.1f} |"
+                  f" engine thread s: {host}", flush=True)
         if a.llamacpp:
             secs, n = llamacpp_run(a.model, work, slots, a.max_tokens)
             print(f"| llama.cpp (xllamacpp) | cpu | {slots} | {len(work)} | {n} | {secs:.1f} | {n / secs:.1f} |")

@@ -11,6 +11,7 @@ Four jitted steps per slot count B, all through `dflash_jax.step_fns.CompiledSte
   plain+ctx    one decode token per slot with the drafter loaded (the step also writes the token's tap features
                into the drafter's context cache, as the engine's plain step does when a drafter is present)
   plain_engine `plain` called as the engine calls it (host inputs, outputs fetched every step)
+  plain_overlap `plain_engine` as the overlapping engine calls it: each step's outputs fetched after the next launch
   spec         the spec step for a block of T tokens per slot (T-1 drafts), verify causal at the slot's offset (a
                hybrid target verifies token by token and commits the accepted prefix of its recurrent state by replay)
 A spec step yields tau tokens per slot (1 + accepted), a plain step 1, so DFlash wins when tau > spec / plain: that
@@ -53,7 +54,7 @@ from dflash_jax.step_fns import CompiledSteps, SpecInputs  # noqa: E402
 
 T0 = time.monotonic()
 GB, GiB = 1e9, 2 ** 30
-STEPS = ("plain", "plain_engine", "plain+ctx", "spec")
+STEPS = ("plain", "plain_engine", "plain_overlap", "plain+ctx", "spec")
 
 # llama.cpp on the same target shape (Qwen3.6-27B Q8_0, one H200): aggregate decode tok/s at B parallel slots.
 LLAMACPP_QWEN36_27B = {1: 75.6, 2: 144.0, 4: 224.0, 8: 291.0, 16: 456.0}
@@ -300,7 +301,18 @@ def main(argv=None) -> None:
             out = plain_call(plain_only, h, np_plain_in, False)
             return jax.device_get((out.tokens, out.logprobs, out.top_ids, out.top_logprobs))[0]
 
+        prev = {}
+
+        def plain_overlap():  # as Engine with overlap: launch this step, then fetch the previous step's outputs
+            out = plain_call(plain_only, h, np_plain_in, False)
+            if "out" in prev:
+                jax.device_get((prev["out"].tokens, prev["out"].logprobs, prev["out"].top_ids,
+                                prev["out"].top_logprobs))
+            prev["out"] = out
+            return out.tokens
+
         fns = {"plain": lambda: plain_call(plain_only, h, plain_in, False).tokens, "plain_engine": plain_engine,
+               "plain_overlap": plain_overlap,
                "plain+ctx": lambda: plain_call(with_drafter, h, plain_in, True).tokens,
                "spec": lambda: spec_call(with_drafter, h, spec_in).accepted}
         row = {"target": a.target, "weights": a.weights, "device": dev.device_kind, "B": b, "block": a.block,

@@ -118,6 +118,8 @@ class Engine:
         self._wake = threading.Event()
         self._inflight: list[_Launch] = []  # launched, not yet retired (at most one iteration's worth)
         self._last_retire = 0.0
+        # Where the engine thread's time goes: dispatching steps, blocked on their outputs, turning them into events.
+        self.host_seconds = {"launch": 0.0, "fetch_wait": 0.0, "commit": 0.0}
         self.num_steps = 0
         self.error: str | None = None  # set when the step loop died; the server's /health reports it
 
@@ -130,6 +132,7 @@ class Engine:
 
     def stats(self) -> dict:
         stats = self.scheduler.stats()
+        stats["host_seconds"] = {k: round(v, 3) for k, v in self.host_seconds.items()}
         if self.spec:
             stats["speculative"] = self.spec.stats()
         return stats
@@ -239,14 +242,17 @@ class Engine:
     def _launch(self, kind: str, slots: list[Slot], emits: list[bool], inputs) -> _Launch:
         t0 = time.perf_counter()
         out = self._dispatch_spec(inputs) if kind == "spec" else self._dispatch(inputs)
+        self.host_seconds["launch"] += time.perf_counter() - t0
         return _Launch(kind, [(sl, sl.req, e) for sl, e in zip(slots, emits)], out, t0)
 
     def _retire(self, launch: _Launch) -> None:
         """Fetch a launch's outputs and turn them into events. Rows whose request finished (stop string, EOS,
         cancel) after the launch are dropped: their tokens were computed for nothing, into pages the device
         overwrites before anyone reads them, since later launches run after this one."""
+        t0 = time.perf_counter()
         host = jax.device_get(launch.out)
         now = time.perf_counter()
+        self.host_seconds["fetch_wait"] += now - t0
         seconds = now - max(launch.t_launch, self._last_retire)
         self._last_retire = now
         n = len(launch.rows)
@@ -268,6 +274,7 @@ class Engine:
             else:
                 slot.num_cached += 1
             self._commit(slot, host, i)
+        self.host_seconds["commit"] += time.perf_counter() - now
 
     def _commit_spec(self, slot: Slot, host, i: int) -> None:
         tokens, accepted, logprobs, top_ids, top_lps = host
