@@ -25,6 +25,9 @@ from dflash_jax.spec_state import LoadedDrafter
 CONFIG_FILE = "config.json"
 TEMPLATE_FILE = "chat_template.jinja"
 PARAMS_DIR = "params"
+# Parameter layout of the directory: 2 = linears sharing an input fused (dflash_jax/models/dense.py FUSED), 1 (no key)
+# = one Linear per GGUF tensor. Older layouts are refused with a clear message rather than an orbax structure error.
+LAYOUT = 2
 
 
 @dataclass
@@ -41,7 +44,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path, dtype: str = "bfloat16") -> Pat
     out_dir = Path(out_dir).absolute()
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / CONFIG_FILE).write_text(json.dumps({"model": json.loads(cfg.to_json()), "dtype": str(jnp.dtype(dtype)),
-                                                   "source": str(gguf_path)}, indent=2))
+                                                   "source": str(gguf_path), "layout": LAYOUT}, indent=2))
     Tokenizer.from_metadata(g.metadata, source=g.path).save(out_dir)
     template = g.get("tokenizer.chat_template")
     if template:
@@ -55,6 +58,9 @@ def convert_gguf(gguf_path: Path, out_dir: Path, dtype: str = "bfloat16") -> Pat
 def load_checkpoint(directory: Path, dtype=None) -> LoadedModel:
     directory = Path(directory).absolute()
     meta = json.loads((directory / CONFIG_FILE).read_text())
+    if meta.get("layout", 1) != LAYOUT:
+        raise ValueError(f"{directory} holds parameter layout {meta.get('layout', 1)} (this version reads {LAYOUT}: "
+                         f"q/k/v and gate/up fused); convert its GGUF again")
     cfg_cls = HybridConfig if meta["model"]["arch"] in HybridConfig.ARCHS else ModelConfig
     cfg = cfg_cls(**meta["model"])
     stored = jnp.dtype(meta["dtype"])

@@ -8,7 +8,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from converters.gguf_file import GGUFFile, open_gguf
-from converters.tensor_map import check_tensors, load_q8_0, load_tensor, q8_0_linears
+from converters.tensor_map import check_tensors, fused_path, load_q8_0, load_tensor, q8_0_linears
 from dflash_jax.config import HybridConfig, ModelConfig
 from dflash_jax.models.dense import DenseDecoder
 from dflash_jax.models.hybrid import HybridDecoder
@@ -74,17 +74,36 @@ def load_gguf(path: str, dtype=jnp.bfloat16, progress: bool = True,
     expected = check_tensors(g, cfg)
     q8 = q8_0_linears(g, cfg, expected) if weights == "q8_0" else {}
 
-    def arrays():
-        # One tensor dequantized at a time keeps host memory bounded by the largest tensor.
-        for name, (param_path, _) in tqdm(expected.items(), desc=f"loading {g.path.rsplit('/', 1)[-1]}",
-                                          disable=not progress, unit="tensor"):
-            if name in q8:
-                qweight, scales = load_q8_0(g, cfg, name)
-                linear = tuple(int(p) if p.isdigit() else p for p in q8[name].split("."))
-                yield linear + ("qweight",), jnp.asarray(qweight)
-                yield linear + ("scales",), jnp.asarray(scales)
-                if name != "token_embd.weight":
-                    continue
-            yield param_path, jnp.asarray(load_tensor(g, cfg, name).astype(np.dtype(dtype)))
+    q8_paths = frozenset(q8.values())
+    # GGUF tensors that make one parameter: a fused Linear's parts (in output order), else a tensor alone.
+    groups: dict[tuple, list[tuple[int, str]]] = {}
+    for name, (param_path, _) in expected.items():
+        path, part = fused_path(param_path, q8_paths)
+        groups.setdefault(path, []).append((part, name))
 
-    return cfg, fill_model(cfg, dtype, arrays(), model_class(cfg), q8_linears=frozenset(q8.values())), g
+    def tensor_arrays(name):
+        """(model parameter path, numpy array, output axis) of everything GGUF tensor `name` fills."""
+        out = []
+        if name in q8:
+            qweight, scales = load_q8_0(g, cfg, name)
+            linear = tuple(int(p) if p.isdigit() else p for p in q8[name].split("."))
+            out += [(fused_path(linear + ("qweight",), q8_paths)[0], qweight, 1),
+                    (fused_path(linear + ("scales",), q8_paths)[0], scales, 1)]
+            if name != "token_embd.weight":
+                return out
+        path = fused_path(expected[name][0], q8_paths)[0]
+        return out + [(path, load_tensor(g, cfg, name).astype(np.dtype(dtype)), 0)]
+
+    def arrays():
+        # One tensor (or fused group) dequantized at a time keeps host memory bounded by the largest of them.
+        with tqdm(total=len(expected), desc=f"loading {g.path.rsplit('/', 1)[-1]}", disable=not progress,
+                  unit="tensor") as bar:
+            for parts in groups.values():
+                loaded = [tensor_arrays(name) for _, name in sorted(parts)]
+                bar.update(len(parts))
+                for j, (path, value, axis) in enumerate(loaded[0]):
+                    if len(loaded) > 1:  # a fused Linear: every part gives the same leaves (one format)
+                        value = np.concatenate([leaves[j][1] for leaves in loaded], axis=axis)
+                    yield path, jnp.asarray(value)
+
+    return cfg, fill_model(cfg, dtype, arrays(), model_class(cfg), q8_linears=q8_paths), g

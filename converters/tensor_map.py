@@ -6,6 +6,7 @@ import numpy as np
 
 from converters.gguf_file import GGUFError, GGUFFile, TensorInfo
 from dflash_jax.config import HybridConfig, ModelConfig
+from dflash_jax.models.dense import FUSED, _sub, fuses
 
 _LAYER_MAP = {
     "attn_norm.weight": ("input_layernorm", "weight"),
@@ -109,6 +110,20 @@ def q8_0_linears(g: GGUFFile, cfg: ModelConfig, expected) -> dict[str, str]:
             continue
         out[name] = ".".join(str(p) for p in path[:-1])
     return out
+
+
+_GROUP_OF = {part: fused for fused, parts in FUSED.items() for part in parts}
+
+
+def fused_path(path: tuple, q8_linears: frozenset[str]) -> tuple[tuple, int]:
+    """A parameter path as `expected_tensors` names it (HF names, one Linear per GGUF tensor) -> the path the model
+    has and the part's index in it: a part of a `FUSED` group moves into the group's Linear (parts concatenated
+    along the output axis in `FUSED` order) when the group fuses, i.e. when all or none of its parts are in
+    q8_linears (dotted Linear paths, as the model gets them)."""
+    group = _GROUP_OF.get(path[-2]) if len(path) >= 2 else None
+    if group is None or not fuses(group, _sub(q8_linears, ".".join(str(p) for p in path[:-2]))):
+        return path, 0
+    return path[:-2] + (group, path[-1]), FUSED[group].index(path[-2])
 
 
 def load_q8_0(g: GGUFFile, cfg: ModelConfig, name: str) -> tuple[np.ndarray, np.ndarray]:

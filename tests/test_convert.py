@@ -1,12 +1,14 @@
 """`python -m converters convert`: the orbax directory loads back to the same model, tokenizer and template."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from converters.checkpoint import load_model
@@ -34,6 +36,12 @@ def test_convert_round_trip(tmp_path):
         assert np.array_equal(np.asarray(x), np.asarray(flat_b[path])), path
     prompt = [a.tokenizer.encode("hello world")]
     assert greedy_generate(a.model, prompt, 8)[0] == greedy_generate(b.model, prompt, 8)[0]
+    # A directory converted before q/k/v and gate/up were fused (no "layout" key) is refused with a clear message.
+    meta = json.loads((out / "config.json").read_text())
+    del meta["layout"]
+    (out / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="convert its GGUF again"):
+        load_model(out, jnp.float32)
 
 
 def test_convert_bad_file_is_a_clear_error(tmp_path):

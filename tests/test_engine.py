@@ -200,7 +200,7 @@ def test_q8_0_model_serves_like_its_dequantized_load(tmp_path):
     write_random_gguf(str(path), dataclasses.replace(PRESETS["llama-tiny"], vocab_size=512, qtype="q8_0"), None,
                       seed=8)
     q8, dequantized = load_model(str(path), jnp.float32, weights="q8_0"), load_model(str(path), jnp.float32, weights="bf16")
-    assert q8.model.layers[0].mlp.up_proj.is_q8_0 and not dequantized.model.layers[0].mlp.up_proj.is_q8_0
+    assert q8.model.layers[0].mlp.gate_up_proj.is_q8_0 and not dequantized.model.layers[0].mlp.gate_up_proj.is_q8_0
     eng = Engine(q8, EngineConfig(num_slots=2, ctx_size=256, ctx_per_slot=64, page_size=8, prefill_chunk=16))
     eng.warmup(progress=False)
     eng.start()

@@ -186,8 +186,8 @@ def test_q8_0_weights_stay_q8_0_and_equal_dequantized(tmp_path):
     write_random_gguf(str(path), spec, None, seed=4)
     q8 = load_model(str(path), jnp.float32, weights="q8_0")
     f32 = load_model(str(path), jnp.float32, weights="bf16")
-    assert q8.model.layers[0].linear_attn.in_proj_qkv.qweight[...].dtype == jnp.int8
-    assert q8.model.layers[3].self_attn.q_proj.qweight[...].dtype == jnp.int8
+    assert q8.model.layers[0].linear_attn.in_proj.qweight[...].dtype == jnp.int8
+    assert q8.model.layers[3].self_attn.qkv_proj.qweight[...].dtype == jnp.int8
     prompts = [list(range(3, 40)), [7, 9, 11]]
     tq, lq = greedy_generate(q8.model, prompts, 8)
     tf, lf = greedy_generate(f32.model, prompts, 8)

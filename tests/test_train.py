@@ -73,15 +73,14 @@ def cycle_target(target_path):
         layer["self_attn"]["o_proj"]["weight"] = jnp.zeros_like(layer["self_attn"]["o_proj"]["weight"])
         layer["input_layernorm"]["weight"] = jnp.ones(d)
         layer["post_attention_layernorm"]["weight"] = jnp.ones(d)
-        f = layer["mlp"]["gate_proj"]["weight"].shape[0]
+        f = layer["mlp"]["down_proj"]["weight"].shape[1]
         gate, up, down = np.zeros((f, d), np.float32), np.zeros((f, d), np.float32), np.zeros((d, f), np.float32)
         if li == 0:  # RMSNorm(e_i) = sqrt(d) e_i, so unit i carries silu(sqrt d) * sqrt d ~ d
             for t, i in idx.items():
                 gate[i, i] = up[i, i] = 1.0
                 down[idx[perm[t]], i] += 2.0 / d
                 down[i, i] -= 1.5 / d
-        layer["mlp"]["gate_proj"]["weight"] = jnp.asarray(gate)
-        layer["mlp"]["up_proj"]["weight"] = jnp.asarray(up)
+        layer["mlp"]["gate_up_proj"]["weight"] = jnp.asarray(np.concatenate([gate, up]))  # fused [gate; up]
         layer["mlp"]["down_proj"]["weight"] = jnp.asarray(down)
     nnx.replace_by_pure_dict(state, pure)
     loaded.model = nnx.merge(graphdef, state)

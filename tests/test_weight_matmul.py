@@ -162,7 +162,8 @@ def test_dispatch_and_errors(monkeypatch):
 
 def test_loaded_q8_0_model_matches_dequantized_load(tmp_path):
     """Every Q8_0 projection of a random llama file (tied embedding, permuted q/k rows) loads as int8 + scales that
-    dequantize exactly to the float load of the same file; untied float tensors are untouched."""
+    dequantize exactly to the float load of the same file, fused q/k/v and gate/up included (concatenated along the
+    output axis in both formats); untied float tensors are untouched."""
     from converters.checkpoint import load_model
     from converters.synthetic import PRESETS, write_random_gguf
     from flax import nnx
@@ -177,18 +178,51 @@ def test_loaded_q8_0_model_matches_dequantized_load(tmp_path):
     for lin_q, lin_f in [(q8.model.lm_head, None)] + [
             (getattr(getattr(lq, part), name), getattr(getattr(lf, part), name))
             for lq, lf in zip(q8.model.layers, f32.model.layers)
-            for part, names in (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
-                                ("mlp", ("gate_proj", "up_proj", "down_proj"))) for name in names]:
+            for part, names in (("self_attn", ("qkv_proj", "o_proj")),
+                                ("mlp", ("gate_up_proj", "down_proj"))) for name in names]:
         assert lin_q.is_q8_0 and lin_q.qweight[...].dtype == jnp.int8
         want = f32.model.embed_tokens[...] if lin_f is None else lin_f.weight[...]
         np.testing.assert_array_equal(np.asarray(q8_0_dequantize(lin_q.qweight[...], lin_q.scales[...])).T,
                                       np.asarray(want))
         checked += 1
-    assert checked == 1 + 7 * len(q8.model.layers)
+    assert checked == 1 + 4 * len(q8.model.layers)
     np.testing.assert_array_equal(np.asarray(q8.model.embed_tokens[...]), np.asarray(f32.model.embed_tokens[...]))
     int8_bytes = sum(a.nbytes for a in jax.tree.leaves(nnx.split(q8.model)[1]) if a.dtype == jnp.int8)
     assert int8_bytes > 0
 
+
+
+def test_mixed_types_keep_separate_linears(tmp_path):
+    """A file whose v and up weights are not Q8_0 (as Q4_K_M files mix types): with weights='q8_0' those groups keep
+    one Linear per tensor (q, k int8; v float), the others fuse, and the model computes what its float load does."""
+    from converters.checkpoint import load_model
+    from converters.gguf_rewrite import _rewrite
+    from converters.synthetic import PRESETS, write_random_gguf
+    from converters.tensor_map import dequantize
+    from dflash_jax.reference_decode import greedy_generate
+
+    src, path = tmp_path / "llama-q8.gguf", tmp_path / "llama-mixed.gguf"
+    write_random_gguf(str(src), dataclasses.replace(PRESETS["llama-tiny"], vocab_size=512, qtype="q8_0"), None, seed=3)
+
+    def convert(info):
+        if info.qtype == gguf.GGMLQuantizationType.Q8_0 and not info.name.endswith(("attn_v.weight", "ffn_up.weight")):
+            return np.asarray(info.raw), info.qtype
+        return dequantize(info), None  # F32
+
+    _rewrite(str(src), str(path), gguf.LlamaFileType.MOSTLY_Q8_0, convert)
+    q8 = load_model(path, jnp.float32, weights="q8_0")
+    f32 = load_model(path, jnp.float32, weights="bf16")
+    for layer in q8.model.layers:
+        att, mlp = layer.self_attn, layer.mlp
+        assert att.qkv_proj is None and att.q_proj.is_q8_0 and att.k_proj.is_q8_0 and not att.v_proj.is_q8_0
+        assert mlp.gate_up_proj is None and mlp.gate_proj.is_q8_0 and not mlp.up_proj.is_q8_0
+        assert att.o_proj.is_q8_0 and mlp.down_proj.is_q8_0
+    assert all(lf.self_attn.q_proj is None and lf.mlp.up_proj is None for lf in f32.model.layers)
+    prompts = [list(range(3, 30)), [7, 9, 11]]
+    tq, lq = greedy_generate(q8.model, prompts, 6)
+    tf, lf = greedy_generate(f32.model, prompts, 6)
+    assert tq == tf
+    np.testing.assert_allclose(lq, lf, atol=1e-4)
 
 # --- GPU ----------------------------------------------------------------------------------------------------------
 

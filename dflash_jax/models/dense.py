@@ -3,11 +3,18 @@
 Dimensions: B slots, T tokens per slot, D hidden, F intermediate, N query heads, K KV heads, H head dim, V vocab.
 Float weights keep the HF (out, in) layout so GGUF rows map one to one; Q8_0 linears keep the GGUF blocks as int8 values
 + f16 scales in the layout of pallas_kernels/weight_matmul.py. Every product goes through that module's dispatcher.
+
+Linears that read the same input are fused into one product (`FUSED`, as vLLM's QKVParallelLinear /
+MergedColumnParallelLinear): at decode (M = slots) a small product is launch/tail bound (on an H200 a 4096x1024 k_proj
+streams at 19 % of copy bandwidth, a 4096x4096 q_proj at 69 %), so q/k/v and gate/up go as one weight read each. The
+parts are concatenated along the output axis at load (the Q8_0 blocks run along the input, so nothing is requantized);
+a group fuses only when all its parts end up in one format, else its parts stay separate Linears.
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from dflash_jax.config import ModelConfig
@@ -34,6 +41,43 @@ class Linear(nnx.Module):
         else:
             y = linear(x, self.weight[...])
         return y + self.bias[...] if self.bias is not None else y
+
+
+# Fused Linear name -> the linears it holds, in output order. The names are unique across the target's modules, so the
+# loader maps GGUF tensors with this table alone.
+FUSED = {
+    "qkv_proj": ("q_proj", "k_proj", "v_proj"),  # dense and gated attention
+    "gate_up_proj": ("gate_proj", "up_proj"),  # MLP
+    "in_proj": ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a"),  # gated delta net
+}
+
+
+def fuses(fused: str, q8: frozenset[str]) -> bool:
+    """Whether group `fused` is one Linear, given the parts that hold Q8_0 weights: only when all or none do (a file
+    may mix types, e.g. q in Q8_0 and v in Q6_K dequantized to float)."""
+    return len({part in q8 for part in FUSED[fused]}) == 1
+
+
+class SharedInput:
+    """Mixin for a module whose linears of a `FUSED` group read one input: either the fused Linear (an attribute named
+    after the group, the parts' attributes None) or the parts as separate Linears (the group's attribute None)."""
+
+    def _init_group(self, fused: str, in_features: int, outs: tuple[int, ...], dtype, q8: frozenset[str],
+                    bias: bool = False, fuse: bool = True) -> None:
+        parts = FUSED[fused]
+        one = fuse and fuses(fused, q8)
+        setattr(self, fused, Linear(in_features, sum(outs), dtype, bias, q8_0=parts[0] in q8) if one else None)
+        for part, out in zip(parts, outs):
+            setattr(self, part, None if one else Linear(in_features, out, dtype, bias, q8_0=part in q8))
+        setattr(self, fused + "_sizes", outs)  # static: where `_project` splits the fused output
+
+    def _project(self, fused: str, x: jax.Array) -> list[jax.Array]:
+        """The group's outputs, one per part, in `FUSED` order."""
+        linear_ = getattr(self, fused)
+        if linear_ is None:
+            return [getattr(self, part)(x) for part in FUSED[fused]]
+        ends = np.cumsum(getattr(self, fused + "_sizes"))[:-1].tolist()
+        return jnp.split(linear_(x), ends, axis=-1)
 
 
 def _sub(names: frozenset[str], prefix: str) -> frozenset[str]:
@@ -65,12 +109,10 @@ def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
-class Attention(nnx.Module):
+class Attention(SharedInput, nnx.Module):
     def __init__(self, cfg: ModelConfig, dtype, q8: frozenset[str] = frozenset()):
         d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.q_proj = Linear(d, n * h, dtype, bias=cfg.has_qkv_bias, q8_0="q_proj" in q8)
-        self.k_proj = Linear(d, k * h, dtype, bias=cfg.has_qkv_bias, q8_0="k_proj" in q8)
-        self.v_proj = Linear(d, k * h, dtype, bias=cfg.has_qkv_bias, q8_0="v_proj" in q8)
+        self._init_group("qkv_proj", d, (n * h, k * h, k * h), dtype, q8, bias=cfg.has_qkv_bias)
         self.o_proj = Linear(n * h, d, dtype, q8_0="o_proj" in q8)
         self.q_norm = RMSNorm(h, cfg.rms_eps, dtype) if cfg.has_qk_norm else None
         self.k_norm = RMSNorm(h, cfg.rms_eps, dtype) if cfg.has_qk_norm else None
@@ -79,9 +121,10 @@ class Attention(nnx.Module):
     def __call__(self, x, positions, valid, meta: AttentionMeta, k_pages, v_pages):
         cfg = self.cfg
         b, t, _ = x.shape
-        q = self.q_proj(x).reshape(b, t, cfg.num_heads, cfg.head_dim)
-        k = self.k_proj(x).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
-        v = self.v_proj(x).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+        q, k, v = self._project("qkv_proj", x)
+        q = q.reshape(b, t, cfg.num_heads, cfg.head_dim)
+        k = k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+        v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q = rope(q, positions, cfg.rope_theta)
@@ -92,14 +135,16 @@ class Attention(nnx.Module):
         return self.o_proj(o.reshape(b, t, -1)), k_pages, v_pages
 
 
-class MLP(nnx.Module):
-    def __init__(self, cfg: ModelConfig, dtype, q8: frozenset[str] = frozenset()):
-        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, dtype, q8_0="gate_proj" in q8)
-        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, dtype, q8_0="up_proj" in q8)
-        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, dtype, q8_0="down_proj" in q8)
+class MLP(SharedInput, nnx.Module):
+    def __init__(self, cfg: ModelConfig, dtype, q8: frozenset[str] = frozenset(), fuse: bool = True):
+        """fuse=False keeps gate_proj and up_proj separate whatever their formats (the drafter's parameter layout)."""
+        f = cfg.intermediate_size
+        self._init_group("gate_up_proj", cfg.hidden_size, (f, f), dtype, q8, fuse=fuse)
+        self.down_proj = Linear(f, cfg.hidden_size, dtype, q8_0="down_proj" in q8)
 
     def __call__(self, x):
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self._project("gate_up_proj", x)
+        return self.down_proj(jax.nn.silu(gate) * up)
 
 
 class DecoderLayer(nnx.Module):

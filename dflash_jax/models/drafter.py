@@ -52,7 +52,7 @@ class DrafterLayer(nnx.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_eps, dtype)
         self.self_attn = DrafterAttention(cfg, dtype, sliding)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_eps, dtype)
-        self.mlp = MLP(cfg, dtype)
+        self.mlp = MLP(cfg, dtype, fuse=False)  # the drafter keeps its separate gate/up (its GGUF / trainer layout)
 
     def __call__(self, x, positions, ctx_lens, page_table, k_pages, v_pages, ctx_window):
         x = x + self.self_attn(self.input_layernorm(x), positions, ctx_lens, page_table, k_pages, v_pages,

@@ -5,6 +5,8 @@ attention over the paged KV cache.
 Dimensions: B slots, T tokens per slot, D hidden, N query heads, K KV heads, H head dim, C conv channels (q, k, v),
 Hk / Hv key / value heads of the delta rule, Dh their head dim, R state rows.
 Weights keep the HF (out, in) layout; V heads stay in the GGUF's tiled order (value head j reads key head j % Hk).
+Linears that read one input are fused as in the dense decoder (`dense.FUSED`): attention q (query + gate) / k / v,
+the delta net's four input projections, the MLP's gate / up.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from flax import nnx
 
 from dflash_jax.config import HybridConfig
 from dflash_jax.kv_cache import AttentionMeta, token_positions, write_kv
-from dflash_jax.models.dense import MLP, DecoderEnds, Linear, RMSNorm, _sub, rope
+from dflash_jax.models.dense import MLP, DecoderEnds, Linear, RMSNorm, SharedInput, _sub, rope
 from dflash_jax.state_pool import HybridCache
 from pallas_kernels import gated_delta_net as gdn
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention
@@ -28,12 +30,11 @@ def partial_rope(x: jax.Array, positions: jax.Array, theta: float, rope_dims: in
     return jnp.concatenate([rope(x[..., :rope_dims], positions, theta), x[..., rope_dims:]], axis=-1)
 
 
-class GatedAttention(nnx.Module):
+class GatedAttention(SharedInput, nnx.Module):
     def __init__(self, cfg: HybridConfig, dtype, q8: frozenset[str] = frozenset()):
         d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.q_proj = Linear(d, 2 * n * h, dtype, q8_0="q_proj" in q8)  # per head: [query (H), output gate (H)]
-        self.k_proj = Linear(d, k * h, dtype, q8_0="k_proj" in q8)
-        self.v_proj = Linear(d, k * h, dtype, q8_0="v_proj" in q8)
+        # q_proj per head: [query (H), output gate (H)]
+        self._init_group("qkv_proj", d, (2 * n * h, k * h, k * h), dtype, q8)
         self.o_proj = Linear(n * h, d, dtype, q8_0="o_proj" in q8)
         self.q_norm = RMSNorm(h, cfg.rms_eps, dtype)
         self.k_norm = RMSNorm(h, cfg.rms_eps, dtype)
@@ -42,10 +43,11 @@ class GatedAttention(nnx.Module):
     def __call__(self, x, positions, valid, meta: AttentionMeta, k_pages, v_pages):
         cfg = self.cfg
         b, t, _ = x.shape
-        qg = self.q_proj(x).reshape(b, t, cfg.num_heads, 2 * cfg.head_dim)
+        qg, k, v = self._project("qkv_proj", x)
+        qg = qg.reshape(b, t, cfg.num_heads, 2 * cfg.head_dim)
         q, gate = qg[..., :cfg.head_dim], qg[..., cfg.head_dim:]
-        k = self.k_proj(x).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
-        v = self.v_proj(x).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+        k = k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+        v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
         q = partial_rope(self.q_norm(q), positions, cfg.rope_theta, cfg.rope_dims)
         k = partial_rope(self.k_norm(k), positions, cfg.rope_theta, cfg.rope_dims)
         k_pages = write_kv(k_pages, k, meta, positions, valid)
@@ -60,13 +62,10 @@ def _l2norm(x, eps):
     return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + eps)
 
 
-class GatedDeltaNet(nnx.Module):
+class GatedDeltaNet(SharedInput, nnx.Module):
     def __init__(self, cfg: HybridConfig, dtype, q8: frozenset[str] = frozenset()):
         d, hv = cfg.hidden_size, cfg.ssm_v_heads
-        self.in_proj_qkv = Linear(d, cfg.conv_dim, dtype, q8_0="in_proj_qkv" in q8)
-        self.in_proj_z = Linear(d, cfg.ssm_value_dim, dtype, q8_0="in_proj_z" in q8)
-        self.in_proj_b = Linear(d, hv, dtype, q8_0="in_proj_b" in q8)
-        self.in_proj_a = Linear(d, hv, dtype, q8_0="in_proj_a" in q8)
+        self._init_group("in_proj", d, (cfg.conv_dim, cfg.ssm_value_dim, hv, hv), dtype, q8)  # qkv, z, b, a
         self.conv1d = nnx.Param(jnp.zeros((cfg.conv_dim, cfg.conv_kernel), dtype))  # (C, kernel)
         self.dt_bias = nnx.Param(jnp.zeros((hv,), dtype))
         self.A = nnx.Param(jnp.zeros((hv,), dtype))  # = -exp(A_log), as the GGUF stores it
@@ -74,14 +73,15 @@ class GatedDeltaNet(nnx.Module):
         self.out_proj = Linear(cfg.ssm_value_dim, d, dtype, q8_0="out_proj" in q8)
         self.cfg = cfg
 
-    def qkv(self, x):
-        """Raw conv input (B, T, C) f32: what the conv state keeps, and what a replay rebuilds it from."""
-        return self.in_proj_qkv(x).astype(jnp.float32)
+    def project(self, x):
+        """The input projections (qkv, z, b, a), f32. qkv (B, T, C) is the raw conv input: what the conv state keeps,
+        and what a replay rebuilds it from."""
+        return [y.astype(jnp.float32) for y in self._project("in_proj", x)]
 
-    def rule_inputs(self, x, qkv, conv_state, valid):
+    def rule_inputs(self, qkv, b_in, a_in, conv_state, valid):
         """(q, k, v, g, beta) of the delta rule for each token; padded tokens get g = beta = 0 (no-ops)."""
         cfg = self.cfg
-        b, t, _ = x.shape
+        b, t, _ = qkv.shape
         y, _ = gdn.causal_conv(conv_state, qkv, self.conv1d[...].astype(jnp.float32), jnp.zeros((b,), jnp.int32))
         y = jax.nn.silu(y)
         kd, dh = cfg.ssm_key_dim, cfg.ssm_head_dim
@@ -91,18 +91,17 @@ class GatedDeltaNet(nnx.Module):
         q = jnp.tile(q, (1, 1, rep, 1)) * dh ** -0.5  # (B, T, Hv, Dh), tiled: value head j <- key head j % Hk
         k = jnp.tile(k, (1, 1, rep, 1))
         v = y[..., 2 * kd:].reshape(b, t, cfg.ssm_v_heads, dh)
-        beta = jax.nn.sigmoid(self.in_proj_b(x).astype(jnp.float32))
-        a = self.in_proj_a(x).astype(jnp.float32) + self.dt_bias[...].astype(jnp.float32)
+        beta = jax.nn.sigmoid(b_in)
+        a = a_in + self.dt_bias[...].astype(jnp.float32)
         g = jax.nn.softplus(a) * self.A[...].astype(jnp.float32)
         mask = valid[..., None]
         return q, k, v, jnp.where(mask, g, 0.0), jnp.where(mask, beta, 0.0)
 
-    def output(self, o, x):
-        """Gated RMSNorm with z, then the output projection. o (B, T, Hv, Dh) f32."""
-        b, t, _ = x.shape
-        z = self.in_proj_z(x).astype(jnp.float32).reshape(o.shape)
-        o = self.norm(o) * jax.nn.silu(z)
-        return self.out_proj(o.reshape(b, t, -1).astype(x.dtype))
+    def output(self, o, z, dtype):
+        """Gated RMSNorm with z (B, T, Hv * Dh) f32, then the output projection. o (B, T, Hv, Dh) f32."""
+        b, t = o.shape[:2]
+        o = self.norm(o) * jax.nn.silu(z.reshape(o.shape))
+        return self.out_proj(o.reshape(b, t, -1).astype(dtype))
 
 
 class HybridLayer(nnx.Module):
@@ -186,8 +185,8 @@ class HybridDecoder(DecoderEnds, nnx.Module):
             if layer.linear_attn is not None:
                 net = layer.linear_attn
                 c0 = self._read_conv(cache, r_i, rows, fresh)
-                qkv = net.qkv(h)
-                q, k, v, g, beta = net.rule_inputs(h, qkv, c0, valid)
+                qkv, z, b_in, a_in = net.project(h)
+                q, k, v, g, beta = net.rule_inputs(qkv, b_in, a_in, c0, valid)
                 if verify or t == 1:  # token by token, the state pool read (and for decode written) in place
                     pool, o = gdn.pool_recurrent(ssm[r_i], rows, fresh, q, k, v, g, beta, write=not verify)
                 else:
@@ -200,7 +199,7 @@ class HybridDecoder(DecoderEnds, nnx.Module):
                 else:
                     conv[r_i] = conv[r_i].at[rows].set(gdn.conv_window(c0, qkv, meta.q_lens))
                     ssm[r_i] = pool
-                a = net.output(o, h)
+                a = net.output(o, z, h.dtype)
                 r_i += 1
             else:
                 a, k_pages[a_i], v_pages[a_i] = layer.self_attn(h, positions, valid, meta, k_pages[a_i],
