@@ -221,7 +221,7 @@ def decode_inputs(cfg: ModelConfig, b: int, ctx: int, pages_per_slot: int, seed:
                               top_p=np.full((b,), 0.95, np.float32), min_p=np.full((b,), 0.05, np.float32),
                               presence_penalty=np.zeros((b,), np.float32),
                               frequency_penalty=np.zeros((b,), np.float32),
-                              seed=np.arange(b, dtype=np.uint32), top_n=np.zeros((b,), np.int32))
+                              seed=np.arange(b, dtype=np.uint32))
     return StepInputs(tokens, meta, np.arange(b, dtype=np.int32), np.zeros((b,), bool), sampling)
 
 

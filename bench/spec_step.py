@@ -100,10 +100,14 @@ def make_steps(graphdef, state, dgraphdef, dstate, dcfg: DrafterConfig) -> tuple
             CompiledSteps(graphdef, state))
 
 
+# Greedy batches run the engine's greedy sampling variant (sampling.needs_full); --sampled the full one.
+FULL_SAMPLING = {"full": False}
+
+
 def plain_call(steps: CompiledSteps, h: dict, inputs, drafter: bool):
     """One plain step on the device state in h (cache, dcache, rows), updated in place; returns the sample output."""
     h["cache"], dcache, h["rows"], out = steps.model_step(h["cache"], h["dcache"] if drafter else None, h["rows"],
-                                                          inputs)
+                                                          inputs, **FULL_SAMPLING)
     if drafter:
         h["dcache"] = dcache
     return out
@@ -114,7 +118,8 @@ _SPEC_TAKES_ROWS = "rows" in inspect.signature(CompiledSteps.spec_step).paramete
 
 def spec_call(steps: CompiledSteps, h: dict, inputs):
     if _SPEC_TAKES_ROWS:
-        h["cache"], h["dcache"], h["rows"], out = steps.spec_step(h["cache"], h["dcache"], h["rows"], inputs)
+        h["cache"], h["dcache"], h["rows"], out = steps.spec_step(h["cache"], h["dcache"], h["rows"], inputs,
+                                                                  **FULL_SAMPLING)
     else:
         h["cache"], h["dcache"], out = steps.spec_step(h["cache"], h["dcache"], inputs)
     return out
@@ -131,8 +136,7 @@ def spec_inputs(cfg, b: int, ctx: int, block: int, pages_per_slot: int, greedy: 
     sampling = SamplingArrays(temperature=np.full((b,), temp, np.float32), top_k=np.zeros((b,), np.int32),
                               top_p=np.full((b,), 1.0 if greedy else 0.95, np.float32),
                               min_p=np.zeros((b,), np.float32), presence_penalty=np.zeros((b,), np.float32),
-                              frequency_penalty=np.zeros((b,), np.float32), seed=np.arange(b, dtype=np.uint32),
-                              top_n=np.zeros((b,), np.int32))
+                              frequency_penalty=np.zeros((b,), np.float32), seed=np.arange(b, dtype=np.uint32))
     return SpecInputs(rng.integers(0, cfg.vocab_size, (b,), dtype=np.int32), meta, sampling,
                       np.zeros((b, block - 1), np.int32), np.zeros((b,), bool))
 
@@ -252,6 +256,7 @@ def main(argv=None) -> None:
                    help="abstract weights and caches: print sizes and lower the steps at B=1, no device memory")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
+    FULL_SAMPLING["full"] = a.sampled
     for flag, env in ((a.gdn_impl, "DFLASH_GDN_IMPL"), (a.matmul_impl, "DFLASH_MATMUL_IMPL")):
         if flag:
             os.environ[env] = flag

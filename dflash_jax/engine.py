@@ -23,7 +23,7 @@ from dflash_jax.buckets import bucket_for, power_of_two_buckets
 from dflash_jax.kv_cache import TRASH_PAGE, AttentionMeta
 from dflash_jax.page_allocator import PageAllocator
 from dflash_jax.requests import Request
-from dflash_jax.sampling import SamplingArrays
+from dflash_jax.sampling import SamplingArrays, needs_full
 from dflash_jax.scheduler import Scheduler, Slot
 from dflash_jax.spec_state import LoadedDrafter, SpecState
 from dflash_jax.state_pool import make_cache
@@ -139,14 +139,15 @@ class Engine:
 
     def warmup(self, progress: bool = True) -> None:
         """Run every (slots, tokens) bucket once so serving never compiles."""
-        shapes = [(b, t) for t in self.cfg.chunk_buckets for b in self.cfg.slot_buckets]
-        shapes += [(b, 1) for b in self.cfg.slot_buckets]
-        spec = [(b, None) for b in self.cfg.slot_buckets] if self.spec else []
-        for b, t in tqdm(shapes + spec, desc="compiling step buckets", disable=not progress, unit="bucket"):
+        # Prefill chunks always sample fully; decode and spec steps have a greedy and a full variant each.
+        shapes = [(b, t, True) for t in self.cfg.chunk_buckets for b in self.cfg.slot_buckets]
+        shapes += [(b, 1, full) for b in self.cfg.slot_buckets for full in (False, True)]
+        spec = [(b, None, full) for b in self.cfg.slot_buckets for full in (False, True)] if self.spec else []
+        for b, t, full in tqdm(shapes + spec, desc="compiling step buckets", disable=not progress, unit="bucket"):
             if t is None:
-                self._run_spec(self._spec_inputs([], b))
+                self._run_spec(self._spec_inputs([], b), full)
             else:
-                self._run(self._inputs([], b, t))
+                self._run(self._inputs([], b, t), full)
         if self.spec:
             self.spec.measure_costs(self)
 
@@ -223,7 +224,7 @@ class Engine:
             slot.num_cached += n  # prefill is deterministic: the host advances at launch
             final.append(slot.num_cached == len(slot.req.prompt_ids))
             slot.inflight += final[-1]
-        return self._launch("prefill", [c[0] for c in chunks], final, self._inputs(rows, b, t))
+        return self._launch("prefill", [c[0] for c in chunks], final, self._inputs(rows, b, t), full=True)
 
     def _launch_decode(self, slots: list[Slot]) -> _Launch:
         b = bucket_for(len(slots), self.cfg.slot_buckets)
@@ -231,17 +232,19 @@ class Engine:
             slot.inflight += 1
         # the token and kv length come from the device rows (chained); the host's values here are placeholders
         rows = [(slot, [0], 0, False) for slot in slots]
-        return self._launch("decode", slots, [True] * len(slots), self._inputs(rows, b, 1, chained=True))
+        return self._launch("decode", slots, [True] * len(slots), self._inputs(rows, b, 1, chained=True),
+                            needs_full([sl.req.params for sl in slots]))
 
     def _launch_spec(self, slots: list[Slot]) -> _Launch:
         b = bucket_for(len(slots), self.cfg.slot_buckets)
         for slot in slots:
             slot.inflight += self.spec.block
-        return self._launch("spec", slots, [True] * len(slots), self._spec_inputs(slots, b))
+        return self._launch("spec", slots, [True] * len(slots), self._spec_inputs(slots, b),
+                            needs_full([sl.req.params for sl in slots]))
 
-    def _launch(self, kind: str, slots: list[Slot], emits: list[bool], inputs) -> _Launch:
+    def _launch(self, kind: str, slots: list[Slot], emits: list[bool], inputs, full: bool) -> _Launch:
         t0 = time.perf_counter()
-        out = self._dispatch_spec(inputs) if kind == "spec" else self._dispatch(inputs)
+        out = self._dispatch_spec(inputs, full) if kind == "spec" else self._dispatch(inputs, full)
         self.host_seconds["launch"] += time.perf_counter() - t0
         return _Launch(kind, [(sl, sl.req, e) for sl, e in zip(slots, emits)], out, t0)
 
@@ -331,21 +334,22 @@ class Engine:
         return SpecInputs(last, AttentionMeta(q_lens, kv_lens, page_table, slot_ids), sampling, injected,
                           use_injected, chained)
 
-    def _dispatch(self, inputs: StepInputs):
+    def _dispatch(self, inputs: StepInputs, full: bool):
         sp = self.spec
-        self.cache, dcache, self.rows, out = self.steps.model_step(self.cache, sp and sp.cache, self.rows, inputs)
+        self.cache, dcache, self.rows, out = self.steps.model_step(self.cache, sp and sp.cache, self.rows, inputs,
+                                                                   full)
         if sp:
             sp.cache = dcache
         return out.tokens, out.logprobs, out.top_ids, out.top_logprobs
 
-    def _dispatch_spec(self, inputs: SpecInputs):
+    def _dispatch_spec(self, inputs: SpecInputs, full: bool):
         sp = self.spec
-        self.cache, sp.cache, self.rows, out = self.steps.spec_step(self.cache, sp.cache, self.rows, inputs)
+        self.cache, sp.cache, self.rows, out = self.steps.spec_step(self.cache, sp.cache, self.rows, inputs, full)
         return out.tokens, out.accepted, out.logprobs, out.top_ids, out.top_logprobs
 
-    def _run(self, inputs: StepInputs):
+    def _run(self, inputs: StepInputs, full: bool = True):
         """A plain step launched and fetched at once (warm-up, cost measurement)."""
-        return jax.device_get(self._dispatch(inputs))
+        return jax.device_get(self._dispatch(inputs, full))
 
-    def _run_spec(self, inputs: SpecInputs):
-        return jax.device_get(self._dispatch_spec(inputs))
+    def _run_spec(self, inputs: SpecInputs, full: bool = True):
+        return jax.device_get(self._dispatch_spec(inputs, full))

@@ -26,7 +26,6 @@ class SamplingArrays:
     presence_penalty: jax.Array  # (B,) f32
     frequency_penalty: jax.Array  # (B,) f32
     seed: jax.Array  # (B,) u32
-    top_n: jax.Array  # (B,) i32: top logprobs wanted (0 = none; then top_ids / top_logprobs are zeros)
 
     @classmethod
     def from_params(cls, params: list, rows: int, default_seeds: list[int]) -> "SamplingArrays":
@@ -35,12 +34,10 @@ class SamplingArrays:
             vals = [getattr(p, name) for p in params] + [fill] * (rows - len(params))
             return np.asarray(vals, dtype)
         seeds = [p.seed if p.seed is not None else s for p, s in zip(params, default_seeds)]
-        top_n = [p.top_logprobs if p.logprobs else 0 for p in params] + [0] * (rows - len(params))
         return cls(col("temperature", np.float32, 0.0), col("top_k", np.int32, 0), col("top_p", np.float32, 1.0),
                    col("min_p", np.float32, 0.0), col("presence_penalty", np.float32, 0.0),
                    col("frequency_penalty", np.float32, 0.0),
-                   np.asarray([s & 0xFFFFFFFF for s in seeds] + [0] * (rows - len(params)), np.uint32),
-                   np.asarray(top_n, np.int32))
+                   np.asarray([s & 0xFFFFFFFF for s in seeds] + [0] * (rows - len(params)), np.uint32))
 
 
 @jax.tree_util.register_dataclass
@@ -77,32 +74,33 @@ def filter_logits(logits: jax.Array, p: SamplingArrays) -> jax.Array:
     return jnp.where(scaled >= threshold[:, None], scaled, -jnp.inf)
 
 
-def sample(logits: jax.Array, counts: jax.Array | None, p: SamplingArrays, positions: jax.Array) -> SampleOutput:
+def needs_full(params: list) -> bool:
+    """Whether a batch needs `sample(..., full=True)`: some row draws at random or asks for top logprobs."""
+    return any(p.temperature > 0 or (p.logprobs and p.top_logprobs > 0) for p in params)
+
+
+def sample(logits: jax.Array, counts: jax.Array | None, p: SamplingArrays, positions: jax.Array,
+           full: bool = True) -> SampleOutput:
     """logits (B, V) f32 of the next token; positions (B,) the position being sampled (keys the per-slot RNG, so a
     seeded request draws the same tokens whatever batch it shares, and speculative decoding draws what plain decoding
     draws). counts None: no penalties (speculating slots never carry any).
 
-    The candidate search (top-k over the vocabulary), the random draw and the top-logprobs search run only when some
-    row needs them (lax.cond on the batch): on a GPU they cost ~0.1 ms per row at a 152k vocabulary, which for a
-    16-slot x 16-token verify is more than the target's forward pass."""
+    full=False (static) is the greedy batch: no candidate search (top-k over the vocabulary), no random draw, no
+    top-logprobs search (zeros). Those cost ~0.1 ms per row at a 152k vocabulary on a GPU, which for a 16-slot x
+    16-token verify is more than the target's forward pass. The host picks the variant per batch (`needs_full`):
+    a lax.cond on the device would block the dispatching host thread until its predicate is known (XLA's GPU
+    conditional), which cost 1.6 ms of a 5.3 ms one-slot 8B step and undid the engine's host/device overlap."""
     logprobs = jax.nn.log_softmax(logits, axis=-1)
     penalized = logits if counts is None else apply_penalties(logits, counts, p)
-    greedy = jnp.argmax(penalized, axis=-1).astype(jnp.int32)
-
-    def draw():
+    tokens = jnp.argmax(penalized, axis=-1).astype(jnp.int32)
+    b = logits.shape[0]
+    top_ids = jnp.zeros((b, MAX_TOP_LOGPROBS), jnp.int32)
+    top_lp = jnp.zeros((b, MAX_TOP_LOGPROBS), logprobs.dtype)
+    if full:
         keys = jax.vmap(lambda s, pos: jax.random.fold_in(jax.random.key(s), pos))(p.seed, positions)
         drawn = jax.vmap(jax.random.categorical)(keys, filter_logits(penalized, p)).astype(jnp.int32)
-        return jnp.where(p.temperature > 0, drawn, greedy)
-
-    tokens = jax.lax.cond(jnp.any(p.temperature > 0), draw, lambda: greedy)
-    b = logits.shape[0]
-
-    def top():
+        tokens = jnp.where(p.temperature > 0, drawn, tokens)
         top_lp, top_ids = jax.lax.top_k(logprobs, MAX_TOP_LOGPROBS)
-        return top_ids.astype(jnp.int32), top_lp
-
-    top_ids, top_lp = jax.lax.cond(jnp.any(p.top_n > 0), top,
-                                   lambda: (jnp.zeros((b, MAX_TOP_LOGPROBS), jnp.int32),
-                                            jnp.zeros((b, MAX_TOP_LOGPROBS), logprobs.dtype)))
+        top_ids = top_ids.astype(jnp.int32)
     chosen = jnp.take_along_axis(logprobs, tokens[:, None], axis=1)[:, 0]
     return SampleOutput(tokens, chosen, top_ids, top_lp)

@@ -80,10 +80,10 @@ def _chain(rows: SlotRows, slot_ids: jax.Array, chained: jax.Array | None, first
 
 
 def _model_step(graphdef: nnx.GraphDef, drafter_graphdef, taps: tuple[int, ...], state: nnx.State, drafter_state,
-               cache: KVCache, dcache: KVCache | None, rows: SlotRows,
-               inputs: StepInputs) -> tuple[KVCache, KVCache | None, SlotRows, SampleOutput]:
+               cache: KVCache, dcache: KVCache | None, rows: SlotRows, inputs: StepInputs,
+               full: bool = True) -> tuple[KVCache, KVCache | None, SlotRows, SampleOutput]:
     """Prefill chunk or plain decode. With a drafter, the tap features of every token written here also go into the
-    drafter's context cache."""
+    drafter's context cache. full: static, see `sampling.sample`."""
     first, meta = _chain(rows, inputs.slot_ids, inputs.chained, inputs.tokens[:, 0], inputs.meta)
     inputs = dataclasses.replace(inputs, tokens=inputs.tokens.at[:, 0].set(first), meta=meta)
     model = nnx.merge(graphdef, state)
@@ -97,7 +97,7 @@ def _model_step(graphdef: nnx.GraphDef, drafter_graphdef, taps: tuple[int, ...],
     logits = model.logits(h_last)
     sid = inputs.slot_ids
     counts = jnp.where(inputs.is_first[:, None], 0, rows.counts[sid])  # (B, V)
-    out = sample(logits, counts, inputs.sampling, positions=inputs.meta.kv_lens)
+    out = sample(logits, counts, inputs.sampling, positions=inputs.meta.kv_lens, full=full)
     counts = counts.at[jnp.arange(counts.shape[0]), out.tokens].add(1)
     rows = SlotRows(rows.counts.at[sid].set(counts), rows.last.at[sid].set(out.tokens),
                     rows.cached.at[sid].set(inputs.meta.kv_lens))
@@ -106,7 +106,7 @@ def _model_step(graphdef: nnx.GraphDef, drafter_graphdef, taps: tuple[int, ...],
 
 def _spec_step(graphdef: nnx.GraphDef, drafter_graphdef, taps: tuple[int, ...], mask_token_id: int,
               ctx_window: int | None, state: nnx.State, drafter_state, cache: KVCache, dcache: KVCache,
-              rows: SlotRows, inputs: SpecInputs) -> tuple[KVCache, KVCache, SlotRows, SpecOutput]:
+              rows: SlotRows, inputs: SpecInputs, full: bool = True) -> tuple[KVCache, KVCache, SlotRows, SpecOutput]:
     last, meta = _chain(rows, inputs.meta.slot_ids, inputs.chained, inputs.last_tokens, inputs.meta)
     inputs = dataclasses.replace(inputs, last_tokens=last, meta=meta)
     model = nnx.merge(graphdef, state)
@@ -133,7 +133,7 @@ def _spec_step(graphdef: nnx.GraphDef, drafter_graphdef, taps: tuple[int, ...], 
     logits = model.logits(hidden)  # (B, T, V)
     per_pos = jax.tree.map(lambda a: jnp.repeat(a, t, axis=0), inputs.sampling)
     positions = (cached[:, None] + 1 + jnp.arange(t)[None, :]).reshape(-1)  # position of each chosen token
-    out = sample(logits.reshape(b * t, -1), None, per_pos, positions)
+    out = sample(logits.reshape(b * t, -1), None, per_pos, positions, full=full)
     choice = out.tokens.reshape(b, t)
     accepted = accept_lengths(drafts, choice)
     if is_hybrid:  # rollback = commit exactly last + accepted drafts, by replay, per slot, inside this jit
@@ -153,8 +153,8 @@ def _spec_step(graphdef: nnx.GraphDef, drafter_graphdef, taps: tuple[int, ...], 
                                      out.top_logprobs.reshape(b, t, k))
 
 
-model_step = jax.jit(_model_step, static_argnums=(0, 1, 2), donate_argnums=(5, 6, 7))
-spec_step = jax.jit(_spec_step, static_argnums=(0, 1, 2, 3, 4), donate_argnums=(7, 8, 9))
+model_step = jax.jit(_model_step, static_argnums=(0, 1, 2), static_argnames=("full",), donate_argnums=(5, 6, 7))
+spec_step = jax.jit(_spec_step, static_argnums=(0, 1, 2, 3, 4), static_argnames=("full",), donate_argnums=(7, 8, 9))
 
 
 class CompiledSteps:
@@ -170,20 +170,21 @@ class CompiledSteps:
             return (jax.tree_util.tree_unflatten(treedef, leaves),
                     jax.tree_util.tree_unflatten(d_treedef, d_leaves))
 
-        def plain(leaves, d_leaves, cache, dcache, rows, inputs):
+        def plain(leaves, d_leaves, cache, dcache, rows, inputs, full):
             st, dst = unflatten(leaves, d_leaves)
-            return _model_step(graphdef, drafter_graphdef, taps, st, dst, cache, dcache, rows, inputs)
+            return _model_step(graphdef, drafter_graphdef, taps, st, dst, cache, dcache, rows, inputs, full)
 
-        def spec(leaves, d_leaves, cache, dcache, rows, inputs):
+        def spec(leaves, d_leaves, cache, dcache, rows, inputs, full):
             st, dst = unflatten(leaves, d_leaves)
             return _spec_step(graphdef, drafter_graphdef, taps, mask_token_id, ctx_window, st, dst, cache, dcache,
-                              rows, inputs)
+                              rows, inputs, full)
 
-        self._plain = jax.jit(plain, donate_argnums=(2, 3, 4))
-        self._spec = jax.jit(spec, donate_argnums=(2, 3, 4))
+        self._plain = jax.jit(plain, static_argnums=(6,), donate_argnums=(2, 3, 4))
+        self._spec = jax.jit(spec, static_argnums=(6,), donate_argnums=(2, 3, 4))
 
-    def model_step(self, cache, dcache, rows: SlotRows, inputs: StepInputs):
-        return self._plain(self.leaves, self.drafter_leaves, cache, dcache, rows, inputs)
+    def model_step(self, cache, dcache, rows: SlotRows, inputs: StepInputs, full: bool = True):
+        """full=False: a greedy batch with no top logprobs (sampling.needs_full), a separately compiled variant."""
+        return self._plain(self.leaves, self.drafter_leaves, cache, dcache, rows, inputs, full)
 
-    def spec_step(self, cache, dcache, rows: SlotRows, inputs: SpecInputs):
-        return self._spec(self.leaves, self.drafter_leaves, cache, dcache, rows, inputs)
+    def spec_step(self, cache, dcache, rows: SlotRows, inputs: SpecInputs, full: bool = True):
+        return self._spec(self.leaves, self.drafter_leaves, cache, dcache, rows, inputs, full)

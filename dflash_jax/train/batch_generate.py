@@ -106,8 +106,7 @@ def batch_generate(model, jobs: list[GenJob], max_tokens: int, eog_ids, batch: i
                                 min_p=jnp.zeros((batch,), jnp.float32),
                                 presence_penalty=jnp.zeros((batch,), jnp.float32),
                                 frequency_penalty=jnp.zeros((batch,), jnp.float32),
-                                seed=jnp.asarray([j.seed & 0xFFFFFFFF for j in sel], jnp.uint32),
-                                top_n=jnp.zeros((batch,), jnp.int32))
+                                seed=jnp.asarray([j.seed & 0xFFFFFFFF for j in sel], jnp.uint32))
         out, cache = _decode_loop(graphdef, state, cache, logits, jnp.asarray(lens), page_table, max_tokens, params)
         out = np.asarray(out)
         for r, i in enumerate(rows):
