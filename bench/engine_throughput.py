@@ -72,7 +72,8 @@ def main() -> None:
     ap.add_argument("--llamacpp", action="store_true")
     ap.add_argument("--spec-policy", default="always,adaptive",
                     help="with -md: the DFlash policies to run (always = every step speculates; adaptive = the default)")
-    ap.add_argument("--overlap", default="on", help="on, off or on,off: launch step k+1 before reading step k")
+    ap.add_argument("--overlap", default="auto",
+                    help="auto (on a GPU only), on, off, or a list like on,off: launch step k+1 before reading step k")
     ap.add_argument("--prefill-chunk", type=int, default=256, help="-ub: fewer chunk buckets compile faster")
     ap.add_argument("--weights", default="auto", help="auto | bf16 | q8_0 (see converters.load_gguf)")
     a = ap.parse_args()
@@ -87,7 +88,7 @@ def main() -> None:
         work = (prompts * (2 * slots // len(prompts) + 1))[:2 * slots]
         variants = [("plain", None, "never")] + ([(f"dflash {pol}", drafter, pol)
                                                    for pol in a.spec_policy.split(",")] if drafter else [])
-        variants = [(f"{name} overlap={ov}", d, pol, ov == "on") for name, d, pol in variants
+        variants = [(f"{name} overlap={ov}", d, pol, {"on": True, "off": False}.get(ov)) for name, d, pol in variants
                     for ov in a.overlap.split(",")]
         for name, d, policy, overlap in variants:
             eng = Engine(lm, EngineConfig(num_slots=slots, ctx_size=1024 * slots, ctx_per_slot=1024,

@@ -42,7 +42,9 @@ class EngineConfig:
     draft_max: int = 15  # drafts per block (block = draft_max + 1, at most the drafter's trained block size)
     ctx_size_draft: int | None = None  # -cd: how many recent context features the drafter attends to
     spec_policy: str = "adaptive"  # adaptive | always | never (with a drafter)
-    overlap: bool = True  # launch step k+1 before reading step k's output (host work hides behind the device's)
+    # Launch step k+1 before reading step k's output, so host work hides behind the device's. None = on a GPU only:
+    # on a CPU the host and the "device" share the cores, and overlapping lost 10 % at 8 slots (BENCHMARKS.md).
+    overlap: bool | None = None
 
     def __post_init__(self):
         if self.num_slots < 1:
@@ -116,6 +118,7 @@ class Engine:
         self._stop = threading.Event()
         self._draining = False
         self._wake = threading.Event()
+        self.overlap = cfg.overlap if cfg.overlap is not None else jax.default_backend() == "gpu"
         self._inflight: list[_Launch] = []  # launched, not yet retired (at most one iteration's worth)
         self._last_retire = 0.0
         # Where the engine thread's time goes: dispatching steps, blocked on their outputs, turning them into events.
@@ -208,7 +211,7 @@ class Engine:
                 launched.append(self._launch_spec(speculating))
             if plain:
                 launched.append(self._launch_decode(plain))
-        overlap = self.cfg.overlap and not (self.spec and self.spec.injector)
+        overlap = self.overlap and not (self.spec and self.spec.injector)
         for launch in self._inflight + ([] if overlap else launched):
             self._retire(launch)
         self._inflight = launched if overlap else []

@@ -51,7 +51,7 @@ def target(tmp_path_factory):
 def engine(target):
     dc = TINY_DRAFTER
     eng = Engine(target, EngineConfig(num_slots=8, ctx_size=2048, ctx_per_slot=160, page_size=8, prefill_chunk=16,
-                                      draft_max=BLOCK - 1, spec_policy="always"),
+                                      draft_max=BLOCK - 1, spec_policy="always", overlap=True),
                  LoadedDrafter(dc, random_drafter(dc, 0)))
     eng.warmup(progress=False)
     eng.start()

@@ -27,7 +27,8 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engine(tiny):
-    eng = Engine(tiny, EngineConfig(num_slots=4, ctx_size=1024, ctx_per_slot=128, page_size=8, prefill_chunk=16))
+    eng = Engine(tiny, EngineConfig(num_slots=4, ctx_size=1024, ctx_per_slot=128, page_size=8, prefill_chunk=16,
+                                    overlap=True))  # the GPU default; other engines here run the CPU default (off)
     eng.warmup(progress=False)
     eng.start()
     yield eng
@@ -158,7 +159,7 @@ def test_stop_string_cuts_text(engine, tiny):
 def test_slot_reused_after_a_stop_while_a_step_is_in_flight(tiny):
     """With one slot, a stop string ends request A while the engine has already launched A's next step; B then takes
     the slot and the pages that step writes into. B must come out as if run alone."""
-    eng = Engine(tiny, EngineConfig(num_slots=1, ctx_size=256, page_size=8, prefill_chunk=16))
+    eng = Engine(tiny, EngineConfig(num_slots=1, ctx_size=256, page_size=8, prefill_chunk=16, overlap=True))
     eng.warmup(progress=False)
     eng.start()
     try:

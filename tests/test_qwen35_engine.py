@@ -42,7 +42,7 @@ def engine(target):
                        rms_eps=1e-6, rope_theta=1e7, block_size=BLOCK, mask_token_id=VOCAB - 1,
                        target_layer_ids=(1, 2))
     eng = Engine(target, EngineConfig(num_slots=8, ctx_size=2048, ctx_per_slot=160, page_size=8, prefill_chunk=16,
-                                      draft_max=BLOCK - 1, spec_policy="always"),
+                                      draft_max=BLOCK - 1, spec_policy="always", overlap=True),
                  LoadedDrafter(dc, random_drafter(dc, 0)))
     eng.warmup(progress=False)
     eng.start()
