@@ -204,8 +204,10 @@ class Engine:
             launched.append(self._launch_prefill(plan.prefill))
         if plan.decode:
             speculating = [sl for sl in plan.decode if self.spec and self.spec.eligible(sl)]
-            if speculating and not self.spec.worth_it(len(speculating), self.num_steps):
-                speculating = []
+            k = self.spec.num_to_speculate(len(speculating), self.num_steps) if speculating else 0
+            if k < len(speculating):  # a probe rotates over the slots, so every request's acceptance is sampled
+                start = self.num_steps % len(speculating)
+                speculating = (speculating[start:] + speculating[:start])[:k]
             plain = [sl for sl in plan.decode if sl not in speculating]
             if speculating:
                 launched.append(self._launch_spec(speculating))

@@ -4,7 +4,8 @@ policy that decides, per slot-count bucket, whether a speculative step beats a p
 Policy: a plain step yields 1 token per slot; a spec step yields tau = mean(accepted + 1). Speculate when
 tau * cost(plain, b) > cost(spec, b), with step costs measured at warm-up and refined by running averages, and tau a
 running average of recent spec steps. While not speculating, every PROBE_EVERY-th decode step speculates anyway so
-tau keeps tracking the traffic (every 4 * PROBE_EVERY-th when a spec step costs over 1.5x what it would yield).
+tau keeps tracking the traffic (every 4 * PROBE_EVERY-th when a spec step costs over 1.5x what it would yield); a
+probe speculates one slot only.
 Slots with presence/frequency penalties decode plainly (their penalty counts change
 inside a block).
 """
@@ -71,6 +72,21 @@ class SpecState:
         # A probe costs (spec - tau * plain) against plain decoding: far from break-even, probe 4x more rarely.
         every = PROBE_EVERY if spec < 1.5 * self.tau * plain else 4 * PROBE_EVERY
         return step % every == 0
+
+    def num_to_speculate(self, num_slots: int, step: int) -> int:
+        """How many of `num_slots` eligible slots speculate this step: all where DFlash pays; one slot for a probe,
+        which keeps tau current at the price of a 1-slot spec step rather than a full-bucket one."""
+        if not self.worth_it(num_slots, step):
+            return 0
+        b = bucket_for(num_slots, self.slot_buckets)
+        plain, spec = self.cost_plain.get(b), self.cost_spec.get(b)
+        if self.policy == "always":
+            return num_slots
+        if self.num_spec_steps == 0:  # tau is still the prior: learn it from one slot first
+            return 1
+        if plain is None or spec is None or self.tau * plain > spec:
+            return num_slots
+        return 1
 
     def record_step(self, num_slots: int, seconds: float, accepted: np.ndarray) -> None:
         b = bucket_for(num_slots, self.slot_buckets)

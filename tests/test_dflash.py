@@ -274,3 +274,21 @@ def test_adaptive_engine_stops_speculating_when_it_loses(target):
     # ~150 decode steps: the first spec step replaces the optimistic prior with the measured tau (~1 for a random
     # drafter), then only rare probes speculate
     assert sp["tau"] < 1.5 and sp["num_drafts"] / 2 < 12, sp
+
+
+def test_probes_speculate_one_slot():
+    """Where DFlash does not pay, and before tau is measured at all, only one slot speculates: learning tau must not
+    cost a full-bucket spec step."""
+    from dflash_jax.spec_state import PROBE_EVERY, SpecState
+
+    sp = SpecState.__new__(SpecState)
+    sp.policy, sp.slot_buckets = "adaptive", (1, 2, 4, 8)
+    sp.cost_plain, sp.cost_spec = {8: 0.010}, {8: 0.030}
+    sp.tau, sp.num_spec_steps = 4.5, 0
+    assert sp.num_to_speculate(8, 1) == 1  # optimistic prior, nothing measured yet
+    sp.num_spec_steps = 5
+    assert sp.num_to_speculate(8, 1) == 8  # 4.5 x 10 ms > 30 ms
+    sp.tau = 1.2
+    assert [sp.num_to_speculate(8, s) for s in (1, 4 * PROBE_EVERY)] == [0, 1]
+    sp.policy = "always"
+    assert sp.num_to_speculate(8, 1) == 8
