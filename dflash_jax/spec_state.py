@@ -60,33 +60,32 @@ class SpecState:
         p = slot.req.params
         return self.policy != "never" and p.presence_penalty == 0 and p.frequency_penalty == 0
 
-    def worth_it(self, num_slots: int, step: int) -> bool:
-        if self.policy == "always":
-            return True
+    def _costs(self, num_slots: int) -> tuple[float | None, float | None]:
         b = bucket_for(num_slots, self.slot_buckets)
-        plain, spec = self.cost_plain.get(b), self.cost_spec.get(b)
-        if plain is None or spec is None:
-            return True
-        if self.tau * plain > spec:
+        return self.cost_plain.get(b), self.cost_spec.get(b)
+
+    def _pays(self, num_slots: int) -> bool:
+        """A spec step yields more per second than a plain one (assumed while the bucket's costs are unmeasured)."""
+        plain, spec = self._costs(num_slots)
+        return plain is None or spec is None or self.tau * plain > spec
+
+    def worth_it(self, num_slots: int, step: int) -> bool:
+        if self.policy == "always" or self._pays(num_slots):
             return True
         # A probe costs (spec - tau * plain) against plain decoding: far from break-even, probe 4x more rarely.
+        plain, spec = self._costs(num_slots)
         every = PROBE_EVERY if spec < 1.5 * self.tau * plain else 4 * PROBE_EVERY
         return step % every == 0
 
     def num_to_speculate(self, num_slots: int, step: int) -> int:
         """How many of `num_slots` eligible slots speculate this step: all where DFlash pays; one slot for a probe,
         which keeps tau current at the price of a 1-slot spec step rather than a full-bucket one."""
-        if not self.worth_it(num_slots, step):
-            return 0
-        b = bucket_for(num_slots, self.slot_buckets)
-        plain, spec = self.cost_plain.get(b), self.cost_spec.get(b)
         if self.policy == "always":
             return num_slots
-        if self.num_spec_steps == 0:  # tau is still the prior: learn it from one slot first
-            return 1
-        if plain is None or spec is None or self.tau * plain > spec:
-            return num_slots
-        return 1
+        if not self.worth_it(num_slots, step):
+            return 0
+        # Before any spec step tau is still the prior: learn it from one slot first.
+        return num_slots if self.num_spec_steps > 0 and self._pays(num_slots) else 1
 
     def record_step(self, num_slots: int, seconds: float, accepted: np.ndarray) -> None:
         b = bucket_for(num_slots, self.slot_buckets)
