@@ -82,6 +82,10 @@ PRESETS: dict[str, SyntheticSpec] = {
                                 rope_theta=1e5, rms_eps=1e-5, tied_embeddings=True),
     "qwen2-tiny": SyntheticSpec("qwen2", num_layers=2, hidden=128, ffn=256, num_heads=4, num_kv_heads=2, head_dim=32,
                                 tied_embeddings=True),
+    # SmolLM2-135M-Instruct's shape (the embedded default model): device benchmarks without carrying its 98 MB GGUF.
+    "smollm2-135m": SyntheticSpec("llama", num_layers=30, hidden=576, ffn=1536, num_heads=9, num_kv_heads=3,
+                                  head_dim=64, vocab_size=49152, rope_theta=1e5, rms_eps=1e-5, context_length=8192,
+                                  tied_embeddings=True),
     "qwen3-0.6b": SyntheticSpec("qwen3", num_layers=28, hidden=1024, ffn=3072, num_heads=16, num_kv_heads=8,
                                 head_dim=128, vocab_size=151936, context_length=40960, tied_embeddings=True),
     "qwen3-8b": SyntheticSpec("qwen3", num_layers=36, hidden=4096, ffn=12288, num_heads=32, num_kv_heads=8,

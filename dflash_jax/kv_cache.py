@@ -10,7 +10,8 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
-# Page 0 is never handed to a slot: writes of padded tokens land there, so they can't corrupt anyone's cache.
+# Page 0 is never handed to a slot: page-table padding points at it (such reads are masked) and writes to it are
+# dropped (`write_kv`), so it stays zeros and can't corrupt anyone's cache.
 TRASH_PAGE = 0
 
 
@@ -58,12 +59,18 @@ def token_positions(meta: AttentionMeta, num_tokens: int) -> tuple[jax.Array, ja
 
 def write_kv(pages: jax.Array, new: jax.Array, meta: AttentionMeta, positions: jax.Array,
              valid: jax.Array) -> jax.Array:
-    """Scatter new (B, T, K, H) into pages (P, S, K, H) at the tokens' positions; padded tokens go to TRASH_PAGE."""
+    """Scatter new (B, T, K, H) into pages (P, S, K, H) at the tokens' positions. Padded tokens, and tokens whose page
+    is the trash page (a verify block running past a slot's pages), are dropped: their index is out of bounds.
+
+    Why not write them to the trash page: a padded prefill chunk or a training batch sends thousands of tokens to the
+    same trash element, and XLA's GPU scatter serializes on such duplicates (366 ms for one layer of a 16 x 768
+    training batch on an H200). What remains is unique (every live slot owns its pages), so XLA may scatter without
+    atomics."""
     page_size = pages.shape[1]
     logical = positions // page_size
-    # Beyond the slot's page table (a verify block running past the context cap): trash, never a clipped real page.
     valid = valid & (logical < meta.page_table.shape[1])
     page_idx = jnp.take_along_axis(meta.page_table, jnp.clip(logical, 0, meta.page_table.shape[1] - 1), axis=1)
-    page_idx = jnp.where(valid, page_idx, TRASH_PAGE)
+    valid = valid & (page_idx != TRASH_PAGE)
+    page_idx = jnp.where(valid, page_idx, pages.shape[0])  # out of bounds: dropped
     offset = jnp.where(valid, positions % page_size, 0)
-    return pages.at[page_idx, offset].set(new.astype(pages.dtype), mode="drop")
+    return pages.at[page_idx, offset].set(new.astype(pages.dtype), mode="drop", unique_indices=True)

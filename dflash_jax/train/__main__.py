@@ -85,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--schema", default="upstream", choices=("upstream", "fork"))
     e.add_argument("--dir", default=None, help="also write a converted directory here")
 
+    pl = sub.add_parser("plot", help="draw a run's loss curve (RUN/loss_curve.png) from its history.json")
+    pl.add_argument("--run", required=True)
     v = sub.add_parser("eval", help="held-out tau / acceptance / tokens/s through the serving engine")
     v.add_argument("--model", required=True)
     v.add_argument("--drafter", required=True, help="drafter GGUF or converted directory")
@@ -206,9 +208,17 @@ def cmd_eval(a) -> None:
     print(text)
 
 
+def cmd_plot(a) -> None:
+    from dflash_jax.train.trainer import HISTORY_FILE, plot_history
+
+    run = Path(a.run)
+    plot_history(json.loads((run / HISTORY_FILE).read_text()), run / "loss_curve.png")
+    print(run / "loss_curve.png")
+
+
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
-    {"data": cmd_data, "train": cmd_train, "export": cmd_export, "eval": cmd_eval}[a.cmd](a)
+    {"data": cmd_data, "train": cmd_train, "export": cmd_export, "eval": cmd_eval, "plot": cmd_plot}[a.cmd](a)
     return 0
 
 

@@ -8,6 +8,8 @@ and position), so a greedy row here is exactly what the server answers for that 
 """
 from __future__ import annotations
 
+import sys
+import time
 from dataclasses import dataclass
 from functools import partial
 
@@ -39,15 +41,16 @@ def _prefill_chunk(graphdef, state, tokens, meta, cache, last_in_chunk):
     return model.logits(last).astype(jnp.float32), cache
 
 
-@partial(jax.jit, static_argnums=(0, 6), donate_argnums=(2,))
-def _decode_loop(graphdef, state, cache, logits, lens, page_table, steps: int, params: SamplingArrays):
-    """`steps` tokens for every row, all on device: sample from logits, feed the token back, repeat."""
+@partial(jax.jit, static_argnums=(0, 6, 8), donate_argnums=(2,))
+def _decode_loop(graphdef, state, cache, logits, lens, page_table, steps: int, params: SamplingArrays, full: bool):
+    """`steps` tokens for every row, all on device: sample from logits, feed the token back, repeat. full=False: an
+    all-greedy batch (no candidate search, which at hundreds of rows costs more than the model's forward pass)."""
     model = nnx.merge(graphdef, state)
     b = logits.shape[0]
 
     def body(i, carry):
         cache, logits, out = carry
-        tok = sample(logits, None, params, lens + i).tokens
+        tok = sample(logits, None, params, lens + i, full=full).tokens
         out = out.at[:, i].set(tok)
         meta = AttentionMeta(q_lens=jnp.ones((b,), jnp.int32), kv_lens=lens + i + 1, page_table=page_table)
         hidden, cache, _ = model(tok[:, None], meta, cache)
@@ -59,11 +62,15 @@ def _decode_loop(graphdef, state, cache, logits, lens, page_table, steps: int, p
 
 
 def batch_generate(model, jobs: list[GenJob], max_tokens: int, eog_ids, batch: int = 256, prompt_pad: int = 512,
-                   chunk: int = 256, page_size: int = 16, cache_dtype=None,
-                   progress: bool = True) -> list[tuple[list[int], str]]:
+                   chunk: int = 256, page_size: int = 16, cache_dtype=None, progress: bool = True,
+                   on_result=None, window: int = 1) -> list[tuple[list[int], str]]:
     """Answer every job; returns (response_ids, finish) per job in order. A response ends at (and keeps) its first
     end-of-generation token (finish "stop"), else it is max_tokens long ("length"). Prompts longer than prompt_pad
-    are rejected, not cut: a cut prompt would train on text the server never sees."""
+    are rejected, not cut: a cut prompt would train on text the server never sees.
+
+    Jobs run in the given order (sorted by prompt length only within windows of `window` batches: a caller's
+    priorities survive a run cut short, and a batch of greedy jobs skips the sampling search); on_result(job index, response_ids, finish) is called as each batch
+    finishes, so a killed run keeps what it answered."""
     too_long = [i for i, j in enumerate(jobs) if not 0 < len(j.prompt_ids) <= prompt_pad]
     if too_long:
         raise ValueError(f"{len(too_long)} prompts are empty or longer than prompt_pad={prompt_pad} "
@@ -76,8 +83,11 @@ def batch_generate(model, jobs: list[GenJob], max_tokens: int, eog_ids, batch: i
     cache = KVCache.create(cfg.num_layers, 1 + batch * pages_per_row, page_size, cfg.num_kv_heads, cfg.head_dim,
                            cache_dtype or model.embed_tokens[...].dtype)
     eog = np.asarray(sorted(eog_ids), np.int32)
-    # Similar lengths together: fewer prefill chunks of pure padding per batch.
-    order = sorted(range(len(jobs)), key=lambda i: len(jobs[i].prompt_ids))
+    # Similar lengths together (fewer prefill chunks of pure padding per batch), within windows.
+    span = batch * max(1, window)
+    order = [i for w in range(0, len(jobs), span)
+             for i in sorted(range(w, min(w + span, len(jobs))), key=lambda i: len(jobs[i].prompt_ids))]
+    t0, tokens_out = time.monotonic(), 0
     results: list[tuple[list[int], str]] = [([], "")] * len(jobs)
     bar = tqdm(total=len(jobs), desc="generating", unit="seq", disable=not progress)
     for start in range(0, len(order), batch):
@@ -107,7 +117,9 @@ def batch_generate(model, jobs: list[GenJob], max_tokens: int, eog_ids, batch: i
                                 presence_penalty=jnp.zeros((batch,), jnp.float32),
                                 frequency_penalty=jnp.zeros((batch,), jnp.float32),
                                 seed=jnp.asarray([j.seed & 0xFFFFFFFF for j in sel], jnp.uint32))
-        out, cache = _decode_loop(graphdef, state, cache, logits, jnp.asarray(lens), page_table, max_tokens, params)
+        full = any(j.temperature > 0 for j in sel)
+        out, cache = _decode_loop(graphdef, state, cache, logits, jnp.asarray(lens), page_table, max_tokens, params,
+                                  full)
         out = np.asarray(out)
         for r, i in enumerate(rows):
             toks = out[r]
@@ -116,6 +128,13 @@ def batch_generate(model, jobs: list[GenJob], max_tokens: int, eog_ids, batch: i
                 results[i] = (toks[:stops[0] + 1].tolist(), "stop")
             else:
                 results[i] = (toks.tolist(), "length")
+            tokens_out += len(results[i][0])
+            if on_result is not None:
+                on_result(i, *results[i])
         bar.update(n)
+        if progress and not sys.stderr.isatty():  # a log file: one readable line per batch instead of \r updates
+            el = time.monotonic() - t0
+            print(f"batch {start // batch + 1}/{-(-len(order) // batch)}: {start + n} of {len(jobs)} answered, "
+                  f"{tokens_out} tokens in {el:.0f} s ({tokens_out / max(el, 1e-9):.0f} tok/s)", flush=True)
     bar.close()
     return results

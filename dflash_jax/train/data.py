@@ -277,15 +277,19 @@ def generate_dataset_batched(loaded, prompts: list[Prompt], out_path: str | Path
 
     jobs = _answer_jobs(loaded, prompts, out_path, samples, temperature, max_tokens, seed, max_prompt=prompt_pad)
     gen = [GenJob(tuple(ids), p.temperature, p.top_p, p.seed or 0) for _, _, ids, p in jobs]
-    answers = batch_generate(loaded.model, gen, max_tokens, loaded.tokenizer.eog_ids, batch=batch,
-                             prompt_pad=prompt_pad, progress=progress)
     written = 0
     with open(out_path, "a") as f:
-        for (key, src, ids, _), (toks, finish) in zip(jobs, answers):
+        def on_result(i, toks, finish):  # appended per batch: a run cut short keeps its answers
+            nonlocal written
+            key, src, ids, _ = jobs[i]
             if len(toks) >= 2:
                 f.write(json.dumps({"key": key, "source": src, "prompt_ids": list(ids),
                                     "response_ids": toks, "finish": finish}) + "\n")
                 written += 1
+            f.flush()
+
+        batch_generate(loaded.model, gen, max_tokens, loaded.tokenizer.eog_ids, batch=batch, prompt_pad=prompt_pad,
+                       progress=progress, on_result=on_result)
     return written
 
 

@@ -9,6 +9,7 @@ import dataclasses
 import functools
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -284,6 +285,8 @@ def train(target, dcfg: DrafterConfig, dataset: Dataset, tc: TrainConfig, out_di
                    "elapsed_s": round(time.monotonic() - start, 2)}
             history.append(rec)
             bar.set_postfix(loss=f"{rec['loss']:.3f}", tau=f"{rec['tau']:.2f}", acc1=f"{rec['acc1']:.2f}")
+            if progress and not sys.stderr.isatty():  # a log file: one readable line per log step
+                print(json.dumps(rec), flush=True)
             if tc.time_budget_s and timed_from is not None:
                 timed_steps = step - 2
                 per_step = (time.monotonic() - timed_from) / max(timed_steps, 1)
@@ -306,7 +309,10 @@ def train(target, dcfg: DrafterConfig, dataset: Dataset, tc: TrainConfig, out_di
     mgr.wait_until_finished()
     mgr.close()
     (out_dir / HISTORY_FILE).write_text(json.dumps(history, indent=1))
-    plot_history(history, out_dir / "loss_curve.png")
+    try:
+        plot_history(history, out_dir / "loss_curve.png")
+    except ImportError as e:  # a bare accelerator host; `python -m dflash_jax.train plot RUN` draws it later
+        print(f"loss curve not drawn ({e}); history is in {out_dir / HISTORY_FILE}")
     return {"params": params, "history": history, "config": dcfg, "graphdef": d_graphdef}
 
 
