@@ -4,8 +4,8 @@ policy that decides, per slot-count bucket, whether a speculative step beats a p
 Policy: a plain step yields 1 token per slot; a spec step yields tau = mean(accepted + 1). Speculate when
 tau * cost(plain, b) > cost(spec, b), with step costs measured at warm-up and refined by running averages, and tau a
 running average of recent spec steps. While not speculating, every PROBE_EVERY-th decode step speculates anyway so
-tau keeps tracking the traffic (every 4 * PROBE_EVERY-th when a spec step costs over 1.5x what it would yield); a
-probe speculates one slot only.
+tau keeps tracking the traffic, more rarely (up to PROBE_MAX_EVERY) the more a probe loses, so that probing costs at
+most PROBE_OVERHEAD of plain throughput; a probe speculates one slot only.
 Slots with presence/frequency penalties decode plainly (their penalty counts change
 inside a block).
 """
@@ -22,6 +22,8 @@ from dflash_jax.buckets import bucket_for
 from dflash_jax.kv_cache import KVCache
 
 PROBE_EVERY = 16
+PROBE_MAX_EVERY = 16 * PROBE_EVERY
+PROBE_OVERHEAD = 0.02  # probes may cost at most this fraction of plain decoding's throughput
 EMA = 0.1
 
 
@@ -72,10 +74,25 @@ class SpecState:
     def worth_it(self, num_slots: int, step: int) -> bool:
         if self.policy == "always" or self._pays(num_slots):
             return True
-        # A probe costs (spec - tau * plain) against plain decoding: far from break-even, probe 4x more rarely.
-        plain, spec = self._costs(num_slots)
-        every = PROBE_EVERY if spec < 1.5 * self.tau * plain else 4 * PROBE_EVERY
-        return step % every == 0
+        return step % self.probe_every(num_slots) == 0
+
+    def probe_every(self, num_slots: int) -> int:
+        """Decode steps between probes: PROBE_EVERY doubled until a probe's loss, spread over the interval, is at
+        most PROBE_OVERHEAD of plain decoding. A probe speculates one slot (a bucket-1 spec step, launched beside the
+        others' plain step) and yields tau - 1 extra tokens: in units of the bucket's plain step it loses
+        spec(1) / plain(n) - (tau - 1) / n, or spec(1) / plain(1) - tau at one slot."""
+        plain_n, _ = self._costs(num_slots)
+        plain_1, spec_1 = self._costs(1)
+        if plain_n is None or spec_1 is None:
+            return PROBE_EVERY
+        if num_slots == 1:
+            loss = spec_1 / plain_1 - self.tau
+        else:
+            loss = spec_1 / plain_n - (self.tau - 1) / num_slots
+        every = PROBE_EVERY
+        while every < PROBE_MAX_EVERY and loss / every > PROBE_OVERHEAD:
+            every *= 2
+        return every
 
     def num_to_speculate(self, num_slots: int, step: int) -> int:
         """How many of `num_slots` eligible slots speculate this step: all where DFlash pays; one slot for a probe,

@@ -233,8 +233,9 @@ def test_shipped_drafter_is_lossless_on_smollm2(smollm2_path):
 
 
 def test_adaptive_policy_decides_from_costs_and_tau():
-    """Speculate while tau x plain > spec; otherwise only probe, more rarely the further from break-even."""
-    from dflash_jax.spec_state import PROBE_EVERY, SpecState
+    """Speculate while tau x plain > spec; otherwise only probe, more rarely the more a probe loses, so that probing
+    costs at most PROBE_OVERHEAD of plain throughput."""
+    from dflash_jax.spec_state import PROBE_EVERY, PROBE_MAX_EVERY, PROBE_OVERHEAD, SpecState
 
     sp = SpecState.__new__(SpecState)
     sp.policy, sp.slot_buckets = "adaptive", (1, 2, 4, 8)
@@ -244,10 +245,19 @@ def test_adaptive_policy_decides_from_costs_and_tau():
     sp.cost_plain[4], sp.cost_spec[4] = 0.010, 0.018
     sp.tau = 2.0
     assert all(sp.worth_it(3, s) for s in range(1, 40))  # 2 x 10 ms > 18 ms: always
-    sp.tau = 1.5  # 15 ms < 18 ms, within 1.5x: probe every PROBE_EVERY steps
+    sp.tau = 1.5  # 15 ms < 18 ms; bucket 1 unmeasured: probe every PROBE_EVERY steps
     assert [s for s in range(1, 4 * PROBE_EVERY + 1) if sp.worth_it(4, s)] == [PROBE_EVERY * k for k in (1, 2, 3, 4)]
-    sp.tau = 1.0  # 10 ms vs 18 ms: far from break-even, probe 4x more rarely
-    assert [s for s in range(1, 8 * PROBE_EVERY + 1) if sp.worth_it(4, s)] == [4 * PROBE_EVERY, 8 * PROBE_EVERY]
+    # a probe is a 1-slot spec step beside the others' plain step: it loses spec(1)/plain(4) - (tau - 1)/4 plain steps
+    sp.cost_plain[1], sp.cost_spec[1] = 0.005, 0.003
+    assert sp.probe_every(4) == PROBE_EVERY  # loses 0.3 - 0.125: spread over 16 steps, 1.1 % < 2 %
+    sp.cost_spec[1] = 0.020  # CPU-like: a block costs 4 one-slot plain steps; loses 2 - 0.125 plain(4) steps
+    every = sp.probe_every(4)
+    assert every == 128 and (2 - 0.125) / every <= PROBE_OVERHEAD < (2 - 0.125) / (every // 2)
+    assert [s for s in range(1, 2 * every + 1) if sp.worth_it(4, s)] == [every, 2 * every]
+    sp.tau = 1.0  # one slot: a probe loses spec(1)/plain(1) - tau = 3 plain steps -> every 256
+    assert sp.probe_every(1) == 256 == PROBE_MAX_EVERY
+    sp.cost_spec[1] = 1.0  # hopeless: still probe, at the longest interval
+    assert sp.probe_every(4) == PROBE_MAX_EVERY
     sp.policy = "always"
     assert sp.worth_it(4, 1)
 
@@ -289,6 +299,6 @@ def test_probes_speculate_one_slot():
     sp.num_spec_steps = 5
     assert sp.num_to_speculate(8, 1) == 8  # 4.5 x 10 ms > 30 ms
     sp.tau = 1.2
-    assert [sp.num_to_speculate(8, s) for s in (1, 4 * PROBE_EVERY)] == [0, 1]
+    assert [sp.num_to_speculate(8, s) for s in (1, PROBE_EVERY)] == [0, 1]  # bucket 1 unmeasured: PROBE_EVERY
     sp.policy = "always"
     assert sp.num_to_speculate(8, 1) == 8
