@@ -3,7 +3,7 @@ policy that decides, per slot-count bucket, whether a speculative step beats a p
 
 Policy: a plain step yields 1 token per slot; a spec step yields tau = mean(accepted + 1). Speculate when
 tau * cost(plain, b) > cost(spec, b), with step costs measured at warm-up and refined by running averages, and tau a
-running average of recent spec steps. While not speculating, every PROBE_EVERY-th decode step speculates anyway so
+running average of recent spec steps (shrunk towards 1 while few are measured). While not speculating, every PROBE_EVERY-th decode step speculates anyway so
 tau keeps tracking the traffic, more rarely (up to PROBE_MAX_EVERY) the more a probe loses, so that probing costs at
 most PROBE_OVERHEAD of plain throughput; a probe speculates one slot only.
 Slots with presence/frequency penalties decode plainly (their penalty counts change
@@ -25,6 +25,7 @@ PROBE_EVERY = 16
 PROBE_MAX_EVERY = 16 * PROBE_EVERY
 PROBE_OVERHEAD = 0.02  # probes may cost at most this fraction of plain decoding's throughput
 EMA = 0.1
+TAU_PSEUDO_STEPS = 2
 
 
 @dataclass
@@ -108,9 +109,15 @@ class SpecState:
         b = bucket_for(num_slots, self.slot_buckets)
         self.cost_spec[b] = seconds if b not in self.cost_spec else (1 - EMA) * self.cost_spec[b] + EMA * seconds
         self.num_spec_steps += 1
-        # Running mean for the first 1/EMA steps, then an EMA: the optimistic prior is gone after one measurement.
-        alpha = max(EMA, 1.0 / self.num_spec_steps)
-        self.tau = (1 - alpha) * self.tau + alpha * float(np.mean(accepted + 1))
+        # The optimistic prior is gone after one measurement; from then on a running mean that starts with
+        # TAU_PSEUDO_STEPS pseudo-steps of tau = 1 (one step's tau ranges over 1..block, and a lucky first block of
+        # 7 made a CPU engine speculate for 19 steps at a loss), turning into an EMA after 1/EMA steps.
+        x = float(np.mean(accepted + 1))
+        if self.num_spec_steps == 1:
+            self.tau = (x + TAU_PSEUDO_STEPS) / (1 + TAU_PSEUDO_STEPS)
+        else:
+            alpha = max(EMA, 1.0 / (self.num_spec_steps + TAU_PSEUDO_STEPS))
+            self.tau = (1 - alpha) * self.tau + alpha * x
         self.num_drafts += len(accepted)
         self.num_draft_tokens += len(accepted) * (self.block - 1)
         self.num_accepted += int(np.sum(accepted))

@@ -262,6 +262,26 @@ def test_adaptive_policy_decides_from_costs_and_tau():
     assert sp.worth_it(4, 1)
 
 
+def test_one_lucky_block_does_not_switch_speculation_on():
+    """tau starts as an optimistic prior (so the first block is tried), then is a running mean shrunk towards 1: one
+    block of 7 accepted tokens where a spec step costs 4.85 plain steps must not make every step speculate."""
+    import numpy as np
+
+    from dflash_jax.spec_state import SpecState
+
+    sp = SpecState.__new__(SpecState)
+    sp.policy, sp.slot_buckets, sp.block = "adaptive", (1, 2, 4, 8), 16
+    sp.cost_plain, sp.cost_spec = {1: 0.049}, {1: 0.2377}
+    sp.tau, sp.num_spec_steps, sp.num_drafts, sp.num_draft_tokens, sp.num_accepted = 8.5, 0, 0, 0, 0
+    sp.accepted_per_pos = np.zeros(15, np.int64)
+    assert sp._pays(1)  # the prior: try it
+    sp.record_step(1, 0.2377, np.array([6]))
+    assert not sp._pays(1) and sp.tau == (7 + 2) / 3
+    for _ in range(30):  # a drafter that really does accept ~5 tokens a block wins it back
+        sp.record_step(1, 0.2377, np.array([5]))
+    assert sp._pays(1)
+
+
 def test_adaptive_engine_stops_speculating_when_it_loses(target):
     """A random drafter (acceptance ~0) on CPU, where a verify costs more than a plain step: after the first probes the
     engine decodes plainly, except rare probes; the output still equals plain decoding."""
