@@ -3,11 +3,10 @@ policy that decides, per slot-count bucket, whether a speculative step beats a p
 
 Policy: a plain step yields 1 token per slot; a spec step yields tau = mean(accepted + 1). Speculate when
 tau * cost(plain, b) > cost(spec, b), with step costs measured at warm-up and refined by running averages, and tau a
-running average of recent spec steps (shrunk towards 1 while few are measured). While not speculating, every PROBE_EVERY-th decode step speculates anyway so
-tau keeps tracking the traffic, more rarely (up to PROBE_MAX_EVERY) the more a probe loses, so that probing costs at
-most PROBE_OVERHEAD of plain throughput; a probe speculates one slot only.
-Slots with presence/frequency penalties decode plainly (their penalty counts change
-inside a block).
+running average of recent spec steps (shrunk towards 1 while few are measured). While not speculating, every
+PROBE_EVERY-th decode step speculates anyway so tau keeps tracking the traffic, more rarely (up to PROBE_MAX_EVERY)
+the more a probe loses, so that probing costs at most PROBE_OVERHEAD of plain throughput; a probe speculates one slot
+only. Slots with presence/frequency penalties decode plainly (their penalty counts change inside a block).
 """
 from __future__ import annotations
 

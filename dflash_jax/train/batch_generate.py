@@ -63,13 +63,13 @@ def _decode_loop(graphdef, state, cache, logits, lens, page_table, steps: int, p
 
 def batch_generate(model, jobs: list[GenJob], max_tokens: int, eog_ids, batch: int = 256, prompt_pad: int = 512,
                    chunk: int = 256, page_size: int = 16, cache_dtype=None, progress: bool = True,
-                   on_result=None, window: int = 1) -> list[tuple[list[int], str]]:
+                   on_result=None) -> list[tuple[list[int], str]]:
     """Answer every job; returns (response_ids, finish) per job in order. A response ends at (and keeps) its first
     end-of-generation token (finish "stop"), else it is max_tokens long ("length"). Prompts longer than prompt_pad
     are rejected, not cut: a cut prompt would train on text the server never sees.
 
-    Jobs run in the given order (sorted by prompt length only within windows of `window` batches: a caller's
-    priorities survive a run cut short, and a batch of greedy jobs skips the sampling search); on_result(job index, response_ids, finish) is called as each batch
+    Jobs run in the given order, `batch` at a time (a caller's priorities survive a run cut short, and a batch of
+    greedy jobs skips the sampling search); on_result(job index, response_ids, finish) is called as each batch
     finishes, so a killed run keeps what it answered."""
     too_long = [i for i, j in enumerate(jobs) if not 0 < len(j.prompt_ids) <= prompt_pad]
     if too_long:
@@ -83,15 +83,11 @@ def batch_generate(model, jobs: list[GenJob], max_tokens: int, eog_ids, batch: i
     cache = KVCache.create(cfg.num_layers, 1 + batch * pages_per_row, page_size, cfg.num_kv_heads, cfg.head_dim,
                            cache_dtype or model.embed_tokens[...].dtype)
     eog = np.asarray(sorted(eog_ids), np.int32)
-    # Similar lengths together (fewer prefill chunks of pure padding per batch), within windows.
-    span = batch * max(1, window)
-    order = [i for w in range(0, len(jobs), span)
-             for i in sorted(range(w, min(w + span, len(jobs))), key=lambda i: len(jobs[i].prompt_ids))]
     t0, tokens_out = time.monotonic(), 0
     results: list[tuple[list[int], str]] = [([], "")] * len(jobs)
     bar = tqdm(total=len(jobs), desc="generating", unit="seq", disable=not progress)
-    for start in range(0, len(order), batch):
-        rows = order[start:start + batch]
+    for start in range(0, len(jobs), batch):
+        rows = list(range(start, min(start + batch, len(jobs))))
         n = len(rows)
         lens = np.ones((batch,), np.int32)  # padding rows: a 1-token prompt, never read
         tokens = np.zeros((batch, prompt_pad), np.int32)
@@ -134,7 +130,7 @@ def batch_generate(model, jobs: list[GenJob], max_tokens: int, eog_ids, batch: i
         bar.update(n)
         if progress and not sys.stderr.isatty():  # a log file: one readable line per batch instead of \r updates
             el = time.monotonic() - t0
-            print(f"batch {start // batch + 1}/{-(-len(order) // batch)}: {start + n} of {len(jobs)} answered, "
+            print(f"batch {start // batch + 1}/{-(-len(jobs) // batch)}: {start + n} of {len(jobs)} answered, "
                   f"{tokens_out} tokens in {el:.0f} s ({tokens_out / max(el, 1e-9):.0f} tok/s)", flush=True)
     bar.close()
     return results
