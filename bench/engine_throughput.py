@@ -1,8 +1,10 @@
 """Engine throughput without HTTP: aggregate generated tokens/s at several slot counts, optionally with a DFlash
 drafter, and llama.cpp (xllamacpp) on the same GGUF for comparison.
 
-    python bench/engine_throughput.py -m MODEL.gguf [-md DRAFTER.gguf] --slots 1,8 --max-tokens 64 [--llamacpp]
-        [--overlap on,off]   # the engine's host/device overlap (EngineConfig.overlap), both in one run
+    python bench/engine_throughput.py -m MODEL.gguf [-md DRAFTER.gguf [-md OTHER.gguf]] --slots 1,8 --max-tokens 64
+        [--llamacpp] [--overlap on,off]   # the engine's host/device overlap (EngineConfig.overlap), both in one run
+
+Several -md compare drafters in one run (same prompts, same plain baseline).
 """
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import argparse
 import concurrent.futures
 import platform
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -65,7 +68,7 @@ def llamacpp_run(model: str, prompts: list[list[int]], slots: int, max_tokens: i
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("-m", "--model", required=True)
-    ap.add_argument("-md", "--model-draft")
+    ap.add_argument("-md", "--model-draft", action="append", default=[], help="drafter GGUF; repeatable")
     ap.add_argument("--slots", default="1,8")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--dtype", default="float32")
@@ -80,14 +83,14 @@ def main() -> None:
     lm = load_model(a.model, jnp.dtype(a.dtype), weights=a.weights)
     tpl = ChatTemplate(lm.chat_template)
     prompts = [lm.tokenizer.encode(tpl.render([{"role": "user", "content": p}])) for p in PROMPTS]
-    drafter = load_drafter(a.model_draft, lm.config, jnp.dtype(a.dtype)) if a.model_draft else None
+    drafters = [(Path(f).stem, load_drafter(f, lm.config, jnp.dtype(a.dtype))) for f in a.model_draft]
     device = jax.devices()[0].device_kind if jax.devices()[0].platform == "gpu" else platform.processor() or "cpu"
     print("| impl | device | slots | requests | tokens | seconds | tok/s |")
     print("|---|---|---|---|---|---|---|")
     for slots in map(int, a.slots.split(",")):
         work = (prompts * (2 * slots // len(prompts) + 1))[:2 * slots]
-        variants = [("plain", None, "never")] + ([(f"dflash {pol}", drafter, pol)
-                                                   for pol in a.spec_policy.split(",")] if drafter else [])
+        variants = [("plain", None, "never")] + [(f"dflash {pol}" + (f" [{stem}]" if len(drafters) > 1 else ""), d, pol)
+                                                  for stem, d in drafters for pol in a.spec_policy.split(",")]
         variants = [(f"{name} overlap={ov}", d, pol, {"on": True, "off": False}.get(ov)) for name, d, pol in variants
                     for ov in a.overlap.split(",")]
         for name, d, policy, overlap in variants:

@@ -22,7 +22,8 @@ from dflash_jax.train import data as train_data
 from dflash_jax.train.data import Dataset, run_requests
 from dflash_jax.train.export import export_dir, export_gguf, load_dir, params_to_numpy, to_loaded
 from dflash_jax.train.features import FeatureCache, tap_features
-from dflash_jax.train.loss import block_labels, context_visibility, drafter_blocks, sample_anchors
+from dflash_jax.train.loss import (block_labels, context_visibility, dflash_loss, drafter_blocks, position_weights,
+                                   sample_anchors)
 from dflash_jax.train.trainer import TrainConfig, init_drafter_params, lr_at, train
 
 VOCAB = 512
@@ -171,6 +172,40 @@ def test_training_forward_equals_serving_drafter(target):
             a = anchors[b, j]
             h_serve = serve(params, feats[b:b + 1], tokens[b, a], a)
             np.testing.assert_allclose(np.asarray(h_train[b, j]), np.asarray(h_serve), rtol=2e-4, atol=2e-4)
+
+
+def test_distillation_loss_is_cross_entropy_against_the_targets_next_token_distribution(target):
+    """distill=1: slot k of the block at a learns softmax(target logits at a + k - 1), the target's prediction of
+    a + k; distill=0 is the plain loss whatever the teacher; a mix is the weighted sum."""
+    dc = tiny_drafter_config()
+    graphdef, params = init_drafter_params(dc, seed=3, std=0.1)
+    drafter = nnx.merge(graphdef, params)
+    rng = np.random.default_rng(5)
+    seq_len = 32
+    tokens = jnp.asarray(rng.integers(3, VOCAB - 1, size=(2, seq_len)), jnp.int32)
+    lengths = jnp.asarray([seq_len, 21], jnp.int32)
+    anchors = jnp.asarray([[2, 9, 25], [0, 11, 19]], jnp.int32)
+    valid = jnp.asarray([[True, True, True], [True, True, False]])
+    feats, hidden = tap_features(target.model, tokens, lengths, dc.target_layer_ids, with_hidden=True)
+    args = (drafter, target.model, feats, tokens, lengths, anchors, valid, dc.mask_token_id, BLOCK, 4.0, 16)
+    hard, _ = dflash_loss(*args)
+    assert float(dflash_loss(*args, target_hidden=hidden, distill=0.0)[0]) == pytest.approx(float(hard), rel=1e-6)
+    soft, m = dflash_loss(*args, target_hidden=hidden, distill=1.0)
+    mix, _ = dflash_loss(*args, target_hidden=hidden, distill=0.25)
+
+    h = drafter_blocks(drafter, target.model.embed_tokens[...], feats, tokens, anchors, dc.mask_token_id, BLOCK)
+    logq = jax.nn.log_softmax(target.model.logits(h[:, :, 1:]), axis=-1)  # (B, A, T-1, V)
+    labels, lab_valid = block_labels(tokens, lengths, anchors, valid, BLOCK)
+    src = anchors[:, :, None] + jnp.arange(BLOCK - 1)
+    teacher = jax.nn.softmax(target.model.logits(
+        jnp.take_along_axis(hidden, jnp.clip(src, 0, seq_len - 1).reshape(2, -1)[:, :, None], axis=1)), axis=-1)
+    ce_soft = -jnp.sum(teacher.reshape(logq.shape) * logq, axis=-1)
+    w = position_weights(BLOCK, 4.0)[None, None] * lab_valid
+    want = float(jnp.sum(ce_soft * w) / jnp.sum(w))
+    assert float(soft) == pytest.approx(want, rel=1e-4)
+    assert float(mix) == pytest.approx(0.75 * float(hard) + 0.25 * want, rel=1e-4)
+    assert float(soft) != pytest.approx(float(hard), rel=1e-3)
+    assert np.isfinite(np.asarray(m["tau"]))
 
 
 # --- training -----------------------------------------------------------------------------------------------------
@@ -328,3 +363,27 @@ def test_export_round_trips(target, target_path, tmp_path):
     got = params_to_numpy(nnx.split(d.model)[1])
     assert d.config == dc and all(np.array_equal(want[k], got[k]) for k in want)
     assert jax.tree.all(jax.tree.map(lambda x: x.dtype == jnp.float32, nnx.split(d.model)[1]))
+
+
+def test_warm_start_from_an_exported_drafter_with_distillation(target, target_path, tmp_path):
+    """--init-from: a run starts from a drafter file's weights (its step-0 validation equals the exported run's
+    last), and training on with the distillation loss still lowers the loss."""
+    rng = np.random.default_rng(6)
+    prompts = [rng.integers(3, VOCAB - 1, size=int(rng.integers(3, 12))).tolist() for _ in range(16)]
+    ds = _greedy_dataset(target, prompts, 24)
+    dc = tiny_drafter_config()
+    tc = TrainConfig(batch_size=4, seq_len=48, anchors_per_seq=16, lr=3e-3, warmup_steps=5, num_steps=20, val_seqs=4,
+                     eval_every=20, ckpt_every=20, log_every=5, init_std=0.05)
+    first = train(target, dc, ds, tc, tmp_path / "a", progress=False)
+    path = export_gguf(dc, first["params"], tmp_path / "a.gguf", target_path, qtype="f32")
+    start = load_drafter(path, target.config, jnp.float32)
+    with pytest.raises(ValueError, match="feature cache"):
+        TrainConfig(distill=0.5, feature_cache=str(tmp_path / "f"))
+    second = train(target, start.config, ds, dataclasses.replace(tc, distill=0.5, lr=1e-3), tmp_path / "b",
+                   progress=False, init_params=nnx.split(start.model)[1])
+    v0 = [h for h in second["history"] if "val_tau" in h][0]
+    v_end = [h for h in first["history"] if "val_tau" in h][-1]
+    assert v0["step"] == 0 and v0["val_tau"] == pytest.approx(v_end["val_tau"], rel=1e-5)
+    assert v0["val_acc_per_pos"] == pytest.approx(v_end["val_acc_per_pos"], abs=1e-4)
+    losses = [h["loss"] for h in second["history"] if "loss" in h]
+    assert losses[-1] < losses[0], losses

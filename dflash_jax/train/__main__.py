@@ -74,6 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--dtype", default=None)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--no-resume", action="store_true")
+    t.add_argument("--init-from", default=None,
+                   help="drafter GGUF or converted directory to start from (its layers, block size, taps and mask "
+                        "token replace --layers/--block-size/--taps/--mask-token-id)")
+    t.add_argument("--distill", type=float, default=0.0,
+                   help="0..1: weight of the target's full next-token distribution against its sampled token in "
+                        "the loss (recomputed features only)")
     t.add_argument("--profile-steps", type=int, default=0,
                    help="after step 3, trace this many steps with jax.profiler: top GPU kernels, RUN/profile.json")
 
@@ -158,16 +164,27 @@ def cmd_train(a) -> None:
     # Float weights: the loss differentiates through the target's LM head, and the Q8_0 kernel has no VJP.
     loaded = load_model(a.model, jnp.dtype(dtype), weights="bf16")
     mc = loaded.config
-    dcfg = drafter_config_for(mc, a.layers, a.block_size,
-                              a.mask_token_id if a.mask_token_id is not None else mc.vocab_size - 1, a.taps)
+    init = None
+    if a.init_from:
+        from flax import nnx
+
+        from converters.checkpoint import load_drafter
+        from dflash_jax.train.export import load_dir
+
+        start = load_dir(a.init_from) if Path(a.init_from).is_dir() else \
+            load_drafter(a.init_from, mc, jnp.float32)
+        dcfg, init = start.config, nnx.split(start.model)[1]
+    else:
+        dcfg = drafter_config_for(mc, a.layers, a.block_size,
+                                  a.mask_token_id if a.mask_token_id is not None else mc.vocab_size - 1, a.taps)
     tc = TrainConfig(batch_size=a.batch_size, seq_len=a.seq_len, anchors_per_seq=a.anchors, lr=a.lr,
                      warmup_steps=a.warmup, num_steps=a.steps, time_budget_s=a.time_budget, compute_dtype=dtype,
                      ce_chunk=a.ce_chunk, vocab_subset=a.vocab_subset, feature_cache=a.feature_cache,
                      val_seqs=a.val_seqs, log_every=a.log_every, seed=a.seed, eval_every=a.eval_every,
-                     ckpt_every=a.ckpt_every, profile_steps=a.profile_steps)
+                     ckpt_every=a.ckpt_every, profile_steps=a.profile_steps, distill=a.distill)
     ds = Dataset.load(*a.data)
     print(f"data: {ds.stats()}\ndrafter: {dcfg}")
-    out = train(loaded, dcfg, ds, tc, a.run, resume=not a.no_resume)
+    out = train(loaded, dcfg, ds, tc, a.run, resume=not a.no_resume, init_params=init)
     last = [h for h in out["history"] if "val_tau" in h]
     print(json.dumps({"steps": out["history"][-1]["step"] if out["history"] else 0,
                       "final": out["history"][-1] if out["history"] else None, "last_val": last[-1] if last else None}))

@@ -19,8 +19,10 @@ from dflash_jax.kv_cache import AttentionMeta, KVCache
 PAGE_SIZE = 64
 
 
-def tap_features(target, tokens: jax.Array, lengths: jax.Array, taps: tuple[int, ...]) -> jax.Array:
-    """tokens (B, L) i32, lengths (B,) -> tap features (B, L, F), constant (no gradient). The sequences get a
+def tap_features(target, tokens: jax.Array, lengths: jax.Array, taps: tuple[int, ...],
+                 with_hidden: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """tokens (B, L) i32, lengths (B,) -> tap features (B, L, F), constant (no gradient); with_hidden also returns the
+    target's final-normed hidden (B, L, D) (its logits at every position, for distillation). The sequences get a
     throwaway paged KV cache of their own (page 0 is the trash page), so this is exactly a prefill of each one."""
     cfg = target.cfg
     b, seq_len = tokens.shape
@@ -30,7 +32,9 @@ def tap_features(target, tokens: jax.Array, lengths: jax.Array, taps: tuple[int,
     page_table = 1 + jnp.arange(b * pages, dtype=jnp.int32).reshape(b, pages)
     lengths = lengths.astype(jnp.int32)
     meta = AttentionMeta(q_lens=lengths, kv_lens=lengths, page_table=page_table)
-    _, _, feats = target(tokens, meta, cache, tuple(taps))
+    hidden, _, feats = target(tokens, meta, cache, tuple(taps))
+    if with_hidden:
+        return jax.lax.stop_gradient(feats), jax.lax.stop_gradient(hidden)
     return jax.lax.stop_gradient(feats)
 
 

@@ -111,24 +111,36 @@ def drafter_blocks(drafter, embed: jax.Array, feats: jax.Array, tokens: jax.Arra
     return drafter.norm(x).reshape(b, a, block, -1)
 
 
-def chunked_cross_entropy(hidden: jax.Array, labels: jax.Array, logits_fn, chunk: int) -> tuple[jax.Array, jax.Array]:
-    """Per-row cross-entropy and argmax-correctness of logits_fn(hidden) (R, D) -> (R, V) f32, `chunk` rows at a time
-    and recomputed in the backward pass, so (R, V) logits never live in memory at once."""
+def chunked_cross_entropy(hidden: jax.Array, labels: jax.Array, logits_fn, chunk: int,
+                          teacher: jax.Array | None = None, distill: float = 0.0) -> tuple[jax.Array, jax.Array]:
+    """Per-row loss and argmax-correctness of logits_fn(hidden) (R, D) -> (R, V) f32, `chunk` rows at a time and
+    recomputed in the backward pass, so (R, V) logits never live in memory at once.
+
+    The loss is the cross-entropy against `labels`, or with teacher (R, D) (the target's own hidden at the position
+    that predicts each label) (1 - distill) * that + distill * the cross-entropy against the target's softmax: the
+    target's whole distribution says more per row than its one sampled token."""
     r = hidden.shape[0]
     pad = -r % chunk
     hidden = jnp.pad(hidden, ((0, pad), (0, 0)))
     labels = jnp.pad(labels, (0, pad))
+    if teacher is not None:  # None is an empty pytree: lax.map passes it through
+        teacher = jnp.pad(teacher, ((0, pad), (0, 0))).reshape(-1, chunk, teacher.shape[1])
 
     @jax.checkpoint
     def one(args):
-        h, y = args
+        h, y, t = args
         logits = logits_fn(h)
         lse = jax.nn.logsumexp(logits, axis=-1)
         picked = jnp.take_along_axis(logits, y[:, None], axis=-1)[:, 0]
+        loss = lse - picked
+        if t is not None:
+            p = jax.nn.softmax(jax.lax.stop_gradient(logits_fn(t)), axis=-1)
+            soft = lse - jnp.sum(p * logits, axis=-1)
+            loss = (1.0 - distill) * loss + distill * soft
         correct = (jnp.argmax(logits, axis=-1) == y).astype(jnp.float32)
-        return lse - picked, correct
+        return loss, correct
 
-    ce, correct = jax.lax.map(one, (hidden.reshape(-1, chunk, hidden.shape[1]), labels.reshape(-1, chunk)))
+    ce, correct = jax.lax.map(one, (hidden.reshape(-1, chunk, hidden.shape[1]), labels.reshape(-1, chunk), teacher))
     return ce.reshape(-1)[:r], correct.reshape(-1)[:r]
 
 
@@ -139,13 +151,17 @@ def head_weight(target) -> jax.Array:
 
 def dflash_loss(drafter, target, feats: jax.Array, tokens: jax.Array, lengths: jax.Array, anchors: jax.Array,
                 anchor_valid: jax.Array, mask_token_id: int, block: int, gamma: float, chunk: int = 2048,
-                vocab_ids: jax.Array | None = None, vocab_index: jax.Array | None = None) -> tuple[jax.Array, dict]:
+                vocab_ids: jax.Array | None = None, vocab_index: jax.Array | None = None,
+                target_hidden: jax.Array | None = None, distill: float = 0.0) -> tuple[jax.Array, dict]:
     """Weighted cross-entropy of all blocks, plus metrics: per-slot accuracy and the accepted length a greedy verify
     of these very blocks would give (exact for greedy target data: the sequence is then the target's own choice).
 
     vocab_ids (S,) / vocab_index (V,): optionally restrict the softmax to a candidate subset of the vocabulary (e.g.
     every token of the training responses) — a cheaper approximation of the full softmax when the LM head dominates
-    the step (CPU training); vocab_index maps a token id to its row in vocab_ids, or -1 (such labels are dropped)."""
+    the step (CPU training); vocab_index maps a token id to its row in vocab_ids, or -1 (such labels are dropped).
+
+    target_hidden (B, L, D), the target's final-normed hidden, with distill > 0 mixes in distillation: slot k of the
+    block at a also learns the target's distribution at a + k - 1 (what the target predicts for a + k)."""
     h = drafter_blocks(drafter, target.embed_tokens[...], feats, tokens, anchors, mask_token_id, block)
     labels, valid = block_labels(tokens, lengths, anchors, anchor_valid, block)
     if vocab_ids is None:
@@ -157,7 +173,13 @@ def dflash_loss(drafter, target, feats: jax.Array, tokens: jax.Array, lengths: j
         valid &= labels >= 0
         labels = jnp.maximum(labels, 0)
     d = h.shape[-1]
-    ce, correct = chunked_cross_entropy(h[:, :, 1:].reshape(-1, d), labels.reshape(-1), logits_fn, chunk)
+    teacher = None
+    if target_hidden is not None and distill > 0:
+        src = anchors[:, :, None] + jnp.arange(block - 1)[None, None, :]  # (B, A, T-1): a + k - 1
+        src = jnp.clip(src, 0, tokens.shape[1] - 1).reshape(tokens.shape[0], -1)
+        teacher = jnp.take_along_axis(target_hidden, src[:, :, None], axis=1).reshape(-1, d).astype(h.dtype)
+    ce, correct = chunked_cross_entropy(h[:, :, 1:].reshape(-1, d), labels.reshape(-1), logits_fn, chunk,
+                                        teacher, distill)
     ce, correct = ce.reshape(labels.shape), correct.reshape(labels.shape)
     w = position_weights(block, gamma)[None, None, :] * valid
     loss = jnp.sum(ce * w) / jnp.maximum(jnp.sum(w), 1e-6)

@@ -51,6 +51,7 @@ class TrainConfig:
     ce_chunk: int = 2048  # rows of (rows, vocab) logits alive at once
     vocab_subset: bool = False  # softmax over the tokens of the training responses only (cheaper LM head on CPU)
     feature_cache: str | None = None  # directory: compute the frozen target's tap features once, reuse every epoch
+    distill: float = 0.0  # weight of the target's soft distribution against its sampled token (needs no cache)
     init_std: float = 0.02
     seed: int = 0
     val_seqs: int = 32  # held out from the data file for the validation loss / tau
@@ -66,6 +67,11 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
         if not (self.lr > 0 and 0 <= self.min_lr_ratio <= 1 and self.clip_norm > 0):
             raise ValueError("TrainConfig: lr and clip_norm must be positive and min_lr_ratio in [0, 1]")
+        if not 0 <= self.distill <= 1:
+            raise ValueError(f"TrainConfig.distill must be in [0, 1], got {self.distill}")
+        if self.distill and self.feature_cache:
+            raise ValueError("TrainConfig: distill needs the target's hidden states, which the feature cache does "
+                             "not keep; recompute features in the step (no feature_cache)")
 
 
 def init_drafter_params(dcfg: DrafterConfig, seed: int, std: float = 0.02) -> tuple[nnx.GraphDef, nnx.State]:
@@ -111,19 +117,23 @@ class StepStatic:
     gamma: float
     ce_chunk: int
     compute_dtype: str
+    distill: float = 0.0
 
 
 def _loss(static: StepStatic, target_state, params, batch, vocab=None):
     """batch: (tokens, lengths, anchors, anchor_valid, cached tap features or None); vocab: (ids, index) or None."""
     target = nnx.merge(static.target_graphdef, target_state)
     tokens, lengths, anchors, valid, feats = batch
-    if feats is None:
+    hidden = None
+    if feats is None and static.distill:
+        feats, hidden = tap_features(target, tokens, lengths, static.taps, with_hidden=True)
+    elif feats is None:
         feats = tap_features(target, tokens, lengths, static.taps)
     cdt = jnp.dtype(static.compute_dtype)
     drafter = nnx.merge(static.drafter_graphdef, jax.tree.map(lambda p: p.astype(cdt), params))
     vocab_ids, vocab_index = vocab if vocab is not None else (None, None)
     return dflash_loss(drafter, target, feats, tokens, lengths, anchors, valid, static.mask_token_id, static.block,
-                       static.gamma, static.ce_chunk, vocab_ids, vocab_index)
+                       static.gamma, static.ce_chunk, vocab_ids, vocab_index, hidden, static.distill)
 
 
 @partial(jax.jit, static_argnums=(0, 1), donate_argnums=(3, 4))
@@ -195,9 +205,10 @@ def vocab_subset(seqs: list[tuple[np.ndarray, int]], indices: list[int], vocab_s
 
 
 def train(target, dcfg: DrafterConfig, dataset: Dataset, tc: TrainConfig, out_dir: str | Path,
-          progress: bool = True, resume: bool = True) -> dict:
+          progress: bool = True, resume: bool = True, init_params: nnx.State | None = None) -> dict:
     """Train a drafter for `target` (a converters.checkpoint.LoadedModel) on `dataset`; checkpoints, history and the
-    loss curve go to out_dir. Returns {"params": nnx.State (f32), "history": [...], "config": dcfg}."""
+    loss curve go to out_dir. init_params (e.g. a shipped drafter's weights) replaces the random init of a fresh run.
+    Returns {"params": nnx.State (f32), "history": [...], "config": dcfg}."""
     out_dir = Path(out_dir).absolute()
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / DRAFTER_CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(dcfg), indent=2))
@@ -206,11 +217,14 @@ def train(target, dcfg: DrafterConfig, dataset: Dataset, tc: TrainConfig, out_di
     t_graphdef, t_state = nnx.split(target.model)
     t_state = jax.tree.map(lambda a: a.astype(cdt) if jnp.issubdtype(a.dtype, jnp.floating) else a, t_state)
     d_graphdef, params = init_drafter_params(dcfg, tc.seed, tc.init_std)
+    if init_params is not None:
+        params = jax.tree.map(lambda want, got: jnp.asarray(got, jnp.float32).reshape(want.shape), params,
+                              init_params)
     optimizer = make_optimizer(tc)
     opt_state = optimizer.init(params)
     gamma = tc.gamma or GAMMA_BY_BLOCK.get(dcfg.block_size, dcfg.block_size * 7 / 16)
     static = StepStatic(t_graphdef, d_graphdef, tuple(dcfg.target_layer_ids), int(dcfg.mask_token_id),
-                        dcfg.block_size, float(gamma), tc.ce_chunk, str(cdt))
+                        dcfg.block_size, float(gamma), tc.ce_chunk, str(cdt), float(tc.distill))
 
     seqs, train_idx, val_idx = dataset.split_for_training(tc.val_seqs, tc.seq_len, seed=tc.seed)
     cache = None
@@ -271,6 +285,13 @@ def train(target, dcfg: DrafterConfig, dataset: Dataset, tc: TrainConfig, out_di
         bar.update(1)
         return params
 
+    if step == 0 and init_params is not None:  # where the warm start begins, for comparison
+        v = validate(0)
+        if v:
+            history.append(v)
+            if progress:
+                tqdm.write(f"initial weights: val loss {v['val_loss']:.4f}, val tau {v['val_tau']:.3f}, "
+                           f"acc/pos {v['val_acc_per_pos'][:6]}")
     while step < total:
         if tc.profile_steps and step == 3 and step + tc.profile_steps + 1 < total:
             profile_steps(one_step, tc.profile_steps, out_dir, progress)
