@@ -387,3 +387,21 @@ def test_warm_start_from_an_exported_drafter_with_distillation(target, target_pa
     assert v0["val_acc_per_pos"] == pytest.approx(v_end["val_acc_per_pos"], abs=1e-4)
     losses = [h["loss"] for h in second["history"] if "loss" in h]
     assert losses[-1] < losses[0], losses
+
+
+def test_held_out_evaluation_through_the_engine_is_lossless(target):
+    """`train eval`'s report on the tiny target with an untrained drafter: every slot count's DFlash outputs equal
+    plain decoding (f32), tau counts at least the bonus token, and first_divergence lists nothing."""
+    from dflash_jax.train.evaluate import evaluate, first_difference
+
+    assert first_difference([1, 2, 3], [1, 2, 4]) == 2 and first_difference([1, 2], [1, 2, 3]) == 2
+    _, params = init_drafter_params(tiny_drafter_config(), seed=2, std=0.05)
+    prompts = [train_data.Prompt(str(i), "file", (("user", text),))
+               for i, text in enumerate(["hello there", "write a sorting function", "why is the sky blue?"])]
+    report = evaluate(target, to_loaded(tiny_drafter_config(), params), {"chat": prompts}, slots_list=(1, 2),
+                      max_tokens=10, prefill_chunk=16, progress=False)
+    for slots in (1, 2):
+        entry = report["chat"][slots]
+        assert entry["identical_outputs"] == "3/3" and entry["first_divergence"] == []
+        assert entry["dflash"]["tau"] >= 1 and entry["dflash"]["num_spec_steps"] > 0
+        assert entry["plain"]["tokens"] == entry["dflash"]["tokens"] > 0

@@ -69,15 +69,28 @@ def evaluate(loaded, drafter, prompt_sets: dict[str, list], slots_list=(1, 8), m
             plain = run_engine(loaded, None, ids, slots, max_tokens, dtype, prefill_chunk=prefill_chunk,
                                progress=progress)
             same = [a == b for a, b in zip(spec["outputs"], plain["outputs"])]
+            diverge = sorted(first_difference(a, b) for a, b in zip(spec["outputs"], plain["outputs"]) if a != b)
             entry = {"dflash": {k: v for k, v in spec.items() if k != "outputs"},
                      "plain": {k: v for k, v in plain.items() if k != "outputs"},
                      "speedup": round(spec["tokens_per_s"] / plain["tokens_per_s"], 3),
                      "identical_outputs": f"{sum(same)}/{len(same)}",
+                     "first_divergence": diverge,
                      "prompts": len(prompts)}
             report[name][slots] = entry
             if progress:
                 print(f"[{name} slots={slots}] tau {spec['tau']:.3f}  accept/pos "
                       f"{np.round(spec['acceptance_per_pos'][:8], 3).tolist()}  "
                       f"tok/s dflash {spec['tokens_per_s']:.1f} plain {plain['tokens_per_s']:.1f} "
-                      f"(x{entry['speedup']:.2f})  identical {entry['identical_outputs']}", flush=True)
+                      f"(x{entry['speedup']:.2f})  identical {entry['identical_outputs']}"
+                      + (f" (others first differ at token {diverge})" if diverge else ""), flush=True)
     return report
+
+
+def first_difference(a: list[int], b: list[int]) -> int:
+    """Index of the first token where two outputs differ (the shorter length if one is a prefix of the other).
+    Where arithmetic is not bit-identical between the spec and plain steps (bf16 reductions whose order depends on
+    the batch shape), a near-tie can flip one greedy choice; this says how far the outputs agreed."""
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return min(len(a), len(b))
