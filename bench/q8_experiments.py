@@ -3,7 +3,8 @@ with XLA's bf16 product and the default (v2, kernel="wscale") kernel in one proc
 
 Each point (K, N, M) times every listed config: a config is 'BM.BN.BK.DB.WARPS.STAGES.SPLITS.CONVERT.SWAP[.KERNEL]'
 ('-' keeps pick_config's value; CONVERT asm|cast; SWAP 0|1; KERNEL mma|fma|wscale). Every config is checked against the f32 reference on
-the same data before it is timed (max |err| / std(ref) < 2e-2, else reported and skipped).
+the same data before it is timed (max error beyond bf16 output rounding < 2e-2 std(ref), else reported and
+skipped).
 
     python3 bench/q8_experiments.py --points "4096:4096:1=auto,-.64.-.-.-.-.-.-.-;..." --out r.jsonl
 """
@@ -83,7 +84,9 @@ def main():
             try:
                 if check:
                     got = np.asarray(fn(x, *ws[0]).astype(jnp.float32))
-                    err = float(np.max(np.abs(got - ref)) / sd)
+                    # beyond the bf16 output's own rounding (half an ulp, 2^-8 relative): a large M x N reaches
+                    # 2.5 % of std from rounding alone, which is not a wrong kernel
+                    err = float(np.max(np.abs(got - ref) - 2.0 ** -8 * np.abs(ref)) / sd)
                     if not err < 2e-2:
                         log(f"K={k} N={n} M={m} {label}: WRONG err {err:.3e}")
                         emit({"kind": "wrong", "k": k, "n": n, "m": m, "label": label, "err": err})
@@ -126,7 +129,7 @@ def main():
         for text in cfgs.split(","):
             cfg = parse(text, m, k, n)
             run(f"{text}", lambda xx, q, s, cfg=cfg: q8_0_matmul_pallas(xx, q, s, config=cfg))
-        if res:
+        if any(kk != "v2" for kk in res):
             best = min((v, kk) for kk, v in res.items() if kk != "v2")
             log(f"K={k:5d} N={n:5d} M={m:3d} BEST {best[1]} {best[0] * 1e6:.1f} us "
                 f"{moved / best[0] / 1e9 / copy * 100:.1f} %  cfg {parse(best[1], m, k, n)}")
