@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import faulthandler
 import platform
 import time
 from pathlib import Path
@@ -79,7 +80,11 @@ def main() -> None:
                     help="auto (on a GPU only), on, off, or a list like on,off: launch step k+1 before reading step k")
     ap.add_argument("--prefill-chunk", type=int, default=256, help="-ub: fewer chunk buckets compile faster")
     ap.add_argument("--weights", default="auto", help="auto | bf16 | q8_0 (see converters.load_gguf)")
+    ap.add_argument("--stacks-every", type=float, default=0,
+                    help="seconds: print every thread's stack this often to stderr (where a run stalls)")
     a = ap.parse_args()
+    if a.stacks_every:
+        faulthandler.dump_traceback_later(a.stacks_every, repeat=True)
     lm = load_model(a.model, jnp.dtype(a.dtype), weights=a.weights)
     tpl = ChatTemplate(lm.chat_template)
     prompts = [lm.tokenizer.encode(tpl.render([{"role": "user", "content": p}])) for p in PROMPTS]
@@ -96,7 +101,9 @@ def main() -> None:
         for name, d, policy, overlap in variants:
             eng = Engine(lm, EngineConfig(num_slots=slots, ctx_size=1024 * slots, ctx_per_slot=1024,
                                           prefill_chunk=a.prefill_chunk, dtype=a.dtype, spec_policy=policy, overlap=overlap), d)
+            t_warm = time.perf_counter()
             eng.warmup(progress=False)
+            t_warm = time.perf_counter() - t_warm
             eng.start()
             engine_run(eng, work[:slots], 8)  # settle
             before = dict(eng.host_seconds)
@@ -106,7 +113,7 @@ def main() -> None:
             sp = eng.stats()["speculative"] if d else None
             tau = f" tau={sp['tau']} ({sp['num_drafts']} slot-steps speculated)" if d else ""
             print(f"| dflash-jax {name}{tau} | {device} | {slots} | {len(work)} | {n} | {secs:.2f} | {n / secs:.1f} |"
-                  f" engine thread s: {host}", flush=True)
+                  f" engine thread s: {host}, warm-up {t_warm:.1f} s", flush=True)
         if a.llamacpp:
             secs, n = llamacpp_run(a.model, work, slots, a.max_tokens)
             print(f"| llama.cpp (xllamacpp) | cpu | {slots} | {len(work)} | {n} | {secs:.1f} | {n / secs:.1f} |")
