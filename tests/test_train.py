@@ -405,3 +405,18 @@ def test_held_out_evaluation_through_the_engine_is_lossless(target):
         assert entry["identical_outputs"] == "3/3" and entry["first_divergence"] == []
         assert entry["dflash"]["tau"] >= 1 and entry["dflash"]["num_spec_steps"] > 0
         assert entry["plain"]["tokens"] == entry["dflash"]["tokens"] > 0
+
+
+def test_self_written_prompt_parsing():
+    """What the target writes when asked for prompts is cut to one question, or to a function stub (fence and prose
+    dropped); too short or too long replies are rejected."""
+    asks = train_data.self_prompt_asks(4)
+    assert [k for k, _ in asks] == ["question", "stub", "question", "stub"]
+    assert train_data.SELF_PROMPT_TOPICS[0] in asks[0][1] and train_data.SELF_PROMPT_TOPICS[1] in asks[2][1]
+    assert train_data._parse_question('\n"How do I reverse a list in Python?"\nThanks!') == \
+        "How do I reverse a list in Python?"
+    assert train_data._parse_question("Why?") is None and train_data._parse_question("x" * 301) is None
+    stub = 'def add(a, b):\n    """Return a + b."""'
+    assert train_data._parse_stub(f"Here it is:\n```python\n{stub}\n```\nDone.") == stub
+    assert train_data._parse_stub(f"Sure. {stub}\n") == stub
+    assert train_data._parse_stub("no code here") is None
