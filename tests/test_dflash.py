@@ -186,6 +186,25 @@ def test_mismatched_drafter_is_refused(target, tmp_path):
 
 
 def test_no_compiles_with_dflash_on(engine, target):
+    _assert_no_compiles(engine)
+
+
+def test_no_compiles_with_the_adaptive_policy(target):
+    """The default policy mixes spec and plain launches in one iteration (probes speculate one slot beside the others'
+    plain step) and switches per bucket: every combination must already be compiled."""
+    eng = Engine(target, EngineConfig(num_slots=8, ctx_size=2048, ctx_per_slot=160, page_size=8, prefill_chunk=16,
+                                      draft_max=BLOCK - 1, spec_policy="adaptive", overlap=True),
+                 LoadedDrafter(TINY_DRAFTER, random_drafter(TINY_DRAFTER, 0)))
+    eng.warmup(progress=False)
+    eng.start()
+    try:
+        _assert_no_compiles(eng)
+        assert eng.stats()["speculative"]["num_drafts"] > 0  # the policy did speculate (its first steps at least)
+    finally:
+        eng.stop()
+
+
+def _assert_no_compiles(engine):
     compiles = []
     jax.monitoring.register_event_duration_secs_listener(
         lambda event, duration, **kw: compiles.append(event) if event.startswith("/jax/core/compile/") else None)
