@@ -47,13 +47,13 @@ def main() -> None:
         for dm in map(int, a.draft_max.split(",")):
             eng = Engine(lm, EngineConfig(num_slots=slots, ctx_size=1024 * slots, ctx_per_slot=1024, prefill_chunk=64,
                                           dtype=dtype, draft_max=dm), drafter)
-            eng.spec.slot_buckets = (bucket_for(slots, eng.cfg.slot_buckets),)  # compile and time this bucket only
+            b = bucket_for(slots, eng.cfg.slot_buckets)
+            eng.spec.slot_buckets = (b,)  # compile and time this bucket only
             eng.spec.measure_costs(eng, repeats=a.repeats)  # best of repeats: the first run's compile drops out
-            slots = eng.spec.slot_buckets[0]
-            plain, spec = eng.spec.cost_plain[slots], eng.spec.cost_spec[slots]
+            plain, spec = eng.spec.cost_plain[b], eng.spec.cost_spec[b]
             tau = 1 + sum(acc[:dm]) if acc else None
             extra = f" {tau:.3f} | {tau * plain / spec:.2f} |" if tau else " | |"
-            print(f"| {slots} | {dm} | {plain * 1e3:.2f} | {spec * 1e3:.2f} | {spec / plain:.2f} |{extra}", flush=True)
+            print(f"| {b} | {dm} | {plain * 1e3:.2f} | {spec * 1e3:.2f} | {spec / plain:.2f} |{extra}", flush=True)
 
 
 if __name__ == "__main__":

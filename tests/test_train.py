@@ -210,13 +210,18 @@ def test_distillation_loss_is_cross_entropy_against_the_targets_next_token_distr
 
 # --- training -----------------------------------------------------------------------------------------------------
 
-def test_loss_falls_and_resumes(target, tmp_path):
-    rng = np.random.default_rng(2)
+def _small_run(target, seed: int, steps: int, every: int) -> tuple[Dataset, TrainConfig]:
+    """16 random prompts answered greedily by the tiny target, and a short training config over them."""
+    rng = np.random.default_rng(seed)
     prompts = [rng.integers(3, VOCAB - 1, size=int(rng.integers(3, 12))).tolist() for _ in range(16)]
-    ds = _greedy_dataset(target, prompts, 24)
+    tc = TrainConfig(batch_size=4, seq_len=48, anchors_per_seq=16, lr=3e-3, warmup_steps=5, num_steps=steps,
+                     val_seqs=4, eval_every=every, ckpt_every=every, log_every=5, init_std=0.05)
+    return _greedy_dataset(target, prompts, 24), tc
+
+
+def test_loss_falls_and_resumes(target, tmp_path):
+    ds, tc = _small_run(target, seed=2, steps=30, every=15)
     dc = tiny_drafter_config()
-    tc = TrainConfig(batch_size=4, seq_len=48, anchors_per_seq=16, lr=3e-3, warmup_steps=5, num_steps=30, val_seqs=4,
-                     eval_every=15, ckpt_every=15, log_every=5, init_std=0.05)
     first = train(target, dc, ds, tc, tmp_path / "run", progress=False)
     losses = [h["loss"] for h in first["history"] if "loss" in h]
     assert losses[-1] < 0.7 * losses[0], losses
@@ -368,12 +373,8 @@ def test_export_round_trips(target, target_path, tmp_path):
 def test_warm_start_from_an_exported_drafter_with_distillation(target, target_path, tmp_path):
     """--init-from: a run starts from a drafter file's weights (its step-0 validation equals the exported run's
     last), and training on with the distillation loss still lowers the loss."""
-    rng = np.random.default_rng(6)
-    prompts = [rng.integers(3, VOCAB - 1, size=int(rng.integers(3, 12))).tolist() for _ in range(16)]
-    ds = _greedy_dataset(target, prompts, 24)
+    ds, tc = _small_run(target, seed=6, steps=20, every=20)
     dc = tiny_drafter_config()
-    tc = TrainConfig(batch_size=4, seq_len=48, anchors_per_seq=16, lr=3e-3, warmup_steps=5, num_steps=20, val_seqs=4,
-                     eval_every=20, ckpt_every=20, log_every=5, init_std=0.05)
     first = train(target, dc, ds, tc, tmp_path / "a", progress=False)
     path = export_gguf(dc, first["params"], tmp_path / "a.gguf", target_path, qtype="f32")
     start = load_drafter(path, target.config, jnp.float32)

@@ -218,8 +218,7 @@ def train(target, dcfg: DrafterConfig, dataset: Dataset, tc: TrainConfig, out_di
     t_state = jax.tree.map(lambda a: a.astype(cdt) if jnp.issubdtype(a.dtype, jnp.floating) else a, t_state)
     d_graphdef, params = init_drafter_params(dcfg, tc.seed, tc.init_std)
     if init_params is not None:
-        params = jax.tree.map(lambda want, got: jnp.asarray(got, jnp.float32).reshape(want.shape), params,
-                              init_params)
+        params = jax.tree.map(lambda _, got: jnp.asarray(got, jnp.float32), params, init_params)
     optimizer = make_optimizer(tc)
     opt_state = optimizer.init(params)
     gamma = tc.gamma or GAMMA_BY_BLOCK.get(dcfg.block_size, dcfg.block_size * 7 / 16)
