@@ -3,6 +3,7 @@ drafter, and llama.cpp (xllamacpp) on the same GGUF for comparison.
 
     python bench/engine_throughput.py -m MODEL.gguf [-md DRAFTER.gguf [-md OTHER.gguf]] --slots 1,8 --max-tokens 64
         [--llamacpp] [--overlap on,off]   # the engine's host/device overlap (EngineConfig.overlap), both in one run
+        [--batch-invariant on,off]        # EngineConfig.batch_invariant, both in one run
 
 Several -md compare drafters in one run (same prompts, same plain baseline).
 """
@@ -78,6 +79,8 @@ def main() -> None:
                     help="with -md: the DFlash policies to run (always = every step speculates; adaptive = the default)")
     ap.add_argument("--overlap", default="auto",
                     help="auto (on a GPU only), on, off, or a list like on,off: launch step k+1 before reading step k")
+    ap.add_argument("--batch-invariant", default="auto",
+                    help="auto, on, off, or a list like on,off: EngineConfig.batch_invariant, both in one run")
     ap.add_argument("--prefill-chunk", type=int, default=256, help="-ub: fewer chunk buckets compile faster")
     ap.add_argument("--weights", default="auto", help="auto | bf16 | q8_0 (see converters.load_gguf)")
     ap.add_argument("--stacks-every", type=float, default=0,
@@ -96,11 +99,13 @@ def main() -> None:
         work = (prompts * (2 * slots // len(prompts) + 1))[:2 * slots]
         variants = [("plain", None, "never")] + [(f"dflash {pol}" + (f" [{stem}]" if len(drafters) > 1 else ""), d, pol)
                                                   for stem, d in drafters for pol in a.spec_policy.split(",")]
-        variants = [(f"{name} overlap={ov}", d, pol, {"on": True, "off": False}.get(ov)) for name, d, pol in variants
-                    for ov in a.overlap.split(",")]
-        for name, d, policy, overlap in variants:
+        onoff = {"on": True, "off": False}
+        variants = [(f"{name} overlap={ov} invariant={inv}", d, pol, onoff.get(ov), onoff.get(inv))
+                    for name, d, pol in variants for ov in a.overlap.split(",") for inv in a.batch_invariant.split(",")]
+        for name, d, policy, overlap, invariant in variants:
             eng = Engine(lm, EngineConfig(num_slots=slots, ctx_size=1024 * slots, ctx_per_slot=1024,
-                                          prefill_chunk=a.prefill_chunk, dtype=a.dtype, spec_policy=policy, overlap=overlap), d)
+                                          prefill_chunk=a.prefill_chunk, dtype=a.dtype, spec_policy=policy,
+                                          overlap=overlap, batch_invariant=invariant), d)
             t_warm = time.perf_counter()
             eng.warmup(progress=False)
             t_warm = time.perf_counter() - t_warm

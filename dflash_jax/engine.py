@@ -7,6 +7,7 @@ busy while the host does its bookkeeping; decode rows read their input token and
 """
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import threading
 import time
@@ -28,6 +29,7 @@ from dflash_jax.scheduler import Scheduler, Slot
 from dflash_jax.spec_state import LoadedDrafter, SpecState
 from dflash_jax.state_pool import make_cache
 from dflash_jax.step_fns import CompiledSteps, SlotRows, SpecInputs, StepInputs
+from pallas_kernels.invariance import env_setting
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,12 @@ class EngineConfig:
     # Launch step k+1 before reading step k's output, so host work hides behind the device's. None = on a GPU only:
     # on a CPU the host and the "device" share the cores, and overlapping lost 10 % at 8 slots (BENCHMARKS.md).
     overlap: bool | None = None
+    # Every row's arithmetic independent of how many rows share a step (pallas_kernels.invariance), so DFlash's
+    # verify rows and plain decoding's single rows, and a request alone or among others, give the same bits.
+    # None = $DFLASH_BATCH_INVARIANT if set, else on for a GPU in bf16/f16 (f32 products differ far below a near
+    # tie; on a CPU the kernels would be interpreted).
+    batch_invariant: bool | None = None
+    compile_workers: int | None = None  # threads compiling step buckets at warm-up (None: min(8, CPUs))
 
     def __post_init__(self):
         if self.num_slots < 1:
@@ -109,8 +117,11 @@ class Engine:
         self.rows = SlotRows.create(cfg.num_slots + 1, mc.vocab_size)
         self.spec = SpecState(drafter, cfg, num_pages, jnp.dtype(cfg.dtype)) if drafter is not None else None
         sp = self.spec
+        auto = jax.default_backend() == "gpu" and jnp.dtype(cfg.dtype) != jnp.float32
+        self.batch_invariant = next(v for v in (cfg.batch_invariant, env_setting(), auto) if v is not None)
         self.steps = CompiledSteps(self.graphdef, self.state, sp and sp.graphdef, sp and sp.state,
-                                   sp.taps if sp else (), sp.mask_token_id if sp else 0, sp and sp.ctx_window)
+                                   sp.taps if sp else (), sp.mask_token_id if sp else 0, sp and sp.ctx_window,
+                                   invariant=self.batch_invariant)
         self.scheduler = Scheduler(cfg.num_slots, PageAllocator(num_pages), cfg.page_size, cfg.per_slot,
                                    cfg.prefill_chunk, loaded.tokenizer)
         self.max_prompt_len = cfg.per_slot - 1
@@ -124,6 +135,7 @@ class Engine:
         # Where the engine thread's time goes: dispatching steps, blocked on their outputs, turning them into events.
         self.host_seconds = {"launch": 0.0, "fetch_wait": 0.0, "commit": 0.0}
         self.num_steps = 0
+        self.warmup_seconds: dict[str, float] = {}
         self.error: str | None = None  # set when the step loop died; the server's /health reports it
 
     # --- public ----------------------------------------------------------------------------------------------
@@ -136,21 +148,40 @@ class Engine:
     def stats(self) -> dict:
         stats = self.scheduler.stats()
         stats["host_seconds"] = {k: round(v, 3) for k, v in self.host_seconds.items()}
+        stats["batch_invariant"] = self.batch_invariant
         if self.spec:
             stats["speculative"] = self.spec.stats()
         return stats
 
     def warmup(self, progress: bool = True) -> None:
-        """Run every (slots, tokens) bucket once so serving never compiles."""
+        """Compile every (slots, tokens) bucket and run it once, so serving never compiles. Buckets are lowered one
+        by one (tracing is Python) and compiled ahead of time in compile_workers threads (XLA compiles without the
+        GIL: on an H100 one bucket of SmolLM2 with its Pallas kernels took ~10 s, so an 8-slot DFlash engine's 24
+        buckets took 4 minutes in a row); the steps then call those executables."""
         # Prefill chunks always sample fully; decode and spec steps have a greedy and a full variant each.
         shapes = [(b, t, True) for t in self.cfg.chunk_buckets for b in self.cfg.slot_buckets]
         shapes += [(b, 1, full) for b in self.cfg.slot_buckets for full in (False, True)]
         spec = [(b, None, full) for b in self.cfg.slot_buckets for full in (False, True)] if self.spec else []
-        for b, t, full in tqdm(shapes + spec, desc="compiling step buckets", disable=not progress, unit="bucket"):
-            if t is None:
-                self._run_spec(self._spec_inputs([], b), full)
-            else:
-                self._run(self._inputs([], b, t), full)
+        buckets = [(t is None, self._spec_inputs([], b) if t is None else self._inputs([], b, t), full)
+                   for b, t, full in shapes + spec]
+        workers = self.cfg.compile_workers or min(8, os.cpu_count() or 1)
+        sp = self.spec
+        t0 = time.perf_counter()
+        lowered = [self.steps.lower(is_spec, self.cache, sp and sp.cache, self.rows, inputs, full)
+                   for is_spec, inputs, full in tqdm(buckets, desc="lowering step buckets", disable=not progress,
+                                                     unit="bucket")]
+        t1 = time.perf_counter()
+        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+            jobs = {pool.submit(low.compile): i for i, low in enumerate(lowered)}
+            for job in tqdm(concurrent.futures.as_completed(jobs), total=len(jobs), disable=not progress,
+                            desc=f"compiling step buckets ({workers} threads)", unit="bucket"):
+                is_spec, inputs, full = buckets[jobs[job]]
+                self.steps.add_compiled(is_spec, inputs, full, job.result())
+        t2 = time.perf_counter()
+        for is_spec, inputs, full in buckets:
+            (self._run_spec if is_spec else self._run)(inputs, full)
+        self.warmup_seconds = {"lower": round(t1 - t0, 1), "compile": round(t2 - t1, 1),
+                               "first_run": round(time.perf_counter() - t2, 1)}
         if self.spec:
             self.spec.measure_costs(self)
 

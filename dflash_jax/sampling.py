@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels.invariance import log_softmax, logsumexp
+
 # top-k and top-p thresholds are found among the C best tokens. A nucleus wider than C (top_p near 1 on a flat
 # distribution) keeps the whole vocabulary instead: slightly more permissive than an exact sort, never less.
 NUM_CANDIDATES = 256
@@ -62,7 +64,7 @@ def filter_logits(logits: jax.Array, p: SamplingArrays) -> jax.Array:
     k = jnp.clip(jnp.where(p.top_k > 0, p.top_k, NUM_CANDIDATES), 1, NUM_CANDIDATES)
     kth = jnp.take_along_axis(cand, (k - 1)[:, None], axis=1)[:, 0]
     kth = jnp.where(p.top_k > 0, kth, -jnp.inf)
-    log_z = jax.nn.logsumexp(scaled, axis=-1, keepdims=True)
+    log_z = logsumexp(scaled)
     cum = jnp.cumsum(jnp.exp(cand - log_z), axis=-1)  # (B, C)
     # Smallest prefix whose mass reaches top_p; its last member is the threshold.
     n_keep = jnp.sum(cum < p.top_p[:, None], axis=-1) + 1
@@ -90,7 +92,7 @@ def sample(logits: jax.Array, counts: jax.Array | None, p: SamplingArrays, posit
     16-token verify is more than the target's forward pass. The host picks the variant per batch (`needs_full`):
     a lax.cond on the device would block the dispatching host thread until its predicate is known (XLA's GPU
     conditional), which cost 1.6 ms of a 5.3 ms one-slot 8B step and undid the engine's host/device overlap."""
-    logprobs = jax.nn.log_softmax(logits, axis=-1)
+    logprobs = log_softmax(logits)
     penalized = logits if counts is None else apply_penalties(logits, counts, p)
     tokens = jnp.argmax(penalized, axis=-1).astype(jnp.int32)
     b = logits.shape[0]

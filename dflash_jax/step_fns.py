@@ -20,6 +20,7 @@ from flax import nnx
 from dflash_jax.kv_cache import AttentionMeta, KVCache, token_positions
 from dflash_jax.sampling import SampleOutput, SamplingArrays, sample
 from dflash_jax.speculative import accept_lengths
+from pallas_kernels.invariance import batch_invariant
 
 
 @jax.tree_util.register_dataclass
@@ -162,7 +163,8 @@ class CompiledSteps:
     and flattening an nnx.State on every call cost 3.5-6 ms of host time per step (measured on an H200 host)."""
 
     def __init__(self, graphdef, state, drafter_graphdef=None, drafter_state=None, taps=(), mask_token_id=0,
-                 ctx_window=None):
+                 ctx_window=None, invariant: bool = False):
+        """invariant: trace under the batch-invariant mode (pallas_kernels.invariance)."""
         self.leaves, treedef = jax.tree_util.tree_flatten(state)
         self.drafter_leaves, d_treedef = jax.tree_util.tree_flatten(drafter_state)
 
@@ -172,19 +174,41 @@ class CompiledSteps:
 
         def plain(leaves, d_leaves, cache, dcache, rows, inputs, full):
             st, dst = unflatten(leaves, d_leaves)
-            return _model_step(graphdef, drafter_graphdef, taps, st, dst, cache, dcache, rows, inputs, full)
+            with batch_invariant(invariant):
+                return _model_step(graphdef, drafter_graphdef, taps, st, dst, cache, dcache, rows, inputs, full)
 
         def spec(leaves, d_leaves, cache, dcache, rows, inputs, full):
             st, dst = unflatten(leaves, d_leaves)
-            return _spec_step(graphdef, drafter_graphdef, taps, mask_token_id, ctx_window, st, dst, cache, dcache,
-                              rows, inputs, full)
+            with batch_invariant(invariant):
+                return _spec_step(graphdef, drafter_graphdef, taps, mask_token_id, ctx_window, st, dst, cache,
+                                  dcache, rows, inputs, full)
 
         self._plain = jax.jit(plain, static_argnums=(6,), donate_argnums=(2, 3, 4))
+        self._compiled: dict = {}  # (spec, full, shape, input tree) -> ahead-of-time compiled step
         self._spec = jax.jit(spec, static_argnums=(6,), donate_argnums=(2, 3, 4))
+
+    def _key(self, spec: bool, inputs, full: bool):
+        first = inputs.injected if spec else inputs.tokens
+        return spec, full, first.shape, jax.tree_util.tree_structure(inputs)
 
     def model_step(self, cache, dcache, rows: SlotRows, inputs: StepInputs, full: bool = True):
         """full=False: a greedy batch with no top logprobs (sampling.needs_full), a separately compiled variant."""
+        fn = self._compiled.get(self._key(False, inputs, full))
+        if fn is not None:
+            return fn(self.leaves, self.drafter_leaves, cache, dcache, rows, inputs)
         return self._plain(self.leaves, self.drafter_leaves, cache, dcache, rows, inputs, full)
 
     def spec_step(self, cache, dcache, rows: SlotRows, inputs: SpecInputs, full: bool = True):
+        fn = self._compiled.get(self._key(True, inputs, full))
+        if fn is not None:
+            return fn(self.leaves, self.drafter_leaves, cache, dcache, rows, inputs)
         return self._spec(self.leaves, self.drafter_leaves, cache, dcache, rows, inputs, full)
+
+    def lower(self, spec: bool, cache, dcache, rows: SlotRows, inputs, full: bool = True):
+        """The step for these arguments traced and lowered, not compiled (nothing runs, nothing is donated)."""
+        fn = self._spec if spec else self._plain
+        return fn.lower(self.leaves, self.drafter_leaves, cache, dcache, rows, inputs, full)
+
+    def add_compiled(self, spec: bool, inputs, full: bool, compiled) -> None:
+        """Serve calls with this bucket's shapes from an ahead-of-time compiled step (`lower(...).compile()`)."""
+        self._compiled[self._key(spec, inputs, full)] = compiled

@@ -32,6 +32,7 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
+from pallas_kernels.invariance import is_batch_invariant, ordered_sum
 from pallas_kernels.paged_attention import drafter_attention_reference, paged_attention_reference
 
 _MASK = -0.7 * float(np.finfo(np.float32).max)  # finite "minus infinity": exp2(_MASK - _MASK) stays defined
@@ -219,13 +220,14 @@ def _unfold(o, b, t, n, h, kv_heads):
     return o.reshape(b, t, n, h)
 
 
-def _merge(acc, m, l):
+def _merge(acc, m, l, ordered: bool = False):
     """Merge split partials along axis 2: acc (B, K, NS, R, H), m/l (B, K, NS, R) -> (B, K, R, H) f32, zeros where no
-    key was visible."""
+    key was visible. ordered: sum the splits in a fixed order (batch-invariant mode)."""
     m_all = jnp.max(m, axis=2, keepdims=True)
     w = jnp.exp2(m - m_all)
-    num = jnp.sum(w[..., None] * acc, axis=2)
-    den = jnp.sum(w * l, axis=2)
+    total = functools.partial(ordered_sum, axis=2) if ordered else functools.partial(jnp.sum, axis=2)
+    num = total(w[..., None] * acc)
+    den = total(w * l)
     has = den > 0.0
     return jnp.where(has[..., None], num / jnp.where(has, den, 1.0)[..., None], 0.0)
 
@@ -239,19 +241,40 @@ def _paged_meta(q_lens, kv_lens, max_keys):
     return jnp.stack([q_lens, hi_fixed, kv_lens - q_lens + 1, z, z - _BIG, z, z, z], axis=1)
 
 
+INVARIANT_ROWS = 16  # query rows per program in the batch-invariant mode, whatever T is
+
+
+def invariant_splits(max_keys: int, block_k: int) -> int:
+    """Key splits of the batch-invariant mode: fixed by the slot's key capacity alone (never by B or T), each split a
+    whole number of key blocks, at least four of them."""
+    return max(1, min(16, -(-max_keys // block_k) // 4))
+
+
 @functools.partial(jax.jit, static_argnames=("scale", "num_splits", "rows", "block_k", "num_warps", "num_stages",
-                                             "interpret", "poison"))
+                                             "interpret", "poison", "invariant"))
 def ragged_paged_attention_pallas(q, k_pages, v_pages, page_table, q_lens, kv_lens, *, scale=None,
                                   num_splits=None, rows=None, block_k=None, num_warps=None, num_stages=None,
-                                  interpret=False, poison=False):
+                                  interpret=False, poison=False, invariant=False):
     """The Pallas kernel for `paged_attention_reference`'s semantics. q (B, T, N, H); k/v_pages (P, S, K, H);
     page_table (B, M); q_lens, kv_lens (B,). Returns (B, T, N, H) in q.dtype; rows t >= q_len are zeros.
     num_splits=None picks flash-decoding splits for short query runs (T*G rows fit one tile) and one split (direct
-    normalised output) for prefill chunks."""
+    normalised output) for prefill chunks. invariant: every query row's result independent of B and T
+    (`pallas_kernels.invariance`): fixed row tiles and key splits, split partials summed in a fixed order. A row's
+    keys are then visited in the same blocks in the same order whatever tile it shares, and blocks masked for it leave
+    its running max, sum and accumulator exactly unchanged."""
     b, t, n, h = q.shape
     kv_heads = k_pages.shape[2]
     scale = h ** -0.5 if scale is None else scale
-    meta = _paged_meta(q_lens, kv_lens, page_table.shape[1] * k_pages.shape[1])
+    max_keys = page_table.shape[1] * k_pages.shape[1]
+    meta = _paged_meta(q_lens, kv_lens, max_keys)
+    if invariant:
+        rows = INVARIANT_ROWS
+        _, block_k = _pick_tiles(rows, h, rows, block_k)
+        num_splits = invariant_splits(max_keys, block_k)
+        outs = _rpa_call(q, k_pages, v_pages, page_table, meta, scale=scale, split_out=True, num_splits=num_splits,
+                         rows=rows, block_k=block_k, num_warps=num_warps, num_stages=num_stages,
+                         interpret=interpret, poison=poison)
+        return _unfold(_merge(*outs, ordered=True).astype(q.dtype), b, t, n, h, kv_heads)
     rows_r, _ = _pick_tiles(t * (n // kv_heads), h, rows, block_k)
     if num_splits is None:
         split_out = t * (n // kv_heads) <= rows_r  # decode / verify: one row tile per (slot, KV head)
@@ -343,7 +366,7 @@ def ragged_paged_attention(q, k_pages, v_pages, page_table, q_lens, kv_lens, *, 
     if impl == "reference":
         return paged_attention_reference(q, k_pages, v_pages, page_table, q_lens, kv_lens, scale=scale)
     return ragged_paged_attention_pallas(q, k_pages, v_pages, page_table, q_lens, kv_lens, scale=scale,
-                                         interpret=impl == "interpret")
+                                         interpret=impl == "interpret", invariant=is_batch_invariant())
 
 
 def drafter_attention(q, k_block, v_block, k_pages, v_pages, page_table, ctx_lens, ctx_window=None,

@@ -37,10 +37,13 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from pallas_kernels.invariance import is_batch_invariant, ordered_sum
+
 Q8_BLOCK = 32  # GGUF Q8_0: values per scale
 
 __all__ = ["Q8_BLOCK", "q8_0_dequantize", "matmul_reference", "q8_0_matmul_reference", "matmul_pallas",
-           "q8_0_matmul_pallas", "linear", "q8_0_linear", "default_impl", "TileConfig", "pick_config"]
+           "q8_0_matmul_pallas", "linear", "q8_0_linear", "default_impl", "TileConfig", "pick_config",
+           "invariant_config"]
 
 
 def _triton_ops():
@@ -161,6 +164,14 @@ def pick_config(m: int, k: int, n: int, quantized: bool, num_sms: int | None = N
     steps = -(-k_steps // max(1, want))
     num_splits = -(-k_steps // steps)  # every split gets work
     return TileConfig(block_m, block_n, block_k, num_splits, num_warps, num_stages, dot_blocks, convert, swap, kernel)
+
+
+def invariant_config(k: int, n: int, quantized: bool) -> TileConfig:
+    """Tiles for the batch-invariant mode (`pallas_kernels.invariance`): everything fixed by (K, N) alone, so a row's
+    products and their order are the same for every M. 64-row tiles (one Hopper warpgroup product; decode at M=1
+    is weight-bound either way) and the K splits M=1 would get; Q8_0 always in the 'wscale' kernel."""
+    return pick_config(1, k, n, quantized, block_m=64, num_warps=4 if not quantized else 8,
+                       kernel="wscale" if quantized else None)
 
 
 # --- kernels ----------------------------------------------------------------------------------------------------
@@ -394,7 +405,7 @@ def _call(kernel, x2, weights, m, k, n, cfg: TileConfig, interpret: bool, name: 
         in_specs=[whole(x2)] + [whole(w) for w in weights],
         out_specs=pl.BlockSpec(out_shape.shape, lambda mi, ni, si: (0, 0)), out_shape=out_shape,
         interpret=interpret, compiler_params=compiler_params, name=name)(x2, *weights)
-    return partials.reshape(cfg.num_splits, m, n).sum(axis=0)
+    return ordered_sum(partials.reshape(cfg.num_splits, m, n))
 
 
 def _check_x(x, k):
@@ -440,21 +451,22 @@ def matmul_pallas(x: jax.Array, weight: jax.Array, *, config: TileConfig | None 
 
 # --- dispatch ---------------------------------------------------------------------------------------------------
 
-def default_impl(quantized: bool = False) -> str:
+def default_impl(quantized: bool = False, invariant: bool = False) -> str:
     """On a GPU: the Pallas kernel for Q8_0 weights and XLA's own product ('reference') for float weights — on an
     H200 XLA's bf16 product streamed faster than the bf16 kernel (65 vs 55 % of copy bandwidth for a Qwen3-8B layer
     at M=1), while XLA's Q8_0 product (dequantized weights materialized) ran at 13 %, below the Q8_0 kernel
-    (BENCHMARKS.md). Off GPU: the reference. $DFLASH_MATMUL_IMPL (reference|pallas|interpret) overrides both."""
+    (BENCHMARKS.md). In the batch-invariant mode the Pallas kernel for both (XLA's tiles follow M). Off GPU: the
+    reference. $DFLASH_MATMUL_IMPL (reference|pallas|interpret) overrides all of these."""
     env = os.environ.get("DFLASH_MATMUL_IMPL", "").strip().lower()
     if env and env != "auto":
         return env
     if jax.default_backend() != "gpu":
         return "reference"
-    return "pallas" if quantized else "reference"
+    return "pallas" if quantized or invariant else "reference"
 
 
-def _resolve(impl: str, quantized: bool) -> str:
-    impl = default_impl(quantized) if impl == "auto" else impl
+def _resolve(impl: str, quantized: bool, invariant: bool = False) -> str:
+    impl = default_impl(quantized, invariant) if impl == "auto" else impl
     if impl not in ("reference", "pallas", "interpret"):
         raise ValueError(f"unknown matmul impl {impl!r}; expected auto, reference, pallas or interpret")
     return impl
@@ -463,15 +475,19 @@ def _resolve(impl: str, quantized: bool) -> str:
 def linear(x: jax.Array, weight: jax.Array, *, impl: str = "auto", out_dtype=None) -> jax.Array:
     """x (..., K) @ weight (N, K).T. impl: 'auto' (`default_impl`), 'reference', 'pallas', 'interpret' (the kernel
     in Pallas interpret mode: CPU tests only, slow)."""
-    impl = _resolve(impl, quantized=False)
+    invariant = is_batch_invariant()
+    impl = _resolve(impl, quantized=False, invariant=invariant)
     if impl == "reference":
         return matmul_reference(x, weight, out_dtype)
-    return matmul_pallas(x, weight, interpret=impl == "interpret", out_dtype=out_dtype)
+    config = invariant_config(weight.shape[1], weight.shape[0], quantized=False) if invariant else None
+    return matmul_pallas(x, weight, config=config, interpret=impl == "interpret", out_dtype=out_dtype)
 
 
 def q8_0_linear(x: jax.Array, qweight: jax.Array, scales: jax.Array, *, impl: str = "auto") -> jax.Array:
     """x (..., K) @ dequant(qweight, scales) (K, N), dispatched like `linear`."""
-    impl = _resolve(impl, quantized=True)
+    invariant = is_batch_invariant()
+    impl = _resolve(impl, quantized=True, invariant=invariant)
     if impl == "reference":
         return q8_0_matmul_reference(x, qweight, scales)
-    return q8_0_matmul_pallas(x, qweight, scales, interpret=impl == "interpret")
+    config = invariant_config(*qweight.shape, quantized=True) if invariant else None
+    return q8_0_matmul_pallas(x, qweight, scales, config=config, interpret=impl == "interpret")

@@ -67,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="recent context positions the drafter attends to")
     p.add_argument("--spec-policy", choices=("adaptive", "always", "never"), default=None,
                    help="when to speculate: adaptive (when measured to pay off; default), always, never")
+    p.add_argument("--batch-invariant", choices=("auto", "on", "off"), default="auto",
+                   help="compute every row of a step independently of how many rows share it, so DFlash output and "
+                        "a request's output among other requests are the same bits as plain decoding alone "
+                        "(default auto: on for GPU bf16/f16, where XLA's products round by row count)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     return p
 
@@ -91,7 +95,8 @@ def engine_config_kwargs(args: argparse.Namespace, config_cls, platform: str) ->
               "ctx_per_slot": (args.ctx_per_slot, "--ctx-per-slot"), "page_size": (args.page_size, "--page-size"),
               "compile_cache_dir": (args.compile_cache_dir, "--compile-cache-dir"),
               "draft_max": (args.draft_max, "--draft-max"), "ctx_size_draft": (args.ctx_size_draft, "-cd"),
-              "spec_policy": (args.spec_policy, "--spec-policy")}
+              "spec_policy": (args.spec_policy, "--spec-policy"),
+              "batch_invariant": ({"on": True, "off": False}.get(args.batch_invariant), "--batch-invariant")}
     kwargs = {}
     for name, (value, flag) in wanted.items():
         if value is None:

@@ -19,6 +19,7 @@ from flax import nnx
 
 from dflash_jax.config import ModelConfig
 from dflash_jax.kv_cache import AttentionMeta, KVCache, token_positions, write_kv
+from pallas_kernels.invariance import fold_sum, is_batch_invariant
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention
 from pallas_kernels.weight_matmul import Q8_BLOCK, linear, q8_0_linear
 
@@ -93,7 +94,11 @@ class RMSNorm(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         # Statistics in f32 whatever the storage dtype, as llama.cpp does.
         xf = x.astype(jnp.float32)
-        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        if is_batch_invariant():
+            ms = fold_sum(xf * xf, keepdims=True) / x.shape[-1]
+        else:
+            ms = jnp.mean(xf * xf, axis=-1, keepdims=True)
+        y = xf * jax.lax.rsqrt(ms + self.eps)
         return (y * self.weight[...].astype(jnp.float32)).astype(x.dtype)
 
 

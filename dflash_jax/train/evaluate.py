@@ -43,7 +43,7 @@ def run_engine(loaded, drafter, prompt_ids: list[list[int]], slots: int, max_tok
         engine.stop()
     n_tokens = sum(len(o["tokens"]) for o in outs.values())
     result = {"slots": slots, "seconds": round(seconds, 3), "tokens": n_tokens,
-              "tokens_per_s": round(n_tokens / seconds, 2),
+              "tokens_per_s": round(n_tokens / seconds, 2), "batch_invariant": stats["batch_invariant"],
               "outputs": [outs[str(i)]["tokens"] for i in range(len(prompt_ids))]}
     if drafter is not None:
         sp = stats["speculative"]

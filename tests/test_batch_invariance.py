@@ -1,0 +1,249 @@
+"""The batch-invariant mode (pallas_kernels/invariance.py): a row's result is bit for bit the same whatever rows share
+its launch. Products at M = 1 against the same rows inside M = 3 .. 256; attention for one decode query against the
+same query inside a 16-token verify run, alone and among other slots; the model's logits for a verified block against
+the same tokens decoded one per step beside other slots; and the engine: DFlash in bf16 equals plain decoding.
+
+CPU: the kernels in Pallas interpret mode (each tile's product has the same shape whatever M is, so the CPU is
+invariant there too). GPU (marked `gpu`): the compiled kernels, where the tiles XLA/cuBLAS would pick follow M.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+jax = pytest.importorskip("jax")
+import jax.numpy as jnp  # noqa: E402
+
+from pallas_kernels.invariance import (  # noqa: E402
+    batch_invariant,
+    fold_sum,
+    is_batch_invariant,
+    log_softmax,
+    logsumexp,
+    ordered_sum,
+)
+from pallas_kernels.ragged_paged_attention import ragged_paged_attention  # noqa: E402
+from pallas_kernels.weight_matmul import invariant_config, linear, q8_0_linear  # noqa: E402
+from tests.test_ragged_paged_attention import make_case  # noqa: E402
+
+IMPLS = [pytest.param("interpret", id="interpret"), pytest.param("pallas", id="gpu", marks=pytest.mark.gpu)]
+
+
+def _same_bits(a, b) -> bool:
+    a, b = np.asarray(a.astype(jnp.float32)), np.asarray(b.astype(jnp.float32))
+    return a.shape == b.shape and np.array_equal(a.view(np.uint32), b.view(np.uint32))
+
+
+def test_mode_is_per_thread_and_scoped(monkeypatch):
+    monkeypatch.delenv("DFLASH_BATCH_INVARIANT", raising=False)
+    assert not is_batch_invariant()
+    with batch_invariant():
+        assert is_batch_invariant()
+        with batch_invariant(False):
+            assert not is_batch_invariant()
+        assert is_batch_invariant()
+    assert not is_batch_invariant()
+    monkeypatch.setenv("DFLASH_BATCH_INVARIANT", "1")
+    assert is_batch_invariant()
+
+
+def test_ordered_sum_is_a_left_to_right_chain():
+    # 1e8 + 1 - 1e8 in f32: left to right gives 0 (1e8 + 1 rounds to 1e8), a pairwise tree (1e8 + (1 - 1e8)) also 0,
+    # but (1e8 - 1e8) + 1 = 1: the chain must follow the given order.
+    x = jnp.asarray([[1e8], [1.0], [-1e8]], jnp.float32)
+    assert float(ordered_sum(x)[0]) == 0.0
+    assert float(ordered_sum(x[jnp.asarray([0, 2, 1])])[0]) == 1.0
+
+
+@pytest.mark.parametrize("d", [1, 2, 5, 576, 49152])
+def test_fold_sum_is_a_sum_and_row_invariant(d):
+    rng = np.random.default_rng(d)
+    x = jnp.asarray(rng.standard_normal((64, d)), jnp.float32)
+    fold = jax.jit(fold_sum)
+    full = fold(x)
+    np.testing.assert_allclose(np.asarray(full), np.asarray(x, np.float64).sum(-1), rtol=1e-5, atol=1e-3)
+    for m in (1, 3, 16):
+        assert _same_bits(fold(x[:m]), full[:m])
+
+
+def test_norm_and_log_softmax_rows_do_not_depend_on_row_count():
+    from dflash_jax.models.dense import RMSNorm
+
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal((64, 576)), jnp.bfloat16)
+    logits = jnp.asarray(rng.standard_normal((64, 512)) * 4, jnp.float32)
+    norm = RMSNorm(576, 1e-5, jnp.bfloat16)
+
+    @jax.jit
+    def f(x, logits):
+        with batch_invariant():
+            return norm(x), log_softmax(logits), logsumexp(logits)
+
+    full = f(x, logits)
+    for m in (1, 3, 16):
+        part = f(x[:m], logits[:m])
+        assert all(_same_bits(a, b[:m]) for a, b in zip(part, full)), f"M={m}"
+    np.testing.assert_allclose(np.asarray(full[1]), np.asarray(jax.nn.log_softmax(logits)), atol=1e-5)
+
+
+def test_invariant_tiles_do_not_depend_on_rows():
+    for quantized in (False, True):
+        cfg = invariant_config(4096, 12288, quantized)
+        assert cfg.block_m == 64 and cfg.num_splits >= 1
+        assert cfg == invariant_config(4096, 12288, quantized)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("quantized", [False, True], ids=["bf16", "q8_0"])
+def test_product_rows_do_not_depend_on_row_count(impl, quantized):
+    k, n = (352, 200) if impl == "interpret" else (4096, 1000)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((256, k)), jnp.bfloat16)
+    if quantized:
+        q = jnp.asarray(rng.integers(-127, 128, (k, n)), jnp.int8)
+        s = jnp.asarray(rng.uniform(1e-3, 2e-2, (k // 32, n)), jnp.float16)
+        product = lambda a: q8_0_linear(a, q, s, impl=impl)  # noqa: E731
+    else:
+        w = jnp.asarray(rng.standard_normal((n, k)) * 0.05, jnp.bfloat16)
+        product = lambda a: linear(a, w, impl=impl)  # noqa: E731
+    with batch_invariant():
+        ms = (1, 3, 17, 64, 256) if impl == "interpret" else (1, 3, 8, 16, 64, 128, 256)
+        full = {m: product(x[:m]) for m in ms}
+        one = jnp.concatenate([product(x[i:i + 1]) for i in range(5)])
+    for m in ms:
+        assert _same_bits(full[m][: min(m, 5)], one[: min(m, 5)]), f"rows differ at M={m}"
+        assert _same_bits(full[m], full[256][:m]), f"M={m} is not a prefix of M=256"
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("group", [1, 3])
+def test_attention_query_does_not_depend_on_run_or_batch(impl, group):
+    """The verify run's query t sees exactly the keys a decode query at that position sees; each must come out in the
+    same bits, and the same again with the slot placed among other slots of other lengths."""
+    t, h, kv_heads, page_size, max_pages = 16, 64, 2, 16, 12
+    kv_len = 150  # not a page multiple; the run's keys are the last 16
+    args, _ = make_case(3, q_lens=[t, 5, 1], kv_lens=[kv_len, 40, 180], t=t, n=kv_heads * group, k=kv_heads, h=h,
+                        page_size=page_size, max_pages=max_pages, stale_nan=False)
+    with batch_invariant():
+        run = ragged_paged_attention(args["q"][:1], args["k_pages"], args["v_pages"], args["page_table"][:1],
+                                     args["q_lens"][:1], args["kv_lens"][:1], impl=impl)
+        batched = ragged_paged_attention(args["q"], args["k_pages"], args["v_pages"], args["page_table"],
+                                         args["q_lens"], args["kv_lens"], impl=impl)
+        assert _same_bits(batched[:1], run)
+        for j in (0, 1, 7, 15):
+            one = ragged_paged_attention(args["q"][:1, j:j + 1], args["k_pages"], args["v_pages"],
+                                         args["page_table"][:1], jnp.asarray([1]),
+                                         jnp.asarray([kv_len - t + j + 1]), impl=impl)
+            assert _same_bits(one[0, 0], run[0, j]), f"query {j} differs from its decode twin"
+    assert not np.isnan(np.asarray(run.astype(jnp.float32))).any()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_model_verify_rows_equal_decode_steps_bit_for_bit(bf16_target, impl, monkeypatch):
+    """The target's logits for 16 tokens verified in one run (one slot alone) against the same 16 tokens decoded one
+    per step with two other slots decoding beside it: every row the same bits."""
+    from flax import nnx
+
+    from dflash_jax.kv_cache import AttentionMeta
+    from dflash_jax.state_pool import make_cache
+
+    for var in ("DFLASH_MATMUL_IMPL", "DFLASH_ATTENTION_IMPL"):
+        monkeypatch.setenv(var, impl)
+    model = bf16_target.model
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def logits(state, tokens, meta, cache):
+        with batch_invariant():
+            m = nnx.merge(graphdef, state)
+            hidden, cache, _ = m(tokens, meta, cache)
+            return m.logits(hidden), cache
+
+    rng = np.random.default_rng(4)
+    vocab, page_size, pages = model.cfg.vocab_size, 8, 8
+    lens = np.array([20, 5, 33], np.int32)
+    table = jnp.asarray(1 + np.arange(3 * pages, dtype=np.int32).reshape(3, pages))
+    prompt = rng.integers(3, vocab - 1, (3, 40)).astype(np.int32)
+    cache = make_cache(model.cfg, 1 + 3 * pages, page_size, 3, jnp.bfloat16)
+    _, cache = logits(state, jnp.asarray(prompt), AttentionMeta(jnp.asarray(lens), jnp.asarray(lens), table), cache)
+    block = rng.integers(3, vocab - 1, 16).astype(np.int32)
+
+    one = lambda a: jnp.asarray(np.asarray(a)[:1])  # noqa: E731
+    run, _ = logits(state, jnp.asarray(block[None]), AttentionMeta(jnp.asarray([16]), jnp.asarray([20 + 16]),
+                                                                    one(table)), cache)
+    for j in range(16):
+        toks = np.concatenate([[block[j]], rng.integers(3, vocab - 1, 2)]).astype(np.int32)[:, None]
+        step_lens = lens + j + 1
+        step, cache = logits(state, jnp.asarray(toks), AttentionMeta(jnp.ones(3, jnp.int32), jnp.asarray(step_lens),
+                                                                     table), cache)
+        assert _same_bits(step[0, 0], run[0, j]), f"verify row {j} differs from its decode step"
+
+
+def _engine_logprobs(target, spec: bool, slots: int, inject_from=None):
+    """Greedy tokens and logprobs of four requests on a bf16 engine in the batch-invariant mode. With spec, every slot
+    speculates; inject_from (prompt -> plain tokens) feeds the plain continuation as drafts, with an error every
+    fifth position, so verify rows at every block position are compared."""
+    from dflash_jax.engine import Engine, EngineConfig
+    from dflash_jax.requests import Request, SamplingParams
+    from dflash_jax.spec_state import LoadedDrafter
+    from tests.test_dflash import BLOCK, TINY_DRAFTER, random_drafter
+
+    dc = dataclasses.replace(TINY_DRAFTER, hidden_size=target.config.hidden_size)
+    drafter = LoadedDrafter(dc, random_drafter(dc, 0)) if spec else None
+    eng = Engine(target, EngineConfig(num_slots=slots, ctx_size=1024, ctx_per_slot=128, page_size=8,
+                                      prefill_chunk=16, dtype="bfloat16", draft_max=BLOCK - 1,
+                                      spec_policy="always", batch_invariant=True), drafter)
+    prompts = [[5 + i, 17, 3 * i + 1, 40, 2] * (i + 1) for i in range(4)]
+    if spec and inject_from is not None:
+        ref = {tuple(p): toks for p, toks in zip(prompts, inject_from)}
+
+        def inject(slot):
+            cont = (ref[tuple(slot.req.prompt_ids)][slot.req.num_generated:] + [1] * BLOCK)[:BLOCK - 1]
+            return [c if (slot.req.num_generated + i) % 5 != 4 else (c + 1) % 500 for i, c in enumerate(cont)]
+        eng.spec.injector = inject
+    eng.warmup(progress=False)
+    eng.start()
+    reqs = [Request(p, SamplingParams(max_tokens=20, ignore_eos=True, logprobs=True)) for p in prompts]
+    toks, lps = [[] for _ in reqs], [[] for _ in reqs]
+    try:
+        for r in reqs:
+            eng.submit(r)
+        for i, r in enumerate(reqs):
+            while True:
+                e = r.events.get(timeout=600)
+                if e.token_id is not None:
+                    toks[i].append(e.token_id)
+                    lps[i].append(e.logprob)
+                if e.finish_reason:
+                    break
+    finally:
+        eng.stop()
+    return toks, lps
+
+
+@pytest.fixture(scope="module")
+def bf16_target(tmp_path_factory):
+    """Two layers of SmolLM2's width (576: on this CPU XLA sums 1 or 3 rows of 576 in another order than 16, so
+    RMSNorm statistics must not be XLA's reduction), a small vocabulary."""
+    from converters.checkpoint import load_model
+    from converters.synthetic import SyntheticSpec, write_random_gguf
+    from tests.test_dflash import VOCAB
+
+    spec = SyntheticSpec("llama", num_layers=2, hidden=576, ffn=512, num_heads=9, num_kv_heads=3, head_dim=64,
+                         vocab_size=VOCAB, rope_theta=1e5, rms_eps=1e-5, tied_embeddings=True)
+    path = tmp_path_factory.mktemp("inv") / "smol-narrow.gguf"
+    write_random_gguf(str(path), spec, None, seed=7)
+    return load_model(str(path), jnp.bfloat16)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_dflash_equals_plain_in_bf16_with_every_slot_speculating(bf16_target, impl, monkeypatch):
+    for var in ("DFLASH_MATMUL_IMPL", "DFLASH_ATTENTION_IMPL"):
+        monkeypatch.setenv(var, impl)
+    jax.clear_caches()
+    plain_toks, plain_lps = _engine_logprobs(bf16_target, spec=False, slots=1)
+    spec_toks, spec_lps = _engine_logprobs(bf16_target, spec=True, slots=4, inject_from=plain_toks)
+    assert spec_toks == plain_toks
+    assert spec_lps == plain_lps  # exact floats: the same bits, not a tolerance
