@@ -247,3 +247,20 @@ def test_dflash_equals_plain_in_bf16_with_every_slot_speculating(bf16_target, im
     spec_toks, spec_lps = _engine_logprobs(bf16_target, spec=True, slots=4, inject_from=plain_toks)
     assert spec_toks == plain_toks
     assert spec_lps == plain_lps  # exact floats: the same bits, not a tolerance
+
+
+def test_serve_flag_and_auto_choice(bf16_target, monkeypatch):
+    """--batch-invariant on/off reaches EngineConfig; auto leaves the choice to the engine: $DFLASH_BATCH_INVARIANT if
+    set, else on only for a GPU in bf16/f16 (here: a CPU, so off)."""
+    from dflash_jax.engine import Engine, EngineConfig
+    from serve.cli import engine_config_kwargs, parse_args
+
+    kwargs = lambda flag: engine_config_kwargs(parse_args(["--batch-invariant", flag]), EngineConfig, "cpu")  # noqa
+    assert kwargs("on")["batch_invariant"] is True and kwargs("off")["batch_invariant"] is False
+    assert "batch_invariant" not in kwargs("auto")
+    small = dict(num_slots=1, ctx_size=256, page_size=8, prefill_chunk=16, dtype="bfloat16")
+    monkeypatch.delenv("DFLASH_BATCH_INVARIANT", raising=False)
+    assert Engine(bf16_target, EngineConfig(**small)).batch_invariant is (jax.default_backend() == "gpu")
+    monkeypatch.setenv("DFLASH_BATCH_INVARIANT", "1")
+    assert Engine(bf16_target, EngineConfig(**small)).batch_invariant is True
+    assert Engine(bf16_target, EngineConfig(**small, batch_invariant=False)).batch_invariant is False
