@@ -9,6 +9,7 @@ invariant there too). GPU (marked `gpu`): the compiled kernels, where the tiles 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import numpy as np
 import pytest
@@ -178,6 +179,52 @@ def test_model_verify_rows_equal_decode_steps_bit_for_bit(bf16_target, impl, mon
         step_lens = lens + j + 1
         step, cache = logits(state, jnp.asarray(toks), AttentionMeta(jnp.ones(3, jnp.int32), jnp.asarray(step_lens),
                                                                      table), cache)
+        assert _same_bits(step[0, 0], run[0, j]), f"verify row {j} differs from its decode step"
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_hybrid_verify_rows_equal_decode_steps_bit_for_bit(impl, monkeypatch, tmp_path):
+    """The same for the hybrid (qwen35) target: its verify runs the delta rule token by token like decode; with the
+    l2 norms of q and k as `fold_sum`s, a 16-token verify of one slot equals 16 decode steps beside two other slots."""
+    from flax import nnx
+
+    from converters.checkpoint import load_model
+    from converters.synthetic import PRESETS, write_random_gguf
+    from dflash_jax.kv_cache import AttentionMeta
+    from dflash_jax.state_pool import make_cache
+
+    for var in ("DFLASH_MATMUL_IMPL", "DFLASH_ATTENTION_IMPL", "DFLASH_GDN_IMPL"):
+        monkeypatch.setenv(var, impl)
+    path = tmp_path / "qwen35-tiny.gguf"
+    write_random_gguf(str(path), dataclasses.replace(PRESETS["qwen35-tiny"], num_layers=4, vocab_size=512,
+                                                     tied_embeddings=True), None, seed=3)
+    model = load_model(str(path), jnp.bfloat16).model
+    graphdef, state = nnx.split(model)
+
+    @functools.partial(jax.jit, static_argnames="verify")
+    def logits(state, tokens, meta, cache, verify=False):
+        with batch_invariant():
+            m = nnx.merge(graphdef, state)
+            if verify:
+                hidden, cache, _, _ = m.verify(tokens, meta, cache)
+            else:
+                hidden, cache, _ = m(tokens, meta, cache)
+            return m.logits(hidden), cache
+
+    rng = np.random.default_rng(6)
+    vocab, page_size, pages = model.cfg.vocab_size, 8, 8
+    lens = np.array([20, 5, 33], np.int32)
+    table = jnp.asarray(1 + np.arange(3 * pages, dtype=np.int32).reshape(3, pages))
+    slots = jnp.arange(3, dtype=jnp.int32)
+    meta = lambda q, kv, b=3: AttentionMeta(jnp.asarray(q), jnp.asarray(kv), table[:b], slots[:b])  # noqa: E731
+    cache = make_cache(model.cfg, 1 + 3 * pages, page_size, 4, jnp.bfloat16)
+    prompt = rng.integers(3, vocab - 1, (3, 40)).astype(np.int32)
+    _, cache = logits(state, jnp.asarray(prompt), meta(lens, lens), cache)
+    block = rng.integers(3, vocab - 1, 16).astype(np.int32)
+    run, _ = logits(state, jnp.asarray(block[None]), meta([16], [20 + 16], 1), cache, verify=True)
+    for j in range(16):
+        toks = np.concatenate([[block[j]], rng.integers(3, vocab - 1, 2)]).astype(np.int32)[:, None]
+        step, cache = logits(state, jnp.asarray(toks), meta(np.ones(3, np.int32), lens + j + 1), cache)
         assert _same_bits(step[0, 0], run[0, j]), f"verify row {j} differs from its decode step"
 
 

@@ -21,6 +21,7 @@ from dflash_jax.kv_cache import AttentionMeta, token_positions, write_kv
 from dflash_jax.models.dense import MLP, DecoderEnds, Linear, RMSNorm, SharedInput, _sub, rope
 from dflash_jax.state_pool import HybridCache
 from pallas_kernels import gated_delta_net as gdn
+from pallas_kernels.invariance import row_sum
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention
 
 
@@ -59,7 +60,7 @@ class GatedAttention(SharedInput, nnx.Module):
 
 def _l2norm(x, eps):
     # llama.cpp's GDN l2 norm: x / sqrt(sum(x^2) + eps) (an rms_norm with eps / n, rescaled).
-    return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + eps)
+    return x * jax.lax.rsqrt(row_sum(x * x, keepdims=True) + eps)
 
 
 class GatedDeltaNet(SharedInput, nnx.Module):
