@@ -193,16 +193,22 @@ class CompiledSteps:
 
     def model_step(self, cache, dcache, rows: SlotRows, inputs: StepInputs, full: bool = True):
         """full=False: a greedy batch with no top logprobs (sampling.needs_full), a separately compiled variant."""
-        fn = self._compiled.get(self._key(False, inputs, full))
-        if fn is not None:
-            return fn(self.leaves, self.drafter_leaves, cache, dcache, rows, inputs)
-        return self._plain(self.leaves, self.drafter_leaves, cache, dcache, rows, inputs, full)
+        return self._call(False, self._plain, cache, dcache, rows, inputs, full)
 
     def spec_step(self, cache, dcache, rows: SlotRows, inputs: SpecInputs, full: bool = True):
-        fn = self._compiled.get(self._key(True, inputs, full))
+        return self._call(True, self._spec, cache, dcache, rows, inputs, full)
+
+    def _call(self, spec: bool, jitted, cache, dcache, rows, inputs, full):
+        """The ahead-of-time executable of this bucket; `jit` (which compiles, and which the zero-recompile tests
+        count) for anything warm-up did not see, including arguments whose types differ from the bucket's: the
+        executable rejects those before running, with the donated buffers intact."""
+        fn = self._compiled.get(self._key(spec, inputs, full))
         if fn is not None:
-            return fn(self.leaves, self.drafter_leaves, cache, dcache, rows, inputs)
-        return self._spec(self.leaves, self.drafter_leaves, cache, dcache, rows, inputs, full)
+            try:
+                return fn(self.leaves, self.drafter_leaves, cache, dcache, rows, inputs)
+            except TypeError:
+                pass
+        return jitted(self.leaves, self.drafter_leaves, cache, dcache, rows, inputs, full)
 
     def lower(self, spec: bool, cache, dcache, rows: SlotRows, inputs, full: bool = True):
         """The step for these arguments traced and lowered, not compiled (nothing runs, nothing is donated)."""

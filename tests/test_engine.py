@@ -112,6 +112,8 @@ def test_no_compiles_after_warmup(engine, tiny):
     finally:
         jax.monitoring.clear_event_listeners()
     assert compiles == []
+    # Warm-up's executables served every step: the jitted fallback never traced (it would have compiled twice).
+    assert engine.steps._plain._cache_size() == 0
 
 
 def test_seeded_sampling_independent_of_batch(engine, tiny):
