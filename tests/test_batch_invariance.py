@@ -228,8 +228,10 @@ def test_hybrid_verify_rows_equal_decode_steps_bit_for_bit(impl, monkeypatch, tm
         assert _same_bits(step[0, 0], run[0, j]), f"verify row {j} differs from its decode step"
 
 
-def _engine_logprobs(target, spec: bool, slots: int, inject_from=None):
-    """Greedy tokens and logprobs of four requests on a bf16 engine in the batch-invariant mode. With spec, every slot
+def _engine_logprobs(target, spec: bool, slots: int, inject_from=None, num_requests: int = 4):
+    """Greedy tokens and logprobs of num_requests requests (prompts of 5 to 5 x num_requests tokens, submitted at
+    once, so requests wait in the queue and join while others decode) on a bf16 engine in the batch-invariant mode.
+    With spec, every slot
     speculates; inject_from (prompt -> plain tokens) feeds the plain continuation as drafts, with an error every
     fifth position, so verify rows at every block position are compared."""
     from dflash_jax.engine import Engine, EngineConfig
@@ -239,10 +241,10 @@ def _engine_logprobs(target, spec: bool, slots: int, inject_from=None):
 
     dc = dataclasses.replace(TINY_DRAFTER, hidden_size=target.config.hidden_size)
     drafter = LoadedDrafter(dc, random_drafter(dc, 0)) if spec else None
-    eng = Engine(target, EngineConfig(num_slots=slots, ctx_size=1024, ctx_per_slot=128, page_size=8,
+    eng = Engine(target, EngineConfig(num_slots=slots, ctx_size=2048, ctx_per_slot=128, page_size=8,
                                       prefill_chunk=16, dtype="bfloat16", draft_max=BLOCK - 1,
                                       spec_policy="always", batch_invariant=True), drafter)
-    prompts = [[5 + i, 17, 3 * i + 1, 40, 2] * (i + 1) for i in range(4)]
+    prompts = [[5 + i, 17, 3 * i + 1, 40, 2] * (i % 16 + 1) for i in range(num_requests)]
     if spec and inject_from is not None:
         ref = {tuple(p): toks for p, toks in zip(prompts, inject_from)}
 
@@ -285,13 +287,22 @@ def bf16_target(tmp_path_factory):
     return load_model(str(path), jnp.bfloat16)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-def test_dflash_equals_plain_in_bf16_with_every_slot_speculating(bf16_target, impl, monkeypatch):
+@pytest.mark.parametrize("impl,slots,inject", [
+    pytest.param("interpret", 4, True, id="interpret-4-injected"),
+    *[pytest.param("pallas", n, inj, id=f"gpu-{n}-{'injected' if inj else 'random'}", marks=pytest.mark.gpu)
+      for n in (1, 2, 8, 16) for inj in (True, False)],
+])
+def test_dflash_equals_plain_in_bf16_with_every_slot_speculating(bf16_target, impl, slots, inject, monkeypatch):
+    """Plain decoding one request at a time against DFlash with `slots` slots speculating, injected drafts (long
+    accepts, a rejection every fifth position) or the random drafter (mostly immediate rejections): same tokens,
+    same logprob bits."""
     for var in ("DFLASH_MATMUL_IMPL", "DFLASH_ATTENTION_IMPL"):
         monkeypatch.setenv(var, impl)
     jax.clear_caches()
-    plain_toks, plain_lps = _engine_logprobs(bf16_target, spec=False, slots=1)
-    spec_toks, spec_lps = _engine_logprobs(bf16_target, spec=True, slots=4, inject_from=plain_toks)
+    n = max(4, 2 * slots) if impl == "pallas" else 4
+    plain_toks, plain_lps = _engine_logprobs(bf16_target, spec=False, slots=1, num_requests=n)
+    spec_toks, spec_lps = _engine_logprobs(bf16_target, spec=True, slots=slots, num_requests=n,
+                                           inject_from=plain_toks if inject else None)
     assert spec_toks == plain_toks
     assert spec_lps == plain_lps  # exact floats: the same bits, not a tolerance
 
