@@ -18,6 +18,9 @@ import contextlib
 import os
 import threading
 
+import jax
+import jax.numpy as jnp
+
 _local = threading.local()
 
 
@@ -47,7 +50,6 @@ def batch_invariant(on: bool = True):
 def ordered_sum(parts, axis: int = 0):
     """Sum along `axis` as a left-to-right chain of adds: one fixed order whatever the other dimensions are (a
     reduction's order is the compiler's choice and may change with the shape)."""
-    import jax.numpy as jnp  # noqa: PLC0415
 
     n = parts.shape[axis]
     total = jnp.take(parts, 0, axis=axis)
@@ -60,7 +62,6 @@ def fold_sum(x, keepdims: bool = False):
     """Sum over the last axis by folding it in halves (pairwise), as elementwise adds of slices: each row's order
     is fixed by its length alone. XLA's own reductions pick a strategy by the whole shape (on a CPU, 1 or 3 rows of
     576 sum in another order than 16), which made RMSNorm statistics differ between a decode and a verify step."""
-    import jax.numpy as jnp  # noqa: PLC0415
 
     while x.shape[-1] > 1:
         d = x.shape[-1]
@@ -74,15 +75,12 @@ def fold_sum(x, keepdims: bool = False):
 
 def row_sum(x, keepdims: bool = False):
     """Sum over the last axis: `fold_sum` in the batch-invariant mode, else XLA's reduction."""
-    import jax.numpy as jnp  # noqa: PLC0415
 
     return fold_sum(x, keepdims) if is_batch_invariant() else jnp.sum(x, axis=-1, keepdims=keepdims)
 
 
 def logsumexp(x):
     """log(sum(exp(x))) over the last axis, keepdims; the sum a `fold_sum` in the batch-invariant mode."""
-    import jax  # noqa: PLC0415
-    import jax.numpy as jnp  # noqa: PLC0415
 
     if not is_batch_invariant():
         return jax.nn.logsumexp(x, axis=-1, keepdims=True)
@@ -92,8 +90,6 @@ def logsumexp(x):
 
 def log_softmax(x):
     """log-softmax over the last axis whose normalizer is a `row_sum` (the max is exact in any order)."""
-    import jax  # noqa: PLC0415
-    import jax.numpy as jnp  # noqa: PLC0415
 
     if not is_batch_invariant():
         return jax.nn.log_softmax(x, axis=-1)

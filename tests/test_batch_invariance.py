@@ -141,77 +141,28 @@ def test_attention_query_does_not_depend_on_run_or_batch(impl, group):
     assert not np.isnan(np.asarray(run.astype(jnp.float32))).any()
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-def test_model_verify_rows_equal_decode_steps_bit_for_bit(bf16_target, impl, monkeypatch):
-    """The target's logits for 16 tokens verified in one run (one slot alone) against the same 16 tokens decoded one
-    per step with two other slots decoding beside it: every row the same bits."""
+def _verify_equals_decode_steps(model, seed: int) -> None:
+    """Prefill three slots, verify a 16-token block for slot 0 alone, then decode the same 16 tokens one per step
+    with the other two slots decoding beside it: each verify row's logits must be the decode step's, bit for bit.
+    The model's `verify` (hybrid targets) or its plain forward (dense) runs the block."""
     from flax import nnx
 
     from dflash_jax.kv_cache import AttentionMeta
     from dflash_jax.state_pool import make_cache
 
-    for var in ("DFLASH_MATMUL_IMPL", "DFLASH_ATTENTION_IMPL"):
-        monkeypatch.setenv(var, impl)
-    model = bf16_target.model
-    graphdef, state = nnx.split(model)
-
-    @jax.jit
-    def logits(state, tokens, meta, cache):
-        with batch_invariant():
-            m = nnx.merge(graphdef, state)
-            hidden, cache, _ = m(tokens, meta, cache)
-            return m.logits(hidden), cache
-
-    rng = np.random.default_rng(4)
-    vocab, page_size, pages = model.cfg.vocab_size, 8, 8
-    lens = np.array([20, 5, 33], np.int32)
-    table = jnp.asarray(1 + np.arange(3 * pages, dtype=np.int32).reshape(3, pages))
-    prompt = rng.integers(3, vocab - 1, (3, 40)).astype(np.int32)
-    cache = make_cache(model.cfg, 1 + 3 * pages, page_size, 3, jnp.bfloat16)
-    _, cache = logits(state, jnp.asarray(prompt), AttentionMeta(jnp.asarray(lens), jnp.asarray(lens), table), cache)
-    block = rng.integers(3, vocab - 1, 16).astype(np.int32)
-
-    one = lambda a: jnp.asarray(np.asarray(a)[:1])  # noqa: E731
-    run, _ = logits(state, jnp.asarray(block[None]), AttentionMeta(jnp.asarray([16]), jnp.asarray([20 + 16]),
-                                                                    one(table)), cache)
-    for j in range(16):
-        toks = np.concatenate([[block[j]], rng.integers(3, vocab - 1, 2)]).astype(np.int32)[:, None]
-        step_lens = lens + j + 1
-        step, cache = logits(state, jnp.asarray(toks), AttentionMeta(jnp.ones(3, jnp.int32), jnp.asarray(step_lens),
-                                                                     table), cache)
-        assert _same_bits(step[0, 0], run[0, j]), f"verify row {j} differs from its decode step"
-
-
-@pytest.mark.parametrize("impl", IMPLS)
-def test_hybrid_verify_rows_equal_decode_steps_bit_for_bit(impl, monkeypatch, tmp_path):
-    """The same for the hybrid (qwen35) target: its verify runs the delta rule token by token like decode; with the
-    l2 norms of q and k as `fold_sum`s, a 16-token verify of one slot equals 16 decode steps beside two other slots."""
-    from flax import nnx
-
-    from converters.checkpoint import load_model
-    from converters.synthetic import PRESETS, write_random_gguf
-    from dflash_jax.kv_cache import AttentionMeta
-    from dflash_jax.state_pool import make_cache
-
-    for var in ("DFLASH_MATMUL_IMPL", "DFLASH_ATTENTION_IMPL", "DFLASH_GDN_IMPL"):
-        monkeypatch.setenv(var, impl)
-    path = tmp_path / "qwen35-tiny.gguf"
-    write_random_gguf(str(path), dataclasses.replace(PRESETS["qwen35-tiny"], num_layers=4, vocab_size=512,
-                                                     tied_embeddings=True), None, seed=3)
-    model = load_model(str(path), jnp.bfloat16).model
     graphdef, state = nnx.split(model)
 
     @functools.partial(jax.jit, static_argnames="verify")
     def logits(state, tokens, meta, cache, verify=False):
         with batch_invariant():
             m = nnx.merge(graphdef, state)
-            if verify:
+            if verify and hasattr(m, "verify"):
                 hidden, cache, _, _ = m.verify(tokens, meta, cache)
             else:
                 hidden, cache, _ = m(tokens, meta, cache)
             return m.logits(hidden), cache
 
-    rng = np.random.default_rng(6)
+    rng = np.random.default_rng(seed)
     vocab, page_size, pages = model.cfg.vocab_size, 8, 8
     lens = np.array([20, 5, 33], np.int32)
     table = jnp.asarray(1 + np.arange(3 * pages, dtype=np.int32).reshape(3, pages))
@@ -226,6 +177,30 @@ def test_hybrid_verify_rows_equal_decode_steps_bit_for_bit(impl, monkeypatch, tm
         toks = np.concatenate([[block[j]], rng.integers(3, vocab - 1, 2)]).astype(np.int32)[:, None]
         step, cache = logits(state, jnp.asarray(toks), meta(np.ones(3, np.int32), lens + j + 1), cache)
         assert _same_bits(step[0, 0], run[0, j]), f"verify row {j} differs from its decode step"
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_model_verify_rows_equal_decode_steps_bit_for_bit(bf16_target, impl, monkeypatch):
+    """The target's logits for 16 tokens verified in one run (one slot alone) against the same 16 tokens decoded one
+    per step with two other slots decoding beside it: every row the same bits."""
+    for var in ("DFLASH_MATMUL_IMPL", "DFLASH_ATTENTION_IMPL"):
+        monkeypatch.setenv(var, impl)
+    _verify_equals_decode_steps(bf16_target.model, seed=4)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_hybrid_verify_rows_equal_decode_steps_bit_for_bit(impl, monkeypatch, tmp_path):
+    """The same for the hybrid (qwen35) target: its verify runs the delta rule token by token like decode; with the
+    l2 norms of q and k as `fold_sum`s, a 16-token verify of one slot equals 16 decode steps beside two other slots."""
+    from converters.checkpoint import load_model
+    from converters.synthetic import PRESETS, write_random_gguf
+
+    for var in ("DFLASH_MATMUL_IMPL", "DFLASH_ATTENTION_IMPL", "DFLASH_GDN_IMPL"):
+        monkeypatch.setenv(var, impl)
+    path = tmp_path / "qwen35-tiny.gguf"
+    write_random_gguf(str(path), dataclasses.replace(PRESETS["qwen35-tiny"], num_layers=4, vocab_size=512,
+                                                     tied_embeddings=True), None, seed=3)
+    _verify_equals_decode_steps(load_model(str(path), jnp.bfloat16).model, seed=6)
 
 
 def _engine_logprobs(target, spec: bool, slots: int, inject_from=None, num_requests: int = 4):
