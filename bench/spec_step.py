@@ -50,6 +50,7 @@ from dflash_jax.kv_cache import AttentionMeta, KVCache  # noqa: E402
 from dflash_jax.models.drafter import Drafter  # noqa: E402
 from dflash_jax.sampling import SamplingArrays  # noqa: E402
 from dflash_jax.state_pool import make_cache, state_bytes_per_slot  # noqa: E402
+from dflash_jax.profiling import device_profile  # noqa: E402
 from dflash_jax.step_fns import CompiledSteps, SpecInputs  # noqa: E402
 
 T0 = time.monotonic()
@@ -96,8 +97,13 @@ def drafter_shape(target: str, cfg, num_layers: int, block: int) -> DrafterConfi
 
 def make_steps(graphdef, state, dgraphdef, dstate, dcfg: DrafterConfig) -> tuple[CompiledSteps, CompiledSteps]:
     """(steps with the drafter loaded, steps of plain serving without one)."""
-    return (CompiledSteps(graphdef, state, dgraphdef, dstate, dcfg.target_layer_ids, dcfg.mask_token_id, None),
-            CompiledSteps(graphdef, state))
+    inv = INVARIANT["on"]
+    return (CompiledSteps(graphdef, state, dgraphdef, dstate, dcfg.target_layer_ids, dcfg.mask_token_id, None,
+                          invariant=inv),
+            CompiledSteps(graphdef, state, invariant=inv))
+
+
+INVARIANT = {"on": False}  # --batch-invariant: trace the steps in the batch-invariant mode, as the engine's auto does
 
 
 # Greedy batches run the engine's greedy sampling variant (sampling.needs_full); --sampled the full one.
@@ -251,12 +257,15 @@ def main(argv=None) -> None:
     p.add_argument("--budget-s", type=float, default=1e9, help="skip what is left after this many seconds")
     p.add_argument("--compile-cache", default=None, help="persistent XLA compilation cache directory")
     p.add_argument("--gdn-impl", default=None, help="sets $DFLASH_GDN_IMPL (reference|pallas) before tracing")
-    p.add_argument("--matmul-impl", default=None, help="sets $DFLASH_MATMUL_IMPL (reference|pallas)")
+    p.add_argument("--matmul-impl", default=None, help="sets $DFLASH_MATMUL_IMPL (reference|pallas|mgpu)")
+    p.add_argument("--batch-invariant", action="store_true", help="steps in the batch-invariant mode")
+    p.add_argument("--profile", default="", help="B:step pairs to trace with jax.profiler, e.g. 8:plain,8:spec")
     p.add_argument("--dry-run", action="store_true",
                    help="abstract weights and caches: print sizes and lower the steps at B=1, no device memory")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
     FULL_SAMPLING["full"] = a.sampled
+    INVARIANT["on"] = a.batch_invariant
     for flag, env in ((a.gdn_impl, "DFLASH_GDN_IMPL"), (a.matmul_impl, "DFLASH_MATMUL_IMPL")):
         if flag:
             os.environ[env] = flag
@@ -323,7 +332,7 @@ def main(argv=None) -> None:
         row = {"target": a.target, "weights": a.weights, "device": dev.device_kind, "B": b, "block": a.block,
                "ctx": a.ctx, "drafter_layers": dcfg.num_layers, "sampled": a.sampled,
                "gdn_impl": os.environ.get("DFLASH_GDN_IMPL", "auto"),
-               "matmul_impl": os.environ.get("DFLASH_MATMUL_IMPL", "auto"),
+               "matmul_impl": os.environ.get("DFLASH_MATMUL_IMPL", "auto"), "batch_invariant": a.batch_invariant,
                "param_GB": nbytes["all"] / GB, "drafter_GB": dbytes["all"] / GB,
                "slot_bytes": slot}
         for name in steps_wanted:
@@ -338,6 +347,13 @@ def main(argv=None) -> None:
             row[f"{name}_first_call_s"] = compile_s
             log(f"B={b:3d} {name:12s} {ms:9.3f} ms/step {b / ms * 1e3:9.1f} tok/s (runs "
                 f"{', '.join(f'{x:.3f}' for x in runs)}; host {host:.3f} ms/call; first call {compile_s:.1f} s)")
+            if f"{b}:{name}" in a.profile.split(","):
+                prof = device_profile(fns[name], 10, f"/tmp/spec_step_profile_{b}_{name}")
+                row[f"{name}_profile"] = prof
+                log(f"B={b:3d} {name} profile: GPU busy {prof['busy_ms_per_step']:.3f} ms/step, span "
+                    f"{prof['span_ms_per_step']:.3f} ms/step, {prof['kernels_per_step']:.0f} kernels/step")
+                for kname, kms, kcount in prof["top"][:25]:
+                    log(f"    {kms:8.3f} ms {kcount:6.1f}x  {kname}")
         row["memory"] = memory_in_use()
         if "plain" in row and "spec" in row:  # random weights must still give finite log-probs
             lp = np.asarray(plain_call(plain_only, h, plain_in, False).logprobs)

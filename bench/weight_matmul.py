@@ -32,6 +32,7 @@ from pallas_kernels.weight_matmul import (  # noqa: E402
     q8_0_matmul_pallas,
     q8_0_matmul_reference,
 )
+from pallas_kernels.weight_matmul_mgpu import MgpuConfig, matmul_mgpu, pick_mgpu_config  # noqa: E402
 
 # (name, K in, N out) of every projection of one layer; the 27B's Gated DeltaNet beta/alpha (5120 -> 48) are left
 # out: 0.5 MB each, launch-bound whatever the kernel.
@@ -90,6 +91,7 @@ VARIANTS = {
     "pallas_bf16": ("bf16", lambda x, w, cfg=None: matmul_pallas(x, w, config=cfg, interpret=INTERPRET)),
     "pallas_q8_0": ("q8_0", lambda x, q, s, cfg=None: q8_0_matmul_pallas(x, q, s, config=cfg,
                                                                            interpret=INTERPRET)),
+    "mgpu_bf16": ("bf16", lambda x, w, cfg=None: matmul_mgpu(x, w, config=cfg, interpret=INTERPRET)),
 }
 
 
@@ -125,13 +127,16 @@ def check_kernels() -> dict[str, float]:
     q = jnp.asarray(rng.integers(-127, 128, (k, n)), jnp.int8)
     s = jnp.asarray(rng.uniform(1e-3, 3e-3, (k // Q8_BLOCK, n)), jnp.float16)
     w = jnp.asarray(rng.standard_normal((n, k)) * 0.02, jnp.bfloat16)
-    errs = {"pallas_q8_0": 0.0, "pallas_bf16": 0.0}
+    errs = {"pallas_q8_0": 0.0, "pallas_bf16": 0.0, "mgpu_bf16": 0.0}
+    w_even = w[:n // 64 * 64]  # the Mosaic kernel takes N % 64 == 0
     for m in (1, 16, 256):
         x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
         pairs = {"pallas_q8_0": (lambda: q8_0_matmul_pallas(x, q, s, interpret=INTERPRET),
                                  lambda: q8_0_matmul_reference(x, q, s)),
                  "pallas_bf16": (lambda: matmul_pallas(x, w, interpret=INTERPRET),
-                                 lambda: jnp.einsum("mk,nk->mn", x, w, preferred_element_type=jnp.float32))}
+                                 lambda: jnp.einsum("mk,nk->mn", x, w, preferred_element_type=jnp.float32)),
+                 "mgpu_bf16": (lambda: matmul_mgpu(x, w_even, interpret=INTERPRET),
+                               lambda: jnp.einsum("mk,nk->mn", x, w_even, preferred_element_type=jnp.float32))}
         for name, (fn, ref_fn) in pairs.items():
             try:
                 got = np.asarray(fn().astype(jnp.float32))
@@ -159,6 +164,7 @@ def main(argv=None) -> None:
     ap.add_argument("--sweep", default="", help="'K:N:M[,..]' shapes to try --configs on (Pallas variants)")
     ap.add_argument("--configs-q8", default="", help="BNxBKxWARPSxSTAGES[,..] for --sweep, Q8_0 kernel")
     ap.add_argument("--configs-bf16", default="", help="BNxBKxWARPSxSTAGES[,..] for --sweep, bf16 kernel")
+    ap.add_argument("--configs-mgpu", default="", help="BNxBKxSPLITSxSTAGES[,..] for --sweep, Mosaic GPU kernel")
     ap.add_argument("--plan", default="", help="'MODEL:M,M:VARIANT,VARIANT;...' (overrides --models/--ms/--variants)")
     ap.add_argument("--budget-s", type=float, default=1e9, help="stop starting new measurements after this")
     ap.add_argument("--out", default=None, help="JSONL results file")
@@ -213,13 +219,24 @@ def main(argv=None) -> None:
     if a.sweep:
         for item in a.sweep.split(","):
             k, n, m = (int(v) for v in item.split(":"))
-            for variant, texts in (("pallas_q8_0", a.configs_q8), ("pallas_bf16", a.configs_bf16)):
+            for variant, texts in (("pallas_q8_0", a.configs_q8), ("pallas_bf16", a.configs_bf16),
+                                   ("mgpu_bf16", a.configs_mgpu)):
                 quantized = variant.endswith("q8_0")
+                if not texts:
+                    continue
                 for text in ["auto"] + [c for c in texts.split(",") if c]:
                     if time.time() - T0 > a.budget_s:
                         return
-                    cfg = (pick_config(m, k, n, quantized) if text == "auto"
-                           else parse_config(text, m, k, n, quantized))
+                    try:
+                        if variant == "mgpu_bf16":
+                            cfg = (pick_mgpu_config(m, k, n) if text == "auto"
+                                   else MgpuConfig(*(int(v) for v in text.split("x"))))
+                        else:
+                            cfg = (pick_config(m, k, n, quantized) if text == "auto"
+                                   else parse_config(text, m, k, n, quantized))
+                    except ValueError as e:
+                        log(f"sweep {variant} {text}: {e}")
+                        continue
                     try:
                         sec, moved = bench_shape(variant, m, k, n, a.bytes, cfg)
                     except Exception as e:  # a config Triton cannot build: report it and go on with the sweep

@@ -455,28 +455,64 @@ def default_impl(quantized: bool = False, invariant: bool = False) -> str:
     """On a GPU: the Pallas kernel for Q8_0 weights and XLA's own product ('reference') for float weights — on an
     H200 XLA's bf16 product streamed faster than the bf16 kernel (65 vs 55 % of copy bandwidth for a Qwen3-8B layer
     at M=1), while XLA's Q8_0 product (dequantized weights materialized) ran at 13 %, below the Q8_0 kernel
-    (BENCHMARKS.md). In the batch-invariant mode the Pallas kernel for both (XLA's tiles follow M). Off GPU: the
-    reference. $DFLASH_MATMUL_IMPL (reference|pallas|interpret) overrides all of these."""
+    (BENCHMARKS.md). In the batch-invariant mode (XLA's tiles follow M) fixed-tile kernels: on Hopper the Mosaic GPU
+    product for float weights (`weight_matmul_mgpu`: an 8-slot spec step of the Qwen3-8B shape in 9.9 ms against
+    12.5 ms with the portable kernel, H200), else the portable Pallas kernel. Off GPU: the reference.
+    $DFLASH_MATMUL_IMPL (reference|pallas|interpret|mgpu|mgpu_interpret) overrides all of these."""
     env = os.environ.get("DFLASH_MATMUL_IMPL", "").strip().lower()
     if env and env != "auto":
         return env
     if jax.default_backend() != "gpu":
         return "reference"
+    if invariant and not quantized and _is_hopper():
+        return "mgpu"
     return "pallas" if quantized or invariant else "reference"
+
+
+def _is_hopper() -> bool:
+    return str(getattr(jax.devices()[0], "compute_capability", "")).startswith("9.")
 
 
 def _resolve(impl: str, quantized: bool, invariant: bool = False) -> str:
     impl = default_impl(quantized, invariant) if impl == "auto" else impl
-    if impl not in ("reference", "pallas", "interpret"):
-        raise ValueError(f"unknown matmul impl {impl!r}; expected auto, reference, pallas or interpret")
+    if impl not in ("reference", "pallas", "interpret", "mgpu", "mgpu_interpret"):
+        raise ValueError(f"unknown matmul impl {impl!r}; expected auto, reference, pallas, interpret, mgpu or "
+                         "mgpu_interpret")
+    if impl.startswith("mgpu") and quantized:  # no Q8_0 Mosaic kernel yet: its portable one
+        impl = "pallas" if impl == "mgpu" else "interpret"
     return impl
+
+
+def _mgpu_rows(x, weight, invariant: bool, interpret: bool, out_dtype):
+    """The Mosaic GPU product over any number of rows: more than it takes at once (256) run as 256-row pieces. A
+    row's bits do not depend on the rows beside it (tests/test_weight_matmul_mgpu.py, on the GPU), so the pieces
+    keep the batch-invariant mode's promise for prefill chunks too."""
+    from pallas_kernels import weight_matmul_mgpu as mg  # noqa: PLC0415
+    n, k = weight.shape
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    outs = []
+    for r in range(0, x2.shape[0], mg.MAX_ROWS):
+        piece = x2[r:r + mg.MAX_ROWS]
+        cfg = mg.invariant_mgpu_config(piece.shape[0], k, n) if invariant else None
+        outs.append(mg.matmul_mgpu(piece, weight, config=cfg, interpret=interpret, out_dtype=out_dtype))
+    y = outs[0] if len(outs) == 1 else jnp.concatenate(outs)
+    return y.reshape(*lead, n)
 
 
 def linear(x: jax.Array, weight: jax.Array, *, impl: str = "auto", out_dtype=None) -> jax.Array:
     """x (..., K) @ weight (N, K).T. impl: 'auto' (`default_impl`), 'reference', 'pallas', 'interpret' (the kernel
-    in Pallas interpret mode: CPU tests only, slow)."""
+    in Pallas interpret mode: CPU tests only, slow), 'mgpu' (the Mosaic GPU kernel, Hopper; shapes it does not take
+    go to XLA, or to the portable kernel in the batch-invariant mode), 'mgpu_interpret'."""
     invariant = is_batch_invariant()
     impl = _resolve(impl, quantized=False, invariant=invariant)
+    if impl.startswith("mgpu"):
+        from pallas_kernels import weight_matmul_mgpu as mg  # noqa: PLC0415
+        n, k = weight.shape
+        if mg.supports(1, k, n, weight.dtype):
+            return _mgpu_rows(x, weight, invariant, impl == "mgpu_interpret", out_dtype)
+        # Shapes it does not take: the portable kernel where invariance needs fixed tiles, else XLA's product.
+        impl = ("interpret" if impl == "mgpu_interpret" else "pallas") if invariant else "reference"
     if impl == "reference":
         return matmul_reference(x, weight, out_dtype)
     config = invariant_config(weight.shape[1], weight.shape[0], quantized=False) if invariant else None

@@ -1,0 +1,170 @@
+"""Weight-streaming products `y = x @ W.T` for few rows as a Mosaic GPU kernel (Hopper: TMA copies into shared
+memory, `wgmma` on the tensor cores), for float weights (N, K) — the layout `pallas_kernels.weight_matmul` keeps.
+
+Decode and verify multiply 1..256 rows by a weight of millions of entries, so the product's speed is how fast the
+weight streams from HBM. The kernel computes the product transposed, y^T = W x^T ("swap AB"): a weight tile of
+BN rows is the tensor core's M side (a multiple of 64), the few rows of x are its N side (M rounded up to 8, at most
+256), so no tensor-core work is wasted on padding rows and the accumulator stays small (BN x M8 f32).
+
+Grid (N / BN, splits): a CTA streams its (BN, K / splits) slice of the weight through a `max_concurrent_steps`-deep
+TMA pipeline (each weight byte read once), multiplies each (BN, BK) tile by the matching (BK, M8) slice of x (tiny,
+L2-resident), and writes an f32 partial (BN, M8). The partials of the K splits are summed in a fixed order
+(`ordered_sum`), so the result does not depend on scheduling; split-K exists because few rows give few tiles
+(Qwen3-8B's q_proj: 32 tiles of 128 for 132 SMs).
+
+Runs on the GPU (sm_90) compiled and anywhere in Mosaic GPU's interpret mode (`interpret=True`, CPU tests).
+Shapes it does not take (`supports` is False: N not a multiple of 64, K not a multiple of 64, more than 256 rows)
+go to the portable kernel or XLA through the dispatcher in `weight_matmul`.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from pallas_kernels.invariance import ordered_sum
+
+__all__ = ["MgpuConfig", "pick_mgpu_config", "invariant_mgpu_config", "matmul_mgpu", "supports", "MAX_ROWS"]
+
+MAX_ROWS = 256  # wgmma's N side
+_SWIZZLE = 128  # bytes: 64 bf16 per swizzled row, the widest (fastest) TMA/wgmma layout
+
+
+@dataclass(frozen=True)
+class MgpuConfig:
+    """block_n weight rows (a multiple of 64) x block_k inputs per pipeline step (a multiple of 64), num_splits
+    K splits, stages = TMA copies in flight per CTA."""
+    block_n: int
+    block_k: int
+    num_splits: int
+    stages: int
+
+
+def _num_sms() -> int:
+    d = jax.devices()[0]
+    return int(getattr(d, "core_count", 0) or 132) if d.platform == "gpu" else 132
+
+
+def _rows(m: int) -> int:
+    return max(8, -(-m // 8) * 8)
+
+
+def supports(m: int, k: int, n: int, dtype=jnp.bfloat16) -> bool:
+    """True when the kernel takes an (M, K) x (N, K)^T product: 16-bit weights, N and K multiples of 64, M <= 256."""
+    return (jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) and 0 < m <= MAX_ROWS
+            and n % 64 == 0 and k % 64 == 0)
+
+
+_SMEM_BUDGET = 220 * 1024  # of the 227 KiB an H100/H200 CTA may use
+
+
+def _epi(mp: int) -> int:
+    """Accumulator columns written out per copy: the largest multiple of 8 up to 64 that divides the rows."""
+    return next(e for e in range(min(mp, 64), 0, -8) if mp % e == 0)
+
+
+def _max_stages(mp: int, block_n: int, block_k: int, itemsize: int = 2) -> int:
+    per_stage = (block_n + mp) * block_k * itemsize
+    return (_SMEM_BUDGET - block_n * _epi(mp) * 4) // per_stage
+
+
+def pick_mgpu_config(m: int, k: int, n: int, num_sms: int | None = None, *, block_n: int | None = None,
+                     block_k: int | None = None, num_splits: int | None = None,
+                     stages: int | None = None) -> MgpuConfig:
+    """Tiles for an (M, K) x (K, N) product (given values kept, the rest derived). BN 128 when N has enough
+    128-row tiles and the rows are few, else 64; BK the largest of 256/128/64 dividing K (fewer, larger copies
+    streamed faster on an H200); splits: the fewest that give every SM a CTA; stages: up to 4 that fit in shared
+    memory. Only BK and the splits change a row's arithmetic (the order of its K sums); BN and stages do not."""
+    num_sms = num_sms or _num_sms()
+    mp = _rows(m)
+    block_n = block_n or (128 if n % 128 == 0 and n // 128 >= num_sms // 2 and mp <= 64 else 64)
+    if block_k is None:
+        fits = [b for b in (256, 128, 64) if k % b == 0 and _max_stages(mp, block_n, b) >= 2]
+        block_k = fits[0] if fits else 64
+    k_steps = k // block_k
+    if num_splits is None:
+        tiles = -(-n // block_n)
+        divisors = [d for d in range(1, k_steps + 1) if k_steps % d == 0]
+        num_splits = next((d for d in divisors if tiles * d >= num_sms), divisors[-1])
+    stages = stages or max(1, min(4, _max_stages(mp, block_n, block_k), k_steps // num_splits))
+    return MgpuConfig(block_n, block_k, num_splits, stages)
+
+
+def invariant_mgpu_config(m: int, k: int, n: int) -> MgpuConfig:
+    """The batch-invariant mode's tiles: BK and the splits that one row would get (fixed by K and N), BN 64 and the
+    stages that fit M rows (neither changes the arithmetic)."""
+    one = pick_mgpu_config(1, k, n, block_n=64, block_k=next(b for b in (128, 64) if k % b == 0))
+    mp = _rows(m)
+    stages = max(1, min(4, _max_stages(mp, 64, one.block_k), k // one.block_k // one.num_splits))
+    return MgpuConfig(64, one.block_k, one.num_splits, stages)
+
+
+def _kernel_call(x, weight, cfg: MgpuConfig, interpret: bool):
+    from jax.experimental.pallas import mosaic_gpu as plgpu  # noqa: PLC0415  (GPU/interpret only)
+
+    mp, k = x.shape
+    n = weight.shape[0]
+    bn, bk, splits = cfg.block_n, cfg.block_k, cfg.num_splits
+    steps = k // bk // splits
+    delay = 1 if min(steps, cfg.stages) > 1 else 0  # let one product run on while the next copy lands
+    epi = _epi(mp)
+    elems = _SWIZZLE // jnp.dtype(weight.dtype).itemsize
+    transforms = (plgpu.TilingTransform((8, elems)), plgpu.SwizzleTransform(_SWIZZLE))
+
+    def kernel(x_gmem, w_gmem, o_gmem, o_smem):
+        ni, si = lax.axis_index("n"), lax.axis_index("s")
+
+        def accumulate(acc_ref):
+            def step(_, w_smem, x_smem):
+                plgpu.wgmma(acc_ref, w_smem, x_smem.T)
+                plgpu.wgmma_wait(delay)  # with delay 1 its buffers are held one more step by delay_release
+
+            plgpu.emit_pipeline(
+                step, grid=(steps,), max_concurrent_steps=max(cfg.stages, delay + 1),
+                in_specs=[plgpu.BlockSpec((bn, bk), lambda kk: (ni, si * steps + kk), transforms=transforms,
+                                          delay_release=delay),
+                          plgpu.BlockSpec((mp, bk), lambda kk: (0, si * steps + kk), transforms=transforms,
+                                          delay_release=delay)])(w_gmem, x_gmem)
+            return acc_ref[...]
+
+        acc = pl.run_scoped(accumulate, plgpu.ACC((bn, mp), jnp.float32))
+        for j in range(mp // epi):  # through a small staging buffer, so the pipeline keeps the shared memory
+            if j:
+                plgpu.wait_smem_to_gmem(0)
+            o_smem[...] = acc[:, j * epi:(j + 1) * epi]
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[si, pl.ds(ni * bn, bn), pl.ds(j * epi, epi)])
+        plgpu.wait_smem_to_gmem(0)
+
+    f = plgpu.kernel(kernel, out_type=jax.ShapeDtypeStruct((splits, n, mp), jnp.float32),
+                     scratch_types=dict(o_smem=plgpu.SMEM((bn, epi), jnp.float32)),
+                     grid=(n // bn, splits), grid_names=("n", "s"),
+                     interpret=plgpu.InterpretGPUParams() if interpret else None)
+    return f(x, weight)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "interpret", "out_dtype"))
+def matmul_mgpu(x: jax.Array, weight: jax.Array, *, config: MgpuConfig | None = None, interpret: bool = False,
+                out_dtype=None) -> jax.Array:
+    """x (..., K) @ weight (N, K).T with f32 accumulation -> (..., N) in out_dtype (default x.dtype). x is cast to
+    the weight's dtype (the tensor cores take one input type)."""
+    n, k = weight.shape
+    if x.shape[-1] != k:
+        raise ValueError(f"x has {x.shape[-1]} inputs, the weight {k}")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    m = x2.shape[0]
+    if not supports(m, k, n, weight.dtype):
+        raise ValueError(f"Mosaic GPU product does not take M={m} K={k} N={n} {weight.dtype}; see supports()")
+    cfg = config or pick_mgpu_config(m, k, n)
+    if n % cfg.block_n or k % (cfg.block_k * cfg.num_splits):
+        raise ValueError(f"{cfg} does not tile K={k} N={n}")
+    mp = _rows(m)
+    xp = jnp.pad(x2.astype(weight.dtype), ((0, mp - m), (0, 0)))
+    partials = _kernel_call(xp, weight, cfg, interpret)  # (splits, N, M8) f32
+    y = ordered_sum(partials)[:, :m].T
+    return y.astype(out_dtype or x.dtype).reshape(*lead, n)

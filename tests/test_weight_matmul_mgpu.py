@@ -1,0 +1,105 @@
+"""The Mosaic GPU weight-streaming product (pallas_kernels/weight_matmul_mgpu.py) against the jnp reference.
+
+CPU: Mosaic GPU's interpret mode (TMA copies, barriers and wgmma simulated) on small shapes, with several K splits,
+both tile widths and every row count the engine uses. GPU (marked `gpu`, Hopper only): the compiled kernel at
+Qwen3-8B layer shapes, and one row's result not depending on how many rows share the product.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+jax = pytest.importorskip("jax")
+import jax.numpy as jnp  # noqa: E402
+
+from pallas_kernels.weight_matmul_mgpu import MgpuConfig, matmul_mgpu, pick_mgpu_config, supports  # noqa: E402
+
+MS = (1, 3, 8, 16, 64, 128, 250)
+
+
+def _inputs(m: int, k: int, n: int, seed: int):
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((n, k)) * 0.05, jnp.bfloat16)
+    return x, w
+
+
+def _reference(x, w):
+    return np.asarray(jnp.einsum("mk,nk->mn", x, w, preferred_element_type=jnp.float32))
+
+
+@pytest.mark.parametrize("m", MS)
+def test_mgpu_matches_reference_interpret(m):
+    k, n = 384, 192  # 6 K steps of 64 in 3 splits; N = 3 tiles of 64 or not a multiple of 128
+    x, w = _inputs(m, k, n, seed=m)
+    cfg = MgpuConfig(block_n=64, block_k=64, num_splits=3, stages=2)
+    got = np.asarray(matmul_mgpu(x, w, config=cfg, interpret=True, out_dtype=jnp.float32))
+    ref = _reference(x, w)
+    assert got.shape == (m, n) and np.isfinite(got).all()
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 576, 1536), (16, 1536, 576), (130, 256, 256)])
+def test_mgpu_default_tiles_interpret(m, k, n):
+    """The picked tiles (BK 64 for SmolLM2's K = 576, BN 64 for N = 576 or more than 128 rows) and a bf16 output."""
+    x, w = _inputs(m, k, n, seed=k + n)
+    cfg = pick_mgpu_config(m, k, n, num_sms=8)
+    assert k % (cfg.block_k * cfg.num_splits) == 0 and n % cfg.block_n == 0
+    got = np.asarray(matmul_mgpu(x, w, config=cfg, interpret=True).astype(jnp.float32))
+    ref = _reference(x, w)
+    np.testing.assert_allclose(got, ref, rtol=1e-2, atol=1e-2 * np.abs(ref).max())  # bf16 output rounding
+
+
+def test_mgpu_supports_and_rejects():
+    assert supports(1, 4096, 4096) and supports(256, 576, 192)
+    assert not supports(257, 4096, 4096)  # past wgmma's N side
+    assert not supports(1, 4096, 1000)  # N not a multiple of 64
+    assert not supports(1, 4096, 4096, jnp.float32)
+    x, w = _inputs(2, 128, 100, seed=0)
+    with pytest.raises(ValueError, match="does not take"):
+        matmul_mgpu(x, w, interpret=True)
+    with pytest.raises(ValueError, match="does not tile"):
+        matmul_mgpu(x, w[:64], config=MgpuConfig(64, 128, 2, 2), interpret=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("k,n", [(4096, 4096), (4096, 1024), (4096, 12288), (12288, 4096)])
+def test_mgpu_qwen3_8b_shapes_gpu(k, n):
+    if jax.devices()[0].device_kind.find("H100") < 0 and jax.devices()[0].device_kind.find("H200") < 0:
+        pytest.skip("Mosaic GPU wgmma needs Hopper")
+    for m in (1, 8, 16, 64, 128, 256):
+        x, w = _inputs(m, k, n, seed=m)
+        got = np.asarray(matmul_mgpu(x, w, out_dtype=jnp.float32))
+        ref = _reference(x, w)
+        np.testing.assert_allclose(got, ref, rtol=2e-3, atol=2e-3 * np.abs(ref).max())
+
+
+@pytest.mark.gpu
+def test_mgpu_row_independent_of_row_count_gpu():
+    """With the same tiles, row i of a product is bit for bit the same whether 1 or 256 rows share it (the
+    batch-invariant mode relies on this)."""
+    if jax.devices()[0].device_kind.find("H100") < 0 and jax.devices()[0].device_kind.find("H200") < 0:
+        pytest.skip("Mosaic GPU wgmma needs Hopper")
+    k, n = 4096, 4096
+    x, w = _inputs(256, k, n, seed=1)
+    cfg = MgpuConfig(block_n=64, block_k=128, num_splits=4, stages=2)  # 256 rows: 2 stages fit
+    full = np.asarray(matmul_mgpu(x, w, config=cfg, out_dtype=jnp.float32))
+    for m in (1, 8, 16, 128):
+        part = np.asarray(matmul_mgpu(x[:m], w, config=cfg, out_dtype=jnp.float32))
+        assert np.array_equal(part, full[:m]), f"rows differ at M={m}"
+
+
+@pytest.mark.parametrize("invariant", [False, True])
+def test_linear_dispatch_runs_more_rows_than_one_product_in_pieces(invariant):
+    """`linear(impl='mgpu')` takes any row count (pieces of 256 rows) and any shape (others go to XLA, or to the
+    portable kernel in the batch-invariant mode)."""
+    from pallas_kernels.invariance import batch_invariant
+    from pallas_kernels.weight_matmul import linear
+
+    x, w = _inputs(300, 128, 64, seed=3)
+    with batch_invariant(invariant):
+        got = np.asarray(linear(x.reshape(3, 100, 128), w, impl="mgpu_interpret", out_dtype=jnp.float32))
+        odd = np.asarray(linear(x[:5], w[:40], impl="mgpu_interpret", out_dtype=jnp.float32))
+    ref = _reference(x, w)
+    np.testing.assert_allclose(got.reshape(300, 64), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+    np.testing.assert_allclose(odd, _reference(x[:5], w[:40]), rtol=1e-5, atol=1e-5 * np.abs(ref).max())
