@@ -103,3 +103,16 @@ def test_linear_dispatch_runs_more_rows_than_one_product_in_pieces(invariant):
     ref = _reference(x, w)
     np.testing.assert_allclose(got.reshape(300, 64), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
     np.testing.assert_allclose(odd, _reference(x[:5], w[:40]), rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("k,n", [(4096, 4096), (4096, 1024), (12288, 4096), (4096, 151936), (576, 1536)])
+def test_invariant_tiles_fix_the_sum_order_by_shape_alone(k, n):
+    """BK and the K splits set a row's order of sums: in the batch-invariant mode they follow (K, N) only, and the
+    tiles that follow M (BN, stages) always fit shared memory, up to 256 rows."""
+    from pallas_kernels.weight_matmul_mgpu import _max_stages, _rows, invariant_mgpu_config
+
+    cfgs = [invariant_mgpu_config(m, k, n, num_sms=132) for m in (1, 3, 8, 16, 64, 128, 256)]
+    assert len({(c.block_k, c.num_splits) for c in cfgs}) == 1
+    assert all(k % (c.block_k * c.num_splits) == 0 for c in cfgs)
+    for m, c in zip((1, 3, 8, 16, 64, 128, 256), cfgs):
+        assert 1 <= c.stages <= max(1, _max_stages(_rows(m), c.block_n, c.block_k))
