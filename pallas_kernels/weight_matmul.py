@@ -457,8 +457,8 @@ def default_impl(quantized: bool = False, invariant: bool = False) -> str:
     at M=1), while XLA's Q8_0 product (dequantized weights materialized) ran at 13 %, below the Q8_0 kernel
     (BENCHMARKS.md). In the batch-invariant mode (XLA's tiles follow M) fixed-tile kernels: on Hopper the Mosaic GPU
     product for float weights (`weight_matmul_mgpu`: a spec step of the Qwen3-8B shape in 10.7 ms against 12.5 ms
-    with the portable kernel at 8 slots, 16.0 against 21.8 ms at 16; H200), else the portable Pallas kernel. Off GPU: the reference.
-    $DFLASH_MATMUL_IMPL (reference|pallas|interpret|mgpu|mgpu_interpret) overrides all of these."""
+    with the portable kernel at 8 slots, 16.0 against 21.8 ms at 16; H200), else the portable Pallas kernel. Off GPU:
+    the reference. $DFLASH_MATMUL_IMPL (reference|pallas|interpret|mgpu|mgpu_interpret) overrides all of these."""
     env = os.environ.get("DFLASH_MATMUL_IMPL", "").strip().lower()
     if env and env != "auto":
         return env

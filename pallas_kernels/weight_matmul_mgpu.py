@@ -27,6 +27,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.invariance import ordered_sum
+from pallas_kernels.weight_matmul import _num_sms
 
 __all__ = ["MgpuConfig", "pick_mgpu_config", "invariant_mgpu_config", "matmul_mgpu", "supports", "MAX_ROWS"]
 
@@ -42,11 +43,6 @@ class MgpuConfig:
     block_k: int
     num_splits: int
     stages: int
-
-
-def _num_sms() -> int:
-    d = jax.devices()[0]
-    return int(getattr(d, "core_count", 0) or 132) if d.platform == "gpu" else 132
 
 
 def _rows(m: int) -> int:
