@@ -7,7 +7,11 @@ M max pages per slot.
 
 Kernel layout. GQA is folded into the matrix M dimension: for one (slot, KV head) the G query heads of that KV head
 times the T queries form T*G rows (row r is query t = r // G, head g = r % G); a program takes a tile of R rows, so
-the K/V block it loads serves all of them. The program walks the slot's keys in blocks of BK with an online softmax
+the K/V block it loads serves all of them. A tile's rows are gathered from q in its own (B, T, N, H) layout and its
+results scattered back in that layout: a transpose to (B, K, T*G, H) and back would cost four XLA kernels per layer
+(about 0.55 ms of an 8-slot verify step on the 8B shape). Rows of the last tile beyond T*G are masked; their stores
+point at a few spare rows past the end of the output, distinct per lane, because the interpreter's masked scatter
+writes the old value back and a duplicate index would race with the real row. The program walks the slot's keys in blocks of BK with an online softmax
 (flash attention, f32 accumulation, exp2 domain). Keys are gathered through the page table inside the kernel: for a
 key block the page ids are loaded from the table (a gather of BK int32, cached), then the K/V rows are gathered from
 the page pool viewed as (P*S*K, H) (one contiguous H-row per key), masked beyond the visible range. Grid
@@ -52,12 +56,19 @@ def _triton_load():
     return pl_triton.load
 
 
+def _triton_store():
+    from jax.experimental.pallas import triton as pl_triton  # noqa: PLC0415
+    return pl_triton.store
+
+
 def _rpa_kernel(meta_ref, pt_ref, q_ref, k_ref, v_ref, *out_refs, group: int, page_size: int, kv_heads: int,
                 rows: int, block_k: int, blocks_per_split: int, num_pages: int, max_pages: int, scale_log2: float,
-                split_out: bool, poisoned: bool):
+                split_out: bool, poisoned: bool, q_tokens: int, out_rows: int):
     load = _triton_load()
+    store = _triton_store()
     if poisoned:  # the aliased poison inputs come first among the outputs' refs; ignore them
         out_refs = out_refs[len(out_refs) // 2:]
+    bi = pl.program_id(0)
     kvh = pl.program_id(1)
     qb = pl.program_id(2)
     split = pl.program_id(3)
@@ -68,6 +79,11 @@ def _rpa_kernel(meta_ref, pt_ref, q_ref, k_ref, v_ref, *out_refs, group: int, pa
     r = qb * rows + lax.broadcasted_iota(jnp.int32, (rows,), 0)
     t = r // group
     row_ok = t < q_len
+    in_q = t < q_tokens  # lanes of the last tile past T*G hold no row
+    # the row's index in q viewed as (B*T*N, H); spare lanes get distinct rows past the end (stores only)
+    q_row = (bi * q_tokens + jnp.minimum(t, q_tokens - 1)) * (kv_heads * group) + kvh * group + r % group
+    spare = kv_heads * group * q_tokens * pl.num_programs(0) + r - q_tokens * group
+    o_row = jnp.where(in_q, q_row, spare)
     hi_t = jnp.minimum(hi_fixed, t + hi_rel)
     lo_t = jnp.maximum(jnp.maximum(lo_fixed, t + lo_rel), 0)
 
@@ -79,9 +95,10 @@ def _rpa_kernel(meta_ref, pt_ref, q_ref, k_ref, v_ref, *out_refs, group: int, pa
     blk_lo = jnp.maximum(lo_tile // block_k, split * blocks_per_split)
     blk_hi = jnp.minimum((hi_tile + block_k - 1) // block_k, (split + 1) * blocks_per_split)
 
-    q = q_ref[...]  # (R, H) in the input dtype
-    head_dim = q.shape[-1]
+    head_dim = q_ref.shape[-1]
     cols = lax.broadcasted_iota(jnp.int32, (1, head_dim), 1)
+    row_mask = jnp.broadcast_to(in_q[:, None], (rows, head_dim))
+    q = load(q_ref.at[q_row[:, None], cols], mask=row_mask, other=0.0)  # (R, H) in the input dtype
     kk = lax.broadcasted_iota(jnp.int32, (block_k,), 0)
 
     def body(j, carry):
@@ -110,16 +127,17 @@ def _rpa_kernel(meta_ref, pt_ref, q_ref, k_ref, v_ref, *out_refs, group: int, pa
     l0 = jnp.zeros((rows,), jnp.float32)
     acc, m, l = lax.fori_loop(blk_lo, jnp.maximum(blk_hi, blk_lo), body, (acc0, m0, l0))
 
-    if split_out:
+    if split_out:  # partials (NS * out_rows, H) and (NS * out_rows,): split s owns rows [s*out_rows, (s+1)*out_rows)
         o_ref, m_ref, l_ref = out_refs
-        o_ref[...] = acc
-        m_ref[...] = m
-        l_ref[...] = l
+        dst = split * out_rows + o_row
+        store(o_ref.at[dst[:, None], cols], acc, mask=row_mask)
+        store(m_ref.at[dst], m, mask=in_q)
+        store(l_ref.at[dst], l, mask=in_q)
     else:
         (o_ref,) = out_refs
         has = l > 0.0
         out = jnp.where(has[:, None], acc / jnp.where(has, l, 1.0)[:, None], 0.0)
-        o_ref[...] = out.astype(o_ref.dtype)
+        store(o_ref.at[o_row[:, None], cols], out.astype(o_ref.dtype), mask=row_mask)
 
 
 def _pick_tiles(rows_total: int, head_dim: int, rows: int | None, block_k: int | None):
@@ -142,8 +160,8 @@ def _num_sms() -> int:
 def _rpa_call(q, k_pages, v_pages, page_table, meta, *, scale, split_out, num_splits, rows, block_k, num_warps,
               num_stages, interpret, poison):
     """Core pallas_call. q (B, T, N, H). meta (B, 8) int32: q_len, hi_fixed, hi_rel, lo_fixed, lo_rel.
-    Returns out (B, K, Rpad, H) in q.dtype (split_out=False) or partials acc (B, K, NS, Rpad, H), m, l
-    (B, K, NS, Rpad) in f32 (exp2 domain)."""
+    Returns out (B, T, N, H) in q.dtype (split_out=False) or partials acc (NS, B*T*N, H), m, l (NS, B*T*N) in f32
+    (exp2 domain), rows in q's order."""
     b, t, n, h = q.shape
     num_pages, page_size, kv_heads, _ = k_pages.shape
     max_pages = page_table.shape[1]
@@ -151,7 +169,8 @@ def _rpa_call(q, k_pages, v_pages, page_table, meta, *, scale, split_out, num_sp
     rows_total = t * group
     rows, block_k = _pick_tiles(rows_total, h, rows, block_k)
     n_qb = -(-rows_total // rows)
-    rpad = n_qb * rows
+    q_rows = b * t * n
+    out_rows = q_rows + n_qb * rows - rows_total  # spare rows for the masked lanes of a last, partial tile
     ctx_blocks = -(-(max_pages * page_size) // block_k)
     if num_splits is None:
         if not split_out:
@@ -164,32 +183,30 @@ def _rpa_call(q, k_pages, v_pages, page_table, meta, *, scale, split_out, num_sp
         assert num_splits == 1, "normalised output needs one split"
     blocks_per_split = -(-ctx_blocks // num_splits)
 
-    # (B, T, K, G, H) -> (B, K, T*G, H): rows t-major so a tile holds consecutive queries of every head of a KV head.
-    qr = q.reshape(b, t, kv_heads, group, h).transpose(0, 2, 1, 3, 4).reshape(b, kv_heads, rows_total, h)
-    if rpad != rows_total:
-        qr = jnp.pad(qr, ((0, 0), (0, 0), (0, rpad - rows_total), (0, 0)))
+    q_flat = q.reshape(q_rows, h)
     k_flat = k_pages.reshape(num_pages * page_size * kv_heads, h)
     v_flat = v_pages.reshape(num_pages * page_size * kv_heads, h)
 
     grid = (b, kv_heads, n_qb, num_splits)
+    whole = lambda bi, ki, qi, si: (0, 0)  # noqa: E731  (rows are gathered/scattered in the kernel)
+    whole1 = lambda bi, ki, qi, si: (0,)  # noqa: E731
     in_specs = [
         pl.BlockSpec((None, 8), lambda bi, ki, qi, si: (bi, 0)),
         pl.BlockSpec((None, max_pages), lambda bi, ki, qi, si: (bi, 0)),
-        pl.BlockSpec((None, None, rows, h), lambda bi, ki, qi, si: (bi, ki, qi, 0)),
-        pl.BlockSpec(k_flat.shape, lambda bi, ki, qi, si: (0, 0)),
-        pl.BlockSpec(v_flat.shape, lambda bi, ki, qi, si: (0, 0)),
+        pl.BlockSpec(q_flat.shape, whole),
+        pl.BlockSpec(k_flat.shape, whole),
+        pl.BlockSpec(v_flat.shape, whole),
     ]
     if split_out:
-        out_shape = [jax.ShapeDtypeStruct((b, kv_heads, num_splits, rpad, h), jnp.float32),
-                     jax.ShapeDtypeStruct((b, kv_heads, num_splits, rpad), jnp.float32),
-                     jax.ShapeDtypeStruct((b, kv_heads, num_splits, rpad), jnp.float32)]
-        out_specs = [pl.BlockSpec((None, None, None, rows, h), lambda bi, ki, qi, si: (bi, ki, si, qi, 0)),
-                     pl.BlockSpec((None, None, None, rows), lambda bi, ki, qi, si: (bi, ki, si, qi)),
-                     pl.BlockSpec((None, None, None, rows), lambda bi, ki, qi, si: (bi, ki, si, qi))]
+        out_shape = [jax.ShapeDtypeStruct((num_splits * out_rows, h), jnp.float32),
+                     jax.ShapeDtypeStruct((num_splits * out_rows,), jnp.float32),
+                     jax.ShapeDtypeStruct((num_splits * out_rows,), jnp.float32)]
+        out_specs = [pl.BlockSpec(out_shape[0].shape, whole), pl.BlockSpec(out_shape[1].shape, whole1),
+                     pl.BlockSpec(out_shape[2].shape, whole1)]
     else:
-        out_shape = [jax.ShapeDtypeStruct((b, kv_heads, rpad, h), q.dtype)]
-        out_specs = [pl.BlockSpec((None, None, rows, h), lambda bi, ki, qi, si: (bi, ki, qi, 0))]
-    args = [meta, page_table.astype(jnp.int32), qr, k_flat, v_flat]
+        out_shape = [jax.ShapeDtypeStruct((out_rows, h), q.dtype)]
+        out_specs = [pl.BlockSpec(out_shape[0].shape, whole)]
+    args = [meta, page_table.astype(jnp.int32), q_flat, k_flat, v_flat]
     aliases = {}
     if poison:  # test hook: outputs start as NaN (int outputs none here), so unwritten elements show
         poisons = [jnp.full(s.shape, jnp.nan, s.dtype) for s in out_shape]
@@ -200,7 +217,8 @@ def _rpa_call(q, k_pages, v_pages, page_table, meta, *, scale, split_out, num_sp
     kernel = functools.partial(
         _rpa_kernel, group=group, page_size=page_size, kv_heads=kv_heads, rows=rows, block_k=block_k,
         blocks_per_split=blocks_per_split, num_pages=num_pages, max_pages=max_pages,
-        scale_log2=float(scale) * _LOG2E, split_out=split_out, poisoned=bool(poison))
+        scale_log2=float(scale) * _LOG2E, split_out=split_out, poisoned=bool(poison), q_tokens=t,
+        out_rows=out_rows)
     compiler_params = None
     if not interpret:
         from jax.experimental.pallas import triton as pl_triton  # noqa: PLC0415
@@ -210,22 +228,19 @@ def _rpa_call(q, k_pages, v_pages, page_table, meta, *, scale, split_out, num_sp
     outs = pl.pallas_call(kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
                           input_output_aliases=aliases, interpret=interpret, compiler_params=compiler_params,
                           name="ragged_paged_attention")(*args)
-    return outs
-
-
-def _unfold(o, b, t, n, h, kv_heads):
-    """(B, K, Rpad, H) -> (B, T, N, H)."""
-    group = n // kv_heads
-    o = o[:, :, : t * group].reshape(b, kv_heads, t, group, h).transpose(0, 2, 1, 3, 4)
-    return o.reshape(b, t, n, h)
+    if not split_out:
+        return outs[0][:q_rows].reshape(b, t, n, h)
+    acc, m, l = outs
+    return (acc.reshape(num_splits, out_rows, h)[:, :q_rows], m.reshape(num_splits, out_rows)[:, :q_rows],
+            l.reshape(num_splits, out_rows)[:, :q_rows])
 
 
 def _merge(acc, m, l, ordered: bool = False):
-    """Merge split partials along axis 2: acc (B, K, NS, R, H), m/l (B, K, NS, R) -> (B, K, R, H) f32, zeros where no
-    key was visible. ordered: sum the splits in a fixed order (batch-invariant mode)."""
-    m_all = jnp.max(m, axis=2, keepdims=True)
+    """Merge split partials along axis 0: acc (NS, R, H), m/l (NS, R) -> (R, H) f32, zeros where no key was
+    visible. ordered: sum the splits in a fixed order (batch-invariant mode)."""
+    m_all = jnp.max(m, axis=0, keepdims=True)
     w = jnp.exp2(m - m_all)
-    total = functools.partial(ordered_sum, axis=2) if ordered else functools.partial(jnp.sum, axis=2)
+    total = ordered_sum if ordered else functools.partial(jnp.sum, axis=0)
     num = total(w[..., None] * acc)
     den = total(w * l)
     has = den > 0.0
@@ -274,7 +289,7 @@ def ragged_paged_attention_pallas(q, k_pages, v_pages, page_table, q_lens, kv_le
         outs = _rpa_call(q, k_pages, v_pages, page_table, meta, scale=scale, split_out=True, num_splits=num_splits,
                          rows=rows, block_k=block_k, num_warps=num_warps, num_stages=num_stages,
                          interpret=interpret, poison=poison)
-        return _unfold(_merge(*outs, ordered=True).astype(q.dtype), b, t, n, h, kv_heads)
+        return _merge(*outs, ordered=True).astype(q.dtype).reshape(b, t, n, h)
     rows_r, _ = _pick_tiles(t * (n // kv_heads), h, rows, block_k)
     if num_splits is None:
         split_out = t * (n // kv_heads) <= rows_r  # decode / verify: one row tile per (slot, KV head)
@@ -284,10 +299,8 @@ def ragged_paged_attention_pallas(q, k_pages, v_pages, page_table, q_lens, kv_le
                      num_splits=num_splits if split_out else 1, rows=rows, block_k=block_k, num_warps=num_warps,
                      num_stages=num_stages, interpret=interpret, poison=poison)
     if split_out:
-        o = _merge(*outs).astype(q.dtype)
-    else:
-        o = outs[0]
-    return _unfold(o, b, t, n, h, kv_heads)
+        return _merge(*outs).astype(q.dtype).reshape(b, t, n, h)
+    return outs
 
 
 @functools.partial(jax.jit, static_argnames=("ctx_window", "causal_window", "scale", "num_splits", "rows",
@@ -311,35 +324,28 @@ def drafter_attention_pallas(q, k_block, v_block, k_pages, v_pages, page_table, 
     acc, m, l = _rpa_call(q, k_pages, v_pages, page_table, meta, scale=scale, split_out=True,
                           num_splits=num_splits, rows=rows, block_k=block_k, num_warps=num_warps,
                           num_stages=num_stages, interpret=interpret, poison=poison)
-    rpad = acc.shape[3]
-    # In-block part: (B, K, T*G rows, T keys), same exp2 domain.
-    qr = q.reshape(b, t, kv_heads, group, h).transpose(0, 2, 1, 3, 4).reshape(b, kv_heads, t * group, h)
-    s = jnp.einsum("bkrh,bckh->bkrc", qr, k_block.astype(q.dtype), preferred_element_type=jnp.float32)
+    # In-block part in q's own layout: (B, T, K, G, T keys), same exp2 domain.
+    qg = q.reshape(b, t, kv_heads, group, h)
+    s = jnp.einsum("btkgh,bckh->btkgc", qg, k_block.astype(q.dtype), preferred_element_type=jnp.float32)
     s = s * (scale * _LOG2E)
     if causal_window is not None:
-        tq = jnp.arange(t * group) // group
-        delta = tq[:, None] - jnp.arange(t)[None, :]
-        vis = (delta >= 0) & (delta < causal_window)
-        s = jnp.where(vis[None, None], s, _MASK)
+        delta = jnp.arange(t)[:, None] - jnp.arange(t)[None, :]
+        vis = ((delta >= 0) & (delta < causal_window))[None, :, None, None, :]
+        s = jnp.where(vis, s, _MASK)
     else:
         vis = None
     mb = jnp.max(s, axis=-1)
     pb = jnp.exp2(s - mb[..., None])
     if vis is not None:
-        pb = jnp.where(vis[None, None], pb, 0.0)
+        pb = jnp.where(vis, pb, 0.0)
     lb = jnp.sum(pb, axis=-1)
-    ob = jnp.einsum("bkrc,bckh->bkrh", pb.astype(v_block.dtype), v_block.astype(q.dtype),
+    ob = jnp.einsum("btkgc,bckh->btkgh", pb.astype(v_block.dtype), v_block.astype(q.dtype),
                     preferred_element_type=jnp.float32)
-    pad = rpad - t * group
-    if pad:
-        ob = jnp.pad(ob, ((0, 0), (0, 0), (0, pad), (0, 0)))
-        mb = jnp.pad(mb, ((0, 0), (0, 0), (0, pad)), constant_values=_MASK)
-        lb = jnp.pad(lb, ((0, 0), (0, 0), (0, pad)))
-    acc = jnp.concatenate([acc, ob[:, :, None]], axis=2)
-    m = jnp.concatenate([m, mb[:, :, None]], axis=2)
-    l = jnp.concatenate([l, lb[:, :, None]], axis=2)
-    o = _merge(acc, m, l).astype(q.dtype)
-    return _unfold(o, b, t, n, h, kv_heads)
+    rows_all = b * t * n
+    acc = jnp.concatenate([acc, ob.reshape(1, rows_all, h)], axis=0)
+    m = jnp.concatenate([m, mb.reshape(1, rows_all)], axis=0)
+    l = jnp.concatenate([l, lb.reshape(1, rows_all)], axis=0)
+    return _merge(acc, m, l).astype(q.dtype).reshape(b, t, n, h)
 
 
 def default_impl() -> str:
