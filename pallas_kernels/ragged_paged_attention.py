@@ -101,31 +101,53 @@ def _rpa_kernel(meta_ref, pt_ref, q_ref, k_ref, v_ref, *out_refs, group: int, pa
     q = load(q_ref.at[q_row[:, None], cols], mask=row_mask, other=0.0)  # (R, H) in the input dtype
     kk = lax.broadcasted_iota(jnp.int32, (block_k,), 0)
 
-    def body(j, carry):
+    # Blocks that every valid row of the tile sees whole need no masks: all of a long context but its edges. The
+    # two bodies run the same arithmetic on visible keys (the masks only select), so a block gives the same bits
+    # whichever body takes it, as the batch-invariant mode needs.
+    full_lo = jnp.maximum(jnp.maximum(lo_fixed, t_last + lo_rel), 0)
+    full_hi = jnp.minimum(hi_fixed, t_first + hi_rel)
+    mid_lo = jnp.minimum(jnp.maximum((full_lo + block_k - 1) // block_k, blk_lo), blk_hi)
+    mid_hi = jnp.minimum(jnp.maximum(full_hi // block_k, mid_lo), blk_hi)
+
+    def block(j, carry, masked: bool):
         acc, m, l = carry
         kpos = j * block_k + kk  # (BK,) key positions of this block
-        kin = (kpos >= lo_tile) & (kpos < hi_tile)
         page_slot = jnp.minimum(kpos // page_size, max_pages - 1)
         pages = load(pt_ref.at[page_slot])  # (BK,) page id of each key
         pages = jnp.minimum(jnp.maximum(pages, 0), num_pages - 1)
         krow = ((pages * page_size + kpos % page_size) * kv_heads + kvh)[:, None]  # (BK, 1) rows of the (P*S*K, H) pool
-        kmask = jnp.broadcast_to(kin[:, None], (block_k, head_dim))
-        kb = load(k_ref.at[krow, cols], mask=kmask, other=0.0)  # (BK, H)
-        vb = load(v_ref.at[krow, cols], mask=kmask, other=0.0)
+        if masked:
+            kin = (kpos >= lo_tile) & (kpos < hi_tile)
+            kmask = jnp.broadcast_to(kin[:, None], (block_k, head_dim))
+            kb = load(k_ref.at[krow, cols], mask=kmask, other=0.0)  # (BK, H)
+            vb = load(v_ref.at[krow, cols], mask=kmask, other=0.0)
+        else:
+            kb = load(k_ref.at[krow, cols])
+            vb = load(v_ref.at[krow, cols])
         s = lax.dot_general(q, kb, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * scale_log2
-        valid = (kpos[None, :] < hi_t[:, None]) & (kpos[None, :] >= lo_t[:, None]) & row_ok[:, None]
-        s = jnp.where(valid, s, _MASK)
-        m_new = jnp.maximum(m, jnp.max(s, axis=1))
+        if masked:
+            valid = (kpos[None, :] < hi_t[:, None]) & (kpos[None, :] >= lo_t[:, None]) & row_ok[:, None]
+            m_new = jnp.maximum(m, jnp.max(jnp.where(valid, s, _MASK), axis=1))
+            p = jnp.where(valid, jnp.exp2(s - m_new[:, None]), 0.0)
+        else:
+            m_new = jnp.maximum(m, jnp.max(s, axis=1))
+            p = jnp.exp2(s - m_new[:, None])
         corr = jnp.exp2(m - m_new)
-        p = jnp.where(valid, jnp.exp2(s - m_new[:, None]), 0.0)
         l_new = corr * l + jnp.sum(p, axis=1)
         pv = lax.dot_general(p.astype(vb.dtype), vb, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
         return corr[:, None] * acc + pv, m_new, l_new
 
+    edge = functools.partial(block, masked=True)
     acc0 = jnp.zeros((rows, head_dim), jnp.float32)
     m0 = jnp.full((rows,), _MASK, jnp.float32)
     l0 = jnp.zeros((rows,), jnp.float32)
-    acc, m, l = lax.fori_loop(blk_lo, jnp.maximum(blk_hi, blk_lo), body, (acc0, m0, l0))
+    carry = lax.fori_loop(blk_lo, mid_lo, edge, (acc0, m0, l0))
+    carry = lax.fori_loop(mid_lo, mid_hi, functools.partial(block, masked=False), carry)
+    acc, m, l = lax.fori_loop(mid_hi, blk_hi, edge, carry)
+    # rows past q_len took part in the unmasked blocks: give them what masking everywhere gives (nothing seen)
+    acc = jnp.where(row_ok[:, None], acc, 0.0)
+    m = jnp.where(row_ok, m, _MASK)
+    l = jnp.where(row_ok, l, 0.0)
 
     if split_out:  # partials (NS * out_rows, H) and (NS * out_rows,): split s owns rows [s*out_rows, (s+1)*out_rows)
         o_ref, m_ref, l_ref = out_refs
