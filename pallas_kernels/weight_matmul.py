@@ -451,20 +451,28 @@ def matmul_pallas(x: jax.Array, weight: jax.Array, *, config: TileConfig | None 
 
 # --- dispatch ---------------------------------------------------------------------------------------------------
 
-def default_impl(quantized: bool = False, invariant: bool = False) -> str:
+# Below this many weight elements the portable kernel stays the invariant mode's choice on Hopper too: SmolLM2's
+# products (576 x 960 .. 1536) are launch-bound, and its 8-slot spec step took 2.18 ms with the Mosaic products
+# against 1.84 ms with the portable ones (H200). Chosen by (K, N) alone, so a row's kernel never depends on M.
+MGPU_MIN_WEIGHT_ELEMS = 4 * 1024 * 1024
+
+
+def default_impl(quantized: bool = False, invariant: bool = False, weight_elems: int | None = None) -> str:
     """On a GPU: the Pallas kernel for Q8_0 weights and XLA's own product ('reference') for float weights — on an
     H200 XLA's bf16 product streamed faster than the bf16 kernel (65 vs 55 % of copy bandwidth for a Qwen3-8B layer
     at M=1), while XLA's Q8_0 product (dequantized weights materialized) ran at 13 %, below the Q8_0 kernel
     (BENCHMARKS.md). In the batch-invariant mode (XLA's tiles follow M) fixed-tile kernels: on Hopper the Mosaic GPU
     product for float weights (`weight_matmul_mgpu`: a spec step of the Qwen3-8B shape in 10.7 ms against 12.5 ms
-    with the portable kernel at 8 slots, 16.0 against 21.8 ms at 16; H200), else the portable Pallas kernel. Off GPU:
+    with the portable kernel at 8 slots, 16.0 against 21.8 ms at 16; H200) for weights of at least
+    `MGPU_MIN_WEIGHT_ELEMS` elements, else the portable Pallas kernel. Off GPU:
     the reference. $DFLASH_MATMUL_IMPL (reference|pallas|interpret|mgpu|mgpu_interpret) overrides all of these."""
     env = os.environ.get("DFLASH_MATMUL_IMPL", "").strip().lower()
     if env and env != "auto":
         return env
     if jax.default_backend() != "gpu":
         return "reference"
-    if invariant and not quantized and _is_hopper():
+    big = weight_elems is None or weight_elems >= MGPU_MIN_WEIGHT_ELEMS
+    if invariant and not quantized and big and _is_hopper():
         return "mgpu"
     return "pallas" if quantized or invariant else "reference"
 
@@ -473,8 +481,8 @@ def _is_hopper() -> bool:
     return str(getattr(jax.devices()[0], "compute_capability", "")).startswith("9.")
 
 
-def _resolve(impl: str, quantized: bool, invariant: bool = False) -> str:
-    impl = default_impl(quantized, invariant) if impl == "auto" else impl
+def _resolve(impl: str, quantized: bool, invariant: bool = False, weight_elems: int | None = None) -> str:
+    impl = default_impl(quantized, invariant, weight_elems) if impl == "auto" else impl
     if impl not in ("reference", "pallas", "interpret", "mgpu", "mgpu_interpret"):
         raise ValueError(f"unknown matmul impl {impl!r}; expected auto, reference, pallas, interpret, mgpu or "
                          "mgpu_interpret")
@@ -505,7 +513,7 @@ def linear(x: jax.Array, weight: jax.Array, *, impl: str = "auto", out_dtype=Non
     in Pallas interpret mode: CPU tests only, slow), 'mgpu' (the Mosaic GPU kernel, Hopper; shapes it does not take
     go to XLA, or to the portable kernel in the batch-invariant mode), 'mgpu_interpret'."""
     invariant = is_batch_invariant()
-    impl = _resolve(impl, quantized=False, invariant=invariant)
+    impl = _resolve(impl, quantized=False, invariant=invariant, weight_elems=weight.size)
     if impl.startswith("mgpu"):
         from pallas_kernels import weight_matmul_mgpu as mg  # noqa: PLC0415
         n, k = weight.shape

@@ -17,6 +17,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from converters.gguf_file import TensorInfo  # noqa: E402
 from converters.tensor_map import q8_0_blocks  # noqa: E402
+import pallas_kernels.weight_matmul as wm  # noqa: E402
 from pallas_kernels.weight_matmul import (  # noqa: E402
     TileConfig,
     default_impl,
@@ -186,6 +187,17 @@ def test_dispatch_and_errors(monkeypatch):
     assert default_impl(quantized=False) == "reference"  # XLA's bf16 product measured faster than the kernel
     monkeypatch.setenv("DFLASH_MATMUL_IMPL", "reference")
     assert default_impl(quantized=True) == "reference"
+    monkeypatch.delenv("DFLASH_MATMUL_IMPL")
+    # the invariant mode on a Hopper GPU: Mosaic products for large weights, the portable kernel for small ones
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(wm, "_is_hopper", lambda: True)
+    assert default_impl(invariant=True, weight_elems=4096 * 4096) == "mgpu"
+    assert default_impl(invariant=True, weight_elems=576 * 960) == "pallas"
+    assert default_impl(quantized=True, invariant=True, weight_elems=4096 * 4096) == "pallas"
+    monkeypatch.setattr(wm, "_is_hopper", lambda: False)
+    assert default_impl(invariant=True, weight_elems=4096 * 4096) == "pallas"
+    monkeypatch.undo()
+    monkeypatch.setenv("DFLASH_MATMUL_IMPL", "reference")
     monkeypatch.setenv("DFLASH_MATMUL_IMPL", "interpret")
     x3, q3, s3 = jnp.ones((3, 64), jnp.float32), jnp.ones((64, 8), jnp.int8), jnp.ones((2, 8), jnp.float16)
     np.testing.assert_allclose(np.asarray(q8_0_linear(x3, q3, s3)), 64.0)  # through the interpret kernel
