@@ -33,6 +33,7 @@ from pallas_kernels.weight_matmul import (  # noqa: E402
     q8_0_matmul_reference,
 )
 from pallas_kernels.weight_matmul_mgpu import MgpuConfig, matmul_mgpu, pick_mgpu_config  # noqa: E402
+from pallas_kernels.q8_0_matmul_mgpu import Q8MgpuConfig, pick_q8_mgpu_config, q8_0_matmul_mgpu  # noqa: E402
 
 # (name, K in, N out) of every projection of one layer; the 27B's Gated DeltaNet beta/alpha (5120 -> 48) are left
 # out: 0.5 MB each, launch-bound whatever the kernel.
@@ -92,6 +93,8 @@ VARIANTS = {
     "pallas_q8_0": ("q8_0", lambda x, q, s, cfg=None: q8_0_matmul_pallas(x, q, s, config=cfg,
                                                                            interpret=INTERPRET)),
     "mgpu_bf16": ("bf16", lambda x, w, cfg=None: matmul_mgpu(x, w, config=cfg, interpret=INTERPRET)),
+    # Q8_0 with the weight laid out (N, K), as the Mosaic kernel takes it
+    "mgpu_q8_0": ("q8_0_nk", lambda x, q, s, cfg=None: q8_0_matmul_mgpu(x, q, s, config=cfg, interpret=INTERPRET)),
 }
 
 
@@ -100,7 +103,8 @@ def make_weights(fmt: str, k: int, n: int, copies: int, key):
     if fmt == "bf16":
         gen = jax.jit(lambda kk: (jax.random.normal(kk, (n, k), jnp.float32) * 0.02).astype(jnp.bfloat16))
         return [(gen(kk),) for kk in keys], 2 * k * n
-    gen = jax.jit(lambda kk: (jax.random.randint(kk, (k, n), -127, 128, jnp.int32).astype(jnp.int8),
+    qshape = (n, k) if fmt == "q8_0_nk" else (k, n)
+    gen = jax.jit(lambda kk: (jax.random.randint(kk, qshape, -127, 128, jnp.int32).astype(jnp.int8),
                               jax.random.uniform(kk, (k // Q8_BLOCK, n), jnp.float32, 1e-3, 3e-3).astype(jnp.float16)))
     return [gen(kk) for kk in keys], k * n + 2 * k * n // Q8_BLOCK
 
@@ -127,8 +131,9 @@ def check_kernels() -> dict[str, float]:
     q = jnp.asarray(rng.integers(-127, 128, (k, n)), jnp.int8)
     s = jnp.asarray(rng.uniform(1e-3, 3e-3, (k // Q8_BLOCK, n)), jnp.float16)
     w = jnp.asarray(rng.standard_normal((n, k)) * 0.02, jnp.bfloat16)
-    errs = {"pallas_q8_0": 0.0, "pallas_bf16": 0.0, "mgpu_bf16": 0.0}
-    w_even = w[:n // 64 * 64]  # the Mosaic kernel takes N % 64 == 0
+    errs = {"pallas_q8_0": 0.0, "pallas_bf16": 0.0, "mgpu_bf16": 0.0, "mgpu_q8_0": 0.0}
+    w_even = w[:n // 64 * 64]  # the Mosaic kernels take N % 64 == 0
+    q_nk, s_even = q[:, :n // 64 * 64].T, s[:, :n // 64 * 64]
     for m in (1, 16, 256):
         x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
         pairs = {"pallas_q8_0": (lambda: q8_0_matmul_pallas(x, q, s, interpret=INTERPRET),
@@ -136,7 +141,10 @@ def check_kernels() -> dict[str, float]:
                  "pallas_bf16": (lambda: matmul_pallas(x, w, interpret=INTERPRET),
                                  lambda: jnp.einsum("mk,nk->mn", x, w, preferred_element_type=jnp.float32)),
                  "mgpu_bf16": (lambda: matmul_mgpu(x, w_even, interpret=INTERPRET),
-                               lambda: jnp.einsum("mk,nk->mn", x, w_even, preferred_element_type=jnp.float32))}
+                               lambda: jnp.einsum("mk,nk->mn", x, w_even, preferred_element_type=jnp.float32)),
+                 "mgpu_q8_0": (lambda: q8_0_matmul_mgpu(x, q_nk, s_even, interpret=INTERPRET),
+                               # exact Q8_0 weights (the kernel does not round them to bf16 as the reference does)
+                               lambda: q8_0_matmul_reference(x.astype(jnp.float32), q_nk.T, s_even))}
         for name, (fn, ref_fn) in pairs.items():
             try:
                 got = np.asarray(fn().astype(jnp.float32))
@@ -165,6 +173,7 @@ def main(argv=None) -> None:
     ap.add_argument("--configs-q8", default="", help="BNxBKxWARPSxSTAGES[,..] for --sweep, Q8_0 kernel")
     ap.add_argument("--configs-bf16", default="", help="BNxBKxWARPSxSTAGES[,..] for --sweep, bf16 kernel")
     ap.add_argument("--configs-mgpu", default="", help="BNxBKxSPLITSxSTAGES[,..] for --sweep, Mosaic GPU kernel")
+    ap.add_argument("--configs-mgpu-q8", default="", help="BNxSPLITSxSTAGES[,..] for --sweep, Mosaic GPU Q8_0 kernel")
     ap.add_argument("--plan", default="", help="'MODEL:M,M:VARIANT,VARIANT;...' (overrides --models/--ms/--variants)")
     ap.add_argument("--budget-s", type=float, default=1e9, help="stop starting new measurements after this")
     ap.add_argument("--out", default=None, help="JSONL results file")
@@ -220,7 +229,7 @@ def main(argv=None) -> None:
         for item in a.sweep.split(","):
             k, n, m = (int(v) for v in item.split(":"))
             for variant, texts in (("pallas_q8_0", a.configs_q8), ("pallas_bf16", a.configs_bf16),
-                                   ("mgpu_bf16", a.configs_mgpu)):
+                                   ("mgpu_bf16", a.configs_mgpu), ("mgpu_q8_0", a.configs_mgpu_q8)):
                 quantized = variant.endswith("q8_0")
                 if not texts:
                     continue
@@ -231,6 +240,9 @@ def main(argv=None) -> None:
                         if variant == "mgpu_bf16":
                             cfg = (pick_mgpu_config(m, k, n) if text == "auto"
                                    else MgpuConfig(*(int(v) for v in text.split("x"))))
+                        elif variant == "mgpu_q8_0":
+                            cfg = (pick_q8_mgpu_config(m, k, n) if text == "auto"
+                                   else Q8MgpuConfig(*(int(v) for v in text.split("x"))))
                         else:
                             cfg = (pick_config(m, k, n, quantized) if text == "auto"
                                    else parse_config(text, m, k, n, quantized))

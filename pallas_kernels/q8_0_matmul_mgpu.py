@@ -1,0 +1,152 @@
+"""Q8_0 weight-streaming products `y = x @ dequant(W)` for few rows as a Mosaic GPU kernel (Hopper): int8 weight
+tiles go through a TMA pipeline, are widened to bf16 in registers and fed to `wgmma` as its register operand, and
+each 32-wide block's partial product is scaled by the block's f16 scale in the accumulator's layout.
+
+Same shape of computation as `weight_matmul_mgpu` ("swap AB": y^T = W x^T, the weight tile on the tensor core's M
+side, the few rows of x on its N side, split K with partials summed in a fixed order), but a Q8_0 weight streams a
+little over 1 byte per entry instead of 2. The weight must be laid out (N, K) here (a 64- or 128-row tile is then
+K-contiguous, as a register operand must be); the scales stay (K / 32, N) as `weight_matmul` keeps them, so a
+block's scales for a tile are one contiguous row. The block scaling needs one small product per 32-wide block: a
+pipeline step is one block, and many steps stay in flight.
+
+Arithmetic: x rounded to bf16 times the exact int8 values (|q| <= 127 is exact in bf16), f32 accumulation within a
+block, the block's f16 scale applied in f32. That is the exact Q8_0 product of bf16 x up to summation order. It is
+closer to it than `weight_matmul.q8_0_matmul_reference` with bf16 x, which rounds each dequantized weight to bf16.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from pallas_kernels.invariance import ordered_sum
+from pallas_kernels.weight_matmul import _num_sms
+
+__all__ = ["Q8MgpuConfig", "pick_q8_mgpu_config", "q8_0_matmul_mgpu", "supports_q8", "MAX_ROWS"]
+
+MAX_ROWS = 256
+_BLOCK = 32  # Q8_0 block: one f16 scale per 32 consecutive inputs
+_SMEM_BUDGET = 220 * 1024
+
+
+@dataclass(frozen=True)
+class Q8MgpuConfig:
+    """block_n weight rows per CTA (64 or 128), num_splits K splits, stages = Q8_0 blocks in flight per CTA."""
+    block_n: int
+    num_splits: int
+    stages: int
+
+
+def _rows(m: int) -> int:
+    return max(8, -(-m // 8) * 8)
+
+
+def supports_q8(m: int, k: int, n: int) -> bool:
+    """True when the kernel takes an (M, K) x Q8_0 (K, N) product: N a multiple of 64, K of 32, M <= 256."""
+    return 0 < m <= MAX_ROWS and n % 64 == 0 and k % _BLOCK == 0
+
+
+def _max_stages(mp: int, block_n: int) -> int:
+    per_stage = block_n * _BLOCK + mp * _BLOCK * 2 + block_n * 2
+    return (_SMEM_BUDGET - block_n * min(mp, 64) * 4) // per_stage
+
+
+def pick_q8_mgpu_config(m: int, k: int, n: int, num_sms: int | None = None, *, block_n: int | None = None,
+                        num_splits: int | None = None, stages: int | None = None) -> Q8MgpuConfig:
+    """Tiles for an (M, K) x (K, N) Q8_0 product (given values kept): BN 128 when N has at least half an SM's worth
+    of 128-row tiles, else 64; the fewest K splits (dividing K / 32) that give every SM a CTA; stages up to 16 blocks
+    in flight (small copies need many to cover the memory latency), within shared memory."""
+    num_sms = num_sms or _num_sms()
+    mp = _rows(m)
+    block_n = block_n or (128 if n % 128 == 0 and n // 128 >= num_sms // 2 else 64)
+    blocks = k // _BLOCK
+    if num_splits is None:
+        tiles = n // block_n
+        divisors = [d for d in range(1, blocks + 1) if blocks % d == 0]
+        num_splits = next((d for d in divisors if tiles * d >= num_sms), divisors[-1])
+    stages = stages or max(1, min(16, _max_stages(mp, block_n), blocks // num_splits))
+    return Q8MgpuConfig(block_n, num_splits, stages)
+
+
+def _epi(mp: int) -> int:
+    return next(e for e in range(min(mp, 64), 0, -8) if mp % e == 0)
+
+
+def _kernel_call(x, qt, scales, cfg: Q8MgpuConfig, interpret: bool):
+    from jax.experimental.pallas import mosaic_gpu as plgpu  # noqa: PLC0415  (GPU/interpret only)
+
+    mp, k = x.shape
+    n = qt.shape[0]
+    bn, splits = cfg.block_n, cfg.num_splits
+    steps = k // _BLOCK // splits
+    epi = _epi(mp)
+    q_transforms = (plgpu.TilingTransform((8, _BLOCK)), plgpu.SwizzleTransform(_BLOCK))  # 32 int8 = 32 bytes
+    x_transforms = (plgpu.TilingTransform((8, _BLOCK)), plgpu.SwizzleTransform(2 * _BLOCK))  # 32 bf16 = 64 bytes
+
+    def kernel(x_gmem, q_gmem, s_gmem, o_gmem, o_smem, a_smem=None):
+        ni, si = lax.axis_index("n"), lax.axis_index("s")
+
+        def step(_, q_smem, x_smem, s_smem, total):
+            a = q_smem[...].astype(jnp.bfloat16)  # (BN, 32): exact, |q| <= 127
+            if a_smem is not None:  # the interpreter's wgmma reads its operands from refs only
+                a_smem[...] = a
+                plgpu.commit_smem()
+                a = a_smem
+
+            def block_product(acc_ref):
+                plgpu.wgmma(acc_ref, a, x_smem.T)
+                plgpu.wgmma_wait(0)
+                return acc_ref[...]
+
+            part = pl.run_scoped(block_product, plgpu.ACC((bn, mp), jnp.float32))
+            scale = plgpu.load(s_smem.at[0], layout=plgpu.Layout.WGMMA.reduce(1)).astype(jnp.float32)
+            return total + part * scale[:, None]
+
+        zeros = plgpu.layout_cast(jnp.zeros((bn, mp), jnp.float32), plgpu.Layout.WGMMA)
+        total = plgpu.emit_pipeline(
+            step, grid=(steps,), max_concurrent_steps=cfg.stages, init_carry=zeros,
+            in_specs=[plgpu.BlockSpec((bn, _BLOCK), lambda kk: (ni, si * steps + kk), transforms=q_transforms),
+                      plgpu.BlockSpec((mp, _BLOCK), lambda kk: (0, si * steps + kk), transforms=x_transforms),
+                      plgpu.BlockSpec((1, bn), lambda kk: (si * steps + kk, ni))])(q_gmem, x_gmem, s_gmem)
+        for j in range(mp // epi):
+            if j:
+                plgpu.wait_smem_to_gmem(0)
+            o_smem[...] = total[:, j * epi:(j + 1) * epi]
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[si, pl.ds(ni * bn, bn), pl.ds(j * epi, epi)])
+        plgpu.wait_smem_to_gmem(0)
+
+    scratch = dict(a_smem=plgpu.SMEM((bn, _BLOCK), jnp.bfloat16, transforms=x_transforms)) if interpret else {}
+    f = plgpu.kernel(kernel, out_type=jax.ShapeDtypeStruct((splits, n, mp), jnp.float32),
+                     scratch_types=dict(o_smem=plgpu.SMEM((bn, epi), jnp.float32), **scratch),
+                     grid=(n // bn, splits), grid_names=("n", "s"),
+                     interpret=plgpu.InterpretGPUParams() if interpret else None)
+    return f(x, qt, scales)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "interpret", "out_dtype"))
+def q8_0_matmul_mgpu(x: jax.Array, qt: jax.Array, scales: jax.Array, *, config: Q8MgpuConfig | None = None,
+                     interpret: bool = False, out_dtype=None) -> jax.Array:
+    """x (..., K) @ (q * scale) -> (..., N): qt (N, K) int8 (the transpose of `weight_matmul`'s (K, N) layout),
+    scales (K / 32, N) f16. f32 accumulation; out_dtype defaults to x.dtype."""
+    n, k = qt.shape
+    if x.shape[-1] != k or scales.shape != (k // _BLOCK, n) or qt.dtype != jnp.int8:
+        raise ValueError(f"Q8_0 product: x {x.shape}, weight {qt.shape} {qt.dtype}, scales {scales.shape}; "
+                         f"expected x (..., {k}), int8 weight (N, K), scales ({k // _BLOCK}, {n})")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    m = x2.shape[0]
+    if not supports_q8(m, k, n):
+        raise ValueError(f"Mosaic GPU Q8_0 product does not take M={m} K={k} N={n}; see supports_q8()")
+    cfg = config or pick_q8_mgpu_config(m, k, n)
+    if n % cfg.block_n or (k // _BLOCK) % cfg.num_splits:
+        raise ValueError(f"{cfg} does not tile K={k} N={n}")
+    mp = _rows(m)
+    xp = jnp.pad(x2.astype(jnp.bfloat16), ((0, mp - m), (0, 0)))
+    partials = _kernel_call(xp, qt, scales.astype(jnp.float16), cfg, interpret)  # (splits, N, M8) f32
+    y = ordered_sum(partials)[:, :m].T
+    return y.astype(out_dtype or x.dtype).reshape(*lead, n)
