@@ -35,10 +35,12 @@ _SMEM_BUDGET = 220 * 1024
 
 @dataclass(frozen=True)
 class Q8MgpuConfig:
-    """block_n weight rows per CTA (64 or 128), num_splits K splits, stages = Q8_0 blocks in flight per CTA."""
+    """block_n weight rows per CTA (64 or 128), num_splits K splits, stages = pipeline steps in flight per CTA,
+    blocks Q8_0 blocks per step (their products are issued together and waited for once)."""
     block_n: int
     num_splits: int
     stages: int
+    blocks: int = 1
 
 
 def _rows(m: int) -> int:
@@ -50,26 +52,29 @@ def supports_q8(m: int, k: int, n: int) -> bool:
     return 0 < m <= MAX_ROWS and n % 64 == 0 and k % _BLOCK == 0
 
 
-def _max_stages(mp: int, block_n: int) -> int:
-    per_stage = block_n * _BLOCK + mp * _BLOCK * 2 + block_n * 2
+def _max_stages(mp: int, block_n: int, blocks: int = 1) -> int:
+    per_stage = blocks * (block_n * _BLOCK + mp * _BLOCK * 2 + block_n * 2)
     return (_SMEM_BUDGET - block_n * min(mp, 64) * 4) // per_stage
 
 
 def pick_q8_mgpu_config(m: int, k: int, n: int, num_sms: int | None = None, *, block_n: int | None = None,
-                        num_splits: int | None = None, stages: int | None = None) -> Q8MgpuConfig:
+                        num_splits: int | None = None, stages: int | None = None,
+                        blocks: int | None = None) -> Q8MgpuConfig:
     """Tiles for an (M, K) x (K, N) Q8_0 product (given values kept): BN 128 when N has at least half an SM's worth
-    of 128-row tiles, else 64; the fewest K splits (dividing K / 32) that give every SM a CTA; stages up to 16 blocks
-    in flight (small copies need many to cover the memory latency), within shared memory."""
+    of 128-row tiles, else 64; 4 blocks per step where K allows (one wait per 128 inputs); the fewest K splits that
+    give every SM a CTA; up to 16 blocks in flight (small copies need many to cover the memory latency), within
+    shared memory. Untuned: no GPU has run it yet."""
     num_sms = num_sms or _num_sms()
     mp = _rows(m)
     block_n = block_n or (128 if n % 128 == 0 and n // 128 >= num_sms // 2 else 64)
-    blocks = k // _BLOCK
+    blocks = blocks or next(b for b in (4, 2, 1) if (k // _BLOCK) % b == 0)
+    steps = k // _BLOCK // blocks
     if num_splits is None:
         tiles = n // block_n
-        divisors = [d for d in range(1, blocks + 1) if blocks % d == 0]
+        divisors = [d for d in range(1, steps + 1) if steps % d == 0]
         num_splits = next((d for d in divisors if tiles * d >= num_sms), divisors[-1])
-    stages = stages or max(1, min(16, _max_stages(mp, block_n), blocks // num_splits))
-    return Q8MgpuConfig(block_n, num_splits, stages)
+    stages = stages or max(1, min(16 // blocks, _max_stages(mp, block_n, blocks), steps // num_splits))
+    return Q8MgpuConfig(block_n, num_splits, stages, blocks)
 
 
 def _epi(mp: int) -> int:
@@ -81,9 +86,11 @@ def _kernel_call(x, qt, scales, cfg: Q8MgpuConfig, interpret: bool):
 
     mp, k = x.shape
     n = qt.shape[0]
-    bn, splits = cfg.block_n, cfg.num_splits
-    steps = k // _BLOCK // splits
+    bn, splits, nb = cfg.block_n, cfg.num_splits, cfg.blocks
+    bk = nb * _BLOCK
+    steps = k // bk // splits
     epi = _epi(mp)
+    # One 32-input block per tile column, so a block's slice of a step's tile is whole tiles of shared memory.
     q_transforms = (plgpu.TilingTransform((8, _BLOCK)), plgpu.SwizzleTransform(_BLOCK))  # 32 int8 = 32 bytes
     x_transforms = (plgpu.TilingTransform((8, _BLOCK)), plgpu.SwizzleTransform(2 * _BLOCK))  # 32 bf16 = 64 bytes
 
@@ -91,27 +98,32 @@ def _kernel_call(x, qt, scales, cfg: Q8MgpuConfig, interpret: bool):
         ni, si = lax.axis_index("n"), lax.axis_index("s")
 
         def step(_, q_smem, x_smem, s_smem, total):
-            a = q_smem[...].astype(jnp.bfloat16)  # (BN, 32): exact, |q| <= 127
-            if a_smem is not None:  # the interpreter's wgmma reads its operands from refs only
-                a_smem[...] = a
-                plgpu.commit_smem()
-                a = a_smem
-
-            def block_product(acc_ref):
-                plgpu.wgmma(acc_ref, a, x_smem.T)
+            def block_products(*acc_refs):  # one accumulator per block: each is scaled by its own scales
+                for j, acc_ref in enumerate(acc_refs):
+                    cols = pl.ds(j * _BLOCK, _BLOCK)
+                    a = q_smem[:, cols].astype(jnp.bfloat16)  # (BN, 32): exact, |q| <= 127
+                    if a_smem is not None:  # the interpreter's wgmma reads its operands from refs only
+                        a_smem[...] = a
+                        plgpu.commit_smem()
+                        a = a_smem
+                    plgpu.wgmma(acc_ref, a, x_smem.at[:, cols].T)
+                    if a_smem is not None:
+                        plgpu.wgmma_wait(0)
                 plgpu.wgmma_wait(0)
-                return acc_ref[...]
+                return [acc_ref[...] for acc_ref in acc_refs]
 
-            part = pl.run_scoped(block_product, plgpu.ACC((bn, mp), jnp.float32))
-            scale = plgpu.load(s_smem.at[0], layout=plgpu.Layout.WGMMA.reduce(1)).astype(jnp.float32)
-            return total + part * scale[:, None]
+            parts = pl.run_scoped(block_products, *[plgpu.ACC((bn, mp), jnp.float32)] * nb)
+            for j, part in enumerate(parts):
+                scale = plgpu.load(s_smem.at[j], layout=plgpu.Layout.WGMMA.reduce(1)).astype(jnp.float32)
+                total = total + part * scale[:, None]
+            return total
 
         zeros = plgpu.layout_cast(jnp.zeros((bn, mp), jnp.float32), plgpu.Layout.WGMMA)
         total = plgpu.emit_pipeline(
             step, grid=(steps,), max_concurrent_steps=cfg.stages, init_carry=zeros,
-            in_specs=[plgpu.BlockSpec((bn, _BLOCK), lambda kk: (ni, si * steps + kk), transforms=q_transforms),
-                      plgpu.BlockSpec((mp, _BLOCK), lambda kk: (0, si * steps + kk), transforms=x_transforms),
-                      plgpu.BlockSpec((1, bn), lambda kk: (si * steps + kk, ni))])(q_gmem, x_gmem, s_gmem)
+            in_specs=[plgpu.BlockSpec((bn, bk), lambda kk: (ni, si * steps + kk), transforms=q_transforms),
+                      plgpu.BlockSpec((mp, bk), lambda kk: (0, si * steps + kk), transforms=x_transforms),
+                      plgpu.BlockSpec((nb, bn), lambda kk: (si * steps + kk, ni))])(q_gmem, x_gmem, s_gmem)
         for j in range(mp // epi):
             if j:
                 plgpu.wait_smem_to_gmem(0)
@@ -143,7 +155,7 @@ def q8_0_matmul_mgpu(x: jax.Array, qt: jax.Array, scales: jax.Array, *, config: 
     if not supports_q8(m, k, n):
         raise ValueError(f"Mosaic GPU Q8_0 product does not take M={m} K={k} N={n}; see supports_q8()")
     cfg = config or pick_q8_mgpu_config(m, k, n)
-    if n % cfg.block_n or (k // _BLOCK) % cfg.num_splits:
+    if n % cfg.block_n or (k // _BLOCK) % (cfg.blocks * cfg.num_splits):
         raise ValueError(f"{cfg} does not tile K={k} N={n}")
     mp = _rows(m)
     xp = jnp.pad(x2.astype(jnp.bfloat16), ((0, mp - m), (0, 0)))

@@ -49,11 +49,11 @@ def _is_hopper() -> bool:
     return any(s in jax.devices()[0].device_kind for s in ("H100", "H200"))
 
 
-@pytest.mark.parametrize("m", MS)
-def test_q8_mgpu_matches_gguf_interpret(m):
-    k, n = 192, 128  # 6 Q8_0 blocks in 3 splits; 2 tiles of 64 rows
+@pytest.mark.parametrize("m,blocks", [(m, 2) for m in MS] + [(3, 1)])
+def test_q8_mgpu_matches_gguf_interpret(m, blocks):
+    k, n = 256, 128  # 8 Q8_0 blocks: 2 splits of 2 steps of 2 blocks (or 4 steps of 1); 2 tiles of 64 rows
     x, q, s, deq = _inputs(m, k, n, seed=m)
-    got = np.asarray(q8_0_matmul_mgpu(x, q, s, config=Q8MgpuConfig(64, 3, 2), interpret=True,
+    got = np.asarray(q8_0_matmul_mgpu(x, q, s, config=Q8MgpuConfig(64, 2, 2, blocks), interpret=True,
                                       out_dtype=jnp.float32))
     ref = _reference(x, deq)
     assert got.shape == (m, n) and np.isfinite(got).all()
@@ -65,7 +65,7 @@ def test_q8_mgpu_default_tiles_and_leading_dims_interpret():
     k, n = 128, 256
     x, q, s, deq = _inputs(6, k, n, seed=7)
     cfg = pick_q8_mgpu_config(6, k, n, num_sms=2)
-    assert (cfg.block_n, cfg.num_splits) == (128, 1) and cfg.stages == 4
+    assert (cfg.block_n, cfg.num_splits, cfg.stages, cfg.blocks) == (128, 1, 1, 4)
     got = np.asarray(q8_0_matmul_mgpu(x.reshape(2, 3, k), q, s, config=cfg, interpret=True).astype(jnp.float32))
     ref = _reference(x, deq).reshape(2, 3, n)
     np.testing.assert_allclose(got, ref, rtol=1e-2, atol=1e-2 * np.abs(ref).max())  # bf16 output rounding
@@ -73,8 +73,8 @@ def test_q8_mgpu_default_tiles_and_leading_dims_interpret():
 
 @pytest.mark.parametrize("m,block_n", [(1, 64), (8, 128), (64, 64), (256, 128)])
 def test_q8_mgpu_lowers_for_cuda(m, block_n):
-    """The GPU path (register operand, 16 blocks in flight) through Mosaic GPU's lowering at Qwen3-8B's down
-    projection, without running it."""
+    """The GPU path (register operand, 4 blocks per step, up to 16 in flight) through Mosaic GPU's lowering at
+    Qwen3-8B's down projection, without running it."""
     k, n = 12288, 4096
     cfg = pick_q8_mgpu_config(m, k, n, num_sms=132, block_n=block_n)
     args = (jax.ShapeDtypeStruct((m, k), jnp.bfloat16), jax.ShapeDtypeStruct((n, k), jnp.int8),
@@ -86,7 +86,7 @@ def test_q8_mgpu_lowers_for_cuda(m, block_n):
 
 def test_q8_mgpu_picks_and_rejects():
     cfg = pick_q8_mgpu_config(1, 4096, 4096, num_sms=132)
-    assert cfg.block_n == 64 and 64 * cfg.num_splits >= 132 and 128 % cfg.num_splits == 0
+    assert cfg.block_n == 64 and cfg.blocks == 4 and 64 * cfg.num_splits >= 132 and 32 % cfg.num_splits == 0
     assert pick_q8_mgpu_config(8, 4096, 24576, num_sms=132).block_n == 128
     assert supports_q8(256, 4096, 4096) and not supports_q8(257, 4096, 4096) and not supports_q8(1, 4096, 1000)
     x, q, s, _ = _inputs(2, 64, 128, seed=0)
