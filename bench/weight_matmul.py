@@ -173,7 +173,8 @@ def main(argv=None) -> None:
     ap.add_argument("--configs-q8", default="", help="BNxBKxWARPSxSTAGES[,..] for --sweep, Q8_0 kernel")
     ap.add_argument("--configs-bf16", default="", help="BNxBKxWARPSxSTAGES[,..] for --sweep, bf16 kernel")
     ap.add_argument("--configs-mgpu", default="", help="BNxBKxSPLITSxSTAGES[,..] for --sweep, Mosaic GPU kernel")
-    ap.add_argument("--configs-mgpu-q8", default="", help="BNxSPLITSxSTAGES[xBLOCKS][,..] for --sweep, Mosaic GPU Q8_0 kernel")
+    ap.add_argument("--configs-mgpu-q8", default="",
+                    help="BNxSPLITSxSTAGES[xBLOCKS][,..] for --sweep, Mosaic GPU Q8_0 kernel")
     ap.add_argument("--plan", default="", help="'MODEL:M,M:VARIANT,VARIANT;...' (overrides --models/--ms/--variants)")
     ap.add_argument("--budget-s", type=float, default=1e9, help="stop starting new measurements after this")
     ap.add_argument("--out", default=None, help="JSONL results file")
