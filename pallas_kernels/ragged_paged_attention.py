@@ -11,13 +11,15 @@ the K/V block it loads serves all of them. A tile's rows are gathered from q in 
 results scattered back in that layout: a transpose to (B, K, T*G, H) and back would cost four XLA kernels per layer
 (about 0.55 ms of an 8-slot verify step on the 8B shape). Rows of the last tile beyond T*G are masked; their stores
 point at a few spare rows past the end of the output, distinct per lane, because the interpreter's masked scatter
-writes the old value back and a duplicate index would race with the real row. The program walks the slot's keys in blocks of BK with an online softmax
-(flash attention, f32 accumulation, exp2 domain). Keys are gathered through the page table inside the kernel: for a
-key block the page ids are loaded from the table (a gather of BK int32, cached), then the K/V rows are gathered from
-the page pool viewed as (P*S*K, H) (one contiguous H-row per key), masked beyond the visible range. Grid
-(B, K, row tiles, splits): with splits > 1 (flash decoding, for decode/verify where B*K programs would not fill the
-GPU) each program takes a static share of the key blocks and writes unnormalised partials (acc, m, l) that are
-merged in `jax.numpy`.
+writes the old value back and a duplicate index would race with the real row.
+
+The program walks the slot's keys in blocks of BK with an online softmax (flash attention, f32 accumulation, exp2
+domain). Keys are gathered through the page table inside the kernel: for a key block the page ids are loaded from
+the table (a gather of BK int32, cached), then the K/V rows are gathered from the page pool viewed as (P*S*K, H) (one
+contiguous H-row per key). Only the blocks at the edges of a tile's visible range are masked; the blocks every valid
+row sees whole run without masks. Grid (B, K, row tiles, splits): with splits > 1 (flash decoding, for decode/verify
+where B*K programs would not fill the GPU) each program takes a static share of the key blocks and writes
+unnormalised partials (acc, m, l) that are merged in `jax.numpy`.
 
 Each row t of a slot sees keys in [lo_t, hi_t) with
     hi_t = min(hi_fixed, t + hi_rel),  lo_t = max(lo_fixed, t + lo_rel, 0),  and only rows t < q_len are valid.
