@@ -12,6 +12,7 @@ from converters.tensor_map import check_tensors, fused_path, load_q8_0, load_ten
 from dflash_jax.config import HybridConfig, ModelConfig
 from dflash_jax.models.dense import DenseDecoder
 from dflash_jax.models.hybrid import HybridDecoder
+from pallas_kernels.weight_matmul import q8_0_layout
 
 
 def model_class(cfg: ModelConfig):
@@ -75,6 +76,7 @@ def load_gguf(path: str, dtype=jnp.bfloat16, progress: bool = True,
     q8 = q8_0_linears(g, cfg, expected) if weights == "q8_0" else {}
 
     q8_paths = frozenset(q8.values())
+    q8_layout = q8_0_layout()
     # GGUF tensors that make one parameter: a fused Linear's parts (in output order), else a tensor alone.
     groups: dict[tuple, list[tuple[int, str]]] = {}
     for name, (param_path, _) in expected.items():
@@ -86,8 +88,11 @@ def load_gguf(path: str, dtype=jnp.bfloat16, progress: bool = True,
         out = []
         if name in q8:
             qweight, scales = load_q8_0(g, cfg, name)
+            out_axis = 1
+            if q8_layout == "nk":  # the Mosaic GPU kernel's (out, in) values
+                qweight, out_axis = np.ascontiguousarray(qweight.T), 0
             linear = tuple(int(p) if p.isdigit() else p for p in q8[name].split("."))
-            out += [(fused_path(linear + ("qweight",), q8_paths)[0], qweight, 1),
+            out += [(fused_path(linear + ("qweight",), q8_paths)[0], qweight, out_axis),
                     (fused_path(linear + ("scales",), q8_paths)[0], scales, 1)]
             if name != "token_embd.weight":
                 return out

@@ -486,26 +486,36 @@ def _resolve(impl: str, quantized: bool, invariant: bool = False, weight_elems: 
     if impl not in ("reference", "pallas", "interpret", "mgpu", "mgpu_interpret"):
         raise ValueError(f"unknown matmul impl {impl!r}; expected auto, reference, pallas, interpret, mgpu or "
                          "mgpu_interpret")
-    if impl.startswith("mgpu") and quantized:  # no Q8_0 Mosaic kernel yet: its portable one
-        impl = "pallas" if impl == "mgpu" else "interpret"
     return impl
 
 
-def _mgpu_rows(x, weight, invariant: bool, interpret: bool, out_dtype):
-    """The Mosaic GPU product over any number of rows: more than it takes at once (256) run as 256-row pieces. A
-    row's bits do not depend on the rows beside it (tests/test_weight_matmul_mgpu.py, on the GPU), so the pieces
-    keep the batch-invariant mode's promise for prefill chunks too."""
-    from pallas_kernels import weight_matmul_mgpu as mg  # noqa: PLC0415
-    n, k = weight.shape
+def q8_0_layout() -> str:
+    """How Q8_0 Linears store their int8 values, decided when a model is built: 'nk' (N, K) when Q8_0 products run
+    in the Mosaic GPU kernel (`$DFLASH_MATMUL_IMPL=mgpu|mgpu_interpret`; its register operand is a K-contiguous
+    weight tile), else 'kn' (K, N), the portable kernel's layout. Scales are (K / 32, N) either way."""
+    return "nk" if default_impl(quantized=True).startswith("mgpu") else "kn"
+
+
+def _in_row_pieces(x, n: int, rows: int, product):
+    """product(piece (m, K)) -> (m, N) over any number of rows, `rows` at a time. The Mosaic kernels' rows do not
+    depend on the rows beside them (tested bit for bit on the GPU), so pieces keep the batch-invariant mode's
+    promise for prefill chunks too."""
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, k)
-    outs = []
-    for r in range(0, x2.shape[0], mg.MAX_ROWS):
-        piece = x2[r:r + mg.MAX_ROWS]
-        cfg = mg.invariant_mgpu_config(piece.shape[0], k, n) if invariant else None
-        outs.append(mg.matmul_mgpu(piece, weight, config=cfg, interpret=interpret, out_dtype=out_dtype))
+    x2 = x.reshape(-1, x.shape[-1])
+    outs = [product(x2[r:r + rows]) for r in range(0, x2.shape[0], rows)]
     y = outs[0] if len(outs) == 1 else jnp.concatenate(outs)
     return y.reshape(*lead, n)
+
+
+def _mgpu_rows(x, weight, invariant: bool, interpret: bool, out_dtype):
+    """The Mosaic GPU product over any number of rows, in pieces of the 256 it takes at once."""
+    from pallas_kernels import weight_matmul_mgpu as mg  # noqa: PLC0415
+    n, k = weight.shape
+
+    def product(piece):
+        cfg = mg.invariant_mgpu_config(piece.shape[0], k, n) if invariant else None
+        return mg.matmul_mgpu(piece, weight, config=cfg, interpret=interpret, out_dtype=out_dtype)
+    return _in_row_pieces(x, n, mg.MAX_ROWS, product)
 
 
 def linear(x: jax.Array, weight: jax.Array, *, impl: str = "auto", out_dtype=None) -> jax.Array:
@@ -527,10 +537,23 @@ def linear(x: jax.Array, weight: jax.Array, *, impl: str = "auto", out_dtype=Non
     return matmul_pallas(x, weight, config=config, interpret=impl == "interpret", out_dtype=out_dtype)
 
 
-def q8_0_linear(x: jax.Array, qweight: jax.Array, scales: jax.Array, *, impl: str = "auto") -> jax.Array:
-    """x (..., K) @ dequant(qweight, scales) (K, N), dispatched like `linear`."""
+def q8_0_linear(x: jax.Array, qweight: jax.Array, scales: jax.Array, *, impl: str = "auto",
+                layout: str = "kn") -> jax.Array:
+    """x (..., K) @ dequant(qweight, scales) (K, N), dispatched like `linear`. layout 'nk': qweight is (N, K)
+    (`q8_0_layout`), for the Mosaic GPU kernel; shapes it does not take run transposed in the portable kernel
+    (batch-invariant mode) or XLA."""
     invariant = is_batch_invariant()
     impl = _resolve(impl, quantized=True, invariant=invariant)
+    if layout == "nk":
+        from pallas_kernels import q8_0_matmul_mgpu as mq  # noqa: PLC0415
+        n, k = qweight.shape
+        if impl.startswith("mgpu") and mq.supports_q8(1, k, n):
+            return _in_row_pieces(x, n, mq.MAX_ROWS, lambda piece: mq.q8_0_matmul_mgpu(
+                piece, qweight, scales, interpret=impl == "mgpu_interpret"))
+        qweight = qweight.T
+        impl = ("interpret" if impl == "mgpu_interpret" else "pallas") if invariant else "reference"
+    elif impl.startswith("mgpu"):  # (K, N) values: the portable kernel
+        impl = "interpret" if impl == "mgpu_interpret" else "pallas"
     if impl == "reference":
         return q8_0_matmul_reference(x, qweight, scales)
     config = invariant_config(*qweight.shape, quantized=True) if invariant else None

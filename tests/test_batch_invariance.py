@@ -105,15 +105,20 @@ def test_invariant_tiles_do_not_depend_on_rows():
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("quantized", [False, True], ids=["bf16", "q8_0"])
+@pytest.mark.parametrize("quantized", [False, True, "nk"], ids=["bf16", "q8_0", "q8_0-nk"])
 def test_product_rows_do_not_depend_on_row_count(impl, quantized):
+    """quantized 'nk': Q8_0 values stored (N, K) for the Mosaic GPU Q8_0 kernel (GPU only)."""
+    if quantized == "nk" and impl != "mgpu":
+        pytest.skip("the (N, K) Q8_0 layout is the Mosaic GPU kernel's")
     k, n = (352, 200) if impl == "interpret" else (4096, 1024) if impl == "mgpu" else (4096, 1000)
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((256, k)), jnp.bfloat16)
     if quantized:
         q = jnp.asarray(rng.integers(-127, 128, (k, n)), jnp.int8)
         s = jnp.asarray(rng.uniform(1e-3, 2e-2, (k // 32, n)), jnp.float16)
-        product = lambda a: q8_0_linear(a, q, s, impl=impl)  # noqa: E731
+        layout = "nk" if quantized == "nk" else "kn"
+        q = q.T if layout == "nk" else q
+        product = lambda a: q8_0_linear(a, q, s, impl=impl, layout=layout)  # noqa: E731
     else:
         w = jnp.asarray(rng.standard_normal((n, k)) * 0.05, jnp.bfloat16)
         product = lambda a: linear(a, w, impl=impl)  # noqa: E731

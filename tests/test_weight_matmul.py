@@ -243,6 +243,34 @@ def test_loaded_q8_0_model_matches_dequantized_load(tmp_path):
 
 
 
+def test_q8_0_values_stored_for_the_mosaic_kernel(tmp_path, monkeypatch):
+    """With the Mosaic GPU products chosen ($DFLASH_MATMUL_IMPL=mgpu, here its interpret mode) a Q8_0 file loads its
+    int8 values as (out, in), fused groups included, and the layers' products run in the Mosaic Q8_0 kernel with the
+    results of the (in, out) load through the reference."""
+    from converters.checkpoint import load_model
+    from converters.synthetic import PRESETS, write_random_gguf
+
+    path = tmp_path / "llama-q8.gguf"
+    write_random_gguf(str(path), dataclasses.replace(PRESETS["llama-tiny"], qtype="q8_0"),
+                      "tests/data/vocab/ggml-vocab-qwen2.gguf", seed=3)
+    monkeypatch.delenv("DFLASH_MATMUL_IMPL", raising=False)
+    kn = load_model(path, jnp.float32, weights="q8_0").model.layers[0]
+    monkeypatch.setenv("DFLASH_MATMUL_IMPL", "mgpu_interpret")
+    nk = load_model(path, jnp.float32, weights="q8_0").model.layers[0]
+    rng = np.random.default_rng(0)
+    for part, name in (("self_attn", "qkv_proj"), ("self_attn", "o_proj"), ("mlp", "gate_up_proj"),
+                       ("mlp", "down_proj")):
+        lin_kn, lin_nk = getattr(getattr(kn, part), name), getattr(getattr(nk, part), name)
+        assert (lin_kn.q8_layout, lin_nk.q8_layout) == ("kn", "nk")
+        np.testing.assert_array_equal(np.asarray(lin_nk.qweight[...]), np.asarray(lin_kn.qweight[...]).T)
+        np.testing.assert_array_equal(np.asarray(lin_nk.scales[...]), np.asarray(lin_kn.scales[...]))
+        x = jnp.asarray(rng.standard_normal((3, lin_kn.qweight.shape[0])), jnp.float32)
+        got = np.asarray(lin_nk(x))  # the Mosaic kernel (x rounded to bf16, exact int8 values)
+        monkeypatch.delenv("DFLASH_MATMUL_IMPL")
+        want = np.asarray(lin_kn(x))
+        monkeypatch.setenv("DFLASH_MATMUL_IMPL", "mgpu_interpret")
+        np.testing.assert_allclose(got, want, rtol=1e-2, atol=1e-2 * np.abs(want).max())
+
 def test_mixed_types_keep_separate_linears(tmp_path):
     """A file whose v and up weights are not Q8_0 (as Q4_K_M files mix types): with weights='q8_0' those groups keep
     one Linear per tensor (q, k int8; v float), the others fuse, and the model computes what its float load does."""
