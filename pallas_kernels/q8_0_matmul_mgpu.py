@@ -25,6 +25,7 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels.invariance import ordered_sum
 from pallas_kernels.weight_matmul import _num_sms
+from pallas_kernels.weight_matmul_mgpu import _epi, _rows, store_partial
 
 __all__ = ["Q8MgpuConfig", "pick_q8_mgpu_config", "q8_0_matmul_mgpu", "supports_q8", "MAX_ROWS"]
 
@@ -41,10 +42,6 @@ class Q8MgpuConfig:
     num_splits: int
     stages: int
     blocks: int = 1
-
-
-def _rows(m: int) -> int:
-    return max(8, -(-m // 8) * 8)
 
 
 def supports_q8(m: int, k: int, n: int) -> bool:
@@ -75,10 +72,6 @@ def pick_q8_mgpu_config(m: int, k: int, n: int, num_sms: int | None = None, *, b
         num_splits = next((d for d in divisors if tiles * d >= num_sms), divisors[-1])
     stages = stages or max(1, min(16 // blocks, _max_stages(mp, block_n, blocks), steps // num_splits))
     return Q8MgpuConfig(block_n, num_splits, stages, blocks)
-
-
-def _epi(mp: int) -> int:
-    return next(e for e in range(min(mp, 64), 0, -8) if mp % e == 0)
 
 
 def _kernel_call(x, qt, scales, cfg: Q8MgpuConfig, interpret: bool):
@@ -124,13 +117,7 @@ def _kernel_call(x, qt, scales, cfg: Q8MgpuConfig, interpret: bool):
             in_specs=[plgpu.BlockSpec((bn, bk), lambda kk: (ni, si * steps + kk), transforms=q_transforms),
                       plgpu.BlockSpec((mp, bk), lambda kk: (0, si * steps + kk), transforms=x_transforms),
                       plgpu.BlockSpec((nb, bn), lambda kk: (si * steps + kk, ni))])(q_gmem, x_gmem, s_gmem)
-        for j in range(mp // epi):
-            if j:
-                plgpu.wait_smem_to_gmem(0)
-            o_smem[...] = total[:, j * epi:(j + 1) * epi]
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[si, pl.ds(ni * bn, bn), pl.ds(j * epi, epi)])
-        plgpu.wait_smem_to_gmem(0)
+        store_partial(total, o_smem, o_gmem, si, ni)
 
     scratch = dict(a_smem=plgpu.SMEM((bn, _BLOCK), jnp.bfloat16, transforms=x_transforms)) if interpret else {}
     f = plgpu.kernel(kernel, out_type=jax.ShapeDtypeStruct((splits, n, mp), jnp.float32),

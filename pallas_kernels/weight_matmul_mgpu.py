@@ -106,6 +106,22 @@ def invariant_mgpu_config(m: int, k: int, n: int, num_sms: int | None = None) ->
     return MgpuConfig(64, block_k, splits, stages)
 
 
+def store_partial(acc, o_smem, o_gmem, si, ni) -> None:
+    """A CTA's f32 partial (BN, M8) to o_gmem[si, ni-th BN rows], in column pieces through a small staging buffer
+    (o_smem (BN, `_epi`)), so the pipeline keeps the shared memory."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu  # noqa: PLC0415
+
+    bn, mp = acc.shape
+    epi = o_smem.shape[1]
+    for j in range(mp // epi):
+        if j:
+            plgpu.wait_smem_to_gmem(0)
+        o_smem[...] = acc[:, j * epi:(j + 1) * epi]
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[si, pl.ds(ni * bn, bn), pl.ds(j * epi, epi)])
+    plgpu.wait_smem_to_gmem(0)
+
+
 def _kernel_call(x, weight, cfg: MgpuConfig, interpret: bool):
     from jax.experimental.pallas import mosaic_gpu as plgpu  # noqa: PLC0415  (GPU/interpret only)
 
@@ -134,14 +150,7 @@ def _kernel_call(x, weight, cfg: MgpuConfig, interpret: bool):
                                           delay_release=delay)])(w_gmem, x_gmem)
             return acc_ref[...]
 
-        acc = pl.run_scoped(accumulate, plgpu.ACC((bn, mp), jnp.float32))
-        for j in range(mp // epi):  # through a small staging buffer, so the pipeline keeps the shared memory
-            if j:
-                plgpu.wait_smem_to_gmem(0)
-            o_smem[...] = acc[:, j * epi:(j + 1) * epi]
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[si, pl.ds(ni * bn, bn), pl.ds(j * epi, epi)])
-        plgpu.wait_smem_to_gmem(0)
+        store_partial(pl.run_scoped(accumulate, plgpu.ACC((bn, mp), jnp.float32)), o_smem, o_gmem, si, ni)
 
     f = plgpu.kernel(kernel, out_type=jax.ShapeDtypeStruct((splits, n, mp), jnp.float32),
                      scratch_types=dict(o_smem=plgpu.SMEM((bn, epi), jnp.float32)),
