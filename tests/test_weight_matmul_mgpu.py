@@ -12,7 +12,13 @@ import pytest
 jax = pytest.importorskip("jax")
 import jax.numpy as jnp  # noqa: E402
 
-from pallas_kernels.weight_matmul_mgpu import MgpuConfig, matmul_mgpu, pick_mgpu_config, supports  # noqa: E402
+from pallas_kernels.weight_matmul_mgpu import (  # noqa: E402
+    MgpuConfig,
+    invariant_mgpu_config,
+    matmul_mgpu,
+    pick_mgpu_config,
+    supports,
+)
 
 MS = (1, 3, 8, 16, 64, 128, 250)
 
@@ -62,6 +68,17 @@ def test_mgpu_supports_and_rejects():
         matmul_mgpu(x, w[:64], config=MgpuConfig(64, 128, 2, 2), interpret=True)
 
 
+@pytest.mark.parametrize("m,invariant", [(1, False), (16, False), (128, True), (256, True)])
+def test_mgpu_lowers_for_cuda(m, invariant):
+    """The compiled path through Mosaic GPU's lowering (layout inference included) at Qwen3-8B's down projection,
+    with the default and the batch-invariant tiles, without running it."""
+    k, n = 12288, 4096
+    cfg = invariant_mgpu_config(m, k, n, num_sms=132) if invariant else pick_mgpu_config(m, k, n, num_sms=132)
+    args = (jax.ShapeDtypeStruct((m, k), jnp.bfloat16), jax.ShapeDtypeStruct((n, k), jnp.bfloat16))
+    lowered = jax.jit(lambda x, w: matmul_mgpu(x, w, config=cfg)).trace(*args).lower(lowering_platforms=("cuda",))
+    assert "mosaic_gpu" in lowered.as_text()
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("k,n", [(4096, 4096), (4096, 1024), (4096, 12288), (12288, 4096)])
 def test_mgpu_qwen3_8b_shapes_gpu(k, n):
@@ -109,7 +126,7 @@ def test_linear_dispatch_runs_more_rows_than_one_product_in_pieces(invariant):
 def test_invariant_tiles_fix_the_sum_order_by_shape_alone(k, n):
     """BK and the K splits set a row's order of sums: in the batch-invariant mode they follow (K, N) only, and the
     tiles that follow M (BN, stages) always fit shared memory, up to 256 rows."""
-    from pallas_kernels.weight_matmul_mgpu import _max_stages, _rows, invariant_mgpu_config
+    from pallas_kernels.weight_matmul_mgpu import _max_stages, _rows
 
     cfgs = [invariant_mgpu_config(m, k, n, num_sms=132) for m in (1, 3, 8, 16, 64, 128, 256)]
     assert len({(c.block_k, c.num_splits) for c in cfgs}) == 1
