@@ -340,12 +340,12 @@ def ragged_paged_attention_pallas(q, k_pages, v_pages, page_table, q_lens, kv_le
 
 
 @functools.partial(jax.jit, static_argnames=("ctx_window", "causal_window", "scale", "num_splits", "rows",
-                                             "block_k", "num_warps", "num_stages", "interpret", "poison"))
+                                             "block_k", "num_warps", "num_stages", "interpret", "poison", "mgpu"))
 def drafter_attention_pallas(q, k_block, v_block, k_pages, v_pages, page_table, ctx_lens, ctx_window=None,
                              causal_window=None, *, scale=None, num_splits=None, rows=None, block_k=None,
-                             num_warps=None, num_stages=None, interpret=False, poison=False):
-    """`drafter_attention_reference`'s semantics: the paged context part runs in the Pallas kernel (split partials),
-    the T x T in-block part in jax.numpy, merged by log-sum-exp."""
+                             num_warps=None, num_stages=None, interpret=False, poison=False, mgpu=False):
+    """`drafter_attention_reference`'s semantics: the paged context part runs in the Pallas kernel (split partials;
+    mgpu: the Mosaic GPU kernel's), the T x T in-block part in jax.numpy, merged by log-sum-exp."""
     b, t, n, h = q.shape
     kv_heads = k_pages.shape[2]
     group = n // kv_heads
@@ -357,9 +357,15 @@ def drafter_attention_pallas(q, k_block, v_block, k_pages, v_pages, page_table, 
     lo_rel = z - _BIG if causal_window is None else ctx_lens - causal_window + 1
     # a causal window also hides context keys "after" the query: none, since all context keys precede the block
     meta = jnp.stack([z + t, jnp.minimum(ctx_lens, max_keys), z + _BIG, lo_fixed, lo_rel, z, z, z], axis=1)
-    acc, m, l = _rpa_call(q, k_pages, v_pages, page_table, meta, scale=scale, split_out=True,
-                          num_splits=num_splits, rows=rows, block_k=block_k, num_warps=num_warps,
-                          num_stages=num_stages, interpret=interpret, poison=poison)
+    if mgpu:
+        from pallas_kernels import ragged_paged_attention_mgpu as ma  # noqa: PLC0415
+        splits = num_splits or ma.pick_splits(b, kv_heads, page_table.shape[1], 4)
+        acc, m, l = ma.mgpu_partials(q, k_pages, v_pages, page_table, meta, scale=scale, num_splits=splits,
+                                     interpret=interpret)
+    else:
+        acc, m, l = _rpa_call(q, k_pages, v_pages, page_table, meta, scale=scale, split_out=True,
+                              num_splits=num_splits, rows=rows, block_k=block_k, num_warps=num_warps,
+                              num_stages=num_stages, interpret=interpret, poison=poison)
     # In-block part in q's own layout: (B, T, K, G, T keys), same exp2 domain.
     qg = q.reshape(b, t, kv_heads, group, h)
     s = jnp.einsum("btkgh,bckh->btkgc", qg, k_block.astype(q.dtype), preferred_element_type=jnp.float32)
@@ -385,7 +391,9 @@ def drafter_attention_pallas(q, k_block, v_block, k_pages, v_pages, page_table, 
 
 
 def default_impl() -> str:
-    """'pallas' on a GPU backend, else 'reference'; $DFLASH_ATTENTION_IMPL (reference|pallas|interpret) overrides."""
+    """'pallas' on a GPU backend, else 'reference'; $DFLASH_ATTENTION_IMPL (reference|pallas|interpret|mgpu|
+    mgpu_interpret) overrides. 'mgpu' (Hopper): the Mosaic GPU kernel of `ragged_paged_attention_mgpu` for decode and
+    verify runs, the portable kernel for prefill chunks."""
     env = os.environ.get("DFLASH_ATTENTION_IMPL", "").strip().lower()
     if env and env != "auto":
         return env
@@ -394,9 +402,18 @@ def default_impl() -> str:
 
 def _resolve(impl: str) -> str:
     impl = default_impl() if impl == "auto" else impl
-    if impl not in ("reference", "pallas", "interpret"):
+    if impl not in ("reference", "pallas", "interpret", "mgpu", "mgpu_interpret"):
         raise ValueError(f"unknown attention impl {impl!r}")
     return impl
+
+
+def _mgpu_takes(impl: str, q, k_pages) -> bool:
+    """Whether the Mosaic GPU kernel runs this call (impl mgpu and a decode/verify-sized query run)."""
+    if not impl.startswith("mgpu"):
+        return False
+    from pallas_kernels.ragged_paged_attention_mgpu import supports_mgpu  # noqa: PLC0415
+    _, t, n, h = q.shape
+    return supports_mgpu(t, n, k_pages.shape[2], h, k_pages.shape[1], q.dtype)
 
 
 def ragged_paged_attention(q, k_pages, v_pages, page_table, q_lens, kv_lens, *, impl: str = "auto",
@@ -407,8 +424,12 @@ def ragged_paged_attention(q, k_pages, v_pages, page_table, q_lens, kv_lens, *, 
     impl = _resolve(impl)
     if impl == "reference":
         return paged_attention_reference(q, k_pages, v_pages, page_table, q_lens, kv_lens, scale=scale)
+    if _mgpu_takes(impl, q, k_pages):
+        from pallas_kernels.ragged_paged_attention_mgpu import ragged_paged_attention_mgpu  # noqa: PLC0415
+        return ragged_paged_attention_mgpu(q, k_pages, v_pages, page_table, q_lens, kv_lens, scale=scale,
+                                           invariant=is_batch_invariant(), interpret=impl == "mgpu_interpret")
     return ragged_paged_attention_pallas(q, k_pages, v_pages, page_table, q_lens, kv_lens, scale=scale,
-                                         interpret=impl == "interpret", invariant=is_batch_invariant())
+                                         interpret=impl.endswith("interpret"), invariant=is_batch_invariant())
 
 
 def drafter_attention(q, k_block, v_block, k_pages, v_pages, page_table, ctx_lens, ctx_window=None,
@@ -419,4 +440,5 @@ def drafter_attention(q, k_block, v_block, k_pages, v_pages, page_table, ctx_len
         return drafter_attention_reference(q, k_block, v_block, k_pages, v_pages, page_table, ctx_lens,
                                            ctx_window, causal_window, scale=scale)
     return drafter_attention_pallas(q, k_block, v_block, k_pages, v_pages, page_table, ctx_lens, ctx_window,
-                                    causal_window, scale=scale, interpret=impl == "interpret")
+                                    causal_window, scale=scale, interpret=impl.endswith("interpret"),
+                                    mgpu=_mgpu_takes(impl, q, k_pages))
