@@ -23,10 +23,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 
 from pallas_kernels.paged_attention import paged_attention_reference  # noqa: E402
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention_pallas  # noqa: E402
+from pallas_kernels.ragged_paged_attention_mgpu import ragged_paged_attention_mgpu, supports_mgpu  # noqa: E402
 
 
 def timeit(fn, args, iters, reps):
@@ -77,6 +77,9 @@ def main():
     ap.add_argument("--splits", default="", help="extra num_splits values to time for the kernel, e.g. 4,8,16")
     ap.add_argument("--tune", default="",
                     help="kernel variants to time, ';'-separated 'block_k,num_warps,num_stages,num_splits' (0 = default)")
+    ap.add_argument("--mgpu", default="",
+                    help="Mosaic GPU kernel variants, ';'-separated 'pages_per_step,stages,num_splits' (0 = default), "
+                         "e.g. '0,0,0;2,3,0' (decode/verify runs only; Hopper)")
     ap.add_argument("--no-ref", action="store_true", help="skip the XLA reference")
     ap.add_argument("--ref-max-bytes", type=float, default=6e9,
                     help="skip the reference where its gathered K/V copy would exceed this many bytes")
@@ -105,12 +108,20 @@ def main():
                     bk, nw, ns, sp = (int(x) or None for x in v.split(","))
                     impls.append((f"pallas bk={bk} warps={nw} stages={ns} splits={sp}",
                                   dict(block_k=bk, num_warps=nw, num_stages=ns, num_splits=sp)))
+                if supports_mgpu(t, a.heads, a.kv_heads, a.head_dim, a.page_size, jnp.bfloat16):
+                    for v in [v for v in a.mgpu.split(";") if v]:
+                        pps, st, sp = (int(x) for x in v.split(","))
+                        impls.append((f"mgpu pages/step={pps or 4} stages={st or 2} splits={sp or 'auto'}",
+                                      ("mgpu", dict(pages_per_step=pps or 4, stages=st or 2, num_splits=sp or None))))
                 gather_bytes = b * ctx * a.kv_heads * a.head_dim * 2 * 2
                 if not a.no_ref and gather_bytes <= a.ref_max_bytes:
                     impls.append(("xla reference", "ref"))
                 for name, opt in impls:
                     if opt == "ref":
                         fn = ref_fn
+                    elif isinstance(opt, tuple):
+                        fn = jax.jit(lambda *xs, _o=opt[1]: ragged_paged_attention_mgpu(
+                            *xs, interpret=a.interpret, **_o))
                     elif isinstance(opt, dict):
                         fn = jax.jit(lambda *xs, _o=opt: ragged_paged_attention_pallas(
                             *xs, interpret=a.interpret, **_o))
