@@ -92,16 +92,17 @@ def _kernel_call(meta, page_table, qr, k_pages, v_pages, *, group: int, splits: 
             k_refs, v_refs = refs[:pps], refs[pps:]
             acc, m, l = carry
             base = (first + indices[0]) * step_keys
+            def qk(*acc_refs):  # all the step's pages issued together, waited for once
+                for acc_ref, k_ref in zip(acc_refs, k_refs):
+                    plgpu.wgmma(acc_ref, q_smem, k_ref.T)
+                plgpu.wgmma_wait(0)
+                return [acc_ref[...] for acc_ref in acc_refs]
+            raw = pl.run_scoped(qk, *[plgpu.ACC((ROWS, page_size), jnp.float32)] * pps)
             scores = []
-            for i in range(pps):
-                def qk(acc_ref, i=i):
-                    plgpu.wgmma(acc_ref, q_smem, k_refs[i].T)
-                    plgpu.wgmma_wait(0)
-                    return acc_ref[...]
-                s = pl.run_scoped(qk, plgpu.ACC((ROWS, page_size), jnp.float32)) * scale_log2
+            for i, s in enumerate(raw):
                 kpos = base + i * page_size + cols
                 valid = (kpos < hi_t) & (kpos >= lo_t) & row_ok
-                scores.append((s, valid))
+                scores.append((s * scale_log2, valid))
             m_new = m
             for s, valid in scores:
                 m_new = jnp.maximum(m_new, jnp.where(valid, s, _MASK).max(axis=1))
