@@ -34,10 +34,14 @@ IMPLS = [pytest.param("interpret", id="interpret"), pytest.param("pallas", id="g
 
 
 def _use(monkeypatch, impl: str, *names: str) -> None:
-    """Point the kernels at impl: 'mgpu' = the Mosaic GPU product (Hopper) with the portable kernels for the rest."""
+    """Point the kernels at impl: 'mgpu' = the Mosaic GPU product (Hopper) with the portable kernels for the rest;
+    'mgpu-all' = the Mosaic GPU product and attention."""
+    mosaic = {"mgpu": ("DFLASH_MATMUL_IMPL",), "mgpu-all": ("DFLASH_MATMUL_IMPL", "DFLASH_ATTENTION_IMPL")}
     for var in names:
-        monkeypatch.setenv(var, "mgpu" if impl == "mgpu" and var == "DFLASH_MATMUL_IMPL" else
-                           "pallas" if impl == "mgpu" else impl)
+        if impl in mosaic:
+            monkeypatch.setenv(var, "mgpu" if var in mosaic[impl] else "pallas")
+        else:
+            monkeypatch.setenv(var, impl)
 
 
 def _same_bits(a, b) -> bool:
@@ -131,7 +135,8 @@ def test_product_rows_do_not_depend_on_row_count(impl, quantized):
         assert _same_bits(full[m], full[256][:m]), f"M={m} is not a prefix of M=256"
 
 
-@pytest.mark.parametrize("impl", IMPLS[:2])
+@pytest.mark.parametrize("impl", IMPLS[:2] + [pytest.param("mgpu_interpret", id="mgpu-interpret"),
+                                              pytest.param("mgpu", id="gpu-mgpu", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("group", [1, 3])
 def test_attention_query_does_not_depend_on_run_or_batch(impl, group):
     """The verify run's query t sees exactly the keys a decode query at that position sees; each must come out in the
@@ -278,6 +283,7 @@ def bf16_target(tmp_path_factory):
     *[pytest.param("pallas", n, inj, id=f"gpu-{n}-{'injected' if inj else 'random'}", marks=pytest.mark.gpu)
       for n in (1, 2, 8, 16) for inj in (True, False)],
     pytest.param("mgpu", 8, False, id="gpu-mgpu-8-random", marks=pytest.mark.gpu),
+    pytest.param("mgpu-all", 8, True, id="gpu-mgpu-all-8-injected", marks=pytest.mark.gpu),
 ])
 def test_dflash_equals_plain_in_bf16_with_every_slot_speculating(bf16_target, impl, slots, inject, monkeypatch):
     """Plain decoding one request at a time against DFlash with `slots` slots speculating, injected drafts (long
