@@ -359,9 +359,10 @@ def drafter_attention_pallas(q, k_block, v_block, k_pages, v_pages, page_table, 
     meta = jnp.stack([z + t, jnp.minimum(ctx_lens, max_keys), z + _BIG, lo_fixed, lo_rel, z, z, z], axis=1)
     if mgpu:
         from pallas_kernels import ragged_paged_attention_mgpu as ma  # noqa: PLC0415
-        splits = num_splits or ma.pick_splits(b, kv_heads, page_table.shape[1], 4)
+        pps, stages = ma.pick_tiles(h, k_pages.shape[1])
+        splits = num_splits or ma.pick_splits(b, kv_heads, page_table.shape[1], pps)
         acc, m, l = ma.mgpu_partials(q, k_pages, v_pages, page_table, meta, scale=scale, num_splits=splits,
-                                     interpret=interpret)
+                                     pages_per_step=pps, stages=stages, interpret=interpret)
     else:
         acc, m, l = _rpa_call(q, k_pages, v_pages, page_table, meta, scale=scale, split_out=True,
                               num_splits=num_splits, rows=rows, block_k=block_k, num_warps=num_warps,

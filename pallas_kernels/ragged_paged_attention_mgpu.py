@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-__all__ = ["ragged_paged_attention_mgpu", "mgpu_partials", "pick_splits", "supports_mgpu", "ROWS"]
+__all__ = ["ragged_paged_attention_mgpu", "mgpu_partials", "pick_splits", "pick_tiles", "supports_mgpu", "ROWS"]
 
 ROWS = 64  # query rows per program: wgmma's M side
 _MASK = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -187,6 +187,18 @@ def mgpu_partials(q, k_pages, v_pages, page_table, meta, *, scale: float, num_sp
     return unfold(acc), unfold(m), unfold(l)
 
 
+_SMEM_BUDGET = 220 * 1024
+
+
+def pick_tiles(head_dim: int, page_size: int) -> tuple[int, int]:
+    """(pages_per_step, stages) that fit shared memory: 4 pages a step (2 at head dim 256), up to 3 steps in
+    flight, beside the query tile and the f32 output staging tile."""
+    pps = 4 if head_dim <= 128 else 2
+    fixed = ROWS * head_dim * (2 + 4) + 2 * ROWS * 4
+    per_stage = pps * 2 * page_size * head_dim * 2
+    return pps, max(1, min(3, (_SMEM_BUDGET - fixed) // per_stage))
+
+
 def pick_splits(batch: int, kv_heads: int, max_pages: int, pages_per_step: int, invariant: bool = False,
                 num_sms: int | None = None) -> int:
     """Key splits: about two programs per SM, at most one per pipeline step of the slot's capacity. In the
@@ -200,8 +212,8 @@ def pick_splits(batch: int, kv_heads: int, max_pages: int, pages_per_step: int, 
 
 
 def ragged_paged_attention_mgpu(q, k_pages, v_pages, page_table, q_lens, kv_lens, *, scale=None,
-                                num_splits: int | None = None, pages_per_step: int = 4, stages: int = 2,
-                                invariant: bool = False, interpret: bool = False):
+                                num_splits: int | None = None, pages_per_step: int | None = None,
+                                stages: int | None = None, invariant: bool = False, interpret: bool = False):
     """`paged_attention_reference`'s semantics for decode / verify runs (`supports_mgpu`). Returns (B, T, N, H).
     invariant: splits fixed by the slot's capacity and summed in a fixed order (the batch-invariant mode)."""
     from pallas_kernels.ragged_paged_attention import _merge, _paged_meta  # noqa: PLC0415
@@ -209,6 +221,8 @@ def ragged_paged_attention_mgpu(q, k_pages, v_pages, page_table, q_lens, kv_lens
     b, t, n, h = q.shape
     scale = h ** -0.5 if scale is None else scale
     meta = _paged_meta(q_lens, kv_lens, page_table.shape[1] * k_pages.shape[1])
+    auto_pps, auto_stages = pick_tiles(h, k_pages.shape[1])
+    pages_per_step, stages = pages_per_step or auto_pps, stages or auto_stages
     splits = num_splits or pick_splits(b, k_pages.shape[2], page_table.shape[1], pages_per_step, invariant)
     acc, m, l = mgpu_partials(q, k_pages, v_pages, page_table, meta, scale=scale, num_splits=splits,
                               pages_per_step=pages_per_step, stages=stages, interpret=interpret)
