@@ -258,6 +258,7 @@ def main(argv=None) -> None:
     p.add_argument("--compile-cache", default=None, help="persistent XLA compilation cache directory")
     p.add_argument("--gdn-impl", default=None, help="sets $DFLASH_GDN_IMPL (reference|pallas) before tracing")
     p.add_argument("--matmul-impl", default=None, help="sets $DFLASH_MATMUL_IMPL (reference|pallas|mgpu)")
+    p.add_argument("--attention-impl", default=None, help="sets $DFLASH_ATTENTION_IMPL (reference|pallas|mgpu)")
     p.add_argument("--batch-invariant", action="store_true", help="steps in the batch-invariant mode")
     p.add_argument("--profile", default="", help="B:step pairs to trace with jax.profiler, e.g. 8:plain,8:spec")
     p.add_argument("--dry-run", action="store_true",
@@ -266,7 +267,8 @@ def main(argv=None) -> None:
     a = p.parse_args(argv)
     FULL_SAMPLING["full"] = a.sampled
     INVARIANT["on"] = a.batch_invariant
-    for flag, env in ((a.gdn_impl, "DFLASH_GDN_IMPL"), (a.matmul_impl, "DFLASH_MATMUL_IMPL")):
+    for flag, env in ((a.gdn_impl, "DFLASH_GDN_IMPL"), (a.matmul_impl, "DFLASH_MATMUL_IMPL"),
+                      (a.attention_impl, "DFLASH_ATTENTION_IMPL")):
         if flag:
             os.environ[env] = flag
     if a.compile_cache:
@@ -333,6 +335,7 @@ def main(argv=None) -> None:
                "ctx": a.ctx, "drafter_layers": dcfg.num_layers, "sampled": a.sampled,
                "gdn_impl": os.environ.get("DFLASH_GDN_IMPL", "auto"),
                "matmul_impl": os.environ.get("DFLASH_MATMUL_IMPL", "auto"), "batch_invariant": a.batch_invariant,
+               "attention_impl": os.environ.get("DFLASH_ATTENTION_IMPL", "auto"),
                "param_GB": nbytes["all"] / GB, "drafter_GB": dbytes["all"] / GB,
                "slot_bytes": slot}
         for name in steps_wanted:
