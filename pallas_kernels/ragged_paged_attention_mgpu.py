@@ -5,10 +5,11 @@ T = 16 with up to 4 query heads per KV head); prefill chunks stay on the portabl
 `ragged_paged_attention`: B slots, T queries per slot, N query heads, K KV heads, G = N // K, H head dim, P pages,
 S page size, M max pages per slot.
 
-A program takes one (slot, KV head, key split). Its T*G query rows (row r: query t = r // G, head g = r % G, padded
-to 64, the wgmma M side) are copied once into shared memory; the split's pages stream through an
-`emit_pipeline` of TMA copies, `pages_per_step` pages of K and of V per step, each page found through the page table
-(read from GMEM inside the index map). Per page: S = Q K^T (64 x S, f32) on the tensor cores, the masks of
+A program takes one (slot, KV head, key split). Its T*G query rows (padded to 64, the wgmma M side) are copied once
+into shared memory: for a verify run (T a multiple of 8) straight from q, one TMA copy per query head (rows g-major),
+its partial written back the same way, so no XLA transpose surrounds the kernel; for decode, rows t-major from a
+free reshape. The split's pages stream through an `emit_pipeline` of TMA copies, `pages_per_step` pages of K and of
+V per step, each page found through the page table (read from GMEM inside the index map). Per page: S = Q K^T (64 x S, f32) on the tensor cores, the masks of
 `ragged_paged_attention` (rows past q_len, keys outside [lo_t, hi_t)), an online softmax in the exp2 domain, and
 P V with P as the register operand. The pipeline's length is the split's visible pages, so a short context reads only
 its own pages. Outputs are the split partials (acc, m, l) merged in `jax.numpy` as the portable kernel's are.
@@ -40,11 +41,17 @@ def supports_mgpu(t: int, n: int, kv_heads: int, head_dim: int, page_size: int, 
             and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)))
 
 
-def _kernel_call(meta, page_table, qr, k_pages, v_pages, *, group: int, splits: int, pages_per_step: int,
-                 stages: int, scale_log2: float, interpret: bool):
+def _kernel_call(meta, page_table, q, k_pages, v_pages, *, group: int, splits: int, pages_per_step: int,
+                 stages: int, scale_log2: float, direct: bool, interpret: bool):
+    """q either (B, K, 64, H), rows t-major and padded (`folded`), or q itself (B, T, N, H) with T a multiple of 8
+    (`direct`): then the tile's rows are g-major (row r: head g = r // T, query t = r % T), each head's T rows one TMA
+    copy straight from q, and the partial acc goes straight to (NS, B, T, N, H), so neither needs an XLA transpose.
+    Returns acc (B, K, NS, 64, H) or (NS, B, T, N, H), and m, l (B, K, NS, 64) in the tile's row order."""
     from jax.experimental.pallas import mosaic_gpu as plgpu  # noqa: PLC0415  (GPU/interpret only)
 
-    b, kv_heads, _, h = qr.shape
+    kv_heads = k_pages.shape[2]
+    b, h = q.shape[0], q.shape[3]
+    t_run = q.shape[1] if direct else None
     num_pages, page_size = k_pages.shape[:2]
     max_pages = page_table.shape[1]
     pps = pages_per_step
@@ -62,7 +69,12 @@ def _kernel_call(meta, page_table, qr, k_pages, v_pages, *, group: int, splits: 
         bi, ki, si = lax.axis_index("b"), lax.axis_index("k"), lax.axis_index("s")
         q_len, hi_fixed, hi_rel = meta_gmem[bi, 0], meta_gmem[bi, 1], meta_gmem[bi, 2]
         lo_fixed, lo_rel = meta_gmem[bi, 3], meta_gmem[bi, 4]
-        plgpu.copy_gmem_to_smem(q_gmem.at[bi, ki], q_smem, q_barrier)
+        if direct:
+            for g in range(group):
+                plgpu.copy_gmem_to_smem(q_gmem.at[bi, :, ki * group + g], q_smem.at[pl.ds(g * t_run, t_run)],
+                                        q_barrier)
+        else:
+            plgpu.copy_gmem_to_smem(q_gmem.at[bi, ki], q_smem, q_barrier)
 
         # The tile's key range (rows are ordered by t; hi and lo grow with t), in pipeline steps of this split.
         hi_tile = jnp.where(q_len > 0, jnp.minimum(hi_fixed, q_len - 1 + hi_rel), 0)
@@ -81,10 +93,10 @@ def _kernel_call(meta, page_table, qr, k_pages, v_pages, *, group: int, splits: 
         wgmma_layout = plgpu.Layout.WGMMA
         rows = plgpu.broadcasted_iota(jnp.int32, (ROWS, page_size), 0, layout=wgmma_layout)
         cols = plgpu.broadcasted_iota(jnp.int32, (ROWS, page_size), 1, layout=wgmma_layout)
-        t = rows // group
+        t = rows % t_run if direct else rows // group
         hi_t = jnp.minimum(hi_fixed, t + hi_rel)
         lo_t = jnp.maximum(jnp.maximum(lo_fixed, t + lo_rel), 0)
-        row_ok = t < q_len
+        row_ok = (t < q_len) & (rows < t_run * group) if direct else t < q_len  # direct: unfilled rows past G*T
         plgpu.barrier_wait(q_barrier)
 
         def step(indices, *refs):
@@ -113,7 +125,7 @@ def _kernel_call(meta, page_table, qr, k_pages, v_pages, *, group: int, splits: 
             for s, valid in scores:
                 p = jnp.where(valid, jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0])), 0.0)
                 l = l + p.sum(axis=1)
-                probs.append(p.astype(qr.dtype))
+                probs.append(p.astype(q.dtype))
 
             operands = probs
             if p_smem is not None:  # the interpreter's wgmma reads its operands from refs only
@@ -144,22 +156,28 @@ def _kernel_call(meta, page_table, qr, k_pages, v_pages, *, group: int, splits: 
         m_smem[...] = m
         l_smem[...] = l
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[bi, ki, si])
+        if direct:
+            for g in range(group):
+                plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(g * t_run, t_run)], o_gmem.at[si, bi, :, ki * group + g])
+        else:
+            plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[bi, ki, si])
         plgpu.copy_smem_to_gmem(m_smem, m_gmem.at[bi, ki, si])
         plgpu.copy_smem_to_gmem(l_smem, l_gmem.at[bi, ki, si])
         plgpu.wait_smem_to_gmem(0)
 
-    scratch = dict(q_smem=plgpu.SMEM((ROWS, h), qr.dtype, transforms=transforms),
+    scratch = dict(q_smem=plgpu.SMEM((ROWS, h), q.dtype, transforms=transforms),
                    o_smem=plgpu.SMEM((ROWS, h), jnp.float32), m_smem=plgpu.SMEM((ROWS,), jnp.float32),
-                   l_smem=plgpu.SMEM((ROWS,), jnp.float32), q_barrier=plgpu.Barrier(num_arrivals=1))
+                   l_smem=plgpu.SMEM((ROWS,), jnp.float32),
+                   q_barrier=plgpu.Barrier(num_arrivals=group if direct else 1))
     if interpret:
-        scratch["p_smem"] = plgpu.SMEM((pps, ROWS, page_size), qr.dtype, transforms=p_transforms)
-    out_type = (jax.ShapeDtypeStruct((b, kv_heads, splits, ROWS, h), jnp.float32),
+        scratch["p_smem"] = plgpu.SMEM((pps, ROWS, page_size), q.dtype, transforms=p_transforms)
+    acc_shape = (splits, b, t_run, kv_heads * group, h) if direct else (b, kv_heads, splits, ROWS, h)
+    out_type = (jax.ShapeDtypeStruct(acc_shape, jnp.float32),
                 jax.ShapeDtypeStruct((b, kv_heads, splits, ROWS), jnp.float32),
                 jax.ShapeDtypeStruct((b, kv_heads, splits, ROWS), jnp.float32))
     f = plgpu.kernel(kernel, out_type=out_type, scratch_types=scratch, grid=(b, kv_heads, splits),
                      grid_names=("b", "k", "s"), interpret=plgpu.InterpretGPUParams() if interpret else None)
-    return f(meta, page_table, qr, k_pages, v_pages)
+    return f(meta, page_table, q, k_pages, v_pages)
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "num_splits", "pages_per_step", "stages", "interpret"))
@@ -174,17 +192,26 @@ def mgpu_partials(q, k_pages, v_pages, page_table, meta, *, scale: float, num_sp
         raise ValueError(f"Mosaic GPU attention does not take T={t} N={n} K={kv_heads} H={h} "
                          f"page size {k_pages.shape[1]} {q.dtype}; see supports_mgpu()")
     rows = t * group
-    qr = q.reshape(b, t, kv_heads, group, h).transpose(0, 2, 1, 3, 4).reshape(b, kv_heads, rows, h)
-    qr = jnp.pad(qr, ((0, 0), (0, 0), (0, ROWS - rows), (0, 0)))
-    acc, m, l = _kernel_call(meta, page_table.astype(jnp.int32), qr, k_pages, v_pages, group=group,
+    direct = t % 8 == 0  # whole 8-row tiles per head (verify); decode's fold is a free reshape anyway
+    if direct:
+        qk = q
+    else:
+        qk = q.reshape(b, t, kv_heads, group, h).transpose(0, 2, 1, 3, 4).reshape(b, kv_heads, rows, h)
+        qk = jnp.pad(qk, ((0, 0), (0, 0), (0, ROWS - rows), (0, 0)))
+    acc, m, l = _kernel_call(meta, page_table.astype(jnp.int32), qk, k_pages, v_pages, group=group,
                              splits=num_splits, pages_per_step=pages_per_step, stages=stages,
-                             scale_log2=float(scale) * _LOG2E, interpret=interpret)
+                             scale_log2=float(scale) * _LOG2E, direct=direct, interpret=interpret)
 
-    def unfold(x):  # (B, K, NS, 64, ...) -> (NS, B*T*N, ...) in q's row order
-        x = x[:, :, :, :rows].reshape(b, kv_heads, num_splits, t, group, *x.shape[4:])
+    def unfold(x):  # (B, K, NS, 64, ...) in the tile's row order -> (NS, B*T*N, ...) in q's
+        x = x[:, :, :, :rows]
+        if direct:  # rows g-major
+            x = x.reshape(b, kv_heads, num_splits, group, t, *x.shape[4:]).swapaxes(3, 4)
+        else:
+            x = x.reshape(b, kv_heads, num_splits, t, group, *x.shape[4:])
         x = jnp.moveaxis(x, 2, 0).transpose(0, 1, 3, 2, 4, *range(5, x.ndim))
         return x.reshape(num_splits, b * t * n, *x.shape[5:])
-    return unfold(acc), unfold(m), unfold(l)
+    acc = acc.reshape(num_splits, b * t * n, h) if direct else unfold(acc)
+    return acc, unfold(m), unfold(l)
 
 
 _SMEM_BUDGET = 220 * 1024
