@@ -87,10 +87,8 @@ def load_gguf(path: str, dtype=jnp.bfloat16, progress: bool = True,
         """(model parameter path, numpy array, output axis) of everything GGUF tensor `name` fills."""
         out = []
         if name in q8:
-            qweight, scales = load_q8_0(g, cfg, name)
-            out_axis = 1
-            if q8_layout == "nk":  # the Mosaic GPU kernel's (out, in) values
-                qweight, out_axis = np.ascontiguousarray(qweight.T), 0
+            qweight, scales = load_q8_0(g, cfg, name, q8_layout)
+            out_axis = 0 if q8_layout == "nk" else 1  # parts of a fused Linear stack along the output axis
             linear = tuple(int(p) if p.isdigit() else p for p in q8[name].split("."))
             out += [(fused_path(linear + ("qweight",), q8_paths)[0], qweight, out_axis),
                     (fused_path(linear + ("scales",), q8_paths)[0], scales, 1)]

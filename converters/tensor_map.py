@@ -126,13 +126,14 @@ def fused_path(path: tuple, q8_linears: frozenset[str]) -> tuple[tuple, int]:
     return path[:-2] + (group, path[-1]), FUSED[group].index(path[-2])
 
 
-def load_q8_0(g: GGUFFile, cfg: ModelConfig, name: str) -> tuple[np.ndarray, np.ndarray]:
-    """A Q8_0 projection as pallas_kernels.weight_matmul wants it: values (in, out) int8, scales (in / 32, out) f16."""
+def load_q8_0(g: GGUFFile, cfg: ModelConfig, name: str, layout: str = "kn") -> tuple[np.ndarray, np.ndarray]:
+    """A Q8_0 projection as pallas_kernels.weight_matmul wants it: values int8 (in, out), or (out, in) as GGUF stores
+    them with layout 'nk' (`weight_matmul.q8_0_layout`); scales (in / 32, out) f16."""
     values, scales = q8_0_blocks(g.tensors[name])
     if cfg.arch == "llama" and name.endswith(("attn_q.weight", "attn_k.weight")):
         heads = cfg.num_heads if "attn_q" in name else cfg.num_kv_heads
         values, scales = unpermute_llama_qk(values, heads), unpermute_llama_qk(scales, heads)
-    return np.ascontiguousarray(values.T), np.ascontiguousarray(scales.T)
+    return np.ascontiguousarray(values if layout == "nk" else values.T), np.ascontiguousarray(scales.T)
 
 
 def load_tensor(g: GGUFFile, cfg: ModelConfig, name: str) -> np.ndarray:
