@@ -25,13 +25,11 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels.invariance import ordered_sum
 from pallas_kernels.weight_matmul import _num_sms
-from pallas_kernels.weight_matmul_mgpu import _epi, _rows, store_partial
+from pallas_kernels.weight_matmul_mgpu import _SMEM_BUDGET, MAX_ROWS, _epi, _rows, store_partial
 
 __all__ = ["Q8MgpuConfig", "pick_q8_mgpu_config", "q8_0_matmul_mgpu", "supports_q8", "MAX_ROWS"]
 
-MAX_ROWS = 256
 _BLOCK = 32  # Q8_0 block: one f16 scale per 32 consecutive inputs
-_SMEM_BUDGET = 220 * 1024
 
 
 @dataclass(frozen=True)

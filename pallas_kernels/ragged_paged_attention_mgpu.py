@@ -9,10 +9,11 @@ A program takes one (slot, KV head, key split). Its T*G query rows (padded to 64
 into shared memory: for a verify run (T a multiple of 8) straight from q, one TMA copy per query head (rows g-major),
 its partial written back the same way, so no XLA transpose surrounds the kernel; for decode, rows t-major from a
 free reshape. The split's pages stream through an `emit_pipeline` of TMA copies, `pages_per_step` pages of K and of
-V per step, each page found through the page table (read from GMEM inside the index map). Per page: S = Q K^T (64 x S, f32) on the tensor cores, the masks of
-`ragged_paged_attention` (rows past q_len, keys outside [lo_t, hi_t)), an online softmax in the exp2 domain, and
-P V with P as the register operand. The pipeline's length is the split's visible pages, so a short context reads only
-its own pages. Outputs are the split partials (acc, m, l) merged in `jax.numpy` as the portable kernel's are.
+V per step, each page found through the page table (read from GMEM inside the index map). Per page: S = Q K^T
+(64 x S, f32) on the tensor cores, the masks of `ragged_paged_attention` (rows past q_len, keys outside
+[lo_t, hi_t)), an online softmax in the exp2 domain, and P V with P as the register operand. The pipeline's
+length is the split's visible pages, so a short context reads only its own pages. Outputs are the split partials
+(acc, m, l), merged in `jax.numpy` as the portable kernel's are.
 
 Runs on the GPU (sm_90) compiled and anywhere in Mosaic GPU's interpret mode (`interpret=True`, CPU tests; there P
 is staged through shared memory, since the interpreter's wgmma reads refs only).
@@ -20,18 +21,17 @@ is staged through shared memory, since the interpreter's wgmma reads refs only).
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from pallas_kernels.ragged_paged_attention import _LOG2E, _MASK, _merge, _num_sms, _paged_meta
+
 __all__ = ["ragged_paged_attention_mgpu", "mgpu_partials", "pick_splits", "pick_tiles", "supports_mgpu", "ROWS"]
 
 ROWS = 64  # query rows per program: wgmma's M side
-_MASK = -0.7 * float(jnp.finfo(jnp.float32).max)
-_LOG2E = math.log2(math.e)
 
 
 def supports_mgpu(t: int, n: int, kv_heads: int, head_dim: int, page_size: int, dtype) -> bool:
@@ -230,8 +230,6 @@ def pick_splits(batch: int, kv_heads: int, max_pages: int, pages_per_step: int, 
                 num_sms: int | None = None) -> int:
     """Key splits: about two programs per SM, at most one per pipeline step of the slot's capacity. In the
     batch-invariant mode fixed by the capacity alone (each split at least 4 steps), never by B or T."""
-    from pallas_kernels.ragged_paged_attention import _num_sms  # noqa: PLC0415
-
     steps = -(-max_pages // pages_per_step)
     if invariant:
         return max(1, min(16, steps // 4))
@@ -243,8 +241,6 @@ def ragged_paged_attention_mgpu(q, k_pages, v_pages, page_table, q_lens, kv_lens
                                 stages: int | None = None, invariant: bool = False, interpret: bool = False):
     """`paged_attention_reference`'s semantics for decode / verify runs (`supports_mgpu`). Returns (B, T, N, H).
     invariant: splits fixed by the slot's capacity and summed in a fixed order (the batch-invariant mode)."""
-    from pallas_kernels.ragged_paged_attention import _merge, _paged_meta  # noqa: PLC0415
-
     b, t, n, h = q.shape
     scale = h ** -0.5 if scale is None else scale
     meta = _paged_meta(q_lens, kv_lens, page_table.shape[1] * k_pages.shape[1])
