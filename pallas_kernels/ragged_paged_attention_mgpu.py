@@ -218,9 +218,10 @@ _SMEM_BUDGET = 220 * 1024
 
 
 def pick_tiles(head_dim: int, page_size: int) -> tuple[int, int]:
-    """(pages_per_step, stages) that fit shared memory: 4 pages a step (2 at head dim 256), up to 3 steps in
-    flight, beside the query tile and the f32 output staging tile."""
-    pps = 4 if head_dim <= 128 else 2
+    """(pages_per_step, stages) that fit shared memory: 2 pages a step (1 at head dim 256), up to 3 steps in
+    flight, beside the query tile and the f32 output staging tile. On an H200 (8-32 slots, 32K-128K keys) 2 pages x
+    3 stages streamed at 63-70 % of copy bandwidth, 1 x 4 at 57-62 %, 4 x 2 at 42-47 % (BENCHMARKS.md, session 9)."""
+    pps = 2 if head_dim <= 128 else 1
     fixed = ROWS * head_dim * (2 + 4) + 2 * ROWS * 4
     per_stage = pps * 2 * page_size * head_dim * 2
     return pps, max(1, min(3, (_SMEM_BUDGET - fixed) // per_stage))

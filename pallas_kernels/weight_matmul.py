@@ -471,8 +471,10 @@ def default_impl(quantized: bool = False, invariant: bool = False, weight_elems:
         return env
     if jax.default_backend() != "gpu":
         return "reference"
+    if quantized and _is_hopper():
+        return "mgpu"
     big = weight_elems is None or weight_elems >= MGPU_MIN_WEIGHT_ELEMS
-    if invariant and not quantized and big and _is_hopper():
+    if invariant and big and _is_hopper():
         return "mgpu"
     return "pallas" if quantized or invariant else "reference"
 
@@ -494,6 +496,17 @@ def q8_0_layout() -> str:
     in the Mosaic GPU kernel (`$DFLASH_MATMUL_IMPL=mgpu|mgpu_interpret`; its register operand is a K-contiguous
     weight tile), else 'kn' (K, N), the portable kernel's layout. Scales are (K / 32, N) either way."""
     return "nk" if default_impl(quantized=True).startswith("mgpu") else "kn"
+
+
+# The Mosaic Q8_0 kernel's output tiles are 64 wide: an 'nk' Linear whose output is not (a fused Qwen3.5/3.6
+# in_proj: 10240 + 6144 + 48 + 48) keeps zero rows up to the next multiple, so its product still runs in the kernel
+# rather than in a per-step transposed copy of the weight.
+Q8_NK_ALIGN = 64
+
+
+def q8_0_stored_out(out_features: int, layout: str) -> int:
+    """Output rows a Q8_0 Linear stores in `layout`: padded to `Q8_NK_ALIGN` for 'nk', exact for 'kn'."""
+    return -(-out_features // Q8_NK_ALIGN) * Q8_NK_ALIGN if layout == "nk" else out_features
 
 
 def _in_row_pieces(x, n: int, rows: int, product):

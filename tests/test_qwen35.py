@@ -213,3 +213,30 @@ def test_mtp_block_and_layer_pattern_as_converted_files_have_them(tmp_path):
     agreed, diffs, first_bad = align(ours[0], our_logprobs[0], lm.tokenizer.token_bytes, pieces)
     assert first_bad is None or first_bad.margin < F32_TIE, f"diverged after {agreed} pieces"
     assert agreed >= 8 and max(diffs) < 1e-2
+
+
+@pytest.mark.parametrize("impl", ["mgpu_interpret", pytest.param("mgpu", marks=pytest.mark.gpu)])
+def test_q8_0_mosaic_layout_pads_ragged_outputs(tmp_path, monkeypatch, impl):
+    """With the Mosaic Q8_0 products the fused in_proj, whose output (q k v, z, b, a) is not a multiple of the
+    kernel's 64-wide tiles, is stored with zero rows up to one, and the layer computes what the (in, out) load
+    computes through the reference product."""
+    from pallas_kernels.weight_matmul import Q8_NK_ALIGN
+
+    path = tmp_path / "qwen35-q8.gguf"
+    spec = dataclasses.replace(PRESETS["qwen35-tiny"], num_layers=4, vocab_size=512, tied_embeddings=True,
+                               qtype="q8_0")
+    write_random_gguf(str(path), spec, None, seed=5)
+    monkeypatch.setenv("DFLASH_MATMUL_IMPL", "reference")
+    kn = load_model(str(path), jnp.float32, weights="q8_0").model.layers[0].linear_attn.in_proj
+    monkeypatch.setenv("DFLASH_MATMUL_IMPL", impl)
+    nk = load_model(str(path), jnp.float32, weights="q8_0").model.layers[0].linear_attn.in_proj
+    n = kn.qweight.shape[1]
+    assert n % Q8_NK_ALIGN and nk.qweight.shape == (-(-n // Q8_NK_ALIGN) * Q8_NK_ALIGN, kn.qweight.shape[0])
+    np.testing.assert_array_equal(np.asarray(nk.qweight[...][:n]), np.asarray(kn.qweight[...]).T)
+    assert not np.asarray(nk.qweight[...][n:]).any() and not np.asarray(nk.scales[...][:, n:]).any()
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((5, kn.qweight.shape[0])), jnp.float32)
+    got = np.asarray(nk(x))
+    monkeypatch.setenv("DFLASH_MATMUL_IMPL", "reference")
+    want = np.asarray(kn(x))
+    assert got.shape == want.shape == (5, n)
+    np.testing.assert_allclose(got, want, rtol=1e-2, atol=1e-2 * np.abs(want).max())

@@ -26,6 +26,7 @@ from pallas_kernels.weight_matmul import (  # noqa: E402
     matmul_reference,
     pick_config,
     q8_0_dequantize,
+    q8_0_layout,
     q8_0_linear,
     q8_0_matmul_pallas,
     q8_0_matmul_reference,
@@ -183,19 +184,23 @@ def test_pick_config_fills_the_gpu(monkeypatch):
 def test_dispatch_and_errors(monkeypatch):
     monkeypatch.delenv("DFLASH_MATMUL_IMPL", raising=False)
     on_gpu = jax.default_backend() == "gpu"
-    assert default_impl(quantized=True) == ("pallas" if on_gpu else "reference")
+    gpu_q8 = "mgpu" if on_gpu and wm._is_hopper() else "pallas"
+    assert default_impl(quantized=True) == (gpu_q8 if on_gpu else "reference")
     assert default_impl(quantized=False) == "reference"  # XLA's bf16 product measured faster than the kernel
     monkeypatch.setenv("DFLASH_MATMUL_IMPL", "reference")
     assert default_impl(quantized=True) == "reference"
     monkeypatch.delenv("DFLASH_MATMUL_IMPL")
-    # the invariant mode on a Hopper GPU: Mosaic products for large weights, the portable kernel for small ones
+    # on a Hopper GPU: Mosaic products for Q8_0 weights in both modes; in the invariant mode for large float
+    # weights too, the portable kernel for small ones
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     monkeypatch.setattr(wm, "_is_hopper", lambda: True)
     assert default_impl(invariant=True, weight_elems=4096 * 4096) == "mgpu"
     assert default_impl(invariant=True, weight_elems=576 * 960) == "pallas"
-    assert default_impl(quantized=True, invariant=True, weight_elems=4096 * 4096) == "pallas"
+    assert default_impl(quantized=True) == "mgpu" and q8_0_layout() == "nk"
+    assert default_impl(quantized=True, invariant=True, weight_elems=576 * 960) == "mgpu"
     monkeypatch.setattr(wm, "_is_hopper", lambda: False)
     assert default_impl(invariant=True, weight_elems=4096 * 4096) == "pallas"
+    assert default_impl(quantized=True) == "pallas" and q8_0_layout() == "kn"
     monkeypatch.undo()
     monkeypatch.setenv("DFLASH_MATMUL_IMPL", "reference")
     monkeypatch.setenv("DFLASH_MATMUL_IMPL", "interpret")
@@ -253,7 +258,7 @@ def test_q8_0_values_stored_for_the_mosaic_kernel(tmp_path, monkeypatch):
     path = tmp_path / "llama-q8.gguf"
     write_random_gguf(str(path), dataclasses.replace(PRESETS["llama-tiny"], qtype="q8_0"),
                       "tests/data/vocab/ggml-vocab-qwen2.gguf", seed=3)
-    monkeypatch.delenv("DFLASH_MATMUL_IMPL", raising=False)
+    monkeypatch.setenv("DFLASH_MATMUL_IMPL", "reference")
     kn = load_model(path, jnp.float32, weights="q8_0").model.layers[0]
     monkeypatch.setenv("DFLASH_MATMUL_IMPL", "mgpu_interpret")
     nk = load_model(path, jnp.float32, weights="q8_0").model.layers[0]
@@ -266,7 +271,7 @@ def test_q8_0_values_stored_for_the_mosaic_kernel(tmp_path, monkeypatch):
         np.testing.assert_array_equal(np.asarray(lin_nk.scales[...]), np.asarray(lin_kn.scales[...]))
         x = jnp.asarray(rng.standard_normal((3, lin_kn.qweight.shape[0])), jnp.float32)
         got = np.asarray(lin_nk(x))  # the Mosaic kernel (x rounded to bf16, exact int8 values)
-        monkeypatch.delenv("DFLASH_MATMUL_IMPL")
+        monkeypatch.setenv("DFLASH_MATMUL_IMPL", "reference")
         want = np.asarray(lin_kn(x))
         monkeypatch.setenv("DFLASH_MATMUL_IMPL", "mgpu_interpret")
         np.testing.assert_allclose(got, want, rtol=1e-2, atol=1e-2 * np.abs(want).max())

@@ -21,18 +21,20 @@ from dflash_jax.config import ModelConfig
 from dflash_jax.kv_cache import AttentionMeta, KVCache, token_positions, write_kv
 from pallas_kernels.invariance import fold_sum, is_batch_invariant
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention
-from pallas_kernels.weight_matmul import Q8_BLOCK, linear, q8_0_layout, q8_0_linear
+from pallas_kernels.weight_matmul import Q8_BLOCK, linear, q8_0_layout, q8_0_linear, q8_0_stored_out
 
 
 class Linear(nnx.Module):
     """y = x W^T (+ b). With q8_0 the weight is GGUF Q8_0, kept exactly as stored (no bf16 rounding of d * q)."""
 
     def __init__(self, in_features: int, out_features: int, dtype, bias: bool = False, q8_0: bool = False):
-        self.q8_layout = q8_0_layout() if q8_0 else None  # 'kn': qweight (in, out); 'nk': (out, in)
+        self.q8_layout = q8_0_layout() if q8_0 else None  # 'kn': qweight (in, out); 'nk': (out padded, in)
+        self.out_features = out_features
         if q8_0:
-            shape = (out_features, in_features) if self.q8_layout == "nk" else (in_features, out_features)
+            stored = q8_0_stored_out(out_features, self.q8_layout)
+            shape = (stored, in_features) if self.q8_layout == "nk" else (in_features, out_features)
             self.qweight = nnx.Param(jnp.zeros(shape, jnp.int8))
-            self.scales = nnx.Param(jnp.zeros((in_features // Q8_BLOCK, out_features), jnp.float16))
+            self.scales = nnx.Param(jnp.zeros((in_features // Q8_BLOCK, stored), jnp.float16))
         else:
             self.weight = nnx.Param(jnp.zeros((out_features, in_features), dtype))  # (out, in)
         self.is_q8_0 = q8_0
@@ -41,6 +43,8 @@ class Linear(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.is_q8_0:
             y = q8_0_linear(x, self.qweight[...], self.scales[...], layout=self.q8_layout)
+            if y.shape[-1] != self.out_features:
+                y = y[..., :self.out_features]
         else:
             y = linear(x, self.weight[...])
         return y + self.bias[...] if self.bias is not None else y
