@@ -65,9 +65,9 @@ WEIGHT_FORMATS = ("auto", "q8_0", "bf16")
 
 def resolve_weights(weights: str) -> str:
     """'auto' is 'bf16' (every tensor dequantized to the compute dtype) on every platform for now: on a CPU, XLA
-    materializes the dequantized weight for every int8 product (SmolLM2 decode 4.6x slower with q8_0), and on an H200
-    XLA's bf16 product streamed a Qwen3-8B layer in 180 us against 269 us for the measured Q8_0 kernel (BENCHMARKS.md);
-    the current Q8_0 kernel has not run on a GPU yet. 'q8_0' is opt-in until it is measured faster."""
+    materializes the dequantized weight for every int8 product (SmolLM2 decode 4.6x slower with q8_0); on an H200
+    the Mosaic Q8_0 product made the Qwen3.6-27B step as fast as bf16 at one slot (14.86 vs 14.88 ms) but not at 8
+    (20.41 vs 16.86 ms; BENCHMARKS.md, session 9). 'q8_0' (half the weight memory) is opt-in."""
     if weights not in WEIGHT_FORMATS:
         raise ValueError(f"weights must be one of {', '.join(WEIGHT_FORMATS)}, got {weights!r}")
     return "bf16" if weights == "auto" else weights
