@@ -26,7 +26,11 @@ import jax.numpy as jnp  # noqa: E402
 
 from pallas_kernels.paged_attention import paged_attention_reference  # noqa: E402
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention_pallas  # noqa: E402
-from pallas_kernels.ragged_paged_attention_mgpu import ragged_paged_attention_mgpu, supports_mgpu  # noqa: E402
+from pallas_kernels.ragged_paged_attention_mgpu import (  # noqa: E402
+    pick_tiles,
+    ragged_paged_attention_mgpu,
+    supports_mgpu,
+)
 
 
 def timeit(fn, args, iters, reps):
@@ -78,8 +82,9 @@ def main():
     ap.add_argument("--tune", default="",
                     help="kernel variants to time, ';'-separated 'block_k,num_warps,num_stages,num_splits' (0 = default)")
     ap.add_argument("--mgpu", default="",
-                    help="Mosaic GPU kernel variants, ';'-separated 'pages_per_step,stages,num_splits' (0 = default), "
-                         "e.g. '0,0,0;2,3,0' (decode/verify runs only; Hopper)")
+                    help="Mosaic GPU kernel variants, ';'-separated 'pages_per_step,stages,num_splits[,s|g]' (0 = default; "
+                         "s / g: page table in shared / global memory, default auto), e.g. '0,0,0,g;0,0,0,s' "
+                         "(decode/verify runs only; Hopper)")
     ap.add_argument("--no-ref", action="store_true", help="skip the XLA reference")
     ap.add_argument("--ref-max-bytes", type=float, default=6e9,
                     help="skip the reference where its gathered K/V copy would exceed this many bytes")
@@ -110,9 +115,15 @@ def main():
                                   dict(block_k=bk, num_warps=nw, num_stages=ns, num_splits=sp)))
                 if supports_mgpu(t, a.heads, a.kv_heads, a.head_dim, a.page_size, jnp.bfloat16):
                     for v in [v for v in a.mgpu.split(";") if v]:
-                        pps, st, sp = (int(x) for x in v.split(","))
-                        impls.append((f"mgpu pages/step={pps or 4} stages={st or 2} splits={sp or 'auto'}",
-                                      ("mgpu", dict(pages_per_step=pps or 4, stages=st or 2, num_splits=sp or None))))
+                        fields = v.split(",")
+                        pps, st, sp = (int(x) or None for x in fields[:3])
+                        table = {"s": True, "g": False}.get(fields[3] if len(fields) > 3 else "")
+                        auto_pps, auto_st = pick_tiles(a.head_dim, a.page_size)
+                        label = {True: "smem", False: "gmem", None: "auto"}[table]
+                        impls.append((f"mgpu pages/step={pps or auto_pps} stages={st or auto_st} "
+                                      f"splits={sp or 'auto'} table={label}",
+                                      ("mgpu", dict(pages_per_step=pps, stages=st, num_splits=sp,
+                                                    table_in_smem=table))))
                 gather_bytes = b * ctx * a.kv_heads * a.head_dim * 2 * 2
                 if not a.no_ref and gather_bytes <= a.ref_max_bytes:
                     impls.append(("xla reference", "ref"))

@@ -42,10 +42,14 @@ def supports_mgpu(t: int, n: int, kv_heads: int, head_dim: int, page_size: int, 
 
 
 def _kernel_call(meta, page_table, q, k_pages, v_pages, *, group: int, splits: int, pages_per_step: int,
-                 stages: int, scale_log2: float, direct: bool, interpret: bool):
+                 stages: int, scale_log2: float, direct: bool, interpret: bool, table_tile: tuple[int, int] | None = None,
+                 max_pages: int | None = None):
     """q either (B, K, 64, H), rows t-major and padded (`folded`), or q itself (B, T, N, H) with T a multiple of 8
     (`direct`): then the tile's rows are g-major (row r: head g = r // T, query t = r % T), each head's T rows one TMA
     copy straight from q, and the partial acc goes straight to (NS, B, T, N, H), so neither needs an XLA transpose.
+    table_tile (R, C): page_table is (B, NS, R, C), each split's entries in row-major order (`split_tables`); a
+    program copies its (R, C) tile to shared memory once, and the pipeline's index maps read the entries there
+    instead of waiting on a global load before every page copy. Else page_table is (B, M).
     Returns acc (B, K, NS, 64, H) or (NS, B, T, N, H), and m, l (B, K, NS, 64) in the tile's row order."""
     from jax.experimental.pallas import mosaic_gpu as plgpu  # noqa: PLC0415  (GPU/interpret only)
 
@@ -53,7 +57,7 @@ def _kernel_call(meta, page_table, q, k_pages, v_pages, *, group: int, splits: i
     b, h = q.shape[0], q.shape[3]
     t_run = q.shape[1] if direct else None
     num_pages, page_size = k_pages.shape[:2]
-    max_pages = page_table.shape[1]
+    max_pages = max_pages or page_table.shape[1]  # the slot's capacity in pages (the table may be padded)
     pps = pages_per_step
     step_keys = pps * page_size
     steps_total = -(-max_pages // pps)
@@ -65,7 +69,7 @@ def _kernel_call(meta, page_table, q, k_pages, v_pages, *, group: int, splits: i
     p_transforms = (plgpu.TilingTransform((8, 16)), plgpu.SwizzleTransform(32))
 
     def kernel(meta_gmem, pt_gmem, q_gmem, k_gmem, v_gmem, o_gmem, m_gmem, l_gmem, q_smem, o_smem, m_smem, l_smem,
-               q_barrier, p_smem=None):
+               q_barrier, pt_smem=None, pt_barrier=None, p_smem=None):
         bi, ki, si = lax.axis_index("b"), lax.axis_index("k"), lax.axis_index("s")
         q_len, hi_fixed, hi_rel = meta_gmem[bi, 0], meta_gmem[bi, 1], meta_gmem[bi, 2]
         lo_fixed, lo_rel = meta_gmem[bi, 3], meta_gmem[bi, 4]
@@ -75,6 +79,9 @@ def _kernel_call(meta, page_table, q, k_pages, v_pages, *, group: int, splits: i
                                         q_barrier)
         else:
             plgpu.copy_gmem_to_smem(q_gmem.at[bi, ki], q_smem, q_barrier)
+        table_base = si * steps_per_split * pps  # the split's first page-table entry
+        if pt_smem is not None:
+            plgpu.copy_gmem_to_smem(pt_gmem.at[bi, si], pt_smem, pt_barrier)
 
         # The tile's key range (rows are ordered by t; hi and lo grow with t), in pipeline steps of this split.
         hi_tile = jnp.where(q_len > 0, jnp.minimum(hi_fixed, q_len - 1 + hi_rel), 0)
@@ -86,7 +93,12 @@ def _kernel_call(meta, page_table, q, k_pages, v_pages, *, group: int, splits: i
         def page_index(i):
             def index_map(j):
                 slot = jnp.minimum((first + j) * pps + i, max_pages - 1)
-                page = jnp.minimum(jnp.maximum(pt_gmem[bi, slot], 0), num_pages - 1)
+                if pt_smem is None:
+                    entry = pt_gmem[bi, slot]
+                else:
+                    local = jnp.minimum(jnp.maximum(slot - table_base, 0), steps_per_split * pps - 1)
+                    entry = pt_smem[local // table_tile[1], local % table_tile[1]]
+                page = jnp.minimum(jnp.maximum(entry, 0), num_pages - 1)
                 return page, 0, ki, 0
             return index_map
 
@@ -98,6 +110,8 @@ def _kernel_call(meta, page_table, q, k_pages, v_pages, *, group: int, splits: i
         lo_t = jnp.maximum(jnp.maximum(lo_fixed, t + lo_rel), 0)
         row_ok = (t < q_len) & (rows < t_run * group) if direct else t < q_len  # direct: unfilled rows past G*T
         plgpu.barrier_wait(q_barrier)
+        if pt_barrier is not None:
+            plgpu.barrier_wait(pt_barrier)
 
         def step(indices, *refs):
             *refs, carry = refs
@@ -169,6 +183,9 @@ def _kernel_call(meta, page_table, q, k_pages, v_pages, *, group: int, splits: i
                    o_smem=plgpu.SMEM((ROWS, h), jnp.float32), m_smem=plgpu.SMEM((ROWS,), jnp.float32),
                    l_smem=plgpu.SMEM((ROWS,), jnp.float32),
                    q_barrier=plgpu.Barrier(num_arrivals=group if direct else 1))
+    if table_tile:
+        scratch["pt_smem"] = plgpu.SMEM(table_tile, jnp.int32)
+        scratch["pt_barrier"] = plgpu.Barrier(num_arrivals=1)
     if interpret:
         scratch["p_smem"] = plgpu.SMEM((pps, ROWS, page_size), q.dtype, transforms=p_transforms)
     acc_shape = (splits, b, t_run, kv_heads * group, h) if direct else (b, kv_heads, splits, ROWS, h)
@@ -180,11 +197,14 @@ def _kernel_call(meta, page_table, q, k_pages, v_pages, *, group: int, splits: i
     return f(meta, page_table, q, k_pages, v_pages)
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "num_splits", "pages_per_step", "stages", "interpret"))
+@functools.partial(jax.jit, static_argnames=("scale", "num_splits", "pages_per_step", "stages", "interpret",
+                                             "table_in_smem"))
 def mgpu_partials(q, k_pages, v_pages, page_table, meta, *, scale: float, num_splits: int, pages_per_step: int = 4,
-                  stages: int = 2, interpret: bool = False):
+                  stages: int = 2, interpret: bool = False, table_in_smem: bool | None = None):
     """Split partials of the kernel for q (B, T, N, H) and `_paged_meta`-style meta (B, 8): acc (NS, B*T*N, H),
-    m, l (NS, B*T*N) f32 in the exp2 domain, rows in q's order (as `ragged_paged_attention._rpa_call` returns)."""
+    m, l (NS, B*T*N) f32 in the exp2 domain, rows in q's order (as `ragged_paged_attention._rpa_call` returns).
+    table_in_smem: each program copies its split's page-table entries to shared memory first (None: when they
+    take at most `TABLE_SMEM_BYTES`)."""
     b, t, n, h = q.shape
     kv_heads = k_pages.shape[2]
     group = n // kv_heads
@@ -198,9 +218,17 @@ def mgpu_partials(q, k_pages, v_pages, page_table, meta, *, scale: float, num_sp
     else:
         qk = q.reshape(b, t, kv_heads, group, h).transpose(0, 2, 1, 3, 4).reshape(b, kv_heads, rows, h)
         qk = jnp.pad(qk, ((0, 0), (0, 0), (0, ROWS - rows), (0, 0)))
-    acc, m, l = _kernel_call(meta, page_table.astype(jnp.int32), qk, k_pages, v_pages, group=group,
+    page_table = page_table.astype(jnp.int32)
+    max_pages = page_table.shape[1]
+    tile = split_table_tile(max_pages, num_splits, pages_per_step)
+    if table_in_smem is None:
+        table_in_smem = tile[0] * tile[1] * 4 <= TABLE_SMEM_BYTES
+    if table_in_smem:
+        page_table = split_tables(page_table, num_splits, pages_per_step, tile)
+    acc, m, l = _kernel_call(meta, page_table, qk, k_pages, v_pages, group=group,
                              splits=num_splits, pages_per_step=pages_per_step, stages=stages,
-                             scale_log2=float(scale) * _LOG2E, direct=direct, interpret=interpret)
+                             scale_log2=float(scale) * _LOG2E, direct=direct, interpret=interpret,
+                             table_tile=tile if table_in_smem else None, max_pages=max_pages)
 
     def unfold(x):  # (B, K, NS, 64, ...) in the tile's row order -> (NS, B*T*N, ...) in q's
         x = x[:, :, :, :rows]
@@ -215,6 +243,28 @@ def mgpu_partials(q, k_pages, v_pages, page_table, meta, *, scale: float, num_sp
 
 
 _SMEM_BUDGET = 220 * 1024
+TABLE_SMEM_BYTES = 16 * 1024  # page-table bytes a program keeps in shared memory (4096 pages: 64K keys a split)
+
+
+def _per_split(max_pages: int, splits: int, pages_per_step: int) -> int:
+    """Page-table entries one split covers (whole pipeline steps)."""
+    return -(-(-(-max_pages // pages_per_step)) // splits) * pages_per_step
+
+
+def split_table_tile(max_pages: int, splits: int, pages_per_step: int) -> tuple[int, int]:
+    """(R, C): a split's entries as one TMA tile (at most 256 along each dimension, rows of 16-byte multiples)."""
+    per_split = _per_split(max_pages, splits, pages_per_step)
+    cols = min(128, -(-per_split // 4) * 4)
+    return -(-per_split // cols), cols
+
+
+def split_tables(page_table, splits: int, pages_per_step: int, tile: tuple[int, int]):
+    """(B, M) -> (B, NS, R, C): split s's entries from s * per_split on, zero-padded (padding is never visible)."""
+    b, max_pages = page_table.shape
+    per_split = _per_split(max_pages, splits, pages_per_step)
+    pt = jnp.pad(page_table, ((0, 0), (0, splits * per_split - max_pages))).reshape(b, splits, per_split)
+    pt = jnp.pad(pt, ((0, 0), (0, 0), (0, tile[0] * tile[1] - per_split)))
+    return pt.reshape(b, splits, *tile)
 
 
 def pick_tiles(head_dim: int, page_size: int) -> tuple[int, int]:
@@ -239,7 +289,8 @@ def pick_splits(batch: int, kv_heads: int, max_pages: int, pages_per_step: int, 
 
 def ragged_paged_attention_mgpu(q, k_pages, v_pages, page_table, q_lens, kv_lens, *, scale=None,
                                 num_splits: int | None = None, pages_per_step: int | None = None,
-                                stages: int | None = None, invariant: bool = False, interpret: bool = False):
+                                stages: int | None = None, invariant: bool = False, interpret: bool = False,
+                                table_in_smem: bool | None = None):
     """`paged_attention_reference`'s semantics for decode / verify runs (`supports_mgpu`). Returns (B, T, N, H).
     invariant: splits fixed by the slot's capacity and summed in a fixed order (the batch-invariant mode)."""
     b, t, n, h = q.shape
@@ -249,5 +300,6 @@ def ragged_paged_attention_mgpu(q, k_pages, v_pages, page_table, q_lens, kv_lens
     pages_per_step, stages = pages_per_step or auto_pps, stages or auto_stages
     splits = num_splits or pick_splits(b, k_pages.shape[2], page_table.shape[1], pages_per_step, invariant)
     acc, m, l = mgpu_partials(q, k_pages, v_pages, page_table, meta, scale=scale, num_splits=splits,
-                              pages_per_step=pages_per_step, stages=stages, interpret=interpret)
+                              pages_per_step=pages_per_step, stages=stages, interpret=interpret,
+                              table_in_smem=table_in_smem)
     return _merge(acc, m, l, ordered=invariant).astype(q.dtype).reshape(b, t, n, h)

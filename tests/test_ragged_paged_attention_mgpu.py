@@ -48,13 +48,16 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("table_in_smem", [False, True], ids=["table-gmem", "table-smem"])
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_mgpu_interpret_matches_reference(case):
+def test_mgpu_interpret_matches_reference(case, table_in_smem):
+    """Both ways of finding pages: the page table read in global memory per copy, or each split's entries copied
+    to shared memory first (CASES' max_pages / splits / pages_per_step leave ragged runs, so the table is padded)."""
     _, q_lens, kv_lens, t, n, k, h, m, kw = case
     args, clean = make_case(zlib.crc32(case[0].encode()), q_lens=q_lens, kv_lens=kv_lens, t=t, n=n, k=k, h=h,
                             page_size=16, max_pages=m)
     args = finite_stale(args)
-    check_paged(args, clean, ragged_paged_attention_mgpu(**args, interpret=True, **kw))
+    check_paged(args, clean, ragged_paged_attention_mgpu(**args, interpret=True, table_in_smem=table_in_smem, **kw))
 
 
 def test_dispatcher_runs_mgpu_for_decode_and_verify_and_portable_for_chunks(monkeypatch):
@@ -84,8 +87,9 @@ def test_splits():
     assert pick_splits(8, 8, 2048, 4, invariant=True) == pick_splits(1, 1, 2048, 4, invariant=True) == 16
 
 
+@pytest.mark.parametrize("table_in_smem", [False, True], ids=["table-gmem", "table-smem"])
 @pytest.mark.parametrize("t,h", [(1, 128), (16, 128), (16, 64), (4, 256)])
-def test_mgpu_lowers_for_cuda(t, h):
+def test_mgpu_lowers_for_cuda(t, h, table_in_smem):
     """The GPU path (P as the register operand, pages found through the page table in GMEM) through Mosaic GPU's
     lowering at 8 slots x 32K keys with the default tiles (shared memory checked), without running it."""
     pages_per_step, stages = pick_tiles(h, 16)
@@ -95,7 +99,7 @@ def test_mgpu_lowers_for_cuda(t, h):
             jax.ShapeDtypeStruct((pool, page, k, h), jnp.bfloat16), jax.ShapeDtypeStruct((b, max_pages), jnp.int32),
             jax.ShapeDtypeStruct((b, 8), jnp.int32))
     f = jax.jit(lambda *a: mgpu_partials(*a, scale=h ** -0.5, num_splits=4, pages_per_step=pages_per_step,
-                                         stages=stages))
+                                         stages=stages, table_in_smem=table_in_smem))
     assert "mosaic_gpu" in f.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
 
