@@ -20,7 +20,7 @@ from flax import nnx
 from dflash_jax.kv_cache import AttentionMeta, KVCache, token_positions
 from dflash_jax.sampling import SampleOutput, SamplingArrays, sample
 from dflash_jax.speculative import accept_lengths
-from pallas_kernels.invariance import batch_invariant
+from pallas_kernels.invariance import batch_invariant, prefill_phase
 
 
 @jax.tree_util.register_dataclass
@@ -174,7 +174,7 @@ class CompiledSteps:
 
         def plain(leaves, d_leaves, cache, dcache, rows, inputs, full):
             st, dst = unflatten(leaves, d_leaves)
-            with batch_invariant(invariant):
+            with batch_invariant(invariant), prefill_phase(inputs.tokens.shape[1] > 1):
                 return _model_step(graphdef, drafter_graphdef, taps, st, dst, cache, dcache, rows, inputs, full)
 
         def spec(leaves, d_leaves, cache, dcache, rows, inputs, full):

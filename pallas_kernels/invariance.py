@@ -47,6 +47,30 @@ def batch_invariant(on: bool = True):
         _local.on = prev
 
 
+def prefill_tiles_enabled() -> bool:
+    """$DFLASH_PREFILL_TILES=large: in the mode, float products of prefill steps use `weight_matmul.prefill_config`
+    (opt-in until measured; default 'same': the decode tiles)."""
+    return os.environ.get("DFLASH_PREFILL_TILES", "same").strip().lower() == "large"
+
+
+def in_prefill() -> bool:
+    """Whether the step being traced on this thread is a prefill step (set by `prefill_phase`)."""
+    return bool(getattr(_local, "prefill", False))
+
+
+@contextlib.contextmanager
+def prefill_phase(on: bool = True):
+    """Trace a prefill step: its rows need to agree only with other prefill steps' rows (a prompt token is never
+    decoded, and DFlash and plain decoding share the prefill), so its products may use tiles of their own, fixed
+    by the weight's shape alone like the decode tiles."""
+    prev = getattr(_local, "prefill", False)
+    _local.prefill = on
+    try:
+        yield
+    finally:
+        _local.prefill = prev
+
+
 def ordered_sum(parts, axis: int = 0):
     """Sum along `axis` as a left-to-right chain of adds: one fixed order whatever the other dimensions are (a
     reduction's order is the compiler's choice and may change with the shape)."""

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.invariance import is_batch_invariant, ordered_sum
+from pallas_kernels.invariance import in_prefill, is_batch_invariant, ordered_sum, prefill_tiles_enabled
 
 Q8_BLOCK = 32  # GGUF Q8_0: values per scale
 
@@ -531,12 +531,23 @@ def _mgpu_rows(x, weight, invariant: bool, interpret: bool, out_dtype):
     return _in_row_pieces(x, n, mg.MAX_ROWS, product)
 
 
+def prefill_config(k: int, n: int) -> TileConfig:
+    """Batch-invariant tiles for prefill steps ($DFLASH_PREFILL_TILES=large): fixed by (K, N) alone like
+    `invariant_config`, but for many rows: 128-row tiles and no K split (the decode tiles split K for M = 1, which
+    at 512+ rows writes and re-reads f32 partials larger than the weight)."""
+    return pick_config(128, k, n, False, block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3,
+                       num_splits=1)
+
+
 def linear(x: jax.Array, weight: jax.Array, *, impl: str = "auto", out_dtype=None) -> jax.Array:
     """x (..., K) @ weight (N, K).T. impl: 'auto' (`default_impl`), 'reference', 'pallas', 'interpret' (the kernel
     in Pallas interpret mode: CPU tests only, slow), 'mgpu' (the Mosaic GPU kernel, Hopper; shapes it does not take
     go to XLA, or to the portable kernel in the batch-invariant mode), 'mgpu_interpret'."""
     invariant = is_batch_invariant()
     impl = _resolve(impl, quantized=False, invariant=invariant, weight_elems=weight.size)
+    if invariant and in_prefill() and prefill_tiles_enabled() and impl != "reference":
+        return matmul_pallas(x, weight, config=prefill_config(weight.shape[1], weight.shape[0]),
+                             interpret=impl.endswith("interpret"), out_dtype=out_dtype)
     if impl.startswith("mgpu"):
         from pallas_kernels import weight_matmul_mgpu as mg  # noqa: PLC0415
         n, k = weight.shape

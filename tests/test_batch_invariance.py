@@ -24,6 +24,7 @@ from pallas_kernels.invariance import (  # noqa: E402
     log_softmax,
     logsumexp,
     ordered_sum,
+    prefill_phase,
 )
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention  # noqa: E402
 from pallas_kernels.weight_matmul import invariant_config, linear, q8_0_linear  # noqa: E402
@@ -133,6 +134,33 @@ def test_product_rows_do_not_depend_on_row_count(impl, quantized):
     for m in ms:
         assert _same_bits(full[m][: min(m, 5)], one[: min(m, 5)]), f"rows differ at M={m}"
         assert _same_bits(full[m], full[256][:m]), f"M={m} is not a prefix of M=256"
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_prefill_tiles_rows_do_not_depend_on_row_count(impl, monkeypatch):
+    """$DFLASH_PREFILL_TILES=large: prefill steps' float products take their own fixed tiles (128 rows, no K
+    split); a row still comes out in the same bits for every row count, and differs from the decode tiles only in
+    summation order."""
+    monkeypatch.setenv("DFLASH_PREFILL_TILES", "large")
+    k, n = (352, 200) if impl == "interpret" else (4096, 1000)
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal((300, k)), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((n, k)) * 0.05, jnp.bfloat16)
+    with batch_invariant(), prefill_phase():
+        ms = (1, 17, 130, 300)
+        full = {m: linear(x[:m], w, impl=impl) for m in ms}
+    for m in ms:
+        assert _same_bits(full[m], full[300][:m]), f"M={m} is not a prefix of M=300"
+    want = np.asarray(x.astype(jnp.float32) @ w.astype(jnp.float32).T)
+    np.testing.assert_allclose(np.asarray(full[300], np.float32), want, atol=2e-2 * np.abs(want).max())
+    import jax  # noqa: PLC0415
+
+    def traced(prefill: bool) -> str:
+        with batch_invariant(), prefill_phase(prefill):
+            return str(jax.make_jaxpr(lambda a: linear(a, w, impl=impl))(x))
+    assert traced(True) != traced(False)  # the prefill tiles were used
+    monkeypatch.setenv("DFLASH_PREFILL_TILES", "same")
+    assert traced(True) == traced(False)
 
 
 @pytest.mark.parametrize("impl", IMPLS[:2] + [pytest.param("mgpu_interpret", id="mgpu-interpret"),
@@ -284,11 +312,16 @@ def bf16_target(tmp_path_factory):
       for n in (1, 2, 8, 16) for inj in (True, False)],
     pytest.param("mgpu", 8, False, id="gpu-mgpu-8-random", marks=pytest.mark.gpu),
     pytest.param("mgpu-all", 8, True, id="gpu-mgpu-all-8-injected", marks=pytest.mark.gpu),
+    pytest.param("pallas-prefill", 8, False, id="gpu-prefill-tiles-8-random", marks=pytest.mark.gpu),
 ])
 def test_dflash_equals_plain_in_bf16_with_every_slot_speculating(bf16_target, impl, slots, inject, monkeypatch):
     """Plain decoding one request at a time against DFlash with `slots` slots speculating, injected drafts (long
     accepts, a rejection every fifth position) or the random drafter (mostly immediate rejections): same tokens,
-    same logprob bits."""
+    same logprob bits. 'pallas-prefill': prefill steps in their own tiles ($DFLASH_PREFILL_TILES=large), prompts
+    prefilled alone on one side and several at once on the other."""
+    if impl == "pallas-prefill":
+        monkeypatch.setenv("DFLASH_PREFILL_TILES", "large")
+        impl = "pallas"
     _use(monkeypatch, impl, "DFLASH_MATMUL_IMPL", "DFLASH_ATTENTION_IMPL")
     jax.clear_caches()
     n = max(4, 2 * slots) if impl != "interpret" else 4
