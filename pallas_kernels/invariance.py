@@ -37,14 +37,18 @@ def is_batch_invariant() -> bool:
 
 
 @contextlib.contextmanager
-def batch_invariant(on: bool = True):
-    """Trace under the mode (or explicitly without it) on this thread."""
-    prev = getattr(_local, "on", None)
-    _local.on = on
+def _thread_setting(name: str, value):
+    prev = getattr(_local, name, None)
+    setattr(_local, name, value)
     try:
         yield
     finally:
-        _local.on = prev
+        setattr(_local, name, prev)
+
+
+def batch_invariant(on: bool = True):
+    """Trace under the mode (or explicitly without it) on this thread."""
+    return _thread_setting("on", on)
 
 
 def prefill_tiles_enabled() -> bool:
@@ -58,17 +62,11 @@ def in_prefill() -> bool:
     return bool(getattr(_local, "prefill", False))
 
 
-@contextlib.contextmanager
 def prefill_phase(on: bool = True):
     """Trace a prefill step: its rows need to agree only with other prefill steps' rows (a prompt token is never
     decoded, and DFlash and plain decoding share the prefill), so its products may use tiles of their own, fixed
     by the weight's shape alone like the decode tiles."""
-    prev = getattr(_local, "prefill", False)
-    _local.prefill = on
-    try:
-        yield
-    finally:
-        _local.prefill = prev
+    return _thread_setting("prefill", on)
 
 
 def ordered_sum(parts, axis: int = 0):
