@@ -458,10 +458,11 @@ MGPU_MIN_WEIGHT_ELEMS = 4 * 1024 * 1024
 
 
 def default_impl(quantized: bool = False, invariant: bool = False, weight_elems: int | None = None) -> str:
-    """On a GPU: the Pallas kernel for Q8_0 weights and XLA's own product ('reference') for float weights — on an
-    H200 XLA's bf16 product streamed faster than the bf16 kernel (65 vs 55 % of copy bandwidth for a Qwen3-8B layer
-    at M=1), while XLA's Q8_0 product (dequantized weights materialized) ran at 13 %, below the Q8_0 kernel
-    (BENCHMARKS.md). In the batch-invariant mode (XLA's tiles follow M) fixed-tile kernels: on Hopper the Mosaic GPU
+    """On a GPU: for Q8_0 weights the Mosaic GPU kernel on Hopper (`q8_0_matmul_mgpu`: 1.1-1.6x the portable
+    kernel per Qwen3-8B / Qwen3.6-27B layer on an H200, session 9), else the portable Pallas kernel; XLA's own
+    product ('reference') for float weights — on an H200 XLA's bf16 product streamed faster than the bf16 kernel
+    (65 vs 55 % of copy bandwidth for a Qwen3-8B layer at M=1), while XLA's Q8_0 product (dequantized weights
+    materialized) ran at 13 % (BENCHMARKS.md). In the batch-invariant mode (XLA's tiles follow M) fixed-tile kernels: on Hopper the Mosaic GPU
     product for float weights (`weight_matmul_mgpu`: a spec step of the Qwen3-8B shape in 10.7 ms against 12.5 ms
     with the portable kernel at 8 slots, 16.0 against 21.8 ms at 16; H200) for weights of at least
     `MGPU_MIN_WEIGHT_ELEMS` elements, else the portable Pallas kernel. Off GPU:
