@@ -82,9 +82,9 @@ def main():
     ap.add_argument("--tune", default="",
                     help="kernel variants to time, ';'-separated 'block_k,num_warps,num_stages,num_splits' (0 = default)")
     ap.add_argument("--mgpu", default="",
-                    help="Mosaic GPU kernel variants, ';'-separated 'pages_per_step,stages,num_splits[,s|g]' (0 = default; "
-                         "s / g: page table in shared / global memory, default auto), e.g. '0,0,0,g;0,0,0,s' "
-                         "(decode/verify runs only; Hopper)")
+                    help="Mosaic GPU kernel variants, ';'-separated 'pages_per_step,stages,num_splits[,s|g|a]' "
+                         "(0 = default; page table in shared memory / global memory (default) / shared when it "
+                         "fits), e.g. '0,0,0,g;0,0,0,s' (decode/verify runs only; Hopper)")
     ap.add_argument("--no-ref", action="store_true", help="skip the XLA reference")
     ap.add_argument("--ref-max-bytes", type=float, default=6e9,
                     help="skip the reference where its gathered K/V copy would exceed this many bytes")
@@ -117,7 +117,7 @@ def main():
                     for v in [v for v in a.mgpu.split(";") if v]:
                         fields = v.split(",")
                         pps, st, sp = (int(x) or None for x in fields[:3])
-                        table = {"s": True, "g": False}.get(fields[3] if len(fields) > 3 else "")
+                        table = {"s": True, "g": False, "a": None}[fields[3] if len(fields) > 3 else "g"]
                         auto_pps, auto_st = pick_tiles(a.head_dim, a.page_size)
                         label = {True: "smem", False: "gmem", None: "auto"}[table]
                         impls.append((f"mgpu pages/step={pps or auto_pps} stages={st or auto_st} "

@@ -42,8 +42,8 @@ def supports_mgpu(t: int, n: int, kv_heads: int, head_dim: int, page_size: int, 
 
 
 def _kernel_call(meta, page_table, q, k_pages, v_pages, *, group: int, splits: int, pages_per_step: int,
-                 stages: int, scale_log2: float, direct: bool, interpret: bool, table_tile: tuple[int, int] | None = None,
-                 max_pages: int | None = None):
+                 stages: int, scale_log2: float, direct: bool, interpret: bool,
+                 table_tile: tuple[int, int] | None = None, max_pages: int | None = None):
     """q either (B, K, 64, H), rows t-major and padded (`folded`), or q itself (B, T, N, H) with T a multiple of 8
     (`direct`): then the tile's rows are g-major (row r: head g = r // T, query t = r % T), each head's T rows one TMA
     copy straight from q, and the partial acc goes straight to (NS, B, T, N, H), so neither needs an XLA transpose.
@@ -200,11 +200,12 @@ def _kernel_call(meta, page_table, q, k_pages, v_pages, *, group: int, splits: i
 @functools.partial(jax.jit, static_argnames=("scale", "num_splits", "pages_per_step", "stages", "interpret",
                                              "table_in_smem"))
 def mgpu_partials(q, k_pages, v_pages, page_table, meta, *, scale: float, num_splits: int, pages_per_step: int = 4,
-                  stages: int = 2, interpret: bool = False, table_in_smem: bool | None = None):
+                  stages: int = 2, interpret: bool = False, table_in_smem: bool | None = False):
     """Split partials of the kernel for q (B, T, N, H) and `_paged_meta`-style meta (B, 8): acc (NS, B*T*N, H),
     m, l (NS, B*T*N) f32 in the exp2 domain, rows in q's order (as `ragged_paged_attention._rpa_call` returns).
     table_in_smem: each program copies its split's page-table entries to shared memory first (None: when they
-    take at most `TABLE_SMEM_BYTES`)."""
+    take at most `TABLE_SMEM_BYTES`). Off by default until it has run on a GPU (CPU-tested: interpret mode and
+    the CUDA lowering)."""
     b, t, n, h = q.shape
     kv_heads = k_pages.shape[2]
     group = n // kv_heads
@@ -290,7 +291,7 @@ def pick_splits(batch: int, kv_heads: int, max_pages: int, pages_per_step: int, 
 def ragged_paged_attention_mgpu(q, k_pages, v_pages, page_table, q_lens, kv_lens, *, scale=None,
                                 num_splits: int | None = None, pages_per_step: int | None = None,
                                 stages: int | None = None, invariant: bool = False, interpret: bool = False,
-                                table_in_smem: bool | None = None):
+                                table_in_smem: bool | None = False):
     """`paged_attention_reference`'s semantics for decode / verify runs (`supports_mgpu`). Returns (B, T, N, H).
     invariant: splits fixed by the slot's capacity and summed in a fixed order (the batch-invariant mode)."""
     b, t, n, h = q.shape

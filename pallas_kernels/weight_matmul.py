@@ -462,10 +462,10 @@ def default_impl(quantized: bool = False, invariant: bool = False, weight_elems:
     kernel per Qwen3-8B / Qwen3.6-27B layer on an H200, session 9), else the portable Pallas kernel; XLA's own
     product ('reference') for float weights — on an H200 XLA's bf16 product streamed faster than the bf16 kernel
     (65 vs 55 % of copy bandwidth for a Qwen3-8B layer at M=1), while XLA's Q8_0 product (dequantized weights
-    materialized) ran at 13 % (BENCHMARKS.md). In the batch-invariant mode (XLA's tiles follow M) fixed-tile kernels: on Hopper the Mosaic GPU
-    product for float weights (`weight_matmul_mgpu`: a spec step of the Qwen3-8B shape in 10.7 ms against 12.5 ms
-    with the portable kernel at 8 slots, 16.0 against 21.8 ms at 16; H200) for weights of at least
-    `MGPU_MIN_WEIGHT_ELEMS` elements, else the portable Pallas kernel. Off GPU:
+    materialized) ran at 13 % (BENCHMARKS.md). In the batch-invariant mode (XLA's tiles follow M) fixed-tile
+    kernels: on Hopper the Mosaic GPU product for float weights (`weight_matmul_mgpu`: a spec step of the Qwen3-8B
+    shape in 10.7 ms against 12.5 ms with the portable kernel at 8 slots, 16.0 against 21.8 ms at 16; H200) for
+    weights of at least `MGPU_MIN_WEIGHT_ELEMS` elements, else the portable Pallas kernel. Off GPU:
     the reference. $DFLASH_MATMUL_IMPL (reference|pallas|interpret|mgpu|mgpu_interpret) overrides all of these."""
     env = os.environ.get("DFLASH_MATMUL_IMPL", "").strip().lower()
     if env and env != "auto":
