@@ -9,6 +9,7 @@ from tqdm import tqdm
 
 from converters.gguf_file import GGUFFile, open_gguf
 from converters.tensor_map import check_tensors, fused_path, load_q8_0, load_tensor, q8_0_linears
+from dflash_jax.buckets import pad_rows
 from dflash_jax.config import HybridConfig, ModelConfig
 from dflash_jax.models.dense import DenseDecoder
 from dflash_jax.models.hybrid import HybridDecoder
@@ -28,15 +29,6 @@ def set_param(tree: dict, path: tuple, value) -> None:
     for key in path[:-1]:
         tree = tree[key]
     tree[path[-1]] = value
-
-
-def pad_rows(value: np.ndarray, axis: int, size: int) -> np.ndarray:
-    """value zero-padded along `axis` to `size` (the Mosaic Q8_0 layout's 64-row output tiles)."""
-    if value.shape[axis] == size:
-        return value
-    widths = [(0, 0)] * value.ndim
-    widths[axis] = (0, size - value.shape[axis])
-    return np.pad(value, widths)
 
 
 def fill_model(cfg: ModelConfig, dtype, arrays, module_cls=DenseDecoder, **module_kwargs):
@@ -117,7 +109,8 @@ def load_gguf(path: str, dtype=jnp.bfloat16, progress: bool = True,
                     if len(loaded) > 1:  # a fused Linear: every part gives the same leaves (one format)
                         value = np.concatenate([leaves[j][1] for leaves in loaded], axis=axis)
                     if path[-1] in ("qweight", "scales") and q8_layout == "nk":
-                        value = pad_rows(value, axis, q8_0_stored_out(value.shape[axis], q8_layout))
+                        # zero rows up to the Mosaic Q8_0 kernel's 64-wide output tiles
+                        value = pad_rows(value, q8_0_stored_out(value.shape[axis], q8_layout), axis=axis)
                     yield path, jnp.asarray(value)
 
     return cfg, fill_model(cfg, dtype, arrays(), model_class(cfg), q8_linears=q8_paths), g

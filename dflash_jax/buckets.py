@@ -20,9 +20,10 @@ def bucket_for(n: int, buckets: tuple[int, ...]) -> int:
     raise ValueError(f"{n} exceeds the largest bucket {buckets[-1]}")
 
 
-def pad_rows(a: np.ndarray, rows: int, fill=0) -> np.ndarray:
-    """Pad the first axis of a to `rows` with `fill`."""
-    if a.shape[0] == rows:
+def pad_rows(a: np.ndarray, rows: int, fill=0, axis: int = 0) -> np.ndarray:
+    """Pad `axis` (the first by default) of a to `rows` with `fill`."""
+    if a.shape[axis] == rows:
         return a
-    pad = np.full((rows - a.shape[0],) + a.shape[1:], fill, dtype=a.dtype)
-    return np.concatenate([a, pad])
+    shape = list(a.shape)
+    shape[axis] = rows - a.shape[axis]
+    return np.concatenate([a, np.full(shape, fill, dtype=a.dtype)], axis=axis)

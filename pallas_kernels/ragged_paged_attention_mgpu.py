@@ -60,8 +60,7 @@ def _kernel_call(meta, page_table, q, k_pages, v_pages, *, group: int, splits: i
     max_pages = max_pages or page_table.shape[1]  # the slot's capacity in pages (the table may be padded)
     pps = pages_per_step
     step_keys = pps * page_size
-    steps_total = -(-max_pages // pps)
-    steps_per_split = -(-steps_total // splits)
+    steps_per_split = _per_split(max_pages, splits, pps) // pps  # as `split_tables` lays the table out
     swizzle = min(128, h * 2)
     transforms = (plgpu.TilingTransform((8, swizzle // 2)), plgpu.SwizzleTransform(swizzle))
     # P V contracts over a page's 16 keys, and a wgmma's K step is B's swizzle width: V pages use a 32-byte swizzle.
