@@ -533,9 +533,9 @@ def _mgpu_rows(x, weight, invariant: bool, interpret: bool, out_dtype):
 
 
 def prefill_config(k: int, n: int) -> TileConfig:
-    """Batch-invariant tiles for prefill steps ($DFLASH_PREFILL_TILES=large): fixed by (K, N) alone like
-    `invariant_config`, but for many rows: 128-row tiles and no K split (the decode tiles split K for M = 1, which
-    at 512+ rows writes and re-reads f32 partials larger than the weight)."""
+    """Batch-invariant tiles for prefill steps (the default; $DFLASH_PREFILL_TILES=same opts out): fixed by (K, N)
+    alone like `invariant_config`, but for many rows: 128-row tiles and no K split (the decode tiles split K for
+    M = 1, which at 512+ rows writes and re-reads f32 partials larger than the weight)."""
     return pick_config(128, k, n, False, block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3,
                        num_splits=1)
 

@@ -138,7 +138,7 @@ def test_product_rows_do_not_depend_on_row_count(impl, quantized):
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_prefill_tiles_rows_do_not_depend_on_row_count(impl, monkeypatch):
-    """$DFLASH_PREFILL_TILES=large: prefill steps' float products take their own fixed tiles (128 rows, no K
+    """Prefill steps' float products take their own fixed tiles (128 rows, no K
     split); a row still comes out in the same bits for every row count, and differs from the decode tiles only in
     summation order."""
     monkeypatch.setenv("DFLASH_PREFILL_TILES", "large")
@@ -312,15 +312,16 @@ def bf16_target(tmp_path_factory):
       for n in (1, 2, 8, 16) for inj in (True, False)],
     pytest.param("mgpu", 8, False, id="gpu-mgpu-8-random", marks=pytest.mark.gpu),
     pytest.param("mgpu-all", 8, True, id="gpu-mgpu-all-8-injected", marks=pytest.mark.gpu),
-    pytest.param("pallas-prefill", 8, False, id="gpu-prefill-tiles-8-random", marks=pytest.mark.gpu),
+    pytest.param("pallas-same", 8, False, id="gpu-prefill-same-tiles-8-random", marks=pytest.mark.gpu),
 ])
 def test_dflash_equals_plain_in_bf16_with_every_slot_speculating(bf16_target, impl, slots, inject, monkeypatch):
     """Plain decoding one request at a time against DFlash with `slots` slots speculating, injected drafts (long
     accepts, a rejection every fifth position) or the random drafter (mostly immediate rejections): same tokens,
-    same logprob bits. 'pallas-prefill': prefill steps in their own tiles ($DFLASH_PREFILL_TILES=large), prompts
-    prefilled alone on one side and several at once on the other."""
-    if impl == "pallas-prefill":
-        monkeypatch.setenv("DFLASH_PREFILL_TILES", "large")
+    same logprob bits. Prefill steps run in their own tiles (prompts prefilled alone on one side and several at once
+    on the other); 'pallas-same': in the decode tiles ($DFLASH_PREFILL_TILES=same)."""
+    monkeypatch.setenv("DFLASH_PREFILL_TILES", "large")
+    if impl == "pallas-same":
+        monkeypatch.setenv("DFLASH_PREFILL_TILES", "same")
         impl = "pallas"
     _use(monkeypatch, impl, "DFLASH_MATMUL_IMPL", "DFLASH_ATTENTION_IMPL")
     jax.clear_caches()
