@@ -27,9 +27,11 @@ from pallas_kernels.invariance import ordered_sum
 from pallas_kernels.weight_matmul import _num_sms
 from pallas_kernels.weight_matmul_mgpu import _SMEM_BUDGET, MAX_ROWS, _epi, _rows, store_partial
 
-__all__ = ["Q8MgpuConfig", "pick_q8_mgpu_config", "q8_0_matmul_mgpu", "supports_q8", "MAX_ROWS"]
+__all__ = ["Q8MgpuConfig", "pick_q8_mgpu_config", "q8_0_matmul_mgpu", "supports_q8", "MAX_ROWS", "PIECE_ROWS"]
 
 _BLOCK = 32  # Q8_0 block: one f16 scale per 32 consecutive inputs
+_ACC_REG_BUDGET = 168  # of the 255 a thread may hold: the rest for the widened weight tile, scales and addresses
+PIECE_ROWS = 128  # rows per call: at 256, even BN 64 with one block per step needs 256 accumulator registers
 
 
 @dataclass(frozen=True)
@@ -52,22 +54,39 @@ def _max_stages(mp: int, block_n: int, blocks: int = 1) -> int:
     return (_SMEM_BUDGET - block_n * min(mp, 64) * 4) // per_stage
 
 
+def _acc_regs(block_n: int, mp: int, blocks: int) -> int:
+    """f32 registers per thread that one warpgroup (128 threads) holds for the step's block accumulators and the
+    running total, each (block_n, mp)."""
+    return (blocks + 1) * block_n * mp // 128
+
+
 def pick_q8_mgpu_config(m: int, k: int, n: int, num_sms: int | None = None, *, block_n: int | None = None,
                         num_splits: int | None = None, stages: int | None = None,
                         blocks: int | None = None) -> Q8MgpuConfig:
     """Tiles for an (M, K) x (K, N) Q8_0 product (given values kept): BN 128 when N has at least half an SM's worth
     of 128-row tiles, else 64; 4 blocks per step where K allows (one wait per 128 inputs); the fewest K splits that
     give every SM a CTA; up to 16 blocks in flight (small copies need many to cover the memory latency), within
-    shared memory. Untuned: no GPU has run it yet."""
+    shared memory.
+
+    The split count is fixed by (K, N) alone, so a row's summation order never depends on M (the batch-invariant
+    mode relies on it; BN and blocks per step do not change the order). Rows are the other side of every
+    accumulator: from M ~ 32 up, 4 accumulators of (128, M) f32 would not fit in registers (at M = 128 on an H200 the
+    27B verify's products spilled, 44 of a 72 ms step), so larger M takes fewer blocks per step, then BN 64, to stay
+    within `_ACC_REG_BUDGET` registers per thread."""
     num_sms = num_sms or _num_sms()
     mp = _rows(m)
-    block_n = block_n or (128 if n % 128 == 0 and n // 128 >= num_sms // 2 else 64)
-    blocks = blocks or next(b for b in (4, 2, 1) if (k // _BLOCK) % b == 0)
-    steps = k // _BLOCK // blocks
+    default_n = 128 if n % 128 == 0 and n // 128 >= num_sms // 2 else 64
+    default_blocks = next(b for b in (4, 2, 1) if (k // _BLOCK) % b == 0)
     if num_splits is None:
-        tiles = n // block_n
+        tiles, steps = n // default_n, k // _BLOCK // default_blocks
         divisors = [d for d in range(1, steps + 1) if steps % d == 0]
         num_splits = next((d for d in divisors if tiles * d >= num_sms), divisors[-1])
+    if block_n is None or blocks is None:
+        fits = [(bn, nb) for bn in ([block_n] if block_n else [default_n, 64])
+                for nb in ([blocks] if blocks else [b for b in (4, 2, 1) if b <= default_blocks])
+                if _acc_regs(bn, mp, nb) <= _ACC_REG_BUDGET]
+        block_n, blocks = fits[0] if fits else (block_n or 64, blocks or 1)
+    steps = k // _BLOCK // blocks
     stages = stages or max(1, min(16 // blocks, _max_stages(mp, block_n, blocks), steps // num_splits))
     return Q8MgpuConfig(block_n, num_splits, stages, blocks)
 

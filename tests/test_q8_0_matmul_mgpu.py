@@ -71,7 +71,7 @@ def test_q8_mgpu_default_tiles_and_leading_dims_interpret():
     np.testing.assert_allclose(got, ref, rtol=1e-2, atol=1e-2 * np.abs(ref).max())  # bf16 output rounding
 
 
-@pytest.mark.parametrize("m,block_n", [(1, 64), (8, 128), (64, 64), (256, 128)])
+@pytest.mark.parametrize("m,block_n", [(1, 64), (8, 128), (64, 64), (128, None), (256, 128)])
 def test_q8_mgpu_lowers_for_cuda(m, block_n):
     """The GPU path (register operand, 4 blocks per step, up to 16 in flight) through Mosaic GPU's lowering at
     Qwen3-8B's down projection, without running it."""
@@ -97,6 +97,28 @@ def test_q8_mgpu_picks_and_rejects():
         q8_0_matmul_mgpu(x, q, s, config=Q8MgpuConfig(128, 1, 2), interpret=True)
 
 
+def test_q8_mgpu_tiles_by_rows_keep_registers_and_row_bits_interpret():
+    """Larger M takes fewer blocks per step, then 64-row tiles, so the accumulators stay in registers; the K splits
+    stay those of M = 1, and a row comes out in the same bits under every M's tiles."""
+    from pallas_kernels.q8_0_matmul_mgpu import _ACC_REG_BUDGET, _acc_regs
+
+    for k, n in ((5120, 17408), (17408, 5120), (4096, 12288), (4096, 1024)):
+        one = pick_q8_mgpu_config(1, k, n, num_sms=132)
+        for m in (8, 16, 32, 64, 128):
+            cfg = pick_q8_mgpu_config(m, k, n, num_sms=132)
+            assert cfg.num_splits == one.num_splits and _acc_regs(cfg.block_n, m, cfg.blocks) <= _ACC_REG_BUDGET
+    assert pick_q8_mgpu_config(128, 5120, 17408, num_sms=132).block_n == 64
+    k, n = 256, 256
+    x, q, s, deq = _inputs(128, k, n, seed=5)
+    cfgs = {m: pick_q8_mgpu_config(m, k, n, num_sms=4) for m in (1, 64, 128)}
+    assert len({(c.block_n, c.blocks) for c in cfgs.values()}) == 3
+    full = np.asarray(q8_0_matmul_mgpu(x, q, s, config=cfgs[128], interpret=True, out_dtype=jnp.float32))
+    np.testing.assert_allclose(full, _reference(x, deq), rtol=1e-5, atol=1e-5 * np.abs(full).max())
+    for m in (1, 64):
+        part = np.asarray(q8_0_matmul_mgpu(x[:m], q, s, config=cfgs[m], interpret=True, out_dtype=jnp.float32))
+        assert np.array_equal(part, full[:m]), f"rows differ between the tiles of M={m} and M=128"
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("k,n", [(4096, 6144), (4096, 4096), (4096, 24576), (12288, 4096)])
 def test_q8_mgpu_qwen3_8b_shapes_gpu(k, n):
@@ -113,10 +135,9 @@ def test_q8_mgpu_qwen3_8b_shapes_gpu(k, n):
 def test_q8_mgpu_row_independent_of_row_count_gpu():
     if not _is_hopper():
         pytest.skip("Mosaic GPU wgmma needs Hopper")
-    k, n = 4096, 4096
-    x, q, s, _ = _inputs(256, k, n, seed=1)
-    cfg = pick_q8_mgpu_config(256, k, n)
-    full = np.asarray(q8_0_matmul_mgpu(x, q, s, config=cfg, out_dtype=jnp.float32))
-    for m in (1, 8, 16, 128):
-        part = np.asarray(q8_0_matmul_mgpu(x[:m], q, s, config=cfg, out_dtype=jnp.float32))
-        assert np.array_equal(part, full[:m]), f"rows differ at M={m}"
+    for k, n in ((4096, 4096), (5120, 17408)):
+        x, q, s, _ = _inputs(128, k, n, seed=1)
+        full = np.asarray(q8_0_matmul_mgpu(x, q, s, out_dtype=jnp.float32))  # each M its own picked tiles
+        for m in (1, 8, 16, 40, 64):
+            part = np.asarray(q8_0_matmul_mgpu(x[:m], q, s, out_dtype=jnp.float32))
+            assert np.array_equal(part, full[:m]), f"rows differ at M={m}, K={k}, N={n}"
