@@ -8,6 +8,7 @@ to back: the floor under the server's TTFT, which adds tokenization, scheduling 
 A rough FLOP count (2 * params * P, attention not counted) gives the fraction of a dense bf16 peak that is reached.
 
     python bench/prefill_step.py --target qwen3-8b --prompt 512 --chunks 64,128,256,512 --modes off,on
+    python bench/prefill_step.py --target qwen35-27b --weights q8_0 --prompt 512 --chunks 256,512 --modes off,on
     python bench/prefill_step.py --target tiny --prompt 64 --chunks 16,32 --iters 1     # CPU smoke test
 """
 from __future__ import annotations
@@ -24,7 +25,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bench.decode_step import PAGE_SIZE, SHAPES, random_cache, random_model, slot_rows  # noqa: E402
+from bench.decode_step import PAGE_SIZE, SHAPES, WEIGHT_FORMATS, random_cache, random_model, slot_rows  # noqa: E402
 from dflash_jax.kv_cache import AttentionMeta  # noqa: E402
 from dflash_jax.sampling import SamplingArrays  # noqa: E402
 from dflash_jax.step_fns import CompiledSteps, StepInputs  # noqa: E402
@@ -59,6 +60,8 @@ def main(argv=None) -> None:
     ap.add_argument("--slots", type=int, default=1, help="slots prefilling at once (each its own prompt)")
     ap.add_argument("--modes", default="off,on", help="batch-invariant mode: off, on, on-large (prefill tiles)")
     ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--weights", default="bf16", choices=WEIGHT_FORMATS,
+                    help="q8_0: every projection int8 + f16 scales")
     ap.add_argument("--iters", type=int, default=5, help="whole prompts timed per measurement (median)")
     ap.add_argument("--budget-s", type=float, default=1e9)
     ap.add_argument("--out", default=None)
@@ -66,8 +69,9 @@ def main(argv=None) -> None:
     cfg = SHAPES[a.target]
     dtype = jnp.dtype(a.dtype)
     dev = jax.devices()[0]
-    log(f"jax {jax.__version__}, {dev.device_kind}; target {a.target}, prompt {a.prompt}, {a.slots} slot(s)")
-    graphdef, state, nbytes = random_model(cfg, dtype)
+    log(f"jax {jax.__version__}, {dev.device_kind}; target {a.target} ({a.weights}), prompt {a.prompt}, "
+        f"{a.slots} slot(s)")
+    graphdef, state, nbytes = random_model(cfg, dtype, weights=a.weights)
     params = nbytes["params"]
     pages = -(-(a.prompt + 1) // PAGE_SIZE)
     b = a.slots
@@ -104,8 +108,8 @@ def main(argv=None) -> None:
             ttft = float(np.median(times))
             tok_s = b * a.prompt / ttft
             tflops = 2 * params * b * a.prompt / ttft / 1e12
-            row = {"target": a.target, "device": dev.device_kind, "mode": mode, "chunk": chunk, "slots": b,
-                   "prompt": a.prompt, "ttft_ms": ttft * 1e3, "step_ms": ttft * 1e3 * chunk / a.prompt,
+            row = {"target": a.target, "weights": a.weights, "device": dev.device_kind, "mode": mode, "chunk": chunk,
+                   "slots": b, "prompt": a.prompt, "ttft_ms": ttft * 1e3, "step_ms": ttft * 1e3 * chunk / a.prompt,
                    "tok_s": tok_s, "tflops": tflops, "first_call_s": first}
             results.append(row)
             log(f"invariant {mode:8s} chunk {chunk:4d}: TTFT {ttft * 1e3:8.2f} ms ({a.prompt // chunk} steps of "
