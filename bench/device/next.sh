@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The next device session's calls, one per argument (bench/notes_gpu.md says why each): on the device,
+#   bash bench/device/next.sh q8      (carry [".cache/whl"]; about 5 minutes each; give_back after each call)
+# Logs and results go to $OUT.
+cd "$(dirname "$0")/../.." && source bench/device/env.sh
+case "${1:?which call}" in
+  q8)  # the Mosaic Q8_0 tiles by rows (register budget): tests, per-layer products, the 27B 8-slot steps
+    timeout 150 python3 -m pytest -q -m gpu tests/test_q8_0_matmul_mgpu.py 2>&1 | tee $OUT/q8_tests.log | tail -4
+    timeout 150 python3 bench/weight_matmul.py --plan "qwen3.6-27b:1,8,64,128:mgpu_q8_0,pallas_q8_0" --budget-s 130 \
+      --out $OUT/q8_layers.jsonl 2>&1 | tee $OUT/q8_layers.log | grep -E "LAYER|check|copy"
+    timeout 200 python3 bench/spec_step.py --target qwen35-27b --weights q8_0 --slots 8,1 --steps plain,spec \
+      --iters 10 --out $OUT/step27b.jsonl 2>&1 | tee $OUT/step27b.log | grep -E "ms/step|spec/plain" ;;
+  gdn)  # the delta-rule kernel's tiles at the 27B shape, and the 27B Q8_0 prefill
+    timeout 200 python3 bench/delta_rule.py --slots 1,8 --configs 32x4,32x2,16x2,16x1,64x4,64x8,128x8 \
+      --prefill 256 --out $OUT/gdn.jsonl 2>&1 | tee $OUT/gdn.log | tail -40
+    timeout 200 python3 bench/prefill_step.py --target qwen35-27b --weights q8_0 --prompt 512 --chunks 256,512 \
+      --modes off,on --iters 3 --out $OUT/prefill27b.jsonl 2>&1 | tee $OUT/prefill27b.log | tail -6 ;;
+  plain27b)  # issue 7's serving table, plain half (a 27B 8-slot warm-up takes ~450 s: one mode per call)
+    timeout 580 python3 bench/engine_random.py --target qwen35-27b --weights q8_0 --slots 8 --concurrency 1,8 \
+      --modes plain --out $OUT/engine27b_plain.json 2>&1 | tee $OUT/engine27b_plain.log | grep -v "%|" ;;
+  dflash27b)
+    timeout 580 python3 bench/engine_random.py --target qwen35-27b --weights q8_0 --slots 8 --concurrency 1,8 \
+      --modes dflash --out $OUT/engine27b_dflash.json 2>&1 | tee $OUT/engine27b_dflash.log | grep -v "%|" ;;
+  *) echo "unknown call $1"; exit 2 ;;
+esac
