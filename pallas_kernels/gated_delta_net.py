@@ -132,7 +132,7 @@ def conv_window(conv_state, x, num_valid):
 # with no-op tokens (g = beta = 0), as Triton wants power-of-two blocks.
 
 def _recurrent_kernel(rows_ref, fresh_ref, pool_ref, q_ref, k_ref, v_ref, g_ref, b_ref, *out_refs, num_tokens: int,
-                      block_v: int, write: bool, emit: bool):
+                      block_v: int, write: bool, emit: bool, prefetch: bool):
     # The state tile is read from (and written back to) the slot's row of the pool in place: no gather or scatter of
     # whole states around the kernel. q, k arrive as (Dk, Tp): a token's key is a column load, no transposes.
     cols = pl.ds(pl.program_id(2) * block_v, block_v)
@@ -141,27 +141,39 @@ def _recurrent_kernel(rows_ref, fresh_ref, pool_ref, q_ref, k_ref, v_ref, g_ref,
     s0 = jnp.where(fresh_ref[0] != 0, 0.0, s0)  # a request's first block starts from zero state
     o_ref = out_refs[-1] if emit else None
 
-    def body(t, s):
+    def load(t):  # token t's inputs: none depends on the state
         k = k_ref[:, pl.ds(t, 1)].astype(jnp.float32)  # (Dk, 1)
         v = v_ref[pl.ds(t, 1), :].astype(jnp.float32)  # (1, BV)
         decay = jnp.exp(g_ref[pl.ds(t, 1)].astype(jnp.float32))[:, None]  # (1, 1)
         beta = b_ref[pl.ds(t, 1)].astype(jnp.float32)[:, None]
+        return k, v, decay, beta, (q_ref[:, pl.ds(t, 1)].astype(jnp.float32) if emit else None)
+
+    def advance(t, s, k, v, decay, beta, q):
         s = s * decay
         delta = (v - jnp.sum(s * k, axis=0, keepdims=True)) * beta  # (1, BV)
         s = s + k * delta
         if emit:
-            q = q_ref[:, pl.ds(t, 1)].astype(jnp.float32)
             o_ref[pl.ds(t, 1), :] = jnp.sum(s * q, axis=0, keepdims=True).astype(o_ref.dtype)
         return s
 
-    s = jax.lax.fori_loop(0, num_tokens, body, s0)
+    if prefetch:  # token t + 1's loads issued before token t's arithmetic: their latency leaves the serial chain
+        def body(t, carry):
+            s, cur = carry[0], carry[1:]
+            nxt = load(jnp.minimum(t + 1, num_tokens - 1))
+            return (advance(t, s, *cur), *nxt)
+        s = jax.lax.fori_loop(0, num_tokens, body, (s0, *load(0)))[0]
+    else:
+        s = jax.lax.fori_loop(0, num_tokens, lambda t, s: advance(t, s, *load(t)), s0)
     if write:
         out_refs[0][row, head, :, cols] = s
 
 
 def pool_recurrent_pallas(pool, rows, fresh, q, k, v, g, beta, *, write: bool = True, emit: bool = True,
-                          block_v: int | None = None, interpret: bool = False, num_warps: int = 4):
-    """`pool_recurrent` as one Pallas kernel: grid (B, H, Dv / BV), the pool aliased to the updated pool."""
+                          block_v: int | None = None, interpret: bool = False, num_warps: int = 4,
+                          prefetch: bool = False):
+    """`pool_recurrent` as one Pallas kernel: grid (B, H, Dv / BV), the pool aliased to the updated pool. prefetch:
+    load token t + 1's inputs while token t is computed (the same arithmetic, so the same bits; not yet timed on a
+    GPU, see bench/delta_rule.py)."""
     b, t, h, dk = k.shape
     dv = v.shape[-1]
     tp = 1 << max(0, (t - 1).bit_length())
@@ -200,7 +212,8 @@ def pool_recurrent_pallas(pool, rows, fresh, q, k, v, g, beta, *, write: bool = 
         from jax.experimental.pallas import triton as pl_triton  # noqa: PLC0415
         compiler_params = pl_triton.CompilerParams(num_warps=num_warps, num_stages=1)
     outs = pl.pallas_call(
-        functools.partial(_recurrent_kernel, num_tokens=t, block_v=bv, write=write, emit=emit), grid=(b, h, dv // bv),
+        functools.partial(_recurrent_kernel, num_tokens=t, block_v=bv, write=write, emit=emit, prefetch=prefetch),
+        grid=(b, h, dv // bv),
         in_specs=in_specs, out_specs=out_specs, out_shape=out_shape, input_output_aliases={2: 0} if write else {},
         interpret=interpret, compiler_params=compiler_params, name="gated_delta_rule_recurrent",
     )(rows.astype(jnp.int32), fresh.astype(jnp.int32), pool, qh, kh, vh, gh, bh)

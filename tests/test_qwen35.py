@@ -57,6 +57,18 @@ def test_recurrent_kernel_interpret(t, dh, block_v):
 
 
 @pytest.mark.parametrize("write,emit", [(True, True), (False, True), (True, False)])
+def test_kernel_prefetch_keeps_every_bit_interpret(write, emit):
+    """Loading token t + 1's inputs during token t changes no arithmetic: state and outputs in the same bits."""
+    q, k, v, g, beta, _ = _rule_inputs(np.random.default_rng(3), 2, 7, 2, 32)
+    pool = jnp.asarray(np.random.default_rng(4).normal(size=(3, 2, 32, 32)).astype(np.float32))
+    rows, fresh = jnp.array([2, 1]), jnp.array([False, False])
+    plain, early = (gdn.pool_recurrent_pallas(pool, rows, fresh, q, k, v, g, beta, write=write, emit=emit,
+                                              interpret=True, prefetch=p) for p in (False, True))
+    for a, b in zip(plain, early):
+        assert (a is None and b is None) or np.array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("write,emit", [(True, True), (False, True), (True, False)])
 def test_pool_kernel_updates_only_its_rows(write, emit):
     """Decode (write + emit), verify (emit) and replay (write) on the state pool in place: rows read and written
     through `rows`, zeros for fresh rows, every other row (other slots) bit for bit untouched."""
@@ -87,6 +99,10 @@ def test_recurrent_kernel_gpu(t):
     s_k, o_k = gdn.recurrent_pallas(s0, q, k, v, g, beta)
     np.testing.assert_allclose(o_k, o_ref, atol=1e-5)
     np.testing.assert_allclose(s_k, s_ref, atol=1e-5)
+    rows, fresh = jnp.arange(8, dtype=jnp.int32), jnp.zeros((8,), jnp.int32)
+    early = gdn.pool_recurrent_pallas(s0, rows, fresh, q, k, v, g, beta, prefetch=True)
+    assert np.array_equal(np.asarray(early[0]), np.asarray(s_k)) and np.array_equal(np.asarray(early[1]),
+                                                                                    np.asarray(o_k))
 
 
 def test_replay_commits_exactly_the_prefix():
