@@ -95,6 +95,10 @@ VARIANTS = {
     "mgpu_bf16": ("bf16", lambda x, w, cfg=None: matmul_mgpu(x, w, config=cfg, interpret=INTERPRET)),
     # Q8_0 with the weight laid out (N, K), as the Mosaic kernel takes it
     "mgpu_q8_0": ("q8_0_nk", lambda x, q, s, cfg=None: q8_0_matmul_mgpu(x, q, s, config=cfg, interpret=INTERPRET)),
+    # the pre-scaled variant ($DFLASH_Q8_PRESCALE): bf16 weights' numerics, one accumulator
+    "mgpu_q8_0p": ("q8_0_nk", lambda x, q, s, cfg=None: q8_0_matmul_mgpu(
+        x, q, s, config=cfg or pick_q8_mgpu_config(x.shape[0], x.shape[1], q.shape[0], prescale=True),
+        interpret=INTERPRET)),
 }
 
 
@@ -131,7 +135,7 @@ def check_kernels() -> dict[str, float]:
     q = jnp.asarray(rng.integers(-127, 128, (k, n)), jnp.int8)
     s = jnp.asarray(rng.uniform(1e-3, 3e-3, (k // Q8_BLOCK, n)), jnp.float16)
     w = jnp.asarray(rng.standard_normal((n, k)) * 0.02, jnp.bfloat16)
-    errs = {"pallas_q8_0": 0.0, "pallas_bf16": 0.0, "mgpu_bf16": 0.0, "mgpu_q8_0": 0.0}
+    errs = {"pallas_q8_0": 0.0, "pallas_bf16": 0.0, "mgpu_bf16": 0.0, "mgpu_q8_0": 0.0, "mgpu_q8_0p": 0.0}
     w_even = w[:n // 64 * 64]  # the Mosaic kernels take N % 64 == 0
     q_nk, s_even = q[:, :n // 64 * 64].T, s[:, :n // 64 * 64]
     for m in (1, 16, 256):
@@ -144,7 +148,9 @@ def check_kernels() -> dict[str, float]:
                                lambda: jnp.einsum("mk,nk->mn", x, w_even, preferred_element_type=jnp.float32)),
                  "mgpu_q8_0": (lambda: q8_0_matmul_mgpu(x, q_nk, s_even, interpret=INTERPRET),
                                # exact Q8_0 weights (the kernel does not round them to bf16 as the reference does)
-                               lambda: q8_0_matmul_reference(x.astype(jnp.float32), q_nk.T, s_even))}
+                               lambda: q8_0_matmul_reference(x.astype(jnp.float32), q_nk.T, s_even)),
+                 "mgpu_q8_0p": (lambda: VARIANTS["mgpu_q8_0p"][1](x, q_nk, s_even),
+                                lambda: q8_0_matmul_reference(x, q_nk.T, s_even))}
         for name, (fn, ref_fn) in pairs.items():
             try:
                 got = np.asarray(fn().astype(jnp.float32))
@@ -174,7 +180,7 @@ def main(argv=None) -> None:
     ap.add_argument("--configs-bf16", default="", help="BNxBKxWARPSxSTAGES[,..] for --sweep, bf16 kernel")
     ap.add_argument("--configs-mgpu", default="", help="BNxBKxSPLITSxSTAGES[,..] for --sweep, Mosaic GPU kernel")
     ap.add_argument("--configs-mgpu-q8", default="",
-                    help="BNxSPLITSxSTAGES[xBLOCKS][,..] for --sweep, Mosaic GPU Q8_0 kernel")
+                    help="BNxSPLITSxSTAGES[xBLOCKS][p][,..] for --sweep, Mosaic GPU Q8_0 kernel (p: pre-scaled)")
     ap.add_argument("--plan", default="", help="'MODEL:M,M:VARIANT,VARIANT;...' (overrides --models/--ms/--variants)")
     ap.add_argument("--budget-s", type=float, default=1e9, help="stop starting new measurements after this")
     ap.add_argument("--out", default=None, help="JSONL results file")
@@ -231,6 +237,7 @@ def main(argv=None) -> None:
             k, n, m = (int(v) for v in item.split(":"))
             for variant, texts in (("pallas_q8_0", a.configs_q8), ("pallas_bf16", a.configs_bf16),
                                    ("mgpu_bf16", a.configs_mgpu), ("mgpu_q8_0", a.configs_mgpu_q8)):
+                    # a config ending in 'p' is the pre-scaled Q8_0 variant
                 quantized = variant.endswith("q8_0")
                 if not texts:
                     continue
@@ -243,7 +250,8 @@ def main(argv=None) -> None:
                                    else MgpuConfig(*(int(v) for v in text.split("x"))))
                         elif variant == "mgpu_q8_0":
                             cfg = (pick_q8_mgpu_config(m, k, n) if text == "auto"
-                                   else Q8MgpuConfig(*(int(v) for v in text.split("x"))))
+                                   else Q8MgpuConfig(*(int(v) for v in text.rstrip("p").split("x")),
+                                                     prescale=text.endswith("p")))
                         else:
                             cfg = (pick_config(m, k, n, quantized) if text == "auto"
                                    else parse_config(text, m, k, n, quantized))

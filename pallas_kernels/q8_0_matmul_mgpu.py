@@ -12,10 +12,17 @@ pipeline step is one block, and many steps stay in flight.
 Arithmetic: x rounded to bf16 times the exact int8 values (|q| <= 127 is exact in bf16), f32 accumulation within a
 block, the block's f16 scale applied in f32. That is the exact Q8_0 product of bf16 x up to summation order. It is
 closer to it than `weight_matmul.q8_0_matmul_reference` with bf16 x, which rounds each dequantized weight to bf16.
+
+Pre-scaled variant (`Q8MgpuConfig.prescale`, opt-in with $DFLASH_Q8_PRESCALE=1 until timed on a GPU): each int8 tile
+is multiplied by its scales in registers and rounded to bf16 before the product, the numerics of
+`q8_0_matmul_reference` and of bf16 weights, so every block accumulates into one accumulator. That frees the
+registers the per-block accumulators hold: 128-row tiles fit up to M = 128, where the exact variant must drop to
+64-row tiles (and so streams x twice as often).
 """
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 
 import jax
@@ -37,11 +44,19 @@ PIECE_ROWS = 128  # rows per call: at 256, even BN 64 with one block per step ne
 @dataclass(frozen=True)
 class Q8MgpuConfig:
     """block_n weight rows per CTA (64 or 128), num_splits K splits, stages = pipeline steps in flight per CTA,
-    blocks Q8_0 blocks per step (their products are issued together and waited for once)."""
+    blocks Q8_0 blocks per step (their products are issued together and waited for once), prescale: scale the
+    weight tile before the product (bf16 weights' numerics, one accumulator) instead of each block's product."""
     block_n: int
     num_splits: int
     stages: int
     blocks: int = 1
+    prescale: bool = False
+
+
+def prescale_default() -> bool:
+    """$DFLASH_Q8_PRESCALE=1: the pre-scaled variant for every Q8_0 product (a row's numerics must not depend on
+    M, so the choice is global)."""
+    return os.environ.get("DFLASH_Q8_PRESCALE", "").strip().lower() in ("1", "on", "true")
 
 
 def supports_q8(m: int, k: int, n: int) -> bool:
@@ -54,15 +69,15 @@ def _max_stages(mp: int, block_n: int, blocks: int = 1) -> int:
     return (_SMEM_BUDGET - block_n * min(mp, 64) * 4) // per_stage
 
 
-def _acc_regs(block_n: int, mp: int, blocks: int) -> int:
+def _acc_regs(block_n: int, mp: int, blocks: int, prescale: bool = False) -> int:
     """f32 registers per thread that one warpgroup (128 threads) holds for the step's block accumulators and the
-    running total, each (block_n, mp)."""
-    return (blocks + 1) * block_n * mp // 128
+    running total, each (block_n, mp); the pre-scaled variant holds one accumulator."""
+    return (1 if prescale else blocks + 1) * block_n * mp // 128
 
 
 def pick_q8_mgpu_config(m: int, k: int, n: int, num_sms: int | None = None, *, block_n: int | None = None,
                         num_splits: int | None = None, stages: int | None = None,
-                        blocks: int | None = None) -> Q8MgpuConfig:
+                        blocks: int | None = None, prescale: bool | None = None) -> Q8MgpuConfig:
     """Tiles for an (M, K) x (K, N) Q8_0 product (given values kept): BN 128 when N has at least half an SM's worth
     of 128-row tiles, else 64; 4 blocks per step where K allows (one wait per 128 inputs); the fewest K splits that
     give every SM a CTA; up to 16 blocks in flight (small copies need many to cover the memory latency), within
@@ -74,6 +89,7 @@ def pick_q8_mgpu_config(m: int, k: int, n: int, num_sms: int | None = None, *, b
     27B verify's products spilled, 44 of a 72 ms step), so larger M takes fewer blocks per step, then BN 64, to stay
     within `_ACC_REG_BUDGET` registers per thread."""
     num_sms = num_sms or _num_sms()
+    prescale = prescale_default() if prescale is None else prescale
     mp = _rows(m)
     default_n = 128 if n % 128 == 0 and n // 128 >= num_sms // 2 else 64
     default_blocks = next(b for b in (4, 2, 1) if (k // _BLOCK) % b == 0)
@@ -84,11 +100,11 @@ def pick_q8_mgpu_config(m: int, k: int, n: int, num_sms: int | None = None, *, b
     if block_n is None or blocks is None:
         fits = [(bn, nb) for bn in ([block_n] if block_n else [default_n, 64])
                 for nb in ([blocks] if blocks else [b for b in (4, 2, 1) if b <= default_blocks])
-                if _acc_regs(bn, mp, nb) <= _ACC_REG_BUDGET]
+                if _acc_regs(bn, mp, nb, prescale) <= _ACC_REG_BUDGET]
         block_n, blocks = fits[0] if fits else (block_n or 64, blocks or 1)
     steps = k // _BLOCK // blocks
     stages = stages or max(1, min(16 // blocks, _max_stages(mp, block_n, blocks), steps // num_splits))
-    return Q8MgpuConfig(block_n, num_splits, stages, blocks)
+    return Q8MgpuConfig(block_n, num_splits, stages, blocks, prescale)
 
 
 def _kernel_call(x, qt, scales, cfg: Q8MgpuConfig, interpret: bool):
@@ -104,6 +120,39 @@ def _kernel_call(x, qt, scales, cfg: Q8MgpuConfig, interpret: bool):
     q_transforms = (plgpu.TilingTransform((8, _BLOCK)), plgpu.SwizzleTransform(_BLOCK))  # 32 int8 = 32 bytes
     x_transforms = (plgpu.TilingTransform((8, _BLOCK)), plgpu.SwizzleTransform(2 * _BLOCK))  # 32 bf16 = 64 bytes
 
+    def wgmma(acc_ref, a, x_cols, a_smem):
+        if a_smem is not None:  # the interpreter's wgmma reads its operands from refs only
+            a_smem[...] = a
+            plgpu.commit_smem()
+            a = a_smem
+        plgpu.wgmma(acc_ref, a, x_cols)
+        if a_smem is not None:
+            plgpu.wgmma_wait(0)
+
+    def in_specs():
+        ni, si = lax.axis_index("n"), lax.axis_index("s")
+        return [plgpu.BlockSpec((bn, bk), lambda kk: (ni, si * steps + kk), transforms=q_transforms),
+                plgpu.BlockSpec((mp, bk), lambda kk: (0, si * steps + kk), transforms=x_transforms),
+                plgpu.BlockSpec((nb, bn), lambda kk: (si * steps + kk, ni))]
+
+    def prescaled(x_gmem, q_gmem, s_gmem, o_gmem, o_smem, a_smem=None):
+        ni, si = lax.axis_index("n"), lax.axis_index("s")
+
+        def accumulate(acc_ref):
+            def step(_, q_smem, x_smem, s_smem):
+                for j in range(nb):
+                    cols = pl.ds(j * _BLOCK, _BLOCK)
+                    scale = plgpu.load(s_smem.at[j], layout=plgpu.Layout.WGMMA.reduce(1)).astype(jnp.float32)
+                    a = (q_smem[:, cols].astype(jnp.float32) * scale[:, None]).astype(jnp.bfloat16)
+                    wgmma(acc_ref, a, x_smem.at[:, cols].T, a_smem)
+                plgpu.wgmma_wait(0)
+
+            plgpu.emit_pipeline(step, grid=(steps,), max_concurrent_steps=cfg.stages, in_specs=in_specs())(
+                q_gmem, x_gmem, s_gmem)
+            return acc_ref[...]
+
+        store_partial(pl.run_scoped(accumulate, plgpu.ACC((bn, mp), jnp.float32)), o_smem, o_gmem, si, ni)
+
     def kernel(x_gmem, q_gmem, s_gmem, o_gmem, o_smem, a_smem=None):
         ni, si = lax.axis_index("n"), lax.axis_index("s")
 
@@ -112,13 +161,7 @@ def _kernel_call(x, qt, scales, cfg: Q8MgpuConfig, interpret: bool):
                 for j, acc_ref in enumerate(acc_refs):
                     cols = pl.ds(j * _BLOCK, _BLOCK)
                     a = q_smem[:, cols].astype(jnp.bfloat16)  # (BN, 32): exact, |q| <= 127
-                    if a_smem is not None:  # the interpreter's wgmma reads its operands from refs only
-                        a_smem[...] = a
-                        plgpu.commit_smem()
-                        a = a_smem
-                    plgpu.wgmma(acc_ref, a, x_smem.at[:, cols].T)
-                    if a_smem is not None:
-                        plgpu.wgmma_wait(0)
+                    wgmma(acc_ref, a, x_smem.at[:, cols].T, a_smem)
                 plgpu.wgmma_wait(0)
                 return [acc_ref[...] for acc_ref in acc_refs]
 
@@ -129,15 +172,12 @@ def _kernel_call(x, qt, scales, cfg: Q8MgpuConfig, interpret: bool):
             return total
 
         zeros = plgpu.layout_cast(jnp.zeros((bn, mp), jnp.float32), plgpu.Layout.WGMMA)
-        total = plgpu.emit_pipeline(
-            step, grid=(steps,), max_concurrent_steps=cfg.stages, init_carry=zeros,
-            in_specs=[plgpu.BlockSpec((bn, bk), lambda kk: (ni, si * steps + kk), transforms=q_transforms),
-                      plgpu.BlockSpec((mp, bk), lambda kk: (0, si * steps + kk), transforms=x_transforms),
-                      plgpu.BlockSpec((nb, bn), lambda kk: (si * steps + kk, ni))])(q_gmem, x_gmem, s_gmem)
+        total = plgpu.emit_pipeline(step, grid=(steps,), max_concurrent_steps=cfg.stages, init_carry=zeros,
+                                    in_specs=in_specs())(q_gmem, x_gmem, s_gmem)
         store_partial(total, o_smem, o_gmem, si, ni)
 
     scratch = dict(a_smem=plgpu.SMEM((bn, _BLOCK), jnp.bfloat16, transforms=x_transforms)) if interpret else {}
-    f = plgpu.kernel(kernel, out_type=jax.ShapeDtypeStruct((splits, n, mp), jnp.float32),
+    f = plgpu.kernel(prescaled if cfg.prescale else kernel, out_type=jax.ShapeDtypeStruct((splits, n, mp), jnp.float32),
                      scratch_types=dict(o_smem=plgpu.SMEM((bn, epi), jnp.float32), **scratch),
                      grid=(n // bn, splits), grid_names=("n", "s"),
                      interpret=plgpu.InterpretGPUParams() if interpret else None)

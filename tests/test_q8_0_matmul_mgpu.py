@@ -23,6 +23,7 @@ from pallas_kernels.q8_0_matmul_mgpu import (  # noqa: E402
     q8_0_matmul_mgpu,
     supports_q8,
 )
+from pallas_kernels.weight_matmul import q8_0_matmul_reference  # noqa: E402
 
 Q8 = gguf.GGMLQuantizationType.Q8_0
 MS = (1, 3, 8, 16, 64, 128, 256)
@@ -71,12 +72,14 @@ def test_q8_mgpu_default_tiles_and_leading_dims_interpret():
     np.testing.assert_allclose(got, ref, rtol=1e-2, atol=1e-2 * np.abs(ref).max())  # bf16 output rounding
 
 
-@pytest.mark.parametrize("m,block_n", [(1, 64), (8, 128), (64, 64), (128, None), (256, 128)])
-def test_q8_mgpu_lowers_for_cuda(m, block_n):
+@pytest.mark.parametrize("m,block_n,prescale", [(1, 64, False), (8, 128, False), (64, 64, False),
+                                                 (128, None, False), (256, 128, False), (1, None, True),
+                                                 (128, 128, True)])
+def test_q8_mgpu_lowers_for_cuda(m, block_n, prescale):
     """The GPU path (register operand, 4 blocks per step, up to 16 in flight) through Mosaic GPU's lowering at
     Qwen3-8B's down projection, without running it."""
     k, n = 12288, 4096
-    cfg = pick_q8_mgpu_config(m, k, n, num_sms=132, block_n=block_n)
+    cfg = pick_q8_mgpu_config(m, k, n, num_sms=132, block_n=block_n, prescale=prescale)
     args = (jax.ShapeDtypeStruct((m, k), jnp.bfloat16), jax.ShapeDtypeStruct((n, k), jnp.int8),
             jax.ShapeDtypeStruct((k // 32, n), jnp.float16))
     lowered = jax.jit(lambda x, q, s: q8_0_matmul_mgpu(x, q, s, config=cfg)).trace(*args).lower(
@@ -119,6 +122,23 @@ def test_q8_mgpu_tiles_by_rows_keep_registers_and_row_bits_interpret():
         assert np.array_equal(part, full[:m]), f"rows differ between the tiles of M={m} and M=128"
 
 
+def test_q8_mgpu_prescaled_is_the_bf16_weight_product_interpret():
+    """The pre-scaled variant ($DFLASH_Q8_PRESCALE): each weight rounded to bf16 after scaling, as
+    `q8_0_matmul_reference` computes; 128-row tiles up to M = 128. (Row bits across M are a GPU test: the
+    interpreter's products of bf16 weights sum in an order that follows the shape.)"""
+    assert pick_q8_mgpu_config(128, 5120, 17408, num_sms=132, prescale=True).block_n == 128
+    k, n = 256, 256
+    x, q, s, _ = _inputs(128, k, n, seed=6)
+    cfgs = {m: pick_q8_mgpu_config(m, k, n, num_sms=4, prescale=True) for m in (1, 64, 128)}
+    assert all(c.prescale and c.block_n == 128 for c in cfgs.values())
+    full = np.asarray(q8_0_matmul_mgpu(x, q, s, config=cfgs[128], interpret=True, out_dtype=jnp.float32))
+    want = np.asarray(q8_0_matmul_reference(x, q.T, s).astype(jnp.float32))  # bf16 output: compare loosely
+    np.testing.assert_allclose(full, want, rtol=1e-2, atol=1e-2 * np.abs(want).max())
+    exact = np.asarray(x, np.float32) @ np.asarray(q8_0_matmul_reference(jnp.eye(k, dtype=jnp.bfloat16), q.T, s),
+                                                   np.float32)  # the bf16-rounded weights, f32 products
+    np.testing.assert_allclose(full, exact, rtol=1e-5, atol=1e-5 * np.abs(exact).max())
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("k,n", [(4096, 6144), (4096, 4096), (4096, 24576), (12288, 4096)])
 def test_q8_mgpu_qwen3_8b_shapes_gpu(k, n):
@@ -132,12 +152,18 @@ def test_q8_mgpu_qwen3_8b_shapes_gpu(k, n):
 
 
 @pytest.mark.gpu
-def test_q8_mgpu_row_independent_of_row_count_gpu():
+@pytest.mark.parametrize("prescale", [False, True])
+def test_q8_mgpu_row_independent_of_row_count_gpu(prescale):
     if not _is_hopper():
         pytest.skip("Mosaic GPU wgmma needs Hopper")
     for k, n in ((4096, 4096), (5120, 17408)):
         x, q, s, _ = _inputs(128, k, n, seed=1)
-        full = np.asarray(q8_0_matmul_mgpu(x, q, s, out_dtype=jnp.float32))  # each M its own picked tiles
+        cfg = {m: pick_q8_mgpu_config(m, k, n, prescale=prescale) for m in (1, 8, 16, 40, 64, 128)}
+        full = np.asarray(q8_0_matmul_mgpu(x, q, s, config=cfg[128], out_dtype=jnp.float32))  # each M its tiles
+        if prescale:
+            np.testing.assert_allclose(full, np.asarray(x, np.float32) @ np.asarray(
+                q8_0_matmul_reference(jnp.eye(k, dtype=jnp.bfloat16), q.T, s), np.float32), rtol=1e-4,
+                atol=1e-4 * np.abs(full).max())
         for m in (1, 8, 16, 40, 64):
-            part = np.asarray(q8_0_matmul_mgpu(x[:m], q, s, out_dtype=jnp.float32))
+            part = np.asarray(q8_0_matmul_mgpu(x[:m], q, s, config=cfg[m], out_dtype=jnp.float32))
             assert np.array_equal(part, full[:m]), f"rows differ at M={m}, K={k}, N={n}"

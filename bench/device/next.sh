@@ -4,12 +4,16 @@
 # Logs and results go to $OUT.
 cd "$(dirname "$0")/../.." && source bench/device/env.sh
 case "${1:?which call}" in
-  q8)  # the Mosaic Q8_0 tiles by rows (register budget): tests, per-layer products, the 27B 8-slot steps
-    timeout 150 python3 -m pytest -q -m gpu tests/test_q8_0_matmul_mgpu.py 2>&1 | tee $OUT/q8_tests.log | tail -4
-    timeout 150 python3 bench/weight_matmul.py --plan "qwen3.6-27b:1,8,64,128:mgpu_q8_0,pallas_q8_0" --budget-s 130 \
-      --out $OUT/q8_layers.jsonl 2>&1 | tee $OUT/q8_layers.log | grep -E "LAYER|check|copy"
-    timeout 200 python3 bench/spec_step.py --target qwen35-27b --weights q8_0 --slots 8,1 --steps plain,spec \
-      --iters 10 --out $OUT/step27b.jsonl 2>&1 | tee $OUT/step27b.log | grep -E "ms/step|spec/plain" ;;
+  q8)  # the Mosaic Q8_0 tiles by rows (register budget) and the pre-scaled variant: tests, per-layer products
+    timeout 200 python3 -m pytest -q -m gpu tests/test_q8_0_matmul_mgpu.py 2>&1 | tee $OUT/q8_tests.log | tail -4
+    timeout 300 python3 bench/weight_matmul.py --plan \
+      "qwen3.6-27b:1,8,64,128:mgpu_q8_0,mgpu_q8_0p,pallas_q8_0;qwen3-8b:1,128:mgpu_q8_0,mgpu_q8_0p" --budget-s 280 \
+      --out $OUT/q8_layers.jsonl 2>&1 | tee $OUT/q8_layers.log | grep -E "LAYER|check|copy" ;;
+  q8step)  # the 27B steps with both Q8_0 variants (was 15.657 / 71.623 ms at 8 slots)
+    S="python3 bench/spec_step.py --target qwen35-27b --weights q8_0 --slots 8,1 --steps plain,spec --iters 10"
+    timeout 250 $S --out $OUT/step27b.jsonl 2>&1 | tee $OUT/step27b.log | grep -E "ms/step|spec/plain"
+    DFLASH_Q8_PRESCALE=1 timeout 250 $S --out $OUT/step27b_p.jsonl 2>&1 | tee $OUT/step27b_p.log \
+      | grep -E "ms/step|spec/plain" ;;
   gdn)  # the delta-rule kernel's tiles at the 27B shape, and the 27B Q8_0 prefill
     timeout 200 python3 bench/delta_rule.py --slots 1,8 --configs 32x4,32x4p,32x2,16x2,16x2p,16x1,64x4,64x8,128x8 \
       --prefill 256 --out $OUT/gdn.jsonl 2>&1 | tee $OUT/gdn.log | tail -40
