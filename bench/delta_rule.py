@@ -8,7 +8,7 @@ On an H200 in session 10, one 27B 8-slot DFlash step spent 13.7 ms in 48 verify 
 The state traffic per call (read, and written back when the state is written) is reported beside the time as the
 floor a bandwidth-bound kernel would reach.
 
-    python bench/delta_rule.py --slots 1,8 --configs 32x4,32x4p,16x2,16x2p,64x4,128x8,32x1
+    python bench/delta_rule.py --slots 1,8 --configs 32x4,32x4p,32x4u,16x2,16x2u,64x4,128x8,32x1
     python bench/delta_rule.py --slots 1 --heads 4 --dim 32 --configs 32x4 --interpret    # CPU smoke test
 """
 from __future__ import annotations
@@ -28,6 +28,7 @@ import numpy as np  # noqa: E402
 from pallas_kernels import gated_delta_net as gdn  # noqa: E402
 
 T0 = time.monotonic()
+SCHEDULES = {"p": "prefetch", "u": "unroll"}  # config suffix -> pool_recurrent_pallas(schedule=)
 CALLS = {"decode": (1, True, True), "verify": (16, False, True), "replay": (16, True, False)}  # tokens, write, emit
 
 
@@ -68,8 +69,8 @@ def main(argv=None) -> None:
     ap.add_argument("--heads", type=int, default=48, help="value heads (Qwen3.6-27B: 48)")
     ap.add_argument("--dim", type=int, default=128, help="key = value head dim (Qwen3.6-27B: 128)")
     ap.add_argument("--calls", default="decode,verify,replay")
-    ap.add_argument("--configs", default="32x4,32x4p",
-                    help="BVxWARPS[p][,..] for the kernel; p: prefetch the next token's inputs")
+    ap.add_argument("--configs", default="32x4,32x4p,32x4u",
+                    help="BVxWARPS[p|u][,..] for the kernel; p: prefetch the next token's inputs, u: unrolled tokens")
     ap.add_argument("--prefill", default="256", help="prompt chunk lengths for the chunked form ('' to skip)")
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--interpret", action="store_true")
@@ -95,13 +96,13 @@ def main(argv=None) -> None:
             variants = {"xla": jax.jit(lambda p, *x, w=write, e=emit_out: gdn.pool_recurrent_reference(
                 p, *x, write=w, emit=e), donate_argnums=0)}
             for text in (c for c in a.configs.split(",") if c):
-                bv, nw = (int(v) for v in text.rstrip("p").split("x"))
+                bv, nw = (int(v) for v in text.rstrip("pu").split("x"))
                 if d % bv:
                     continue
-                variants[f"pallas {text}"] = jax.jit(lambda p, *x, w=write, e=emit_out, bv=bv, nw=nw,
-                                                     pf=text.endswith("p"):
+                sch = SCHEDULES.get(text[-1], "loop")
+                variants[f"pallas {text}"] = jax.jit(lambda p, *x, w=write, e=emit_out, bv=bv, nw=nw, sch=sch:
                                                      gdn.pool_recurrent_pallas(p, *x, write=w, emit=e, block_v=bv,
-                                                                               num_warps=nw, prefetch=pf,
+                                                                               num_warps=nw, schedule=sch,
                                                                                interpret=a.interpret),
                                                      donate_argnums=0)
             ref_out = None

@@ -132,7 +132,7 @@ def conv_window(conv_state, x, num_valid):
 # with no-op tokens (g = beta = 0), as Triton wants power-of-two blocks.
 
 def _recurrent_kernel(rows_ref, fresh_ref, pool_ref, q_ref, k_ref, v_ref, g_ref, b_ref, *out_refs, num_tokens: int,
-                      block_v: int, write: bool, emit: bool, prefetch: bool):
+                      block_v: int, write: bool, emit: bool, schedule: str):
     # The state tile is read from (and written back to) the slot's row of the pool in place: no gather or scatter of
     # whole states around the kernel. q, k arrive as (Dk, Tp): a token's key is a column load, no transposes.
     cols = pl.ds(pl.program_id(2) * block_v, block_v)
@@ -156,7 +156,11 @@ def _recurrent_kernel(rows_ref, fresh_ref, pool_ref, q_ref, k_ref, v_ref, g_ref,
             o_ref[pl.ds(t, 1), :] = jnp.sum(s * q, axis=0, keepdims=True).astype(o_ref.dtype)
         return s
 
-    if prefetch:  # token t + 1's loads issued before token t's arithmetic: their latency leaves the serial chain
+    if schedule == "unroll":  # straight-line code: every token's loads can be issued before the first token's math
+        s = s0
+        for t in range(num_tokens):
+            s = advance(t, s, *load(t))
+    elif schedule == "prefetch":  # token t + 1's loads issued before token t's arithmetic
         def body(t, carry):
             s, cur = carry[0], carry[1:]
             nxt = load(jnp.minimum(t + 1, num_tokens - 1))
@@ -170,10 +174,16 @@ def _recurrent_kernel(rows_ref, fresh_ref, pool_ref, q_ref, k_ref, v_ref, g_ref,
 
 def pool_recurrent_pallas(pool, rows, fresh, q, k, v, g, beta, *, write: bool = True, emit: bool = True,
                           block_v: int | None = None, interpret: bool = False, num_warps: int = 4,
-                          prefetch: bool = False):
-    """`pool_recurrent` as one Pallas kernel: grid (B, H, Dv / BV), the pool aliased to the updated pool. prefetch:
-    load token t + 1's inputs while token t is computed (the same arithmetic, so the same bits; not yet timed on a
-    GPU, see bench/delta_rule.py)."""
+                          schedule: str = "loop"):
+    """`pool_recurrent` as one Pallas kernel: grid (B, H, Dv / BV), the pool aliased to the updated pool.
+
+    schedule: how the token loop meets the latency of its per-token loads (k, v, q, g, beta do not depend on the
+    state, only the arithmetic is serial): 'loop' (a loop, each token's loads then its math), 'prefetch' (token
+    t + 1's loads during token t's math), 'unroll' (straight-line code for all T tokens; verify and replay blocks
+    are 16). The same arithmetic in every schedule, so the same bits; only 'loop' has been timed on a GPU (see
+    bench/delta_rule.py)."""
+    if schedule not in ("loop", "prefetch", "unroll"):
+        raise ValueError(f"unknown schedule {schedule!r}: loop, prefetch or unroll")
     b, t, h, dk = k.shape
     dv = v.shape[-1]
     tp = 1 << max(0, (t - 1).bit_length())
@@ -212,7 +222,7 @@ def pool_recurrent_pallas(pool, rows, fresh, q, k, v, g, beta, *, write: bool = 
         from jax.experimental.pallas import triton as pl_triton  # noqa: PLC0415
         compiler_params = pl_triton.CompilerParams(num_warps=num_warps, num_stages=1)
     outs = pl.pallas_call(
-        functools.partial(_recurrent_kernel, num_tokens=t, block_v=bv, write=write, emit=emit, prefetch=prefetch),
+        functools.partial(_recurrent_kernel, num_tokens=t, block_v=bv, write=write, emit=emit, schedule=schedule),
         grid=(b, h, dv // bv),
         in_specs=in_specs, out_specs=out_specs, out_shape=out_shape, input_output_aliases={2: 0} if write else {},
         interpret=interpret, compiler_params=compiler_params, name="gated_delta_rule_recurrent",

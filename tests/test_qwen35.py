@@ -3,6 +3,7 @@ model matches llama.cpp (xllamacpp) on the same random-weight F32 file, greedy t
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -56,16 +57,20 @@ def test_recurrent_kernel_interpret(t, dh, block_v):
     np.testing.assert_allclose(s_k, s_ref, atol=1e-6)
 
 
-@pytest.mark.parametrize("write,emit", [(True, True), (False, True), (True, False)])
-def test_kernel_prefetch_keeps_every_bit_interpret(write, emit):
-    """Loading token t + 1's inputs during token t changes no arithmetic: state and outputs in the same bits."""
+@pytest.mark.parametrize("schedule", ["prefetch", "unroll"])
+def test_kernel_schedules_agree_interpret(schedule):
+    """The token-loop schedules run the loop's arithmetic: decode, verify and replay agree with it. (Bits are checked
+    on the GPU: the interpreter's XLA fuses the straight-line and the looped forms differently.)"""
     q, k, v, g, beta, _ = _rule_inputs(np.random.default_rng(3), 2, 7, 2, 32)
     pool = jnp.asarray(np.random.default_rng(4).normal(size=(3, 2, 32, 32)).astype(np.float32))
-    rows, fresh = jnp.array([2, 1]), jnp.array([False, False])
-    plain, early = (gdn.pool_recurrent_pallas(pool, rows, fresh, q, k, v, g, beta, write=write, emit=emit,
-                                              interpret=True, prefetch=p) for p in (False, True))
-    for a, b in zip(plain, early):
-        assert (a is None and b is None) or np.array_equal(np.asarray(a), np.asarray(b))
+    rows, fresh = jnp.array([2, 1]), jnp.array([False, True])
+    for write, emit in ((True, True), (False, True), (True, False)):
+        want, got = (gdn.pool_recurrent_pallas(pool, rows, fresh, q, k, v, g, beta, write=write, emit=emit,
+                                               interpret=True, schedule=sch) for sch in ("loop", schedule))
+        for a, b in zip(want, got):
+            assert (a is None) == (b is None)
+            if a is not None:
+                np.testing.assert_allclose(b, a, atol=1e-6)
 
 
 @pytest.mark.parametrize("write,emit", [(True, True), (False, True), (True, False)])
@@ -91,8 +96,8 @@ def test_pool_kernel_updates_only_its_rows(write, emit):
 @pytest.mark.gpu
 @pytest.mark.parametrize("t", [1, 16])
 def test_recurrent_kernel_gpu(t):
-    """The compiled kernel at the Qwen3.6-27B delta-rule shape (48 value heads of 128): the check that makes
-    DFLASH_GDN_IMPL=pallas safe to default on GPUs."""
+    """The compiled kernel at the Qwen3.6-27B delta-rule shape (48 value heads of 128) against the scan (what made it
+    the GPU default), and under each token-loop schedule a T-token call in the bits of T one-token calls."""
     q, k, v, g, beta, s0 = _rule_inputs(np.random.default_rng(t), 8, t, 48, 128)
     with jax.default_matmul_precision("float32"):  # no TF32 in the reference's einsums
         s_ref, o_ref = gdn.recurrent(s0, q, k, v, g, beta)
@@ -100,9 +105,17 @@ def test_recurrent_kernel_gpu(t):
     np.testing.assert_allclose(o_k, o_ref, atol=1e-5)
     np.testing.assert_allclose(s_k, s_ref, atol=1e-5)
     rows, fresh = jnp.arange(8, dtype=jnp.int32), jnp.zeros((8,), jnp.int32)
-    early = gdn.pool_recurrent_pallas(s0, rows, fresh, q, k, v, g, beta, prefetch=True)
-    assert np.array_equal(np.asarray(early[0]), np.asarray(s_k)) and np.array_equal(np.asarray(early[1]),
-                                                                                    np.asarray(o_k))
+    for schedule in ("loop", "prefetch", "unroll"):  # each: a T-token call in the bits of T one-token calls
+        run = functools.partial(gdn.pool_recurrent_pallas, schedule=schedule)
+        s_o, o_o = run(s0, rows, fresh, q, k, v, g, beta)
+        np.testing.assert_allclose(o_o, o_k, atol=1e-6)
+        np.testing.assert_allclose(s_o, s_k, atol=1e-6)
+        p_step, outs = s0, []
+        for i in range(t):
+            p_step, o = run(p_step, rows, fresh, *(a[:, i:i + 1] for a in (q, k, v, g, beta)))
+            outs.append(o)
+        assert np.array_equal(np.asarray(o_o), np.asarray(jnp.concatenate(outs, axis=1))), schedule
+        assert np.array_equal(np.asarray(s_o), np.asarray(p_step)), schedule
 
 
 def test_replay_commits_exactly_the_prefix():

@@ -15,7 +15,7 @@ case "${1:?which call}" in
     DFLASH_Q8_PRESCALE=1 timeout 250 $S --out $OUT/step27b_p.jsonl 2>&1 | tee $OUT/step27b_p.log \
       | grep -E "ms/step|spec/plain" ;;
   gdn)  # the delta-rule kernel's tiles at the 27B shape, and the 27B Q8_0 prefill
-    timeout 200 python3 bench/delta_rule.py --slots 1,8 --configs 32x4,32x4p,32x2,16x2,16x2p,16x1,64x4,64x8,128x8 \
+    timeout 200 python3 bench/delta_rule.py --slots 1,8 --configs 32x4,32x4p,32x4u,32x2,32x2u,16x2,16x2u,16x1u,64x4,64x4u,128x8 \
       --prefill 256 --out $OUT/gdn.jsonl 2>&1 | tee $OUT/gdn.log | tail -40
     timeout 200 python3 bench/prefill_step.py --target qwen35-27b --weights q8_0 --prompt 512 --chunks 256,512 \
       --modes off,on --iters 3 --out $OUT/prefill27b.jsonl 2>&1 | tee $OUT/prefill27b.log | tail -6 ;;
