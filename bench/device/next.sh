@@ -14,6 +14,10 @@ case "${1:?which call}" in
     timeout 250 $S --out $OUT/step27b.jsonl 2>&1 | tee $OUT/step27b.log | grep -E "ms/step|spec/plain"
     DFLASH_Q8_PRESCALE=1 timeout 250 $S --out $OUT/step27b_p.jsonl 2>&1 | tee $OUT/step27b_p.log \
       | grep -E "ms/step|spec/plain" ;;
+  q8sweep)  # issue 8 (big products at 44-50 % of copy): more CTAs per SM through K splits, at M = 1 and 8
+    timeout 400 python3 bench/weight_matmul.py --models "" --sweep 5120:17408:1,17408:5120:1,4096:12288:8 \
+      --configs-mgpu-q8 128x2x4x4,128x4x4x4,64x2x4x4,64x4x4x4,64x8x4x4,128x2x8x2,128x2x4x4p,64x4x4x4p \
+      --budget-s 380 --out $OUT/q8_sweep.jsonl 2>&1 | tee $OUT/q8_sweep.log | grep sweep ;;
   gdn)  # the delta-rule kernel's tiles at the 27B shape, and the 27B Q8_0 prefill
     timeout 200 python3 bench/delta_rule.py --slots 1,8 --configs 32x4,32x4p,32x4u,32x2,32x2u,16x2,16x2u,16x1u,64x4,64x4u,128x8 \
       --prefill 256 --out $OUT/gdn.jsonl 2>&1 | tee $OUT/gdn.log | tail -40
