@@ -34,11 +34,10 @@ from pallas_kernels.invariance import ordered_sum
 from pallas_kernels.weight_matmul import _num_sms
 from pallas_kernels.weight_matmul_mgpu import _SMEM_BUDGET, MAX_ROWS, _epi, _rows, store_partial
 
-__all__ = ["Q8MgpuConfig", "pick_q8_mgpu_config", "q8_0_matmul_mgpu", "supports_q8", "MAX_ROWS", "PIECE_ROWS"]
+__all__ = ["Q8MgpuConfig", "pick_q8_mgpu_config", "q8_0_matmul_mgpu", "supports_q8", "MAX_ROWS", "piece_rows"]
 
 _BLOCK = 32  # Q8_0 block: one f16 scale per 32 consecutive inputs
 _ACC_REG_BUDGET = 168  # of the 255 a thread may hold: the rest for the widened weight tile, scales and addresses
-PIECE_ROWS = 128  # rows per call: at 256, even BN 64 with one block per step needs 256 accumulator registers
 
 
 @dataclass(frozen=True)
@@ -57,6 +56,12 @@ def prescale_default() -> bool:
     """$DFLASH_Q8_PRESCALE=1: the pre-scaled variant for every Q8_0 product (a row's numerics must not depend on
     M, so the choice is global)."""
     return os.environ.get("DFLASH_Q8_PRESCALE", "").strip().lower() in ("1", "on", "true")
+
+
+def piece_rows() -> int:
+    """Rows per call that keep the accumulators in registers: 128 (at 256, BN 64 with one block per step would need
+    256 registers for the block accumulator and the total), 256 pre-scaled (one accumulator)."""
+    return MAX_ROWS if prescale_default() else 128
 
 
 def supports_q8(m: int, k: int, n: int) -> bool:

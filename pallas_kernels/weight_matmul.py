@@ -573,7 +573,7 @@ def q8_0_linear(x: jax.Array, qweight: jax.Array, scales: jax.Array, *, impl: st
         from pallas_kernels import q8_0_matmul_mgpu as mq  # noqa: PLC0415
         n, k = qweight.shape
         if impl.startswith("mgpu") and mq.supports_q8(1, k, n):
-            return _in_row_pieces(x, n, mq.PIECE_ROWS, lambda piece: mq.q8_0_matmul_mgpu(
+            return _in_row_pieces(x, n, mq.piece_rows(), lambda piece: mq.q8_0_matmul_mgpu(
                 piece, qweight, scales, interpret=impl == "mgpu_interpret"))
         qweight = qweight.T
         impl = ("interpret" if impl == "mgpu_interpret" else "pallas") if invariant else "reference"

@@ -167,3 +167,19 @@ def test_q8_mgpu_row_independent_of_row_count_gpu(prescale):
         for m in (1, 8, 16, 40, 64):
             part = np.asarray(q8_0_matmul_mgpu(x[:m], q, s, config=cfg[m], out_dtype=jnp.float32))
             assert np.array_equal(part, full[:m]), f"rows differ at M={m}, K={k}, N={n}"
+
+
+@pytest.mark.parametrize("prescale", ["0", "1"])
+def test_q8_linear_runs_any_row_count_in_pieces_interpret(prescale, monkeypatch):
+    """The layer's product over 300 rows: pieces of `piece_rows()` (128, or 256 pre-scaled), each a row-independent
+    call, together the product of the whole."""
+    from pallas_kernels.q8_0_matmul_mgpu import piece_rows
+    from pallas_kernels.weight_matmul import q8_0_linear
+
+    monkeypatch.setenv("DFLASH_Q8_PRESCALE", prescale)
+    assert piece_rows() == (256 if prescale == "1" else 128)
+    x, q, s, deq = _inputs(300, 128, 128, seed=9)
+    got = np.asarray(q8_0_linear(x.reshape(3, 100, 128), q, s, impl="mgpu_interpret", layout="nk")
+                     .astype(jnp.float32)).reshape(300, 128)
+    ref = _reference(x, deq)
+    np.testing.assert_allclose(got, ref, rtol=1e-2, atol=1e-2 * np.abs(ref).max())
