@@ -150,8 +150,9 @@ def main(argv=None) -> None:
         engine.warmup(progress=False)
         warm = time.perf_counter() - t
         slot_mib = (after - before) / a.slots / 2 ** 20 if before is not None and after is not None else None
-        log(f"{mode}: warm-up {warm:.1f} s; engine buffers {slot_mib and f'{slot_mib:.1f}'} MiB per slot "
-            f"(pages for {per_slot} tokens); batch-invariant {engine.batch_invariant}")
+        log(f"{mode}: warm-up {warm:.1f} s ({engine.warmup_seconds}); engine buffers "
+            f"{slot_mib and f'{slot_mib:.1f}'} MiB per slot (pages for {per_slot} tokens); batch-invariant "
+            f"{engine.batch_invariant}")
         engine.start()
         rng = np.random.default_rng(0)
         traffic(engine, cfg.vocab_size, min(levels), min(levels), a.prompt, 4, rng)  # settle
@@ -162,6 +163,7 @@ def main(argv=None) -> None:
                 res["tau"] = sp["tau"]
             res["mib_per_slot"] = slot_mib
             res["warmup_s"] = warm
+            res["warmup_split_s"] = engine.warmup_seconds
             rows[c][mode] = res
             log(f"{mode:6s} clients {c:3d}: {res['tokens']} tokens in {res['seconds']:.2f} s = {res['tok_s']:.1f} "
                 f"tok/s, TTFT p50 {res['ttft_ms_p50']:.0f} ms" + (f", tau {res['tau']}" if drafter else ""))
