@@ -8,7 +8,7 @@ On an H200 in session 10, one 27B 8-slot DFlash step spent 13.7 ms in 48 verify 
 The state traffic per call (read, and written back when the state is written) is reported beside the time as the
 floor a bandwidth-bound kernel would reach.
 
-    python bench/delta_rule.py --slots 1,8 --configs 32x4,32x4p,32x4u,16x2,16x2u,64x4,128x8,32x1
+    python bench/delta_rule.py --slots 1,8 --configs 32x4,32x4p,32x4u,32x4o,32x4uo,16x2,16x2u,64x4,128x8
     python bench/delta_rule.py --slots 1 --heads 4 --dim 32 --configs 32x4 --interpret    # CPU smoke test
 """
 from __future__ import annotations
@@ -69,8 +69,9 @@ def main(argv=None) -> None:
     ap.add_argument("--heads", type=int, default=48, help="value heads (Qwen3.6-27B: 48)")
     ap.add_argument("--dim", type=int, default=128, help="key = value head dim (Qwen3.6-27B: 128)")
     ap.add_argument("--calls", default="decode,verify,replay")
-    ap.add_argument("--configs", default="32x4,32x4p,32x4u",
-                    help="BVxWARPS[p|u][,..] for the kernel; p: prefetch the next token's inputs, u: unrolled tokens")
+    ap.add_argument("--configs", default="32x4,32x4p,32x4u,32x4o,32x4uo",
+                    help="BVxWARPS[p|u][o][,..] for the kernel; p: prefetch the next token's inputs, u: unrolled "
+                         "tokens, o: one-pass reductions")
     ap.add_argument("--prefill", default="256", help="prompt chunk lengths for the chunked form ('' to skip)")
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--interpret", action="store_true")
@@ -96,14 +97,17 @@ def main(argv=None) -> None:
             variants = {"xla": jax.jit(lambda p, *x, w=write, e=emit_out: gdn.pool_recurrent_reference(
                 p, *x, write=w, emit=e), donate_argnums=0)}
             for text in (c for c in a.configs.split(",") if c):
-                bv, nw = (int(v) for v in text.rstrip("pu").split("x"))
+                base = text.rstrip("puo")
+                bv, nw = (int(v) for v in base.split("x"))
                 if d % bv:
                     continue
-                sch = SCHEDULES.get(text[-1], "loop")
-                variants[f"pallas {text}"] = jax.jit(lambda p, *x, w=write, e=emit_out, bv=bv, nw=nw, sch=sch:
+                flags = text[len(base):]
+                sch = next((SCHEDULES[f] for f in flags if f in SCHEDULES), "loop")
+                variants[f"pallas {text}"] = jax.jit(lambda p, *x, w=write, e=emit_out, bv=bv, nw=nw, sch=sch,
+                                                     op="o" in flags:
                                                      gdn.pool_recurrent_pallas(p, *x, write=w, emit=e, block_v=bv,
                                                                                num_warps=nw, schedule=sch,
-                                                                               interpret=a.interpret),
+                                                                               one_pass=op, interpret=a.interpret),
                                                      donate_argnums=0)
             ref_out = None
             for name, fn in variants.items():

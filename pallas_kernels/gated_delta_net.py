@@ -132,7 +132,7 @@ def conv_window(conv_state, x, num_valid):
 # with no-op tokens (g = beta = 0), as Triton wants power-of-two blocks.
 
 def _recurrent_kernel(rows_ref, fresh_ref, pool_ref, q_ref, k_ref, v_ref, g_ref, b_ref, *out_refs, num_tokens: int,
-                      block_v: int, write: bool, emit: bool, schedule: str):
+                      block_v: int, write: bool, emit: bool, schedule: str, one_pass: bool):
     # The state tile is read from (and written back to) the slot's row of the pool in place: no gather or scatter of
     # whole states around the kernel. q, k arrive as (Dk, Tp): a token's key is a column load, no transposes.
     cols = pl.ds(pl.program_id(2) * block_v, block_v)
@@ -149,6 +149,13 @@ def _recurrent_kernel(rows_ref, fresh_ref, pool_ref, q_ref, k_ref, v_ref, g_ref,
         return k, v, decay, beta, (q_ref[:, pl.ds(t, 1)].astype(jnp.float32) if emit else None)
 
     def advance(t, s, k, v, decay, beta, q):
+        if one_pass:  # both reductions read the state before the token's update: one pass, the chain one shorter
+            delta = (v - jnp.sum(s * k, axis=0, keepdims=True) * decay) * beta
+            if emit:
+                kq = jnp.sum(k * q, axis=0, keepdims=True)  # (1, 1): state-free
+                o = jnp.sum(s * q, axis=0, keepdims=True) * decay + delta * kq
+                o_ref[pl.ds(t, 1), :] = o.astype(o_ref.dtype)
+            return s * decay + k * delta
         s = s * decay
         delta = (v - jnp.sum(s * k, axis=0, keepdims=True)) * beta  # (1, BV)
         s = s + k * delta
@@ -174,14 +181,18 @@ def _recurrent_kernel(rows_ref, fresh_ref, pool_ref, q_ref, k_ref, v_ref, g_ref,
 
 def pool_recurrent_pallas(pool, rows, fresh, q, k, v, g, beta, *, write: bool = True, emit: bool = True,
                           block_v: int | None = None, interpret: bool = False, num_warps: int = 4,
-                          schedule: str = "loop"):
+                          schedule: str = "loop", one_pass: bool = False):
     """`pool_recurrent` as one Pallas kernel: grid (B, H, Dv / BV), the pool aliased to the updated pool.
 
     schedule: how the token loop meets the latency of its per-token loads (k, v, q, g, beta do not depend on the
     state, only the arithmetic is serial): 'loop' (a loop, each token's loads then its math), 'prefetch' (token
     t + 1's loads during token t's math), 'unroll' (straight-line code for all T tokens; verify and replay blocks
     are 16). The same arithmetic in every schedule, so the same bits; only 'loop' has been timed on a GPU (see
-    bench/delta_rule.py)."""
+    bench/delta_rule.py).
+
+    one_pass: a token's output as decay * (S q) + delta * (k . q) from the state before its update, so both of its
+    reductions over Dk read the same state in one pass (the default reduces the updated state again). Different
+    rounding, the same for decode, verify and replay; not yet timed on a GPU."""
     if schedule not in ("loop", "prefetch", "unroll"):
         raise ValueError(f"unknown schedule {schedule!r}: loop, prefetch or unroll")
     b, t, h, dk = k.shape
@@ -222,7 +233,8 @@ def pool_recurrent_pallas(pool, rows, fresh, q, k, v, g, beta, *, write: bool = 
         from jax.experimental.pallas import triton as pl_triton  # noqa: PLC0415
         compiler_params = pl_triton.CompilerParams(num_warps=num_warps, num_stages=1)
     outs = pl.pallas_call(
-        functools.partial(_recurrent_kernel, num_tokens=t, block_v=bv, write=write, emit=emit, schedule=schedule),
+        functools.partial(_recurrent_kernel, num_tokens=t, block_v=bv, write=write, emit=emit, schedule=schedule,
+                          one_pass=one_pass),
         grid=(b, h, dv // bv),
         in_specs=in_specs, out_specs=out_specs, out_shape=out_shape, input_output_aliases={2: 0} if write else {},
         interpret=interpret, compiler_params=compiler_params, name="gated_delta_rule_recurrent",

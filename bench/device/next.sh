@@ -19,7 +19,7 @@ case "${1:?which call}" in
       --configs-mgpu-q8 128x2x4x4,128x4x4x4,64x2x4x4,64x4x4x4,64x8x4x4,128x2x8x2,128x2x4x4p,64x4x4x4p \
       --budget-s 380 --out $OUT/q8_sweep.jsonl 2>&1 | tee $OUT/q8_sweep.log | grep sweep ;;
   gdn)  # the delta-rule kernel's tiles at the 27B shape, and the 27B Q8_0 prefill
-    timeout 200 python3 bench/delta_rule.py --slots 1,8 --configs 32x4,32x4p,32x4u,32x2,32x2u,16x2,16x2u,16x1u,64x4,64x4u,128x8 \
+    timeout 200 python3 bench/delta_rule.py --slots 1,8 --configs 32x4,32x4p,32x4u,32x4o,32x4uo,32x2,32x2u,16x2,16x2u,16x2uo,64x4,64x4u,128x8 \
       --prefill 256 --out $OUT/gdn.jsonl 2>&1 | tee $OUT/gdn.log | tail -40
     timeout 200 python3 bench/prefill_step.py --target qwen35-27b --weights q8_0 --prompt 512 --chunks 256,512 \
       --modes off,on --iters 3 --out $OUT/prefill27b.jsonl 2>&1 | tee $OUT/prefill27b.log | tail -6 ;;
