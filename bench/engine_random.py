@@ -117,6 +117,8 @@ def main(argv=None) -> None:
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--prefill-chunk", type=int, default=256)
+    ap.add_argument("--chunk-buckets", default="", help="prefill chunk buckets, e.g. '256' (python -m serve "
+                    "--ubatch-buckets; default: the engine's factor-4 steps)")
     ap.add_argument("--block", type=int, default=16)
     ap.add_argument("--drafter-layers", type=int, default=5)
     ap.add_argument("--modes", default="plain,dflash")
@@ -143,6 +145,7 @@ def main(argv=None) -> None:
         before = device_bytes()
         engine = Engine(lm, EngineConfig(num_slots=a.slots, ctx_size=a.slots * per_slot, ctx_per_slot=per_slot,
                                          prefill_chunk=a.prefill_chunk, dtype=a.dtype, draft_max=a.block - 1,
+                                         chunk_sizes=tuple(int(c) for c in a.chunk_buckets.split(",") if c) or None,
                                          spec_policy="always" if drafter else "never",
                                          batch_invariant=invariant), drafter)
         after = device_bytes()

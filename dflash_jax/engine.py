@@ -39,6 +39,9 @@ class EngineConfig:
     ctx_per_slot: int | None = None  # cap per request; default ctx_size // num_slots... at least 256
     page_size: int = 16
     prefill_chunk: int = 256  # -ub: tokens of one slot's prompt per prefill step
+    # Prefill token buckets, ascending, ending at prefill_chunk; None: factor-4 steps up to it. Fewer buckets, fewer
+    # compiles (a 27B warm-up takes ~16 s per bucket on an H200 host) at the cost of padding short chunks.
+    chunk_sizes: tuple[int, ...] | None = None
     dtype: str = "float32"
     compile_cache_dir: str | None = None
     draft_max: int = 15  # drafts per block (block = draft_max + 1, at most the drafter's trained block size)
@@ -61,6 +64,11 @@ class EngineConfig:
             raise ValueError(f"EngineConfig.page_size must be a power of two, got {self.page_size}")
         if self.prefill_chunk < 1:
             raise ValueError(f"EngineConfig.prefill_chunk must be >= 1, got {self.prefill_chunk}")
+        if self.chunk_sizes is not None and (
+                not self.chunk_sizes or list(self.chunk_sizes) != sorted(set(self.chunk_sizes))
+                or self.chunk_sizes[0] < 1 or self.chunk_sizes[-1] != self.prefill_chunk):
+            raise ValueError(f"EngineConfig.chunk_sizes must ascend from >= 1 to prefill_chunk "
+                             f"{self.prefill_chunk}, got {self.chunk_sizes}")
         if self.draft_max < 1:
             raise ValueError(f"EngineConfig.draft_max must be >= 1, got {self.draft_max}")
         if self.spec_policy not in ("adaptive", "always", "never"):
@@ -80,6 +88,8 @@ class EngineConfig:
 
     @property
     def chunk_buckets(self) -> tuple[int, ...]:
+        if self.chunk_sizes is not None:
+            return tuple(self.chunk_sizes)
         # Factor-4 steps: few compiles, at most 4x padding of a short chunk.
         sizes, s = [], min(16, self.prefill_chunk)
         while s < self.prefill_chunk:

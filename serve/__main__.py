@@ -85,6 +85,10 @@ def main(argv: list[str] | None = None) -> int:
     from dflash_jax.engine import Engine, EngineConfig
 
     engine_kwargs = engine_config_kwargs(args, EngineConfig, jax.default_backend())
+    try:
+        EngineConfig(**engine_kwargs)  # inconsistent flags (e.g. --ubatch-buckets against -ub) fail before loading
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     use_drafter = speculative(args, Engine)
     model_file = Path(args.model) if args.model else _default_model_file()
     alias = model_alias(args, model_file)

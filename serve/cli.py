@@ -27,6 +27,13 @@ def _positive(text: str) -> int:
     return value
 
 
+def _positive_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(_positive(v) for v in text.split(","))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}") from e
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m serve", description="OpenAI-compatible server for GGUF models (JAX).")
     p.add_argument("-m", "--model", help="GGUF file or converted model directory (default: SmolLM2-135M-Instruct, "
@@ -40,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per-slot context cap (default: ctx-size / slots)")
     p.add_argument("-ub", "--ubatch-size", dest="ubatch_size", type=_positive, default=256,
                    help="prefill chunk in tokens (default: 256)")
+    p.add_argument("--ubatch-buckets", type=_positive_list, default=None,
+                   help="prefill chunk sizes compiled at start, ascending, the last equal to -ub, e.g. '256' "
+                        "(fewer compiles, more padding; default: factor-4 steps from 16 up to -ub)")
     p.add_argument("--page-size", type=_positive, default=None, help="KV-cache page size in tokens")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                    help="compute dtype (default: float32 on CPU, bfloat16 on GPU)")
@@ -91,7 +101,8 @@ def engine_config_kwargs(args: argparse.Namespace, config_cls, platform: str) ->
     names = {f.name for f in dataclasses.fields(config_cls)}
     dtype = args.dtype or ("float32" if platform == "cpu" else "bfloat16")
     wanted = {"num_slots": (args.slots, "-np"), "ctx_size": (args.ctx_size, "-c"),
-              "prefill_chunk": (args.ubatch_size, "-ub"), "dtype": (dtype, "--dtype"),
+              "prefill_chunk": (args.ubatch_size, "-ub"), "chunk_sizes": (args.ubatch_buckets, "--ubatch-buckets"),
+              "dtype": (dtype, "--dtype"),
               "ctx_per_slot": (args.ctx_per_slot, "--ctx-per-slot"), "page_size": (args.page_size, "--page-size"),
               "compile_cache_dir": (args.compile_cache_dir, "--compile-cache-dir"),
               "draft_max": (args.draft_max, "--draft-max"), "ctx_size_draft": (args.ctx_size_draft, "-cd"),

@@ -179,6 +179,38 @@ def test_slot_reused_after_a_stop_while_a_step_is_in_flight(tiny):
         eng.stop()
 
 
+def test_one_chunk_bucket_serves_every_prompt_length(tiny):
+    """chunk_sizes=(16,): every prefill chunk, 1 to 16 tokens, runs padded in the one 16-token bucket; outputs equal
+    one-shot greedy decoding. Bad bucket lists are refused."""
+    eng = Engine(tiny, EngineConfig(num_slots=2, ctx_size=256, page_size=8, prefill_chunk=16, chunk_sizes=(16,)))
+    assert eng.cfg.chunk_buckets == (16,)
+    eng.warmup(progress=False)
+    eng.start()
+    try:
+        rng = np.random.default_rng(6)
+        prompts = prompts_for(rng, 6, tiny.config.vocab_size)
+        outs = run(eng, [Request(p, SamplingParams(max_tokens=5, ignore_eos=True)) for p in prompts])
+        for p, (toks, _, _) in zip(prompts, outs):
+            assert toks == greedy_generate(tiny.model, [p], 5)[0][0]
+    finally:
+        eng.stop()
+    for bad in ((), (8,), (16, 4), (4, 4, 16), (0, 16)):
+        with pytest.raises(ValueError, match="chunk_sizes"):
+            EngineConfig(prefill_chunk=16, chunk_sizes=bad)
+
+
+def test_serve_ubatch_buckets_flag():
+    """--ubatch-buckets reaches EngineConfig.chunk_sizes; a list that does not end at -ub stops the server before
+    it loads anything."""
+    from serve.__main__ import main
+    from serve.cli import engine_config_kwargs, parse_args
+
+    kwargs = engine_config_kwargs(parse_args(["-ub", "128", "--ubatch-buckets", "32,128"]), EngineConfig, "cpu")
+    assert EngineConfig(**kwargs).chunk_buckets == (32, 128)
+    with pytest.raises(SystemExit, match="chunk_sizes"):
+        main(["--ubatch-buckets", "64", "-ub", "256"])
+
+
 def test_cancel_frees_slot(engine, tiny):
     req = Request([5, 6, 7], SamplingParams(max_tokens=100, ignore_eos=True))
     engine.submit(req)

@@ -23,11 +23,14 @@ case "${1:?which call}" in
       --prefill 256 --out $OUT/gdn.jsonl 2>&1 | tee $OUT/gdn.log | tail -40
     timeout 200 python3 bench/prefill_step.py --target qwen35-27b --weights q8_0 --prompt 512 --chunks 256,512 \
       --modes off,on --iters 3 --out $OUT/prefill27b.jsonl 2>&1 | tee $OUT/prefill27b.log | tail -6 ;;
-  plain27b)  # issue 7's serving table, plain half (a 27B 8-slot warm-up takes ~450 s: one mode per call)
+  plain27b)  # issue 7's serving table, plain half (a 27B 8-slot warm-up took 453 s for 28 buckets:
+  # one mode per call; 512-token prompts in 256-token chunks need only the 256 bucket, 20 buckets for DFlash)
     timeout 580 python3 bench/engine_random.py --target qwen35-27b --weights q8_0 --slots 8 --concurrency 1,8 \
-      --modes plain --out $OUT/engine27b_plain.json 2>&1 | tee $OUT/engine27b_plain.log | grep -v "%|" ;;
+      --chunk-buckets 256 --modes plain --out $OUT/engine27b_plain.json 2>&1 | tee $OUT/engine27b_plain.log \
+      | grep -v "%|" ;;
   dflash27b)
     timeout 580 python3 bench/engine_random.py --target qwen35-27b --weights q8_0 --slots 8 --concurrency 1,8 \
-      --modes dflash --out $OUT/engine27b_dflash.json 2>&1 | tee $OUT/engine27b_dflash.log | grep -v "%|" ;;
+      --chunk-buckets 256 --modes dflash --out $OUT/engine27b_dflash.json 2>&1 | tee $OUT/engine27b_dflash.log \
+      | grep -v "%|" ;;
   *) echo "unknown call $1"; exit 2 ;;
 esac
