@@ -25,6 +25,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from bench.decode_step import time_loop  # noqa: E402
 from pallas_kernels import gated_delta_net as gdn  # noqa: E402
 
 T0 = time.monotonic()
@@ -49,18 +50,14 @@ def inputs(b: int, t: int, h: int, d: int, seed: int):
     return q, k, v, g, beta
 
 
-def time_call(fn, pool, args, iters: int, repeats: int = 5) -> tuple[float, jax.Array]:
+def time_call(fn, pool, args, iters: int) -> float:
     """Median us per call of fn(pool, *args) -> (pool, out), the pool fed back (donated) as the engine does."""
-    pool, out = fn(pool, *args)
-    jax.block_until_ready(out if out is not None else pool)
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        for _ in range(iters):
-            pool, out = fn(pool, *args)
-        jax.block_until_ready(pool)
-        times.append((time.perf_counter() - t) / iters)
-    return float(np.median(times)) * 1e6, pool
+    held = {"pool": pool}
+
+    def step():
+        held["pool"], _ = fn(held["pool"], *args)
+        return held["pool"]
+    return time_loop(step, 1, iters)[0] * 1e3
 
 
 def main(argv=None) -> None:
@@ -117,7 +114,7 @@ def main(argv=None) -> None:
                     got = np.asarray(out if emit_out else new_pool[1:])
                     ref_out = got if ref_out is None else ref_out
                     err = float(np.max(np.abs(got - ref_out)))
-                    us, _ = time_call(fn, pool, args, a.iters)
+                    us = time_call(fn, pool, args, a.iters)
                 except Exception as e:  # a tile Triton cannot build: report it, go on
                     log(f"B={b} {call} {name}: FAILED {type(e).__name__}: {e}"[:300])
                     continue
@@ -128,11 +125,11 @@ def main(argv=None) -> None:
             q, k, v, g, beta = inputs(b, t, h, d, seed=t)
             s0 = jnp.zeros((b, h, d, d), jnp.float32)
             fn = jax.jit(gdn.chunked)
-            us, _ = time_call(lambda s, *x: fn(s, *x), s0, (q, k, v, g, beta), max(1, a.iters // 4))
+            us = time_call(fn, s0, (q, k, v, g, beta), max(1, a.iters // 4))
             log(f"B={b:2d} prefill T={t:4d} chunked (XLA) {us:9.1f} us  ({us / t:7.2f} us/token)")
             emit({"kind": "prefill", "B": b, "T": t, "variant": "chunked_xla", "us": us})
             kern = jax.jit(lambda s, *x: gdn.recurrent_pallas(s, *x, interpret=a.interpret))  # token by token
-            us, _ = time_call(kern, s0, (q, k, v, g, beta), max(1, a.iters // 4))
+            us = time_call(kern, s0, (q, k, v, g, beta), max(1, a.iters // 4))
             log(f"B={b:2d} prefill T={t:4d} recurrent kernel {us:9.1f} us  ({us / t:7.2f} us/token)")
             emit({"kind": "prefill", "B": b, "T": t, "variant": "recurrent_pallas", "us": us})
     if a.out:
