@@ -52,6 +52,7 @@ from dflash_jax.sampling import SamplingArrays  # noqa: E402
 from dflash_jax.state_pool import make_cache, state_bytes_per_slot  # noqa: E402
 from dflash_jax.profiling import device_profile  # noqa: E402
 from dflash_jax.step_fns import CompiledSteps, SpecInputs  # noqa: E402
+from pallas_kernels.q8_0_matmul_mgpu import engine_prescale  # noqa: E402
 
 T0 = time.monotonic()
 GB, GiB = 1e9, 2 ** 30
@@ -98,12 +99,15 @@ def drafter_shape(target: str, cfg, num_layers: int, block: int) -> DrafterConfi
 def make_steps(graphdef, state, dgraphdef, dstate, dcfg: DrafterConfig) -> tuple[CompiledSteps, CompiledSteps]:
     """(steps with the drafter loaded, steps of plain serving without one)."""
     inv = INVARIANT["on"]
+    pre = INVARIANT["q8_prescale"]
     return (CompiledSteps(graphdef, state, dgraphdef, dstate, dcfg.target_layer_ids, dcfg.mask_token_id, None,
-                          invariant=inv),
-            CompiledSteps(graphdef, state, invariant=inv))
+                          invariant=inv, q8_prescale=pre),
+            CompiledSteps(graphdef, state, invariant=inv, q8_prescale=pre))
 
 
-INVARIANT = {"on": False}  # --batch-invariant: trace the steps in the batch-invariant mode, as the engine's auto does
+# --batch-invariant: trace the steps in the batch-invariant mode, as the engine's auto does, with the Q8_0 numerics
+# an engine of the largest --slots would choose (EngineConfig.q8_prescale)
+INVARIANT = {"on": False, "q8_prescale": None}
 
 
 # Greedy batches run the engine's greedy sampling variant (sampling.needs_full); --sampled the full one.
@@ -281,6 +285,7 @@ def main(argv=None) -> None:
     dcfg = drafter_shape(a.target, cfg, a.drafter_layers, a.block)
     dev = jax.devices()[0]
     slots = [int(s) for s in a.slots.split(",")]
+    INVARIANT["q8_prescale"] = engine_prescale(max(slots) * a.block)
     pages_per_slot = -(-(a.ctx + a.block + 1) // PAGE_SIZE)
     log(f"jax {jax.__version__}, {dev.device_kind}; target {a.target} ({a.weights}), drafter {dcfg}")
     if a.dry_run:
@@ -335,6 +340,7 @@ def main(argv=None) -> None:
                "ctx": a.ctx, "drafter_layers": dcfg.num_layers, "sampled": a.sampled,
                "gdn_impl": os.environ.get("DFLASH_GDN_IMPL", "auto"),
                "matmul_impl": os.environ.get("DFLASH_MATMUL_IMPL", "auto"), "batch_invariant": a.batch_invariant,
+               "q8_prescale": INVARIANT["q8_prescale"],
                "attention_impl": os.environ.get("DFLASH_ATTENTION_IMPL", "auto"),
                "param_GB": nbytes["all"] / GB, "drafter_GB": dbytes["all"] / GB,
                "slot_bytes": slot}

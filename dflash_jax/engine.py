@@ -30,6 +30,7 @@ from dflash_jax.spec_state import LoadedDrafter, SpecState
 from dflash_jax.state_pool import make_cache
 from dflash_jax.step_fns import CompiledSteps, SlotRows, SpecInputs, StepInputs
 from pallas_kernels.invariance import env_setting
+from pallas_kernels.q8_0_matmul_mgpu import engine_prescale
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,10 @@ class EngineConfig:
     # None = $DFLASH_BATCH_INVARIANT if set, else on for a GPU in bf16/f16 (f32 products differ far below a near
     # tie; on a CPU the kernels would be interpreted).
     batch_invariant: bool | None = None
+    # Q8_0 decode and verify rows in the invariant mode: pre-scaled (bf16 weights' numerics, fast from 64 rows) or
+    # exact (fast below). None: `engine_prescale(num_slots x (draft_max + 1))`, with or without a drafter, so a
+    # DFlash server and a plain one with the same flags give the same bits. $DFLASH_Q8_PRESCALE overrides.
+    q8_prescale: bool | None = None
     compile_workers: int | None = None  # threads compiling step buckets at warm-up (None: min(8, CPUs))
 
     def __post_init__(self):
@@ -129,9 +134,11 @@ class Engine:
         sp = self.spec
         auto = jax.default_backend() == "gpu" and jnp.dtype(cfg.dtype) != jnp.float32
         self.batch_invariant = next(v for v in (cfg.batch_invariant, env_setting(), auto) if v is not None)
+        self.q8_prescale = cfg.q8_prescale if cfg.q8_prescale is not None else engine_prescale(
+            cfg.num_slots * (cfg.draft_max + 1))
         self.steps = CompiledSteps(self.graphdef, self.state, sp and sp.graphdef, sp and sp.state,
                                    sp.taps if sp else (), sp.mask_token_id if sp else 0, sp and sp.ctx_window,
-                                   invariant=self.batch_invariant)
+                                   invariant=self.batch_invariant, q8_prescale=self.q8_prescale)
         self.scheduler = Scheduler(cfg.num_slots, PageAllocator(num_pages), cfg.page_size, cfg.per_slot,
                                    cfg.prefill_chunk, loaded.tokenizer)
         self.max_prompt_len = cfg.per_slot - 1
@@ -159,6 +166,7 @@ class Engine:
         stats = self.scheduler.stats()
         stats["host_seconds"] = {k: round(v, 3) for k, v in self.host_seconds.items()}
         stats["batch_invariant"] = self.batch_invariant
+        stats["q8_prescale"] = self.q8_prescale
         if self.spec:
             stats["speculative"] = self.spec.stats()
         return stats

@@ -21,6 +21,7 @@ from dflash_jax.kv_cache import AttentionMeta, KVCache, token_positions
 from dflash_jax.sampling import SampleOutput, SamplingArrays, sample
 from dflash_jax.speculative import accept_lengths
 from pallas_kernels.invariance import batch_invariant, prefill_phase
+from pallas_kernels.invariance import q8_prescale as q8_prescale_ctx
 
 
 @jax.tree_util.register_dataclass
@@ -163,8 +164,9 @@ class CompiledSteps:
     and flattening an nnx.State on every call cost 3.5-6 ms of host time per step (measured on an H200 host)."""
 
     def __init__(self, graphdef, state, drafter_graphdef=None, drafter_state=None, taps=(), mask_token_id=0,
-                 ctx_window=None, invariant: bool = False):
-        """invariant: trace under the batch-invariant mode (pallas_kernels.invariance)."""
+                 ctx_window=None, invariant: bool = False, q8_prescale: bool | None = None):
+        """invariant: trace under the batch-invariant mode; q8_prescale: the Q8_0 numerics of decode and verify
+        rows in it (pallas_kernels.invariance)."""
         self.leaves, treedef = jax.tree_util.tree_flatten(state)
         self.drafter_leaves, d_treedef = jax.tree_util.tree_flatten(drafter_state)
 
@@ -174,12 +176,12 @@ class CompiledSteps:
 
         def plain(leaves, d_leaves, cache, dcache, rows, inputs, full):
             st, dst = unflatten(leaves, d_leaves)
-            with batch_invariant(invariant), prefill_phase(inputs.tokens.shape[1] > 1):
+            with batch_invariant(invariant), q8_prescale_ctx(q8_prescale), prefill_phase(inputs.tokens.shape[1] > 1):
                 return _model_step(graphdef, drafter_graphdef, taps, st, dst, cache, dcache, rows, inputs, full)
 
         def spec(leaves, d_leaves, cache, dcache, rows, inputs, full):
             st, dst = unflatten(leaves, d_leaves)
-            with batch_invariant(invariant):
+            with batch_invariant(invariant), q8_prescale_ctx(q8_prescale):
                 return _spec_step(graphdef, drafter_graphdef, taps, mask_token_id, ctx_window, st, dst, cache,
                                   dcache, rows, inputs, full)
 

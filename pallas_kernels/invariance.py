@@ -70,6 +70,18 @@ def prefill_phase(on: bool = True):
     return _thread_setting("prefill", on)
 
 
+def q8_prescale(on: bool | None):
+    """Trace with an engine-wide choice of Q8_0 numerics for its decode and verify rows (True: the pre-scaled
+    variant, bf16 weights' numerics; False: the exact block products; None: `q8_0_matmul_mgpu.use_prescale`'s
+    per-call rule). One choice per engine keeps a row's numerics independent of the step it lands in."""
+    return _thread_setting("q8_prescale", on)
+
+
+def q8_prescale_choice() -> bool | None:
+    """The choice set by `q8_prescale` on this thread, None when unset."""
+    return getattr(_local, "q8_prescale", None)
+
+
 def ordered_sum(parts, axis: int = 0):
     """Sum along `axis` as a left-to-right chain of adds: one fixed order whatever the other dimensions are (a
     reduction's order is the compiler's choice and may change with the shape)."""

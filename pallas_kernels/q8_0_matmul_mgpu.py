@@ -13,7 +13,7 @@ Arithmetic: x rounded to bf16 times the exact int8 values (|q| <= 127 is exact i
 block, the block's f16 scale applied in f32. That is the exact Q8_0 product of bf16 x up to summation order. It is
 closer to it than `weight_matmul.q8_0_matmul_reference` with bf16 x, which rounds each dequantized weight to bf16.
 
-Pre-scaled variant (`Q8MgpuConfig.prescale`, opt-in with $DFLASH_Q8_PRESCALE=1 until timed on a GPU): each int8 tile
+Pre-scaled variant (`Q8MgpuConfig.prescale`, chosen by `use_prescale`, forced with $DFLASH_Q8_PRESCALE): each int8 tile
 is multiplied by its scales in registers and rounded to bf16 before the product, the numerics of
 `q8_0_matmul_reference` and of bf16 weights, so every block accumulates into one accumulator. That frees the
 registers the per-block accumulators hold: 128-row tiles fit up to M = 128, where the exact variant must drop to
@@ -30,11 +30,12 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.invariance import ordered_sum
+from pallas_kernels.invariance import in_prefill, is_batch_invariant, ordered_sum, q8_prescale_choice
 from pallas_kernels.weight_matmul import _num_sms
 from pallas_kernels.weight_matmul_mgpu import _SMEM_BUDGET, MAX_ROWS, _epi, _rows, store_partial
 
-__all__ = ["Q8MgpuConfig", "pick_q8_mgpu_config", "q8_0_matmul_mgpu", "supports_q8", "MAX_ROWS", "piece_rows"]
+__all__ = ["Q8MgpuConfig", "pick_q8_mgpu_config", "q8_0_matmul_mgpu", "supports_q8", "MAX_ROWS", "piece_rows",
+           "use_prescale", "engine_prescale"]
 
 _BLOCK = 32  # Q8_0 block: one f16 scale per 32 consecutive inputs
 _ACC_REG_BUDGET = 168  # of the 255 a thread may hold: the rest for the widened weight tile, scales and addresses
@@ -52,16 +53,45 @@ class Q8MgpuConfig:
     prescale: bool = False
 
 
-def prescale_default() -> bool:
-    """$DFLASH_Q8_PRESCALE=1: the pre-scaled variant for every Q8_0 product (a row's numerics must not depend on
-    M, so the choice is global)."""
-    return os.environ.get("DFLASH_Q8_PRESCALE", "").strip().lower() in ("1", "on", "true")
+PRESCALE_MIN_ROWS = 64  # H200, 27B layer: at M >= 64 pre-scaled wins (M=128 2.41 vs 3.48 ms), below it loses
 
 
-def piece_rows() -> int:
+def prescale_setting() -> bool | None:
+    """$DFLASH_Q8_PRESCALE: 1/on/true or 0/off/false forces the variant for every Q8_0 product; None when unset
+    (or auto)."""
+    v = os.environ.get("DFLASH_Q8_PRESCALE", "").strip().lower()
+    return True if v in ("1", "on", "true") else False if v in ("0", "off", "false") else None
+
+
+def use_prescale(m: int) -> bool:
+    """Whether an M-row Q8_0 product runs pre-scaled. Prefill steps: always (their rows need to agree only with
+    other prefill rows, and 256-row pieces with one accumulator beat the exact variant's 64-row tiles). Decode and
+    verify steps in the batch-invariant mode: the engine's choice (`invariance.q8_prescale`: a row must not change
+    numerics with the row count), exact when none was made. Otherwise by M: pre-scaled from `PRESCALE_MIN_ROWS`
+    rows, where the exact variant's per-block accumulators no longer fit in registers."""
+    forced = prescale_setting()
+    if forced is not None:
+        return forced
+    if in_prefill():
+        return True
+    if is_batch_invariant():
+        return bool(q8_prescale_choice())
+    return m >= PRESCALE_MIN_ROWS
+
+
+def engine_prescale(verify_rows: int) -> bool:
+    """An engine's one choice for its decode and verify rows (`invariance.q8_prescale`): pre-scaled when its
+    largest verify step (slots x block, counted with or without a drafter: the bits must not depend on whether one
+    is loaded) has `PRESCALE_MIN_ROWS` rows. Those steps dominate a busy DFlash engine; its plain and 1-slot steps
+    then run slower (27B, H200: 8-slot plain 15.4 -> 18.8 ms, 1-slot verify 21.0 -> 24.4 ms, 8-slot verify 72.9 ->
+    54.9 ms)."""
+    return verify_rows >= PRESCALE_MIN_ROWS
+
+
+def piece_rows(prescale: bool) -> int:
     """Rows per call that keep the accumulators in registers: 128 (at 256, BN 64 with one block per step would need
     256 registers for the block accumulator and the total), 256 pre-scaled (one accumulator)."""
-    return MAX_ROWS if prescale_default() else 128
+    return MAX_ROWS if prescale else 128
 
 
 def supports_q8(m: int, k: int, n: int) -> bool:
@@ -82,7 +112,7 @@ def _acc_regs(block_n: int, mp: int, blocks: int, prescale: bool = False) -> int
 
 def pick_q8_mgpu_config(m: int, k: int, n: int, num_sms: int | None = None, *, block_n: int | None = None,
                         num_splits: int | None = None, stages: int | None = None,
-                        blocks: int | None = None, prescale: bool | None = None) -> Q8MgpuConfig:
+                        blocks: int | None = None, prescale: bool = False) -> Q8MgpuConfig:
     """Tiles for an (M, K) x (K, N) Q8_0 product (given values kept): BN 128 when N has at least half an SM's worth
     of 128-row tiles, else 64; 4 blocks per step where K allows (one wait per 128 inputs); the fewest K splits that
     give every SM a CTA; up to 16 blocks in flight (small copies need many to cover the memory latency), within
@@ -94,7 +124,6 @@ def pick_q8_mgpu_config(m: int, k: int, n: int, num_sms: int | None = None, *, b
     27B verify's products spilled, 44 of a 72 ms step), so larger M takes fewer blocks per step, then BN 64, to stay
     within `_ACC_REG_BUDGET` registers per thread."""
     num_sms = num_sms or _num_sms()
-    prescale = prescale_default() if prescale is None else prescale
     mp = _rows(m)
     default_n = 128 if n % 128 == 0 and n // 128 >= num_sms // 2 else 64
     default_blocks = next(b for b in (4, 2, 1) if (k // _BLOCK) % b == 0)

@@ -29,6 +29,7 @@ N tiles of 128 for 132 SMs.
 from __future__ import annotations
 
 import functools
+import math
 import os
 from dataclasses import dataclass
 
@@ -573,8 +574,10 @@ def q8_0_linear(x: jax.Array, qweight: jax.Array, scales: jax.Array, *, impl: st
         from pallas_kernels import q8_0_matmul_mgpu as mq  # noqa: PLC0415
         n, k = qweight.shape
         if impl.startswith("mgpu") and mq.supports_q8(1, k, n):
-            return _in_row_pieces(x, n, mq.piece_rows(), lambda piece: mq.q8_0_matmul_mgpu(
-                piece, qweight, scales, interpret=impl == "mgpu_interpret"))
+            pre = mq.use_prescale(math.prod(x.shape[:-1]))
+            return _in_row_pieces(x, n, mq.piece_rows(pre), lambda piece: mq.q8_0_matmul_mgpu(
+                piece, qweight, scales, config=mq.pick_q8_mgpu_config(piece.shape[0], k, n, prescale=pre),
+                interpret=impl == "mgpu_interpret"))
         qweight = qweight.T
         impl = ("interpret" if impl == "mgpu_interpret" else "pallas") if invariant else "reference"
     elif impl.startswith("mgpu"):  # (K, N) values: the portable kernel

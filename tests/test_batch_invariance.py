@@ -25,6 +25,7 @@ from pallas_kernels.invariance import (  # noqa: E402
     logsumexp,
     ordered_sum,
     prefill_phase,
+    q8_prescale,
 )
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention  # noqa: E402
 from pallas_kernels.weight_matmul import invariant_config, linear, q8_0_linear  # noqa: E402
@@ -110,10 +111,11 @@ def test_invariant_tiles_do_not_depend_on_rows():
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("quantized", [False, True, "nk"], ids=["bf16", "q8_0", "q8_0-nk"])
+@pytest.mark.parametrize("quantized", [False, True, "nk", "nk-pre"], ids=["bf16", "q8_0", "q8_0-nk", "q8_0-nk-pre"])
 def test_product_rows_do_not_depend_on_row_count(impl, quantized):
-    """quantized 'nk': Q8_0 values stored (N, K) for the Mosaic GPU Q8_0 kernel (GPU only)."""
-    if quantized == "nk" and impl != "mgpu":
+    """quantized 'nk': Q8_0 values stored (N, K) for the Mosaic GPU Q8_0 kernel (GPU only); 'nk-pre': an engine
+    that chose its pre-scaled variant (`invariance.q8_prescale`), 256-row pieces."""
+    if str(quantized).startswith("nk") and impl != "mgpu":
         pytest.skip("the (N, K) Q8_0 layout is the Mosaic GPU kernel's")
     k, n = (352, 200) if impl == "interpret" else (4096, 1024) if impl == "mgpu" else (4096, 1000)
     rng = np.random.default_rng(0)
@@ -121,13 +123,13 @@ def test_product_rows_do_not_depend_on_row_count(impl, quantized):
     if quantized:
         q = jnp.asarray(rng.integers(-127, 128, (k, n)), jnp.int8)
         s = jnp.asarray(rng.uniform(1e-3, 2e-2, (k // 32, n)), jnp.float16)
-        layout = "nk" if quantized == "nk" else "kn"
+        layout = "nk" if str(quantized).startswith("nk") else "kn"
         q = q.T if layout == "nk" else q
         product = lambda a: q8_0_linear(a, q, s, impl=impl, layout=layout)  # noqa: E731
     else:
         w = jnp.asarray(rng.standard_normal((n, k)) * 0.05, jnp.bfloat16)
         product = lambda a: linear(a, w, impl=impl)  # noqa: E731
-    with batch_invariant():
+    with batch_invariant(), q8_prescale(True if quantized == "nk-pre" else None):
         ms = (1, 3, 17, 64, 256) if impl == "interpret" else (1, 3, 8, 16, 64, 128, 256)
         full = {m: product(x[:m]) for m in ms}
         one = jnp.concatenate([product(x[i:i + 1]) for i in range(5)])

@@ -171,15 +171,41 @@ def test_q8_mgpu_row_independent_of_row_count_gpu(prescale):
 
 @pytest.mark.parametrize("prescale", ["0", "1"])
 def test_q8_linear_runs_any_row_count_in_pieces_interpret(prescale, monkeypatch):
-    """The layer's product over 300 rows: pieces of `piece_rows()` (128, or 256 pre-scaled), each a row-independent
+    """The layer's product over 300 rows: pieces of `piece_rows` (128, or 256 pre-scaled), each a row-independent
     call, together the product of the whole."""
-    from pallas_kernels.q8_0_matmul_mgpu import piece_rows
+    from pallas_kernels.q8_0_matmul_mgpu import piece_rows, use_prescale
     from pallas_kernels.weight_matmul import q8_0_linear
 
     monkeypatch.setenv("DFLASH_Q8_PRESCALE", prescale)
-    assert piece_rows() == (256 if prescale == "1" else 128)
+    assert piece_rows(use_prescale(300)) == (256 if prescale == "1" else 128)
     x, q, s, deq = _inputs(300, 128, 128, seed=9)
     got = np.asarray(q8_0_linear(x.reshape(3, 100, 128), q, s, impl="mgpu_interpret", layout="nk")
                      .astype(jnp.float32)).reshape(300, 128)
     ref = _reference(x, deq)
     np.testing.assert_allclose(got, ref, rtol=1e-2, atol=1e-2 * np.abs(ref).max())
+
+
+def test_q8_prescale_choice(monkeypatch):
+    """Pre-scaled where it wins (H200: from 64 rows, and every prefill step); in the batch-invariant mode decode
+    rows follow the engine's one choice, never the row count; $DFLASH_Q8_PRESCALE overrides everything."""
+    from pallas_kernels.invariance import batch_invariant, prefill_phase, q8_prescale
+    from pallas_kernels.q8_0_matmul_mgpu import PRESCALE_MIN_ROWS, use_prescale
+
+    monkeypatch.delenv("DFLASH_Q8_PRESCALE", raising=False)
+    monkeypatch.delenv("DFLASH_BATCH_INVARIANT", raising=False)
+    assert [use_prescale(m) for m in (1, 8, PRESCALE_MIN_ROWS - 1, PRESCALE_MIN_ROWS, 256)] == [0, 0, 0, 1, 1]
+    with prefill_phase(True):
+        assert use_prescale(1) and use_prescale(512)
+    with batch_invariant(True):
+        assert not use_prescale(128) and not use_prescale(1)
+        with q8_prescale(True):
+            assert use_prescale(1) and use_prescale(128)
+            with prefill_phase(True):
+                assert use_prescale(16)
+        with q8_prescale(False), prefill_phase(True):
+            assert use_prescale(16)
+    monkeypatch.setenv("DFLASH_Q8_PRESCALE", "0")
+    with prefill_phase(True):
+        assert not use_prescale(256)
+    monkeypatch.setenv("DFLASH_Q8_PRESCALE", "on")
+    assert use_prescale(1)

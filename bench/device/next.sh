@@ -14,6 +14,13 @@ case "${1:?which call}" in
     timeout 250 $S --out $OUT/step27b.jsonl 2>&1 | tee $OUT/step27b.log | grep -E "ms/step|spec/plain"
     DFLASH_Q8_PRESCALE=1 timeout 250 $S --out $OUT/step27b_p.jsonl 2>&1 | tee $OUT/step27b_p.log \
       | grep -E "ms/step|spec/plain" ;;
+  q8auto)  # session 11: the Q8_0 variant chosen per call (use_prescale) and per engine (engine_prescale): GPU row-bits
+  # tests, then the 27B steps in the batch-invariant mode as an 8-slot engine runs them, and with the mode off
+    timeout 150 python3 -m pytest -q -m gpu tests/test_batch_invariance.py -k "product_rows and gpu-mgpu" 2>&1 \
+      | tee $OUT/q8auto_tests.log | tail -3
+    S="python3 bench/spec_step.py --target qwen35-27b --weights q8_0 --slots 8,1 --steps plain,spec --iters 10"
+    timeout 200 $S --batch-invariant --out $OUT/step27b_inv.jsonl 2>&1 | tee $OUT/step27b_inv.log \
+      | grep -E "ms/step|spec/plain" ;;
   q8sweep)  # issue 8 (big products at 44-50 % of copy): more CTAs per SM through K splits, at M = 1 and 8
     timeout 400 python3 bench/weight_matmul.py --models "" --sweep 5120:17408:1,17408:5120:1,4096:12288:8 \
       --configs-mgpu-q8 128x2x4x4,128x4x4x4,64x2x4x4,64x4x4x4,64x8x4x4,128x2x8x2,128x2x4x4p,64x4x4x4p \
