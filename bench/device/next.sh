@@ -14,6 +14,13 @@ case "${1:?which call}" in
     timeout 250 $S --out $OUT/step27b.jsonl 2>&1 | tee $OUT/step27b.log | grep -E "ms/step|spec/plain"
     DFLASH_Q8_PRESCALE=1 timeout 250 $S --out $OUT/step27b_p.jsonl 2>&1 | tee $OUT/step27b_p.log \
       | grep -E "ms/step|spec/plain" ;;
+  gdncheck)  # session 12 first: the 16 x 2 delta-rule tiles (default since session 11, timed per call, not yet tested
+  # on a GPU): GPU tests, then the 27B steps as an 8-slot engine runs them (session 11: 19.198 / 56.648 ms at 8 slots)
+    timeout 200 python3 -m pytest -q -m gpu tests/test_qwen35.py tests/test_batch_invariance.py \
+      -k "recurrent_kernel_gpu or hybrid" 2>&1 | tee $OUT/gdncheck_tests.log | tail -3
+    timeout 250 python3 bench/spec_step.py --target qwen35-27b --weights q8_0 --slots 8,1 --steps plain,spec \
+      --iters 10 --batch-invariant --out $OUT/step27b_gdn16.jsonl 2>&1 | tee $OUT/step27b_gdn16.log \
+      | grep -E "ms/step|spec/plain" ;;
   q8auto)  # session 11: the Q8_0 variant chosen per call (use_prescale) and per engine (engine_prescale): GPU row-bits
   # tests, then the 27B steps in the batch-invariant mode as an 8-slot engine runs them, and with the mode off
     timeout 150 python3 -m pytest -q -m gpu tests/test_batch_invariance.py -k "product_rows and gpu-mgpu" 2>&1 \
