@@ -30,7 +30,13 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.invariance import in_prefill, is_batch_invariant, ordered_sum, q8_prescale_choice
+from pallas_kernels.invariance import (
+    in_prefill,
+    is_batch_invariant,
+    ordered_sum,
+    prefill_tiles_enabled,
+    q8_prescale_choice,
+)
 from pallas_kernels.weight_matmul import _num_sms
 from pallas_kernels.weight_matmul_mgpu import _SMEM_BUDGET, MAX_ROWS, _epi, _rows, store_partial
 
@@ -65,14 +71,15 @@ def prescale_setting() -> bool | None:
 
 def use_prescale(m: int) -> bool:
     """Whether an M-row Q8_0 product runs pre-scaled. Prefill steps: always (their rows need to agree only with
-    other prefill rows, and 256-row pieces with one accumulator beat the exact variant's 64-row tiles). Decode and
+    other prefill rows, and 256-row pieces with one accumulator beat the exact variant's 64-row tiles), unless
+    $DFLASH_PREFILL_TILES=same (prefill then follows the decode rule). Decode and
     verify steps in the batch-invariant mode: the engine's choice (`invariance.q8_prescale`: a row must not change
     numerics with the row count), exact when none was made. Otherwise by M: pre-scaled from `PRESCALE_MIN_ROWS`
     rows, where the exact variant's per-block accumulators no longer fit in registers."""
     forced = prescale_setting()
     if forced is not None:
         return forced
-    if in_prefill():
+    if in_prefill() and prefill_tiles_enabled():
         return True
     if is_batch_invariant():
         return bool(q8_prescale_choice())

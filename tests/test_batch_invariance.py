@@ -350,3 +350,9 @@ def test_serve_flag_and_auto_choice(bf16_target, monkeypatch):
     monkeypatch.setenv("DFLASH_BATCH_INVARIANT", "1")
     assert Engine(bf16_target, EngineConfig(**small)).batch_invariant is True
     assert Engine(bf16_target, EngineConfig(**small, batch_invariant=False)).batch_invariant is False
+    # The engine's one Q8_0 numerics (q8_0_matmul_mgpu.engine_prescale): by slots x block, with or without a drafter
+    assert Engine(bf16_target, EngineConfig(**small)).q8_prescale is False  # 1 x 16 rows
+    four = dict(small, num_slots=4, ctx_size=512)
+    assert Engine(bf16_target, EngineConfig(**four)).stats()["q8_prescale"] is True  # 4 x 16
+    assert Engine(bf16_target, EngineConfig(**four, draft_max=7)).q8_prescale is False  # 4 x 8
+    assert Engine(bf16_target, EngineConfig(**four, q8_prescale=False)).q8_prescale is False

@@ -193,6 +193,7 @@ def test_q8_prescale_choice(monkeypatch):
 
     monkeypatch.delenv("DFLASH_Q8_PRESCALE", raising=False)
     monkeypatch.delenv("DFLASH_BATCH_INVARIANT", raising=False)
+    monkeypatch.delenv("DFLASH_PREFILL_TILES", raising=False)
     assert [use_prescale(m) for m in (1, 8, PRESCALE_MIN_ROWS - 1, PRESCALE_MIN_ROWS, 256)] == [0, 0, 0, 1, 1]
     with prefill_phase(True):
         assert use_prescale(1) and use_prescale(512)
@@ -204,6 +205,11 @@ def test_q8_prescale_choice(monkeypatch):
                 assert use_prescale(16)
         with q8_prescale(False), prefill_phase(True):
             assert use_prescale(16)
+    monkeypatch.setenv("DFLASH_PREFILL_TILES", "same")
+    with prefill_phase(True):
+        assert not use_prescale(16) and use_prescale(PRESCALE_MIN_ROWS)
+        with batch_invariant(True):
+            assert not use_prescale(256)
     monkeypatch.setenv("DFLASH_Q8_PRESCALE", "0")
     with prefill_phase(True):
         assert not use_prescale(256)
