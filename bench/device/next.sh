@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The next device session's calls, one per argument (bench/notes_gpu.md says why each): on the device,
-#   bash bench/device/next.sh q8      (carry [".cache/whl"]; about 5 minutes each; give_back after each call)
+#   bash bench/device/next.sh gdncheck      (carry [".cache/whl"]; about 5 minutes each; give_back after each call)
 # Logs and results go to $OUT.
 cd "$(dirname "$0")/../.." && source bench/device/env.sh
 case "${1:?which call}" in
@@ -37,14 +37,13 @@ case "${1:?which call}" in
       --prefill 256 --out $OUT/gdn.jsonl 2>&1 | tee $OUT/gdn.log | tail -40
     timeout 200 python3 bench/prefill_step.py --target qwen35-27b --weights q8_0 --prompt 512 --chunks 256,512 \
       --modes off,on --iters 3 --out $OUT/prefill27b.jsonl 2>&1 | tee $OUT/prefill27b.log | tail -6 ;;
-  plain27b)  # issue 7's serving table, plain half (a 27B 8-slot warm-up took 453 s for 28 buckets:
-  # one mode per call; 512-token prompts in 256-token chunks need only the 256 bucket, 20 buckets for DFlash)
-    timeout 580 python3 bench/engine_random.py --target qwen35-27b --weights q8_0 --slots 8 --concurrency 1,8 \
-      --chunk-buckets 256 --modes plain --out $OUT/engine27b_plain.json 2>&1 | tee $OUT/engine27b_plain.log \
-      | grep -v "%|" ;;
-  dflash27b)
-    timeout 580 python3 bench/engine_random.py --target qwen35-27b --weights q8_0 --slots 8 --concurrency 1,8 \
-      --chunk-buckets 256 --modes dflash --out $OUT/engine27b_dflash.json 2>&1 | tee $OUT/engine27b_dflash.log \
+  plain27b|dflash27b)  # issue 7's serving table, one mode per call (`next.sh dflash27b 4`: a 4-slot engine; default 8).
+  # A 27B 8-slot DFlash warm-up took 319 s (20 buckets with --chunk-buckets 256), plain 186 s on a warm compilation
+  # cache: on a warm machine run dflash27b first, then plain27b
+    slots=${2:-8} mode=${1%27b}
+    timeout 470 python3 bench/engine_random.py --target qwen35-27b --weights q8_0 --slots $slots \
+      --concurrency $(python3 -c "print(','.join(sorted({'1', str($slots)}, key=int)))") --chunk-buckets 256 \
+      --modes $mode --out $OUT/engine27b_${mode}_s$slots.json 2>&1 | tee $OUT/engine27b_${mode}_s$slots.log \
       | grep -v "%|" ;;
   *) echo "unknown call $1"; exit 2 ;;
 esac
