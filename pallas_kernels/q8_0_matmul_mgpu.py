@@ -86,13 +86,17 @@ def use_prescale(m: int) -> bool:
     return m >= PRESCALE_MIN_ROWS
 
 
+ENGINE_PRESCALE_ROWS = 128
+
+
 def engine_prescale(verify_rows: int) -> bool:
     """An engine's one choice for its decode and verify rows (`invariance.q8_prescale`): pre-scaled when its
     largest verify step (slots x block, counted with or without a drafter: the bits must not depend on whether one
-    is loaded) has `PRESCALE_MIN_ROWS` rows. Those steps dominate a busy DFlash engine; its plain and 1-slot steps
-    then run slower (27B, H200: 8-slot plain 15.4 -> 18.8 ms, 1-slot verify 21.0 -> 24.4 ms, 8-slot verify 72.9 ->
-    54.9 ms)."""
-    return verify_rows >= PRESCALE_MIN_ROWS
+    is loaded) has `ENGINE_PRESCALE_ROWS` rows. Those steps dominate a busy DFlash engine; its plain and 1-slot steps
+    then run slower (27B, H200: 8-slot plain 15.4 -> 19.2 ms, 1-slot verify 21.0 -> 24.7 ms, 8-slot verify 72.9 ->
+    56.6 ms). Not from 64 rows: a 4-slot engine's verify gains ~8 % per layer there (2.49 -> 2.29 ms), less than its
+    plain and 1-2 slot steps would lose."""
+    return verify_rows >= ENGINE_PRESCALE_ROWS
 
 
 def piece_rows(prescale: bool) -> int:

@@ -352,7 +352,8 @@ def test_serve_flag_and_auto_choice(bf16_target, monkeypatch):
     assert Engine(bf16_target, EngineConfig(**small, batch_invariant=False)).batch_invariant is False
     # The engine's one Q8_0 numerics (q8_0_matmul_mgpu.engine_prescale): by slots x block, with or without a drafter
     assert Engine(bf16_target, EngineConfig(**small)).q8_prescale is False  # 1 x 16 rows
-    four = dict(small, num_slots=4, ctx_size=512)
-    assert Engine(bf16_target, EngineConfig(**four)).stats()["q8_prescale"] is True  # 4 x 16
-    assert Engine(bf16_target, EngineConfig(**four, draft_max=7)).q8_prescale is False  # 4 x 8
-    assert Engine(bf16_target, EngineConfig(**four, q8_prescale=False)).q8_prescale is False
+    eight = dict(small, num_slots=8, ctx_size=512)
+    assert Engine(bf16_target, EngineConfig(**eight)).stats()["q8_prescale"] is True  # 8 x 16
+    assert Engine(bf16_target, EngineConfig(**eight, draft_max=7)).q8_prescale is False  # 8 x 8
+    assert Engine(bf16_target, EngineConfig(**eight, q8_prescale=False)).q8_prescale is False
+    assert Engine(bf16_target, EngineConfig(**dict(eight, num_slots=4))).q8_prescale is False  # 4 x 16
