@@ -15,6 +15,7 @@ steps are jitted per engine). Without the Pallas kernels compiled (CPU) the mode
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import threading
 
@@ -82,6 +83,10 @@ def q8_prescale_choice() -> bool | None:
     return getattr(_local, "q8_prescale", None)
 
 
+# Both sums are jitted: a 27B step has ~220 row sums of ~13 folds and ~250 split sums; as one call each they trace
+# and lower once per shape instead of adding ~10K slices and adds to every step's program (the same ops once
+# inlined, so the same bits).
+@functools.partial(jax.jit, static_argnames="axis")
 def ordered_sum(parts, axis: int = 0):
     """Sum along `axis` as a left-to-right chain of adds: one fixed order whatever the other dimensions are (a
     reduction's order is the compiler's choice and may change with the shape)."""
@@ -93,6 +98,7 @@ def ordered_sum(parts, axis: int = 0):
     return total
 
 
+@functools.partial(jax.jit, static_argnames="keepdims")
 def fold_sum(x, keepdims: bool = False):
     """Sum over the last axis by folding it in halves (pairwise), as elementwise adds of slices: each row's order
     is fixed by its length alone. XLA's own reductions pick a strategy by the whole shape (on a CPU, 1 or 3 rows of
