@@ -12,6 +12,8 @@ a group fuses only when all its parts end up in one format, else its parts stay 
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -98,14 +100,20 @@ class RMSNorm(nnx.Module):
         self.eps = eps
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        # Statistics in f32 whatever the storage dtype, as llama.cpp does.
-        xf = x.astype(jnp.float32)
-        if is_batch_invariant():
-            ms = fold_sum(xf * xf, keepdims=True) / x.shape[-1]
-        else:
-            ms = jnp.mean(xf * xf, axis=-1, keepdims=True)
-        y = xf * jax.lax.rsqrt(ms + self.eps)
-        return (y * self.weight[...].astype(jnp.float32)).astype(x.dtype)
+        return rms_norm(x, self.weight[...], self.eps, is_batch_invariant())
+
+
+# One call per norm in a step's program (a 27B step has ~300): traced and lowered once per shape, not per layer.
+@functools.partial(jax.jit, static_argnames=("eps", "invariant"))
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float, invariant: bool) -> jax.Array:
+    # Statistics in f32 whatever the storage dtype, as llama.cpp does.
+    xf = x.astype(jnp.float32)
+    if invariant:
+        ms = fold_sum(xf * xf, keepdims=True) / x.shape[-1]
+    else:
+        ms = jnp.mean(xf * xf, axis=-1, keepdims=True)
+    y = xf * jax.lax.rsqrt(ms + eps)
+    return (y * weight.astype(jnp.float32)).astype(x.dtype)
 
 
 def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
