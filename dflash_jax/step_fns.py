@@ -21,7 +21,7 @@ from dflash_jax.kv_cache import AttentionMeta, KVCache, token_positions
 from dflash_jax.sampling import SampleOutput, SamplingArrays, sample
 from dflash_jax.speculative import accept_lengths
 from pallas_kernels.invariance import batch_invariant, prefill_phase
-from pallas_kernels.invariance import q8_prescale as q8_prescale_ctx
+from pallas_kernels.invariance import q8_prescale as q8_prescale_ctx  # the name q8_prescale is CompiledSteps' argument
 
 
 @jax.tree_util.register_dataclass

@@ -193,12 +193,12 @@ def pool_recurrent_pallas(pool, rows, fresh, q, k, v, g, beta, *, write: bool = 
     schedule: how the token loop meets the latency of its per-token loads (k, v, q, g, beta do not depend on the
     state, only the arithmetic is serial): 'loop' (a loop, each token's loads then its math), 'prefetch' (token
     t + 1's loads during token t's math), 'unroll' (straight-line code for all T tokens; verify and replay blocks
-    are 16). The same arithmetic in every schedule, so the same bits; only 'loop' has been timed on a GPU (see
-    bench/delta_rule.py).
+    are 16). The same arithmetic in every schedule, so the same bits; on an H200 neither beat 'loop' at 8 slots
+    (BENCHMARKS.md, session 11).
 
     one_pass: a token's output as decay * (S q) + delta * (k . q) from the state before its update, so both of its
     reductions over Dk read the same state in one pass (the default reduces the updated state again). Different
-    rounding, the same for decode, verify and replay; not yet timed on a GPU."""
+    rounding, the same for decode, verify and replay; slower than the default on an H200 (session 11)."""
     if schedule not in ("loop", "prefetch", "unroll"):
         raise ValueError(f"unknown schedule {schedule!r}: loop, prefetch or unroll")
     b, t, h, dk = k.shape

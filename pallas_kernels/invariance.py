@@ -25,10 +25,15 @@ import jax.numpy as jnp
 _local = threading.local()
 
 
-def env_setting() -> bool | None:
-    """$DFLASH_BATCH_INVARIANT: 1/on/true or 0/off/false; None when unset (or auto)."""
-    v = os.environ.get("DFLASH_BATCH_INVARIANT", "").strip().lower()
+def env_flag(name: str) -> bool | None:
+    """$name: 1/on/true or 0/off/false; None when unset (or auto)."""
+    v = os.environ.get(name, "").strip().lower()
     return True if v in ("1", "true", "on") else False if v in ("0", "false", "off") else None
+
+
+def env_setting() -> bool | None:
+    """$DFLASH_BATCH_INVARIANT as `env_flag` reads it."""
+    return env_flag("DFLASH_BATCH_INVARIANT")
 
 
 def is_batch_invariant() -> bool:

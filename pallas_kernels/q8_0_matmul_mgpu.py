@@ -22,7 +22,6 @@ registers the per-block accumulators hold: 128-row tiles fit up to M = 128, wher
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass
 
 import jax
@@ -31,6 +30,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.invariance import (
+    env_flag,
     in_prefill,
     is_batch_invariant,
     ordered_sum,
@@ -65,17 +65,16 @@ PRESCALE_MIN_ROWS = 64  # H200, 27B layer: at M >= 64 pre-scaled wins (M=128 2.4
 def prescale_setting() -> bool | None:
     """$DFLASH_Q8_PRESCALE: 1/on/true or 0/off/false forces the variant for every Q8_0 product; None when unset
     (or auto)."""
-    v = os.environ.get("DFLASH_Q8_PRESCALE", "").strip().lower()
-    return True if v in ("1", "on", "true") else False if v in ("0", "off", "false") else None
+    return env_flag("DFLASH_Q8_PRESCALE")
 
 
 def use_prescale(m: int) -> bool:
     """Whether an M-row Q8_0 product runs pre-scaled. Prefill steps: always (their rows need to agree only with
     other prefill rows, and 256-row pieces with one accumulator beat the exact variant's 64-row tiles), unless
-    $DFLASH_PREFILL_TILES=same (prefill then follows the decode rule). Decode and
-    verify steps in the batch-invariant mode: the engine's choice (`invariance.q8_prescale`: a row must not change
-    numerics with the row count), exact when none was made. Otherwise by M: pre-scaled from `PRESCALE_MIN_ROWS`
-    rows, where the exact variant's per-block accumulators no longer fit in registers."""
+    $DFLASH_PREFILL_TILES=same (prefill then follows the decode rule). Decode and verify steps in the
+    batch-invariant mode: the engine's choice (`invariance.q8_prescale`: a row must not change numerics with the row
+    count), exact when none was made. Otherwise by M: pre-scaled from `PRESCALE_MIN_ROWS` rows, where the exact
+    variant's per-block accumulators no longer fit in registers."""
     forced = prescale_setting()
     if forced is not None:
         return forced
