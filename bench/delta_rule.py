@@ -60,6 +60,33 @@ def time_call(fn, pool, args, iters: int) -> float:
     return time_loop(step, 1, iters)[0] * 1e3
 
 
+def config_kwargs(text: str) -> dict:
+    """'16x2us' -> pool_recurrent_pallas keyword arguments."""
+    base = text.rstrip("puos")
+    bv, nw = (int(v) for v in base.split("x"))
+    flags = text[len(base):]
+    return {"block_v": bv, "num_warps": nw, "one_pass": "o" in flags,
+            "schedule": next((SCHEDULES[f] for f in flags if f in SCHEDULES), "loop"),
+            "min_token_block": 1 if "s" in flags else gdn.MIN_TOKEN_BLOCK}
+
+
+def check_bits(text: str, b: int, h: int, d: int, interpret: bool) -> bool:
+    """What the engine's batch-invariant mode needs of a tile: a verify call's outputs and a replay's state in the
+    bits of the same tokens decoded one at a time."""
+    kw = config_kwargs(text) | {"interpret": interpret}
+    run = jax.jit(lambda p, r, f, *x: gdn.pool_recurrent_pallas(p, r, f, *x, **kw))
+    xs = inputs(b, 16, h, d, seed=5)
+    rows, fresh = jnp.arange(b, dtype=jnp.int32), jnp.zeros((b,), jnp.int32)
+    pool = jax.random.normal(jax.random.key(b), (b, h, d, d), jnp.float32) * 0.1
+    s_all, o_all = run(pool, rows, fresh, *xs)
+    p, outs = pool, []
+    for i in range(16):
+        p, o = run(p, rows, fresh, *(a[:, i:i + 1] for a in xs))
+        outs.append(o)
+    return bool(np.array_equal(np.asarray(o_all), np.asarray(jnp.concatenate(outs, axis=1)))
+                and np.array_equal(np.asarray(s_all), np.asarray(p)))
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--slots", default="1,8")
@@ -67,8 +94,10 @@ def main(argv=None) -> None:
     ap.add_argument("--dim", type=int, default=128, help="key = value head dim (Qwen3.6-27B: 128)")
     ap.add_argument("--calls", default="decode,verify,replay")
     ap.add_argument("--configs", default="32x4,32x4p,32x4u,32x4o,32x4uo",
-                    help="BVxWARPS[p|u][o][,..] for the kernel; p: prefetch the next token's inputs, u: unrolled "
-                         "tokens, o: one-pass reductions")
+                    help="BVxWARPS[p|u][o][s][,..] for the kernel; p: prefetch the next token's inputs, u: unrolled "
+                         "tokens, o: one-pass reductions, s: one-token calls in one-token blocks")
+    ap.add_argument("--bits", action="store_true",
+                    help="per config, first check that a 16-token call has the bits of 16 one-token calls")
     ap.add_argument("--prefill", default="256", help="prompt chunk lengths for the chunked form ('' to skip)")
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--interpret", action="store_true")
@@ -83,6 +112,11 @@ def main(argv=None) -> None:
         rec |= {"device": dev.device_kind, "heads": h, "dim": d, "date": time.strftime("%Y-%m-%d")}
         rows.append(rec)
 
+    if a.bits:
+        for text in (c for c in a.configs.split(",") if c):
+            ok = check_bits(text, 8, h, d, a.interpret)
+            log(f"bits {text}: a 16-token call {'equals' if ok else 'DIFFERS from'} 16 one-token calls")
+            emit({"kind": "bits", "variant": f"pallas {text}", "equal": ok})
     for b in (int(s) for s in a.slots.split(",")):
         state_bytes = b * h * d * d * 4
         rows_idx = jnp.arange(1, b + 1, dtype=jnp.int32)  # row 0 is the engine's padding row
@@ -94,17 +128,12 @@ def main(argv=None) -> None:
             variants = {"xla": jax.jit(lambda p, *x, w=write, e=emit_out: gdn.pool_recurrent_reference(
                 p, *x, write=w, emit=e), donate_argnums=0)}
             for text in (c for c in a.configs.split(",") if c):
-                base = text.rstrip("puo")
-                bv, nw = (int(v) for v in base.split("x"))
-                if d % bv:
+                kw = config_kwargs(text)
+                if d % kw["block_v"]:
                     continue
-                flags = text[len(base):]
-                sch = next((SCHEDULES[f] for f in flags if f in SCHEDULES), "loop")
-                variants[f"pallas {text}"] = jax.jit(lambda p, *x, w=write, e=emit_out, bv=bv, nw=nw, sch=sch,
-                                                     op="o" in flags:
-                                                     gdn.pool_recurrent_pallas(p, *x, write=w, emit=e, block_v=bv,
-                                                                               num_warps=nw, schedule=sch,
-                                                                               one_pass=op, interpret=a.interpret),
+                variants[f"pallas {text}"] = jax.jit(lambda p, *x, w=write, e=emit_out, kw=kw:
+                                                     gdn.pool_recurrent_pallas(p, *x, write=w, emit=e,
+                                                                               interpret=a.interpret, **kw),
                                                      donate_argnums=0)
             ref_out = None
             for name, fn in variants.items():

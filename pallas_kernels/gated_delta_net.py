@@ -179,15 +179,20 @@ def _recurrent_kernel(rows_ref, fresh_ref, pool_ref, q_ref, k_ref, v_ref, g_ref,
         out_refs[0][row, head, :, cols] = s
 
 
-# Value columns per program and warps: 16 x 2 (bench/delta_rule.py, H200, 27B shape, 48 heads of 128; 32 x 4 before)
-# at 8 slots: verify of 16 tokens 184 vs 310 us, replay 117 vs 177 us, decode 54.5 vs 58.0 us; at 1 slot decode
-# 78 vs 64.5 us. One tile for every batch: a row's bits must not depend on how many slots share the call.
-BLOCK_V, NUM_WARPS = 16, 2
+# Value columns per program and warps: 32 x 2 (bench/delta_rule.py, H200, 27B shape, 48 heads of 128, session 12;
+# 32 x 4 before session 11, 16 x 2 in it), us per call at 8 slots, 32x2 / 16x2 / 32x4: decode 47.2 / 67.8 / 47.5,
+# verify of 16 tokens 164.7 / 184.9 / 309.9, replay 105.0 / 117.0 / 175.6; at 1 slot decode 67.1 / 51.8 / 57.8.
+# One tile for every batch: a row's bits must not depend on how many slots share the call.
+BLOCK_V, NUM_WARPS = 32, 2
+# Token blocks of at least 2: with one token a key column is contiguous, Triton then lays it (and the state product it
+# feeds) out differently, and a decode call's reductions round unlike a verify call's (H200, 16 x 2 tiles, session 12:
+# a 16-token call missed the bits of 16 one-token calls in one-token blocks, matched them in blocks of 2).
+MIN_TOKEN_BLOCK = 2
 
 
 def pool_recurrent_pallas(pool, rows, fresh, q, k, v, g, beta, *, write: bool = True, emit: bool = True,
                           block_v: int | None = None, interpret: bool = False, num_warps: int = NUM_WARPS,
-                          schedule: str = "loop", one_pass: bool = False):
+                          schedule: str = "loop", one_pass: bool = False, min_token_block: int = MIN_TOKEN_BLOCK):
     """`pool_recurrent` as one Pallas kernel: grid (B, H, Dv / BV), the pool aliased to the updated pool.
 
     schedule: how the token loop meets the latency of its per-token loads (k, v, q, g, beta do not depend on the
@@ -203,7 +208,7 @@ def pool_recurrent_pallas(pool, rows, fresh, q, k, v, g, beta, *, write: bool = 
         raise ValueError(f"unknown schedule {schedule!r}: loop, prefetch or unroll")
     b, t, h, dk = k.shape
     dv = v.shape[-1]
-    tp = 1 << max(0, (t - 1).bit_length())
+    tp = max(min_token_block, 1 << max(0, (t - 1).bit_length()))
     bv = block_v or min(dv, BLOCK_V)
     if dv % bv or dk & (dk - 1) or bv & (bv - 1):
         raise ValueError(f"gated delta rule kernel needs power-of-two Dk and value tiles dividing Dv; got Dk {dk}, "

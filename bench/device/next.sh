@@ -21,6 +21,12 @@ case "${1:?which call}" in
     timeout 250 python3 bench/spec_step.py --target qwen35-27b --weights q8_0 --slots 8,1 --steps plain,spec \
       --iters 10 --batch-invariant --out $OUT/step27b_gdn16.jsonl 2>&1 | tee $OUT/step27b_gdn16.log \
       | grep -E "ms/step|spec/plain" ;;
+  gdnbits)  # session 12: 16 x 2 tiles failed "a 16-token call in the bits of 16 one-token calls" at the 27B shape;
+  # which tiles keep the bits (s: one-token blocks, the old way), and their times; then the GPU tests again
+    timeout 300 python3 bench/delta_rule.py --slots 8,1 --configs 16x2,16x2s,32x2,16x4,32x4,32x4s,16x2u --bits \
+      --prefill "" --out $OUT/gdnbits.jsonl 2>&1 | tee $OUT/gdnbits.log | grep -v Warn
+    timeout 200 python3 -m pytest -q -m gpu tests/test_qwen35.py tests/test_batch_invariance.py \
+      -k "recurrent_kernel_gpu or hybrid" 2>&1 | tee $OUT/gdnbits_tests.log | tail -3 ;;
   q8auto)  # session 11: the Q8_0 variant chosen per call (use_prescale) and per engine (engine_prescale): GPU row-bits
   # tests, then the 27B steps in the batch-invariant mode as an 8-slot engine runs them, and with the mode off
     timeout 150 python3 -m pytest -q -m gpu tests/test_batch_invariance.py -k "product_rows and gpu-mgpu" 2>&1 \
