@@ -21,6 +21,7 @@ from flax import nnx
 
 from dflash_jax.config import ModelConfig
 from dflash_jax.kv_cache import AttentionMeta, KVCache, token_positions, write_kv
+from dflash_jax.models.layer_calls import per_trace
 from pallas_kernels.invariance import fold_sum, is_batch_invariant
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention
 from pallas_kernels.weight_matmul import Q8_BLOCK, linear, q8_0_layout, q8_0_linear, q8_0_stored_out
@@ -215,9 +216,10 @@ class DenseDecoder(DecoderEnds, nnx.Module):
         positions, valid = token_positions(meta, tokens.shape[1])
         x = jnp.take(self.embed_tokens[...], tokens, axis=0)
         new_k, new_v, taps = [], [], {}
+        call = per_trace(DecoderLayer.__call__)
         # Unrolled on purpose: a scan over stacked layers with the cache as carry copies the cache every step.
         for i, layer in enumerate(self.layers):
-            x, k_pages, v_pages = layer(x, positions, valid, meta, cache.k[i], cache.v[i])
+            x, k_pages, v_pages = call(layer, x, positions, valid, meta, cache.k[i], cache.v[i])
             new_k.append(k_pages)
             new_v.append(v_pages)
             if i in tap_layers:

@@ -15,6 +15,7 @@ from flax import nnx
 
 from dflash_jax.kv_cache import AttentionMeta, KVCache, write_kv
 from dflash_jax.models.dense import MLP, Linear, RMSNorm, rope
+from dflash_jax.models.layer_calls import per_trace
 from pallas_kernels.ragged_paged_attention import drafter_attention
 
 
@@ -87,7 +88,7 @@ class Drafter(nnx.Module):
         """block_embeds (B, T, D) at positions ctx_len .. ctx_len + T - 1 -> final-normed hidden (B, T, D)."""
         t = block_embeds.shape[1]
         positions = ctx_lens[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
-        x = block_embeds
+        x, call = block_embeds, per_trace(DrafterLayer.__call__, ("ctx_window",))
         for i, layer in enumerate(self.layers):
-            x = layer(x, positions, ctx_lens, page_table, cache.k[i], cache.v[i], ctx_window)
+            x = call(layer, x, positions, ctx_lens, page_table, cache.k[i], cache.v[i], ctx_window=ctx_window)
         return self.norm(x)

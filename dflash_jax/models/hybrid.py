@@ -19,6 +19,7 @@ from flax import nnx
 from dflash_jax.config import HybridConfig
 from dflash_jax.kv_cache import AttentionMeta, token_positions, write_kv
 from dflash_jax.models.dense import MLP, DecoderEnds, Linear, RMSNorm, SharedInput, _sub, rope
+from dflash_jax.models.layer_calls import per_trace
 from dflash_jax.state_pool import HybridCache
 from pallas_kernels import gated_delta_net as gdn
 from pallas_kernels.invariance import row_sum
@@ -127,6 +128,34 @@ class PendingState:
     beta: list[jax.Array]  # recurrent layers x (B, T, Hv)
 
 
+def _recurrent_layer(layer: HybridLayer, x, conv, ssm, rows, fresh, valid, q_lens, *, verify: bool):
+    """A Gated DeltaNet layer and its MLP: prefill chunks (chunked delta rule) and decode (T = 1) advance the slot's
+    conv window and state rows; a verify (token by token) leaves both as they were and returns the inputs the commit
+    replays (qkv, k, v, g, beta), else None."""
+    net = layer.linear_attn
+    h = layer.input_layernorm(x)
+    c0 = jnp.where(fresh[:, None, None], 0.0, conv[rows])
+    qkv, z, b_in, a_in = net.project(h)
+    q, k, v, g, beta = net.rule_inputs(qkv, b_in, a_in, c0, valid)
+    if verify or x.shape[1] == 1:  # token by token, the state pool read (and for decode written) in place
+        pool, o = gdn.pool_recurrent(ssm, rows, fresh, q, k, v, g, beta, write=not verify)
+    else:
+        s0 = jnp.where(fresh[:, None, None, None], 0.0, ssm[rows])
+        s1, o = gdn.chunked(s0, q, k, v, g, beta)
+        pool = ssm.at[rows].set(s1)
+    if not verify:
+        conv, ssm = conv.at[rows].set(gdn.conv_window(c0, qkv, q_lens)), pool
+    x = x + net.output(o, z, h.dtype)
+    x = x + layer.mlp(layer.post_attention_layernorm(x))
+    return x, conv, ssm, ((qkv, k, v, g, beta) if verify else None)
+
+
+def _attention_layer(layer: HybridLayer, x, positions, valid, meta: AttentionMeta, k_pages, v_pages):
+    a, k_pages, v_pages = layer.self_attn(layer.input_layernorm(x), positions, valid, meta, k_pages, v_pages)
+    x = x + a
+    return x + layer.mlp(layer.post_attention_layernorm(x)), k_pages, v_pages
+
+
 class HybridDecoder(DecoderEnds, nnx.Module):
     is_hybrid = True
 
@@ -180,34 +209,20 @@ class HybridDecoder(DecoderEnds, nnx.Module):
         k_pages, v_pages, conv, ssm = list(cache.k), list(cache.v), list(cache.conv), list(cache.ssm)
         pending = PendingState([], [], [], [], [])
         taps, a_i, r_i = {}, 0, 0
+        recurrent_call, attention_call = per_trace(_recurrent_layer, ("verify",)), per_trace(_attention_layer)
         # Unrolled on purpose, as in the dense decoder: a scan with the cache as carry copies it every step.
         for i, layer in enumerate(self.layers):
-            h = layer.input_layernorm(x)
             if layer.linear_attn is not None:
-                net = layer.linear_attn
-                c0 = self._read_conv(cache, r_i, rows, fresh)
-                qkv, z, b_in, a_in = net.project(h)
-                q, k, v, g, beta = net.rule_inputs(qkv, b_in, a_in, c0, valid)
-                if verify or t == 1:  # token by token, the state pool read (and for decode written) in place
-                    pool, o = gdn.pool_recurrent(ssm[r_i], rows, fresh, q, k, v, g, beta, write=not verify)
-                else:
-                    s0 = jnp.where(fresh[:, None, None, None], 0.0, ssm[r_i][rows])
-                    s1, o = gdn.chunked(s0, q, k, v, g, beta)
-                    pool = ssm[r_i].at[rows].set(s1)
+                x, conv[r_i], ssm[r_i], inputs = recurrent_call(layer, x, conv[r_i], ssm[r_i], rows, fresh, valid,
+                                                                meta.q_lens, verify=verify)
                 if verify:
-                    for field, value in zip(("qkv", "k", "v", "g", "beta"), (qkv, k, v, g, beta)):
+                    for field, value in zip(("qkv", "k", "v", "g", "beta"), inputs):
                         getattr(pending, field).append(value)
-                else:
-                    conv[r_i] = conv[r_i].at[rows].set(gdn.conv_window(c0, qkv, meta.q_lens))
-                    ssm[r_i] = pool
-                a = net.output(o, z, h.dtype)
                 r_i += 1
             else:
-                a, k_pages[a_i], v_pages[a_i] = layer.self_attn(h, positions, valid, meta, k_pages[a_i],
-                                                                v_pages[a_i])
+                x, k_pages[a_i], v_pages[a_i] = attention_call(layer, x, positions, valid, meta, k_pages[a_i],
+                                                               v_pages[a_i])
                 a_i += 1
-            x = x + a
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
             if i in tap_layers:
                 taps[i] = x
         feats = jnp.concatenate([taps[i] for i in tap_layers], axis=-1) if tap_layers else None

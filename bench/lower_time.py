@@ -1,0 +1,77 @@
+"""Warm-up's Python half (issue 7): seconds to trace and lower one step bucket of a target for CUDA, on abstract
+weights and caches, so it runs on any host (no GPU, no weights). An engine lowers every bucket in a row before the
+last compiles finish; on an H200 host a 4-slot 27B DFlash engine spent 150.7 of its 178.7 s of warm-up lowering.
+
+    python bench/lower_time.py --target qwen35-27b --weights q8_0 --slots 8 --steps plain,spec
+
+Kernels as on a GPU: Mosaic products and attention, the Triton delta rule (lowered for compute capability 9.0 when
+the host has no GPU)."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+for _k, _v in (("DFLASH_MATMUL_IMPL", "mgpu"), ("DFLASH_ATTENTION_IMPL", "mgpu"), ("DFLASH_GDN_IMPL", "pallas")):
+    os.environ.setdefault(_k, _v)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from bench.decode_step import PAGE_SIZE, SHAPES, abstract_target, decode_inputs, slot_rows  # noqa: E402
+from bench.spec_step import drafter_shape, spec_inputs  # noqa: E402
+from dflash_jax.kv_cache import KVCache  # noqa: E402
+from dflash_jax.models.drafter import Drafter  # noqa: E402
+from dflash_jax.state_pool import make_cache  # noqa: E402
+from dflash_jax.step_fns import CompiledSteps  # noqa: E402
+from pallas_kernels.q8_0_matmul_mgpu import engine_prescale  # noqa: E402
+
+
+def lower_without_gpu() -> None:
+    """Pallas's Triton lowering asks the local GPU for its compute capability: answer for an H100/H200."""
+    if jax.default_backend() == "gpu":
+        return
+    from jax._src.pallas.triton import gpu_info, pallas_call_registration  # noqa: PLC0415
+    pallas_call_registration.gpu_info_lib.get_gpu_info = lambda: gpu_info.GpuInfo(
+        gpu_version=None, arch_name="9.0", compute_capability=90)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--target", default="qwen35-27b", choices=sorted(SHAPES))
+    ap.add_argument("--weights", default="q8_0")
+    ap.add_argument("--slots", type=int, default=8)
+    ap.add_argument("--ctx", type=int, default=512)
+    ap.add_argument("--block", type=int, default=16)
+    ap.add_argument("--steps", default="plain,spec")
+    a = ap.parse_args(argv)
+    lower_without_gpu()
+    cfg, dtype, b = SHAPES[a.target], jnp.bfloat16, a.slots
+    dcfg = drafter_shape(a.target, cfg, 5, a.block)
+    graphdef, state = nnx.split(abstract_target(cfg, dtype, a.weights))
+    dgraphdef, dstate = nnx.split(nnx.eval_shape(lambda: Drafter(dcfg, dtype)))
+    pps = -(-(a.ctx + a.block + 1) // PAGE_SIZE)
+    num_pages = 1 + b * pps
+    cache = jax.eval_shape(lambda: make_cache(cfg, num_pages, PAGE_SIZE, b + 1, dtype))
+    dcache = jax.eval_shape(lambda: KVCache.create(dcfg.num_layers, num_pages, PAGE_SIZE, dcfg.num_kv_heads,
+                                                   dcfg.head_dim, dtype))
+    rows = jax.eval_shape(lambda: slot_rows(b + 1, cfg.vocab_size))
+    steps = CompiledSteps(graphdef, state, dgraphdef, dstate, dcfg.target_layer_ids, dcfg.mask_token_id, None,
+                          invariant=True, q8_prescale=engine_prescale(b * a.block))
+    for name in a.steps.split(","):
+        fn, inputs = ((steps._spec, spec_inputs(cfg, b, a.ctx, a.block, pps, True)) if name == "spec"
+                      else (steps._plain, decode_inputs(cfg, b, a.ctx, pps)))
+        t0 = time.perf_counter()
+        traced = fn.trace(steps.leaves, steps.drafter_leaves, cache, dcache, rows, inputs, False)
+        t1 = time.perf_counter()
+        text = traced.lower(lowering_platforms=("cuda",)).as_text()
+        t2 = time.perf_counter()
+        print(f"{a.target} {a.weights} B={b} {name:5s}: trace {t1 - t0:5.2f} s, lower {t2 - t1:5.2f} s "
+              f"({len(text) / 1e6:.1f} MB of StableHLO; {jax.devices()[0].device_kind} host)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
