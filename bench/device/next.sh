@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The next device session's calls, one per argument (bench/notes_gpu.md says why each): on the device,
-#   bash bench/device/next.sh gdncheck      (carry [".cache/whl"]; about 5 minutes each; give_back after each call)
+#   bash bench/device/next.sh dflash27b 8   (carry [".cache/whl"]; about 5 minutes each; give_back after each call)
 # Logs and results go to $OUT.
 cd "$(dirname "$0")/../.." && source bench/device/env.sh
 case "${1:?which call}" in
