@@ -29,6 +29,7 @@ from dflash_jax.scheduler import Scheduler, Slot
 from dflash_jax.spec_state import LoadedDrafter, SpecState
 from dflash_jax.state_pool import make_cache
 from dflash_jax.step_fns import CompiledSteps, SlotRows, SpecInputs, StepInputs
+from pallas_kernels import lowering_cache
 from pallas_kernels.invariance import env_setting
 from pallas_kernels.q8_0_matmul_mgpu import engine_prescale
 
@@ -176,7 +177,9 @@ class Engine:
         by one (tracing is Python) and each is compiled ahead of time in compile_workers threads as soon as it is
         lowered (XLA compiles without the GIL: on an H100 one bucket of SmolLM2 with its Pallas kernels took ~10 s,
         so an 8-slot DFlash engine's 24 buckets took 4 minutes in a row); the steps then call those executables.
-        warmup_seconds: 'lower' (compiles running beside it), 'compile' (the wait for the rest), 'first_run'."""
+        warmup_seconds: 'lower' (compiles running beside it), 'compile' (the wait for the rest), 'first_run'.
+        Mosaic GPU kernels that several buckets hold are lowered once (`lowering_cache`)."""
+        lowering_cache.install()
         # Prefill chunks always sample fully; decode and spec steps have a greedy and a full variant each.
         shapes = [(b, t, True) for t in self.cfg.chunk_buckets for b in self.cfg.slot_buckets]
         shapes += [(b, 1, full) for b in self.cfg.slot_buckets for full in (False, True)]
