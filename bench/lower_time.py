@@ -23,6 +23,7 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from bench.decode_step import PAGE_SIZE, SHAPES, abstract_target, decode_inputs, slot_rows  # noqa: E402
+from bench.prefill_step import chunk_inputs  # noqa: E402
 from bench.spec_step import drafter_shape, spec_inputs  # noqa: E402
 from dflash_jax.kv_cache import KVCache  # noqa: E402
 from dflash_jax.models.drafter import Drafter  # noqa: E402
@@ -48,7 +49,8 @@ def main(argv=None) -> None:
     ap.add_argument("--slots", default="8", help="slot buckets, e.g. 1,2,4,8 (one engine's decode and spec buckets)")
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--block", type=int, default=16)
-    ap.add_argument("--steps", default="plain,spec")
+    ap.add_argument("--steps", default="plain,spec", help="plain (decode), spec, prefill (one chunk per slot)")
+    ap.add_argument("--chunk", type=int, default=256, help="prefill chunk tokens")
     ap.add_argument("--variants", default="greedy", help="greedy,full: each step's two compiled variants")
     ap.add_argument("--kernel-cache", default="on", choices=("on", "off"),
                     help="pallas_kernels.lowering_cache: Mosaic kernels lowered once per process")
@@ -74,8 +76,9 @@ def main(argv=None) -> None:
     for b in slots:
         for name in a.steps.split(","):
             for variant in a.variants.split(","):
-                fn, inputs = ((steps._spec, spec_inputs(cfg, b, a.ctx, a.block, pps, True)) if name == "spec"
-                              else (steps._plain, decode_inputs(cfg, b, a.ctx, pps)))
+                fn, inputs = {"spec": lambda: (steps._spec, spec_inputs(cfg, b, a.ctx, a.block, pps, True)),
+                              "plain": lambda: (steps._plain, decode_inputs(cfg, b, a.ctx, pps)),
+                              "prefill": lambda: (steps._plain, chunk_inputs(cfg, b, a.chunk, 0, pps, 0))}[name]()
                 t0 = time.perf_counter()
                 traced = fn.trace(steps.leaves, steps.drafter_leaves, cache, dcache, rows, inputs, variant == "full")
                 t1 = time.perf_counter()

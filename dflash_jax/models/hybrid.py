@@ -150,6 +150,13 @@ def _recurrent_layer(layer: HybridLayer, x, conv, ssm, rows, fresh, valid, q_len
     return x, conv, ssm, ((qkv, k, v, g, beta) if verify else None)
 
 
+def _commit_layer(conv, ssm, rows, fresh, qkv, k, v, g, beta, num_steps):
+    """One recurrent layer's commit: its rows' conv window and state advanced by the first num_steps verified tokens."""
+    c0 = jnp.where(fresh[:, None, None], 0.0, conv[rows])
+    conv = conv.at[rows].set(gdn.conv_window(c0, qkv, num_steps))
+    return conv, gdn.pool_replay(ssm, rows, fresh, k, v, g, beta, num_steps)
+
+
 def _attention_layer(layer: HybridLayer, x, positions, valid, meta: AttentionMeta, k_pages, v_pages):
     a, k_pages, v_pages = layer.self_attn(layer.input_layernorm(x), positions, valid, meta, k_pages, v_pages)
     x = x + a
@@ -184,11 +191,10 @@ class HybridDecoder(DecoderEnds, nnx.Module):
         masked replay of the delta rule, and the conv window rebuilt from the committed inputs."""
         rows, fresh = self._rows(meta, num_steps.shape[0])
         conv, ssm = list(cache.conv), list(cache.ssm)
+        commit = jax.jit(_commit_layer)  # per trace, like the layers: 48 identical commits trace and lower once
         for r in range(len(conv)):
-            c0 = self._read_conv(cache, r, rows, fresh)
-            conv[r] = conv[r].at[rows].set(gdn.conv_window(c0, pending.qkv[r], num_steps))
-            ssm[r] = gdn.pool_replay(ssm[r], rows, fresh, pending.k[r], pending.v[r], pending.g[r], pending.beta[r],
-                                     num_steps)
+            conv[r], ssm[r] = commit(conv[r], ssm[r], rows, fresh, pending.qkv[r], pending.k[r], pending.v[r],
+                                     pending.g[r], pending.beta[r], num_steps)
         return HybridCache(k=cache.k, v=cache.v, conv=conv, ssm=ssm)
 
     @staticmethod
@@ -196,10 +202,6 @@ class HybridDecoder(DecoderEnds, nnx.Module):
         rows = meta.slot_ids if meta.slot_ids is not None else jnp.arange(b, dtype=jnp.int32)
         # A block starting at position 0 is a new request: it starts from zero state, whatever the row held.
         return rows, (meta.kv_lens - meta.q_lens) == 0
-
-    @staticmethod
-    def _read_conv(cache: HybridCache, r: int, rows, fresh):
-        return jnp.where(fresh[:, None, None], 0.0, cache.conv[r][rows])
 
     def _forward(self, tokens, meta, cache: HybridCache, tap_layers, verify: bool):
         b, t = tokens.shape
