@@ -268,8 +268,13 @@ def recurrent_pallas(state, q, k, v, g, beta, *, block_v: int | None = None, int
                                  block_v=block_v, interpret=interpret, num_warps=num_warps)
 
 
+def read_rows(pool, rows, fresh):
+    """Rows `rows` of a per-slot pool (state or conv window), zeros where `fresh` (a request's first block)."""
+    return jnp.where(fresh.reshape(-1, *(1,) * (pool.ndim - 1)), 0.0, pool[rows])
+
+
 def pool_recurrent_reference(pool, rows, fresh, q, k, v, g, beta, *, write: bool = True, emit: bool = True):
-    s0 = jnp.where(fresh[:, None, None, None], 0.0, pool[rows])
+    s0 = read_rows(pool, rows, fresh)
     s1, o = recurrent(s0, q, k, v, g, beta)
     return (pool.at[rows].set(s1) if write else pool), (o if emit else None)
 

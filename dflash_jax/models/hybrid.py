@@ -134,13 +134,13 @@ def _recurrent_layer(layer: HybridLayer, x, conv, ssm, rows, fresh, valid, q_len
     replays (qkv, k, v, g, beta), else None."""
     net = layer.linear_attn
     h = layer.input_layernorm(x)
-    c0 = jnp.where(fresh[:, None, None], 0.0, conv[rows])
+    c0 = gdn.read_rows(conv, rows, fresh)
     qkv, z, b_in, a_in = net.project(h)
     q, k, v, g, beta = net.rule_inputs(qkv, b_in, a_in, c0, valid)
     if verify or x.shape[1] == 1:  # token by token, the state pool read (and for decode written) in place
         pool, o = gdn.pool_recurrent(ssm, rows, fresh, q, k, v, g, beta, write=not verify)
     else:
-        s0 = jnp.where(fresh[:, None, None, None], 0.0, ssm[rows])
+        s0 = gdn.read_rows(ssm, rows, fresh)
         s1, o = gdn.chunked(s0, q, k, v, g, beta)
         pool = ssm.at[rows].set(s1)
     if not verify:
@@ -152,7 +152,7 @@ def _recurrent_layer(layer: HybridLayer, x, conv, ssm, rows, fresh, valid, q_len
 
 def _commit_layer(conv, ssm, rows, fresh, qkv, k, v, g, beta, num_steps):
     """One recurrent layer's commit: its rows' conv window and state advanced by the first num_steps verified tokens."""
-    c0 = jnp.where(fresh[:, None, None], 0.0, conv[rows])
+    c0 = gdn.read_rows(conv, rows, fresh)
     conv = conv.at[rows].set(gdn.conv_window(c0, qkv, num_steps))
     return conv, gdn.pool_replay(ssm, rows, fresh, k, v, g, beta, num_steps)
 
