@@ -180,7 +180,7 @@ def main(argv=None) -> None:
     ap.add_argument("--configs-bf16", default="", help="BNxBKxWARPSxSTAGES[,..] for --sweep, bf16 kernel")
     ap.add_argument("--configs-mgpu", default="", help="BNxBKxSPLITSxSTAGES[,..] for --sweep, Mosaic GPU kernel")
     ap.add_argument("--configs-mgpu-q8", default="",
-                    help="BNxSPLITSxSTAGES[xBLOCKS][p][,..] for --sweep, Mosaic GPU Q8_0 kernel (p: pre-scaled)")
+                    help="BNxSPLITS[xSTAGES[xBLOCKS]][p][,..] for --sweep, Mosaic GPU Q8_0 kernel (p: pre-scaled)")
     ap.add_argument("--plan", default="", help="'MODEL:M,M:VARIANT,VARIANT;...' (overrides --models/--ms/--variants)")
     ap.add_argument("--budget-s", type=float, default=1e9, help="stop starting new measurements after this")
     ap.add_argument("--out", default=None, help="JSONL results file")
@@ -249,9 +249,12 @@ def main(argv=None) -> None:
                             cfg = (pick_mgpu_config(m, k, n) if text == "auto"
                                    else MgpuConfig(*(int(v) for v in text.split("x"))))
                         elif variant == "mgpu_q8_0":
-                            cfg = (pick_q8_mgpu_config(m, k, n) if text == "auto"
-                                   else Q8MgpuConfig(*(int(v) for v in text.rstrip("p").split("x")),
-                                                     prescale=text.endswith("p")))
+                            parts = [int(v) for v in text.rstrip("p").split("x")] if text != "auto" else []
+                            # BNxSPLITS: the picker's stages and blocks per step for that tile and split count
+                            cfg = (pick_q8_mgpu_config(m, k, n, block_n=parts[0], num_splits=parts[1],
+                                                       prescale=text.endswith("p")) if len(parts) == 2
+                                   else Q8MgpuConfig(*parts, prescale=text.endswith("p")) if parts
+                                   else pick_q8_mgpu_config(m, k, n))
                         else:
                             cfg = (pick_config(m, k, n, quantized) if text == "auto"
                                    else parse_config(text, m, k, n, quantized))

@@ -22,6 +22,7 @@ registers the per-block accumulators hold: 128-row tiles fit up to M = 128, wher
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 
 import jax
@@ -120,13 +121,27 @@ def _acc_regs(block_n: int, mp: int, blocks: int, prescale: bool = False) -> int
     return (1 if prescale else blocks + 1) * block_n * mp // 128
 
 
+# H200, 27B Q8_0 steps in the 8-slot engine's mode (bench/device/next.sh q8split): 0 (the fewest splits that give
+# every SM one CTA) 19.87 / 46.88 ms plain / spec at 8 slots, 18.47 plain at 1; 2560: 16.82 / 44.27, 15.49;
+# 1280: 16.80 / 48.17, 15.00. One warpgroup per SM cannot hide the widening and wgmma latency; more, shorter CTAs can.
+SPLIT_K = 2560
+
+
+def split_k_setting() -> int:
+    """Most inputs per K split ($DFLASH_Q8_SPLIT_K overrides `SPLIT_K`; 0: the fewest splits that give every SM a
+    CTA, with 128-row tiles where N has half an SM's worth, the rule before session 13)."""
+    v = os.environ.get("DFLASH_Q8_SPLIT_K", "").strip()
+    return int(v) if v else SPLIT_K
+
+
 def pick_q8_mgpu_config(m: int, k: int, n: int, num_sms: int | None = None, *, block_n: int | None = None,
                         num_splits: int | None = None, stages: int | None = None,
                         blocks: int | None = None, prescale: bool = False) -> Q8MgpuConfig:
-    """Tiles for an (M, K) x (K, N) Q8_0 product (given values kept): BN 128 when N has at least half an SM's worth
-    of 128-row tiles, else 64; 4 blocks per step where K allows (one wait per 128 inputs); the fewest K splits that
-    give every SM a CTA; up to 16 blocks in flight (small copies need many to cover the memory latency), within
-    shared memory.
+    """Tiles for an (M, K) x (K, N) Q8_0 product (given values kept): BN 64 for up to 16 rows of the exact variant
+    (more CTAs per SM), else 128 when N has at least half an SM's worth of 128-row tiles; 4 blocks per step where K
+    allows (one wait per 128 inputs); the fewest K splits that give every SM a CTA and at most `split_k_setting()`
+    inputs each; up to 16 blocks in flight (small copies need many to cover the memory latency), within shared
+    memory.
 
     The split count is fixed by (K, N) alone, so a row's summation order never depends on M (the batch-invariant
     mode relies on it; BN and blocks per step do not change the order). Rows are the other side of every
@@ -135,12 +150,17 @@ def pick_q8_mgpu_config(m: int, k: int, n: int, num_sms: int | None = None, *, b
     within `_ACC_REG_BUDGET` registers per thread."""
     num_sms = num_sms or _num_sms()
     mp = _rows(m)
-    default_n = 128 if n % 128 == 0 and n // 128 >= num_sms // 2 else 64
+    split_k = split_k_setting()
+    default_n = (64 if split_k and mp <= 16 and not prescale
+                 else 128 if n % 128 == 0 and n // 128 >= num_sms // 2 else 64)
     default_blocks = next(b for b in (4, 2, 1) if (k // _BLOCK) % b == 0)
     if num_splits is None:
-        tiles, steps = n // default_n, k // _BLOCK // default_blocks
+        # 64-row tiles counted whatever BN is picked: the split count must not follow M
+        tiles = n // (64 if split_k else default_n)
+        steps = k // _BLOCK // default_blocks
         divisors = [d for d in range(1, steps + 1) if steps % d == 0]
-        num_splits = next((d for d in divisors if tiles * d >= num_sms), divisors[-1])
+        num_splits = next((d for d in divisors if tiles * d >= num_sms and (not split_k or k // d <= split_k)),
+                          divisors[-1])
     if block_n is None or blocks is None:
         fits = [(bn, nb) for bn in ([block_n] if block_n else [default_n, 64])
                 for nb in ([blocks] if blocks else [b for b in (4, 2, 1) if b <= default_blocks])

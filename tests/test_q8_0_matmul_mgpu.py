@@ -61,14 +61,17 @@ def test_q8_mgpu_matches_gguf_interpret(m, blocks):
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
 
 
-def test_q8_mgpu_default_tiles_and_leading_dims_interpret():
-    """Picked tiles (128-row tiles, one split on a small GPU), (B, T, K) activations and a bf16 output."""
+@pytest.mark.parametrize("m,block_n", [(6, 64), (24, 128)])
+def test_q8_mgpu_default_tiles_and_leading_dims_interpret(m, block_n):
+    """Picked tiles (64-row tiles up to 16 rows, else 128; one split on a small GPU), (B, T, K) activations and a
+    bf16 output."""
     k, n = 128, 256
-    x, q, s, deq = _inputs(6, k, n, seed=7)
-    cfg = pick_q8_mgpu_config(6, k, n, num_sms=2)
-    assert (cfg.block_n, cfg.num_splits, cfg.stages, cfg.blocks) == (128, 1, 1, 4)
-    got = np.asarray(q8_0_matmul_mgpu(x.reshape(2, 3, k), q, s, config=cfg, interpret=True).astype(jnp.float32))
-    ref = _reference(x, deq).reshape(2, 3, n)
+    x, q, s, deq = _inputs(m, k, n, seed=7)
+    cfg = pick_q8_mgpu_config(m, k, n, num_sms=2)
+    assert (cfg.block_n, cfg.num_splits, cfg.stages, cfg.blocks) == (block_n, 1, 1, 4)
+    got = np.asarray(q8_0_matmul_mgpu(x.reshape(2, m // 2, k), q, s, config=cfg, interpret=True)
+                     .astype(jnp.float32))
+    ref = _reference(x, deq).reshape(2, m // 2, n)
     np.testing.assert_allclose(got, ref, rtol=1e-2, atol=1e-2 * np.abs(ref).max())  # bf16 output rounding
 
 
@@ -87,10 +90,24 @@ def test_q8_mgpu_lowers_for_cuda(m, block_n, prescale):
     assert "mosaic_gpu" in lowered.as_text()
 
 
+@pytest.mark.parametrize("split_k", ["0", "2560", "1280"])
+def test_q8_mgpu_split_count_follows_shape_not_rows(split_k, monkeypatch):
+    """A row's summation order is its K split: the count must not change with M (the batch-invariant mode relies on
+    it) for either variant, and no split may exceed the setting where the shape allows it. 27B and 8B shapes."""
+    monkeypatch.setenv("DFLASH_Q8_SPLIT_K", split_k)
+    for k, n in [(5120, 12288), (5120, 1024), (6144, 5120), (5120, 10240), (5120, 17408), (17408, 5120),
+                 (4096, 12288), (12288, 4096), (4096, 1024)]:
+        splits = {pick_q8_mgpu_config(m, k, n, num_sms=132, prescale=pre).num_splits
+                  for m in (1, 2, 8, 16, 17, 64, 128, 256) for pre in (False, True)}
+        assert len(splits) == 1, (k, n, splits)
+        assert int(split_k) == 0 or k // splits.pop() <= int(split_k)
+
+
 def test_q8_mgpu_picks_and_rejects():
     cfg = pick_q8_mgpu_config(1, 4096, 4096, num_sms=132)
     assert cfg.block_n == 64 and cfg.blocks == 4 and 64 * cfg.num_splits >= 132 and 32 % cfg.num_splits == 0
-    assert pick_q8_mgpu_config(8, 4096, 24576, num_sms=132).block_n == 128
+    assert pick_q8_mgpu_config(8, 4096, 24576, num_sms=132).block_n == 64
+    assert pick_q8_mgpu_config(8, 4096, 24576, num_sms=132, prescale=True).block_n == 128
     assert supports_q8(256, 4096, 4096) and not supports_q8(257, 4096, 4096) and not supports_q8(1, 4096, 1000)
     x, q, s, _ = _inputs(2, 64, 128, seed=0)
     with pytest.raises(ValueError, match="expected"):

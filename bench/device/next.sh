@@ -38,6 +38,22 @@ case "${1:?which call}" in
     timeout 400 python3 bench/weight_matmul.py --models "" --sweep 5120:17408:1,17408:5120:1,4096:12288:8 \
       --configs-mgpu-q8 128x2x4x4,128x4x4x4,64x2x4x4,64x4x4x4,64x8x4x4,128x2x8x2,128x2x4x4p,64x4x4x4p \
       --budget-s 380 --out $OUT/q8_sweep.jsonl 2>&1 | tee $OUT/q8_sweep.log | grep sweep ;;
+  q8sweep2)  # issue 8, session 13: the first sweep (2-4 CTAs per SM: 1.3x at M = 1 and 8) over the 27B's big products,
+  # BN x K splits with the picker's stages and blocks, at M = 1, 8 (plain steps) and 128 (the 8-slot verify)
+    shapes=$(for s in 5120:17408 17408:5120 5120:10240 6144:5120 5120:12288; do for m in 1 8 128; do
+      echo -n "$s:$m,"; done; done)
+    timeout 420 python3 bench/weight_matmul.py --models "" --sweep ${shapes%,} \
+      --configs-mgpu-q8 64x1,64x2,64x4,64x8,128x1,128x2,128x4,128x8 \
+      --budget-s 400 --out $OUT/q8_sweep2.jsonl 2>&1 | tee $OUT/q8_sweep2.log | grep sweep ;;
+  q8split)  # issue 8, session 13: K splits of at most $DFLASH_Q8_SPLIT_K inputs with 64-row tiles at M <= 16 (the
+  # sweeps' winners) against the old picker (0): GPU tests at the most splits, then the 27B steps per setting
+    DFLASH_Q8_SPLIT_K=1280 timeout 120 python3 -m pytest -q -m gpu tests/test_q8_0_matmul_mgpu.py \
+      tests/test_batch_invariance.py -k "q8 or product_rows" 2>&1 | tee $OUT/q8split_tests.log | tail -3
+    for sk in ${2:-1280 2560 0}; do
+      DFLASH_Q8_SPLIT_K=$sk timeout 150 python3 bench/spec_step.py --target qwen35-27b --weights q8_0 --slots 8,1 \
+        --steps plain,spec --iters 5 --batch-invariant --out $OUT/step27b_sk$sk.jsonl 2>&1 \
+        | tee $OUT/step27b_sk$sk.log | grep -E "ms/step|spec/plain" | sed "s/^/split_k $sk /"
+    done ;;
   gdn)  # the delta-rule kernel's tiles at the 27B shape, and the 27B Q8_0 prefill
     timeout 200 python3 bench/delta_rule.py --slots 1,8 --configs 32x4,32x4p,32x4u,32x4o,32x4uo,32x2,32x2u,16x2,16x2u,16x2uo,64x4,64x4u,128x8 \
       --prefill 256 --out $OUT/gdn.jsonl 2>&1 | tee $OUT/gdn.log | tail -40
