@@ -54,6 +54,15 @@ case "${1:?which call}" in
         --steps plain,spec --iters 5 --batch-invariant --out $OUT/step27b_sk$sk.jsonl 2>&1 \
         | tee $OUT/step27b_sk$sk.log | grep -E "ms/step|spec/plain" | sed "s/^/split_k $sk /"
     done ;;
+  gputests)  # every GPU-marked test (session 13 changed the Q8_0 split rule after its device budget was spent)
+    timeout 560 python3 -m pytest -q -m gpu tests/ 2>&1 | tee $OUT/gputests.log | tail -15 ;;
+  q8pre)  # session 13: with more K splits, is the 8-slot engine's pre-scaled choice still right? Its steps with the
+  # exact and the pre-scaled products (invariant mode forces one per engine; DFLASH_Q8_PRESCALE overrides it)
+    for pre in 0 1; do
+      DFLASH_Q8_PRESCALE=$pre timeout 130 python3 bench/spec_step.py --target qwen35-27b --weights q8_0 --slots 8 \
+        --steps plain,spec --iters 5 --batch-invariant --out $OUT/step27b_pre$pre.jsonl 2>&1 \
+        | tee $OUT/step27b_pre$pre.log | grep -E "ms/step|spec/plain" | sed "s/^/prescale $pre /"
+    done ;;
   gdn)  # the delta-rule kernel's tiles at the 27B shape, and the 27B Q8_0 prefill
     timeout 200 python3 bench/delta_rule.py --slots 1,8 --configs 32x4,32x4p,32x4u,32x4o,32x4uo,32x2,32x2u,16x2,16x2u,16x2uo,64x4,64x4u,128x8 \
       --prefill 256 --out $OUT/gdn.jsonl 2>&1 | tee $OUT/gdn.log | tail -40
