@@ -63,6 +63,15 @@ case "${1:?which call}" in
         --steps plain,spec --iters 5 --batch-invariant --out $OUT/step27b_pre$pre.jsonl 2>&1 \
         | tee $OUT/step27b_pre$pre.log | grep -E "ms/step|spec/plain" | sed "s/^/prescale $pre /"
     done ;;
+  bf16sweep)  # issue 3 (8B batch-1 decode at 74 % of copy; XLA's bf16 product, 65 % per layer at M = 1): does the
+  # Mosaic bf16 kernel win there with several CTAs per SM (the Q8_0 kernel did, session 13)? XLA per layer, then
+  # BNxBKxSPLITSxSTAGES at the 8B shapes, M = 1 and 8
+    timeout 150 python3 bench/weight_matmul.py --plan "qwen3-8b:1,8:xla_bf16,mgpu_bf16" --budget-s 140 \
+      --out $OUT/bf16_layers.jsonl 2>&1 | tee $OUT/bf16_layers.log | grep -E "LAYER|copy"
+    shapes=$(for s in 4096:12288 12288:4096 4096:4096 4096:6144; do for m in 1 8; do echo -n "$s:$m,"; done; done)
+    timeout 380 python3 bench/weight_matmul.py --models "" --sweep ${shapes%,} --budget-s 360 \
+      --configs-mgpu 64x256x1x4,64x256x2x4,64x256x4x4,64x256x8x4,128x256x1x4,128x256x2x4,128x256x4x4,64x128x4x4 \
+      --out $OUT/bf16_sweep.jsonl 2>&1 | tee $OUT/bf16_sweep.log | grep sweep ;;
   gdn)  # the delta-rule kernel's tiles at the 27B shape, and the 27B Q8_0 prefill
     timeout 200 python3 bench/delta_rule.py --slots 1,8 --configs 32x4,32x4p,32x4u,32x4o,32x4uo,32x2,32x2u,16x2,16x2u,16x2uo,64x4,64x4u,128x8 \
       --prefill 256 --out $OUT/gdn.jsonl 2>&1 | tee $OUT/gdn.log | tail -40
