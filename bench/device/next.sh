@@ -63,13 +63,13 @@ case "${1:?which call}" in
         --steps plain,spec --iters 5 --batch-invariant --out $OUT/step27b_pre$pre.jsonl 2>&1 \
         | tee $OUT/step27b_pre$pre.log | grep -E "ms/step|spec/plain" | sed "s/^/prescale $pre /"
     done ;;
-  bf16sweep)  # issue 3 (8B batch-1 decode at 74 % of copy; XLA's bf16 product, 65 % per layer at M = 1): does the
-  # Mosaic bf16 kernel win there with several CTAs per SM (the Q8_0 kernel did, session 13)? XLA per layer, then
-  # BNxBKxSPLITSxSTAGES at the 8B shapes, M = 1 and 8
-    timeout 150 python3 bench/weight_matmul.py --plan "qwen3-8b:1,8:xla_bf16,mgpu_bf16" --budget-s 140 \
+  bf16sweep)  # issues 3 and 4: the 8B's float products run in XLA (65 % of copy per layer at M = 1; the 8-slot
+  # verify's M = 128 qkv and o_proj fill half the SMs). Does the Mosaic bf16 kernel win with several CTAs per SM (the
+  # Q8_0 kernel did, session 13)? XLA vs Mosaic per layer, then BNxBKxSPLITSxSTAGES at the 8B's fused shapes (gate+up 24576, qkv 6144), M = 1, 8, 128
+    timeout 150 python3 bench/weight_matmul.py --plan "qwen3-8b:1,8,128:xla_bf16,mgpu_bf16" --budget-s 140 \
       --out $OUT/bf16_layers.jsonl 2>&1 | tee $OUT/bf16_layers.log | grep -E "LAYER|copy"
-    shapes=$(for s in 4096:12288 12288:4096 4096:4096 4096:6144; do for m in 1 8; do echo -n "$s:$m,"; done; done)
-    timeout 380 python3 bench/weight_matmul.py --models "" --sweep ${shapes%,} --budget-s 360 \
+    shapes=$(for s in 4096:24576 12288:4096 4096:4096 4096:6144; do for m in 1 8 128; do echo -n "$s:$m,"; done; done)
+    timeout 400 python3 bench/weight_matmul.py --models "" --sweep ${shapes%,} --budget-s 380 \
       --configs-mgpu 64x256x1x4,64x256x2x4,64x256x4x4,64x256x8x4,128x256x1x4,128x256x2x4,128x256x4x4,64x128x4x4 \
       --out $OUT/bf16_sweep.jsonl 2>&1 | tee $OUT/bf16_sweep.log | grep sweep ;;
   gdn)  # the delta-rule kernel's tiles at the 27B shape, and the 27B Q8_0 prefill
