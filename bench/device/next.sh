@@ -65,7 +65,8 @@ case "${1:?which call}" in
     done ;;
   bf16sweep)  # issues 3 and 4: the 8B's float products run in XLA (65 % of copy per layer at M = 1; the 8-slot
   # verify's M = 128 qkv and o_proj fill half the SMs). Does the Mosaic bf16 kernel win with several CTAs per SM (the
-  # Q8_0 kernel did, session 13)? XLA vs Mosaic per layer, then BNxBKxSPLITSxSTAGES at the 8B's fused shapes (gate+up 24576, qkv 6144), M = 1, 8, 128
+  # Q8_0 kernel did, session 13)? XLA vs Mosaic per layer, then BNxBKxSPLITSxSTAGES at the 8B's fused shapes
+  # (gate+up 24576, qkv 6144), M = 1, 8, 128
     timeout 150 python3 bench/weight_matmul.py --plan "qwen3-8b:1,8,128:xla_bf16,mgpu_bf16" --budget-s 140 \
       --out $OUT/bf16_layers.jsonl 2>&1 | tee $OUT/bf16_layers.log | grep -E "LAYER|copy"
     shapes=$(for s in 4096:24576 12288:4096 4096:4096 4096:6144; do for m in 1 8 128; do echo -n "$s:$m,"; done; done)
