@@ -19,6 +19,7 @@ go to the portable kernel or XLA through the dispatcher in `weight_matmul`.
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 
 import jax
@@ -73,8 +74,9 @@ def pick_mgpu_config(m: int, k: int, n: int, num_sms: int | None = None, *, bloc
                      stages: int | None = None) -> MgpuConfig:
     """Tiles for an (M, K) x (K, N) product (given values kept, the rest derived). BN 128 when N has enough
     128-row tiles and the rows are few, else 64; BK the largest of 256/128/64 dividing K (fewer, larger copies
-    streamed faster on an H200); splits: the fewest that give every SM a CTA; stages: up to 4 that fit in shared
-    memory. Only BK and the splits change a row's arithmetic (the order of its K sums); BN and stages do not."""
+    streamed faster on an H200); splits: the fewest that give every SM a CTA (and, with $DFLASH_MGPU_SPLIT_K set,
+    cover at most that many inputs each: the Q8_0 kernel gained 1.2x from several CTAs per SM, an experiment for
+    the float one); stages: up to 4 that fit in shared memory. Only BK and the splits change a row's arithmetic (the order of its K sums); BN and stages do not."""
     num_sms = num_sms or _num_sms()
     mp = _rows(m)
     block_n = block_n or (128 if n % 128 == 0 and n // 128 >= num_sms // 2 and mp <= 64 else 64)
@@ -84,8 +86,10 @@ def pick_mgpu_config(m: int, k: int, n: int, num_sms: int | None = None, *, bloc
     k_steps = k // block_k
     if num_splits is None:
         tiles = -(-n // block_n)
+        split_k = int(os.environ.get("DFLASH_MGPU_SPLIT_K", "").strip() or 0)
         divisors = [d for d in range(1, k_steps + 1) if k_steps % d == 0]
-        num_splits = next((d for d in divisors if tiles * d >= num_sms), divisors[-1])
+        num_splits = next((d for d in divisors if tiles * d >= num_sms and (not split_k or k // d <= split_k)),
+                          divisors[-1])
     stages = stages or max(1, min(4, _max_stages(mp, block_n, block_k), k_steps // num_splits))
     return MgpuConfig(block_n, block_k, num_splits, stages)
 

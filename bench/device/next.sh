@@ -73,6 +73,14 @@ case "${1:?which call}" in
     timeout 400 python3 bench/weight_matmul.py --models "" --sweep ${shapes%,} --budget-s 380 \
       --configs-mgpu 64x256x1x4,64x256x2x4,64x256x4x4,64x256x8x4,128x256x1x4,128x256x2x4,128x256x4x4,64x128x4x4 \
       --out $OUT/bf16_sweep.jsonl 2>&1 | tee $OUT/bf16_sweep.log | grep sweep ;;
+  bf16step)  # issues 3 and 4: the 8B steps (random bf16, 5-layer drafter) with XLA's float products (the default),
+  # the Mosaic kernel's old split rule, and K splits of at most 1024 inputs (session 8: B1 plain 4.872, B8 plain
+  # 4.875 / spec 7.995 ms, 1.64x)
+    for v in xla mgpu mgpu1024; do
+      env $([ $v != xla ] && echo DFLASH_MATMUL_IMPL=mgpu) $([ $v = mgpu1024 ] && echo DFLASH_MGPU_SPLIT_K=1024) \
+        timeout 170 python3 bench/spec_step.py --target qwen3-8b --slots 8,1 --steps plain,spec --iters 40 \
+        --out $OUT/step8b_$v.jsonl 2>&1 | tee $OUT/step8b_$v.log | grep -E "ms/step|spec/plain" | sed "s/^/$v /"
+    done ;;
   gdn)  # the delta-rule kernel's tiles at the 27B shape, and the 27B Q8_0 prefill
     timeout 200 python3 bench/delta_rule.py --slots 1,8 --configs 32x4,32x4p,32x4u,32x4o,32x4uo,32x2,32x2u,16x2,16x2u,16x2uo,64x4,64x4u,128x8 \
       --prefill 256 --out $OUT/gdn.jsonl 2>&1 | tee $OUT/gdn.log | tail -40
