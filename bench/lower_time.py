@@ -54,10 +54,12 @@ def main(argv=None) -> None:
     ap.add_argument("--variants", default="greedy", help="greedy,full: each step's two compiled variants")
     ap.add_argument("--kernel-cache", default="on", choices=("on", "off"),
                     help="pallas_kernels.lowering_cache: Mosaic kernels lowered once per process")
+    ap.add_argument("--kernel-cache-dir", default=None,
+                    help="keep the kernel lowerings on disk too (a second run then reads them: a server's restart)")
     a = ap.parse_args(argv)
     lower_without_gpu()
     if a.kernel_cache == "on":
-        lowering_cache.install()
+        lowering_cache.install(a.kernel_cache_dir)
     cfg, dtype = SHAPES[a.target], jnp.bfloat16
     dcfg = drafter_shape(a.target, cfg, 5, a.block)
     graphdef, state = nnx.split(abstract_target(cfg, dtype, a.weights))

@@ -104,10 +104,12 @@ class EngineConfig:
         return tuple(sizes + [self.prefill_chunk])
 
 
-def enable_compile_cache(directory: str | None) -> None:
+def enable_compile_cache(directory: str | None) -> str:
+    """JAX's persistent compilation cache in `directory` (default ~/.cache/dflash-jax/xla); returns it."""
     directory = directory or os.path.join(os.path.expanduser("~"), ".cache", "dflash-jax", "xla")
     jax.config.update("jax_compilation_cache_dir", directory)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    return directory
 
 
 @dataclass
@@ -123,7 +125,7 @@ class Engine:
         self.cfg = cfg
         self.model_cfg = loaded.config
         self.tokenizer = loaded.tokenizer
-        enable_compile_cache(cfg.compile_cache_dir)
+        self.cache_dir = enable_compile_cache(cfg.compile_cache_dir)
         self.graphdef, self.state = nnx.split(loaded.model)
         mc = loaded.config
         self.pages_per_slot = -(-cfg.per_slot // cfg.page_size)
@@ -178,8 +180,9 @@ class Engine:
         lowered (XLA compiles without the GIL: on an H100 one bucket of SmolLM2 with its Pallas kernels took ~10 s,
         so an 8-slot DFlash engine's 24 buckets took 4 minutes in a row); the steps then call those executables.
         warmup_seconds: 'lower' (compiles running beside it), 'compile' (the wait for the rest), 'first_run'.
-        Mosaic GPU kernels that several buckets hold are lowered once (`lowering_cache`)."""
-        lowering_cache.install()
+        Mosaic GPU kernels that several buckets hold are lowered once (`lowering_cache`), and kept beside the
+        compilation cache so that a restart lowers none of them."""
+        lowering_cache.install(os.path.join(self.cache_dir, "mosaic"))
         # Prefill chunks always sample fully; decode and spec steps have a greedy and a full variant each.
         shapes = [(b, t, True) for t in self.cfg.chunk_buckets for b in self.cfg.slot_buckets]
         shapes += [(b, 1, full) for b in self.cfg.slot_buckets for full in (False, True)]

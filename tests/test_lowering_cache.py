@@ -57,3 +57,50 @@ def test_other_shapes_miss():
     small, wide = _lower(jnp.tanh, 8, k=2048), _lower(jnp.tanh, 8, k=2048, n=8192)
     assert lowering_cache.stats["misses"] == misses + 2
     assert _kernels(small) != _kernels(wide) != _kernels(_lower(jnp.tanh, 8))
+
+
+_POPULATE = """
+import sys
+import jax, jax.numpy as jnp
+from pallas_kernels import lowering_cache
+from pallas_kernels.q8_0_matmul_mgpu import pick_q8_mgpu_config, q8_0_matmul_mgpu
+assert lowering_cache.install(sys.argv[1])
+m, k, n = 16, 1536, 2048
+cfg = pick_q8_mgpu_config(m, k, n, num_sms=132)
+args = (jax.ShapeDtypeStruct((m, k), jnp.bfloat16), jax.ShapeDtypeStruct((n, k), jnp.int8),
+        jax.ShapeDtypeStruct((k // 32, n), jnp.float16))
+jax.jit(lambda x, q, s: jnp.tanh(q8_0_matmul_mgpu(x, q, s, config=cfg))).trace(*args).lower(
+    lowering_platforms=("cuda",))
+assert lowering_cache.stats["misses"] == 1, lowering_cache.stats
+"""
+
+
+def test_a_restarted_process_reads_the_lowering_from_disk(tmp_path, monkeypatch):
+    """Another process lowers a kernel into the directory; this one then reads it from there (the key is stable
+    across processes) and gets what a fresh lowering gives. A corrupt file is lowered again and rewritten."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    subprocess.run([sys.executable, "-c", _POPULATE, str(tmp_path)], check=True, cwd=root,
+                   env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": root})
+    files = list(tmp_path.glob("*.mosaic"))
+    assert len(files) == 1
+    monkeypatch.setitem(lowering_cache._disk, "dir", str(tmp_path))
+    monkeypatch.setattr(lowering_cache, "_cache", {})
+    assert lowering_cache.install()
+    disk = lowering_cache.stats["disk_hits"]
+    cached = _lower(jnp.tanh, 16, k=1536, n=2048)
+    assert lowering_cache.stats["disk_hits"] == disk + 1
+    with lowering_cache.bypassed():
+        fresh = _lower(jnp.tanh, 16, k=1536, n=2048)
+    assert len(_kernels(cached)) == 1 and _kernels(cached) == _kernels(fresh)
+
+    good = files[0].read_bytes()
+    for bad in (b"not a lowering", good.split(b"\n", 1)[0] + b"\nnot bytecode"):
+        files[0].write_bytes(bad)
+        monkeypatch.setattr(lowering_cache, "_cache", {})
+        misses = lowering_cache.stats["misses"]
+        assert _kernels(_lower(jnp.tanh, 16, k=1536, n=2048)) == _kernels(fresh)
+        assert lowering_cache.stats["misses"] == misses + 1 and files[0].read_bytes() != bad
