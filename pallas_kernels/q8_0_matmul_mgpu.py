@@ -150,7 +150,10 @@ def pick_q8_mgpu_config(m: int, k: int, n: int, num_sms: int | None = None, *, b
     within `_ACC_REG_BUDGET` registers per thread."""
     num_sms = num_sms or _num_sms()
     mp = _rows(m)
-    split_k = split_k_setting()
+    # Prefill's pieces of 256 rows keep the old rule (they agree only with other prefill rows): 8 splits of the 27B
+    # down projection would write 42 MB of f32 partials per 256 rows beside its 89 MB weight, and only the decode
+    # and verify steps were timed with the new one.
+    split_k = 0 if in_prefill() and prefill_tiles_enabled() else split_k_setting()
     default_n = (64 if split_k and mp <= 16 and not prescale
                  else 128 if n % 128 == 0 and n // 128 >= num_sms // 2 else 64)
     default_blocks = next(b for b in (4, 2, 1) if (k // _BLOCK) % b == 0)

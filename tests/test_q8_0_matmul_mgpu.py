@@ -23,6 +23,7 @@ from pallas_kernels.q8_0_matmul_mgpu import (  # noqa: E402
     q8_0_matmul_mgpu,
     supports_q8,
 )
+from pallas_kernels.invariance import prefill_phase  # noqa: E402
 from pallas_kernels.weight_matmul import q8_0_matmul_reference  # noqa: E402
 
 Q8 = gguf.GGMLQuantizationType.Q8_0
@@ -93,14 +94,20 @@ def test_q8_mgpu_lowers_for_cuda(m, block_n, prescale):
 @pytest.mark.parametrize("split_k", ["0", "2560", "1280"])
 def test_q8_mgpu_split_count_follows_shape_not_rows(split_k, monkeypatch):
     """A row's summation order is its K split: the count must not change with M (the batch-invariant mode relies on
-    it) for either variant, and no split may exceed the setting where the shape allows it. 27B and 8B shapes."""
+    it) for either variant, and no split may exceed the setting where the shape allows it; prefill steps keep the
+    rule they were timed with. 27B and 8B shapes."""
+    shapes = [(5120, 12288), (5120, 1024), (6144, 5120), (5120, 10240), (5120, 17408), (17408, 5120), (4096, 12288),
+              (12288, 4096), (4096, 1024)]
+    monkeypatch.setenv("DFLASH_Q8_SPLIT_K", "0")
+    old = {s: pick_q8_mgpu_config(256, *s, num_sms=132, prescale=True) for s in shapes}
     monkeypatch.setenv("DFLASH_Q8_SPLIT_K", split_k)
-    for k, n in [(5120, 12288), (5120, 1024), (6144, 5120), (5120, 10240), (5120, 17408), (17408, 5120),
-                 (4096, 12288), (12288, 4096), (4096, 1024)]:
+    for k, n in shapes:
         splits = {pick_q8_mgpu_config(m, k, n, num_sms=132, prescale=pre).num_splits
                   for m in (1, 2, 8, 16, 17, 64, 128, 256) for pre in (False, True)}
         assert len(splits) == 1, (k, n, splits)
         assert int(split_k) == 0 or k // splits.pop() <= int(split_k)
+        with prefill_phase():
+            assert pick_q8_mgpu_config(256, k, n, num_sms=132, prescale=True) == old[k, n]
 
 
 def test_q8_mgpu_picks_and_rejects():
