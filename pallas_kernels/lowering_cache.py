@@ -90,6 +90,7 @@ def _save(path: str, result, bytecode: bytes) -> None:
         return
     meta = {"grid": list(result.grid), "block": list(result.block), "new_out_shapes": outs,
             "gmem_scratch_shapes": scratch}
+    tmp = None
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
@@ -97,8 +98,9 @@ def _save(path: str, result, bytecode: bytes) -> None:
             f.write(json.dumps(meta).encode() + b"\n" + bytecode)
         os.replace(tmp, path)
     except OSError:  # a read-only or full disk costs the next start its lowering, nothing else
-        with contextlib.suppress(OSError, UnboundLocalError):
-            os.unlink(tmp)
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
 
 
 def _load(path: str, result_type):
