@@ -104,3 +104,14 @@ def test_a_restarted_process_reads_the_lowering_from_disk(tmp_path, monkeypatch)
         misses = lowering_cache.stats["misses"]
         assert _kernels(_lower(jnp.tanh, 16, k=1536, n=2048)) == _kernels(fresh)
         assert lowering_cache.stats["misses"] == misses + 1 and files[0].read_bytes() != bad
+
+
+def test_an_unwritable_directory_costs_only_the_disk_copy(tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_bytes(b"")
+    monkeypatch.setitem(lowering_cache._disk, "dir", str(blocker / "mosaic"))  # under a file: cannot be created
+    monkeypatch.setattr(lowering_cache, "_cache", {})
+    assert lowering_cache.install()
+    misses = lowering_cache.stats["misses"]
+    assert len(_kernels(_lower(jnp.tanh, 8, k=1024, n=1024))) == 1
+    assert lowering_cache.stats["misses"] == misses + 1 and not list(tmp_path.glob("**/*.mosaic"))
