@@ -183,12 +183,15 @@ class Engine:
         Mosaic GPU kernels that several buckets hold are lowered once (`lowering_cache`), and kept beside the
         compilation cache so that a restart lowers none of them."""
         lowering_cache.install(os.path.join(self.cache_dir, "mosaic"))
-        # Prefill chunks always sample fully; decode and spec steps have a greedy and a full variant each.
-        shapes = [(b, t, True) for t in self.cfg.chunk_buckets for b in self.cfg.slot_buckets]
-        shapes += [(b, 1, full) for b in self.cfg.slot_buckets for full in (False, True)]
-        spec = [(b, None, full) for b in self.cfg.slot_buckets for full in (False, True)] if self.spec else []
+        # Prefill chunks always sample fully; decode and spec steps have a greedy and a full variant each. The
+        # longest compiles are lowered first (spec, then prefill, then decode; larger first), so that they run beside
+        # the other buckets' lowering instead of after it.
+        slots = sorted(self.cfg.slot_buckets, reverse=True)
+        spec = [(b, None, full) for b in slots for full in (False, True)] if self.spec else []
+        shapes = [(b, t, True) for t in sorted(self.cfg.chunk_buckets, reverse=True) for b in slots]
+        shapes += [(b, 1, full) for b in slots for full in (False, True)]
         buckets = [(t is None, self._spec_inputs([], b) if t is None else self._inputs([], b, t), full)
-                   for b, t, full in shapes + spec]
+                   for b, t, full in spec + shapes]
         workers = self.cfg.compile_workers or min(8, os.cpu_count() or 1)
         sp = self.spec
         t0 = time.perf_counter()
