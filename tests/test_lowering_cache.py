@@ -12,8 +12,10 @@ from jax.experimental.mosaic import gpu as mgpu
 from pallas_kernels import lowering_cache
 from pallas_kernels.q8_0_matmul_mgpu import pick_q8_mgpu_config, q8_0_matmul_mgpu
 
-_MODULE = re.compile(r'module = "((?:[^"\\]|\\[0-9A-Fa-f]{2})*)"')
-_HASH = re.compile(r'kernel_hash = "(?:[^"\\]|\\[0-9A-Fa-f]{2})*"')
+# MLIR prints a string attribute's bytes as themselves, \\XX (hex) or \\\\ (a backslash)
+_ESCAPE = r'(?:[^"\\]|\\[0-9A-Fa-f]{2}|\\\\)'
+_MODULE = re.compile(r'module = "(' + _ESCAPE + r'*)"')
+_HASH = re.compile(r'kernel_hash = "' + _ESCAPE + r'*"')
 
 
 def _lower(fn, m, k=4096, n=4096):
@@ -29,7 +31,9 @@ def _kernels(text: str) -> list[str]:
     counter that names their dump files."""
     out = []
     for match in _MODULE.finditer(text):
-        data = re.sub(rb"\\([0-9A-Fa-f]{2})", lambda g: bytes([int(g.group(1), 16)]), match.group(1).encode())
+        data = re.sub(rb"\\([0-9A-Fa-f]{2}|\\)",
+                      lambda g: b"\\" if g.group(1) == b"\\" else bytes([int(g.group(1), 16)]),
+                      match.group(1).encode())
         ctx = mlir.make_ir_context()
         mgpu.dialect.register_dialect(ctx)
         ctx.allow_unregistered_dialects = True  # the serialized form's versioned dialect
@@ -41,8 +45,10 @@ def _kernels(text: str) -> list[str]:
 @pytest.fixture(autouse=True)
 def _memory_only(monkeypatch):
     """An engine warmed up earlier in this process points the cache at the user's directory, where earlier runs
-    left kernels: each test here starts without one (the disk tests set their own)."""
+    left kernels (lowered by other processes, so with other source locations): each test here starts with an empty
+    cache and no directory (the disk tests set their own)."""
     monkeypatch.setitem(lowering_cache._disk, "dir", None)
+    monkeypatch.setattr(lowering_cache, "_cache", {})
 
 
 def test_second_program_reuses_the_kernel_and_lowers_the_same():
