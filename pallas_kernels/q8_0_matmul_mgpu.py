@@ -22,7 +22,6 @@ registers the per-block accumulators hold: 128-row tiles fit up to M = 128, wher
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass
 
 import jax
@@ -39,7 +38,15 @@ from pallas_kernels.invariance import (
     q8_prescale_choice,
 )
 from pallas_kernels.weight_matmul import _num_sms
-from pallas_kernels.weight_matmul_mgpu import _SMEM_BUDGET, MAX_ROWS, _epi, _rows, store_partial
+from pallas_kernels.weight_matmul_mgpu import (
+    _SMEM_BUDGET,
+    MAX_ROWS,
+    _epi,
+    _rows,
+    env_int,
+    fewest_splits,
+    store_partial,
+)
 
 __all__ = ["Q8MgpuConfig", "pick_q8_mgpu_config", "q8_0_matmul_mgpu", "supports_q8", "MAX_ROWS", "piece_rows",
            "use_prescale", "engine_prescale"]
@@ -130,8 +137,7 @@ SPLIT_K = 2560
 def split_k_setting() -> int:
     """Most inputs per K split ($DFLASH_Q8_SPLIT_K overrides `SPLIT_K`; 0: the fewest splits that give every SM a
     CTA, with 128-row tiles where N has half an SM's worth, the rule before session 13)."""
-    v = os.environ.get("DFLASH_Q8_SPLIT_K", "").strip()
-    return int(v) if v else SPLIT_K
+    return env_int("DFLASH_Q8_SPLIT_K", SPLIT_K)
 
 
 def pick_q8_mgpu_config(m: int, k: int, n: int, num_sms: int | None = None, *, block_n: int | None = None,
@@ -159,11 +165,8 @@ def pick_q8_mgpu_config(m: int, k: int, n: int, num_sms: int | None = None, *, b
     default_blocks = next(b for b in (4, 2, 1) if (k // _BLOCK) % b == 0)
     if num_splits is None:
         # 64-row tiles counted whatever BN is picked: the split count must not follow M
-        tiles = n // (64 if split_k else default_n)
-        steps = k // _BLOCK // default_blocks
-        divisors = [d for d in range(1, steps + 1) if steps % d == 0]
-        num_splits = next((d for d in divisors if tiles * d >= num_sms and (not split_k or k // d <= split_k)),
-                          divisors[-1])
+        num_splits = fewest_splits(k, k // _BLOCK // default_blocks, n // (64 if split_k else default_n), num_sms,
+                                   split_k)
     if block_n is None or blocks is None:
         fits = [(bn, nb) for bn in ([block_n] if block_n else [default_n, 64])
                 for nb in ([blocks] if blocks else [b for b in (4, 2, 1) if b <= default_blocks])

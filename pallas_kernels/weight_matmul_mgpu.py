@@ -76,7 +76,8 @@ def pick_mgpu_config(m: int, k: int, n: int, num_sms: int | None = None, *, bloc
     128-row tiles and the rows are few, else 64; BK the largest of 256/128/64 dividing K (fewer, larger copies
     streamed faster on an H200); splits: the fewest that give every SM a CTA (and, with $DFLASH_MGPU_SPLIT_K set,
     cover at most that many inputs each: the Q8_0 kernel gained 1.2x from several CTAs per SM, an experiment for
-    the float one); stages: up to 4 that fit in shared memory. Only BK and the splits change a row's arithmetic (the order of its K sums); BN and stages do not."""
+    the float one); stages: up to 4 that fit in shared memory. Only BK and the splits change a row's arithmetic
+    (the order of its K sums); BN and stages do not."""
     num_sms = num_sms or _num_sms()
     mp = _rows(m)
     block_n = block_n or (128 if n % 128 == 0 and n // 128 >= num_sms // 2 and mp <= 64 else 64)
@@ -85,13 +86,22 @@ def pick_mgpu_config(m: int, k: int, n: int, num_sms: int | None = None, *, bloc
         block_k = fits[0] if fits else 64
     k_steps = k // block_k
     if num_splits is None:
-        tiles = -(-n // block_n)
-        split_k = int(os.environ.get("DFLASH_MGPU_SPLIT_K", "").strip() or 0)
-        divisors = [d for d in range(1, k_steps + 1) if k_steps % d == 0]
-        num_splits = next((d for d in divisors if tiles * d >= num_sms and (not split_k or k // d <= split_k)),
-                          divisors[-1])
+        num_splits = fewest_splits(k, k_steps, -(-n // block_n), num_sms, env_int("DFLASH_MGPU_SPLIT_K", 0))
     stages = stages or max(1, min(4, _max_stages(mp, block_n, block_k), k_steps // num_splits))
     return MgpuConfig(block_n, block_k, num_splits, stages)
+
+
+def env_int(name: str, default: int) -> int:
+    v = os.environ.get(name, "").strip()
+    return int(v) if v else default
+
+
+def fewest_splits(k: int, steps: int, tiles: int, num_sms: int, max_inputs: int = 0) -> int:
+    """The fewest K splits (divisors of the `steps` pipeline steps) that give every SM one of the `tiles` x splits
+    CTAs and, when `max_inputs` is set, cover at most that many of the K inputs each; else the most."""
+    divisors = [d for d in range(1, steps + 1) if steps % d == 0]
+    return next((d for d in divisors if tiles * d >= num_sms and (not max_inputs or k // d <= max_inputs)),
+                divisors[-1])
 
 
 def invariant_mgpu_config(m: int, k: int, n: int, num_sms: int | None = None) -> MgpuConfig:

@@ -57,8 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight format on the device: q8_0 keeps a GGUF's Q8_0 tensors as int8 + per-32 scales, "
                         "exactly as stored (other quant types are dequantized to --dtype); bf16 dequantizes every "
                         "tensor to --dtype (default auto = bf16 until the Q8_0 kernel is measured faster on a GPU)")
-    p.add_argument("--compile-cache-dir", default=None, help="persistent JAX compilation cache directory (default ~/.cache/dflash-jax/xla; Mosaic kernel "
-                   "lowerings go to its mosaic/ subdirectory)")
+    p.add_argument("--compile-cache-dir", default=None,
+                   help="persistent JAX compilation cache directory (default ~/.cache/dflash-jax/xla; Mosaic kernel "
+                        "lowerings go to its mosaic/ subdirectory)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=8080, help="port (default: 8080)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on API requests")
