@@ -237,7 +237,7 @@ def main(argv=None) -> None:
             k, n, m = (int(v) for v in item.split(":"))
             for variant, texts in (("pallas_q8_0", a.configs_q8), ("pallas_bf16", a.configs_bf16),
                                    ("mgpu_bf16", a.configs_mgpu), ("mgpu_q8_0", a.configs_mgpu_q8)):
-                    # a config ending in 'p' is the pre-scaled Q8_0 variant
+                # a config ending in 'p' is the pre-scaled Q8_0 variant; 'auto' is the picker's exact one
                 quantized = variant.endswith("q8_0")
                 if not texts:
                     continue

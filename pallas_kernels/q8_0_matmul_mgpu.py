@@ -140,6 +140,13 @@ def split_k_setting() -> int:
     return env_int("DFLASH_Q8_SPLIT_K", SPLIT_K)
 
 
+def prefill_split_k_setting() -> int:
+    """`split_k_setting` for prefill's 256-row pieces (they agree only with other prefill rows): 0, the old rule,
+    unless $DFLASH_Q8_PREFILL_SPLIT_K says otherwise. 8 splits of the 27B down projection would write 42 MB of f32
+    partials per 256 rows beside its 89 MB weight; not yet timed (bench/device/next.sh q8prefill)."""
+    return env_int("DFLASH_Q8_PREFILL_SPLIT_K", 0)
+
+
 def pick_q8_mgpu_config(m: int, k: int, n: int, num_sms: int | None = None, *, block_n: int | None = None,
                         num_splits: int | None = None, stages: int | None = None,
                         blocks: int | None = None, prescale: bool = False) -> Q8MgpuConfig:
@@ -156,10 +163,7 @@ def pick_q8_mgpu_config(m: int, k: int, n: int, num_sms: int | None = None, *, b
     within `_ACC_REG_BUDGET` registers per thread."""
     num_sms = num_sms or _num_sms()
     mp = _rows(m)
-    # Prefill's pieces of 256 rows keep the old rule (they agree only with other prefill rows): 8 splits of the 27B
-    # down projection would write 42 MB of f32 partials per 256 rows beside its 89 MB weight, and only the decode
-    # and verify steps were timed with the new one.
-    split_k = 0 if in_prefill() and prefill_tiles_enabled() else split_k_setting()
+    split_k = prefill_split_k_setting() if in_prefill() and prefill_tiles_enabled() else split_k_setting()
     default_n = (64 if split_k and mp <= 16 and not prescale
                  else 128 if n % 128 == 0 and n // 128 >= num_sms // 2 else 64)
     default_blocks = next(b for b in (4, 2, 1) if (k // _BLOCK) % b == 0)

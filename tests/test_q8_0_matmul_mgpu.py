@@ -95,7 +95,7 @@ def test_q8_mgpu_lowers_for_cuda(m, block_n, prescale):
 def test_q8_mgpu_split_count_follows_shape_not_rows(split_k, monkeypatch):
     """A row's summation order is its K split: the count must not change with M (the batch-invariant mode relies on
     it) for either variant, and no split may exceed the setting where the shape allows it; prefill steps keep the
-    rule they were timed with. 27B and 8B shapes."""
+    rule they were timed with unless their own setting says otherwise. 27B and 8B shapes."""
     shapes = [(5120, 12288), (5120, 1024), (6144, 5120), (5120, 10240), (5120, 17408), (17408, 5120), (4096, 12288),
               (12288, 4096), (4096, 1024)]
     monkeypatch.setenv("DFLASH_Q8_SPLIT_K", "0")
@@ -108,6 +108,10 @@ def test_q8_mgpu_split_count_follows_shape_not_rows(split_k, monkeypatch):
         assert int(split_k) == 0 or k // splits.pop() <= int(split_k)
         with prefill_phase():
             assert pick_q8_mgpu_config(256, k, n, num_sms=132, prescale=True) == old[k, n]
+            monkeypatch.setenv("DFLASH_Q8_PREFILL_SPLIT_K", split_k)
+            cfg = pick_q8_mgpu_config(256, k, n, num_sms=132, prescale=True)
+            assert int(split_k) == 0 or k // cfg.num_splits <= int(split_k)
+            monkeypatch.delenv("DFLASH_Q8_PREFILL_SPLIT_K")
 
 
 def test_q8_mgpu_picks_and_rejects():

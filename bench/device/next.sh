@@ -92,6 +92,20 @@ case "${1:?which call}" in
       --prefill 256 --out $OUT/gdn.jsonl 2>&1 | tee $OUT/gdn.log | tail -40
     timeout 200 python3 bench/prefill_step.py --target qwen35-27b --weights q8_0 --prompt 512 --chunks 256,512 \
       --modes off,on --iters 3 --out $OUT/prefill27b.jsonl 2>&1 | tee $OUT/prefill27b.log | tail -6 ;;
+  q8prefill)  # issue 7's 2-slot gap (138.3 vs llama.cpp's 144 tok/s; ~0.42 of its 3.70 s is two 2 x 512-token
+  # prefills): prefill's Q8_0 products in the decode steps' K splits ($DFLASH_Q8_PREFILL_SPLIT_K) against the old rule
+    for sk in 0 2560; do for sl in 1 2; do
+      DFLASH_Q8_PREFILL_SPLIT_K=$sk timeout 140 python3 bench/prefill_step.py --target qwen35-27b --weights q8_0 \
+        --prompt 512 --chunks 256 --slots $sl --modes on --iters 3 --out $OUT/prefill27b_sk${sk}_s$sl.jsonl 2>&1 \
+        | tee $OUT/prefill27b_sk${sk}_s$sl.log | tail -2 | sed "s/^/prefill split_k $sk slots $sl /"
+    done; done ;;
+  q8psweep)  # the 8- and 16-slot engines' pre-scaled products at M = 1 and 8 (one client: 67.2 tok/s against the
+  # smaller engines' 75.6 with exact products): BN 64 vs 128 x K splits, the pre-scaled variant only
+    shapes=$(for s in 5120:17408 17408:5120 5120:10240 6144:5120 5120:12288; do for m in 1 8; do
+      echo -n "$s:$m,"; done; done)
+    timeout 300 python3 bench/weight_matmul.py --models "" --sweep ${shapes%,} \
+      --configs-mgpu-q8 64x2p,64x4p,64x8p,128x2p,128x4p,128x8p --budget-s 280 --out $OUT/q8_psweep.jsonl 2>&1 \
+      | tee $OUT/q8_psweep.log | grep sweep ;;
   plain27b|dflash27b)  # issue 7's serving table, one mode per call (`next.sh dflash27b 4`: a 4-slot engine; default 8).
   # A 27B 8-slot DFlash warm-up took 319 s (20 buckets with --chunk-buckets 256), plain 186 s on a warm compilation
   # cache: on a warm machine run dflash27b first, then plain27b
