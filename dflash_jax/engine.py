@@ -114,7 +114,7 @@ def enable_compile_cache(directory: str | None) -> str:
 
 @dataclass
 class _Launch:
-    kind: str  # prefill | decode | spec
+    kind: str  # prefill | decode | spec | draft (a shadow probe's drafts)
     rows: list  # (slot, its request at launch, whether this row yields tokens) per live row, in batch order
     out: tuple  # device outputs, fetched at retirement
     t_launch: float
@@ -187,28 +187,32 @@ class Engine:
         # longest compiles are lowered first (spec, then prefill, then decode; larger first), so that they run beside
         # the other buckets' lowering instead of after it.
         slots = sorted(self.cfg.slot_buckets, reverse=True)
-        spec = [(b, None, full) for b in slots for full in (False, True)] if self.spec else []
-        shapes = [(b, t, True) for t in sorted(self.cfg.chunk_buckets, reverse=True) for b in slots]
-        shapes += [(b, 1, full) for b in slots for full in (False, True)]
-        buckets = [(t is None, self._spec_inputs([], b) if t is None else self._inputs([], b, t), full)
-                   for b, t, full in spec + shapes]
-        workers = self.cfg.compile_workers or min(8, os.cpu_count() or 1)
         sp = self.spec
+        buckets = [("spec", self._spec_inputs([], b), full) for b in slots for full in (False, True)] if sp else []
+        buckets += [("plain", self._inputs([], b, t), True) for t in sorted(self.cfg.chunk_buckets, reverse=True)
+                    for b in slots]
+        buckets += [("plain", self._inputs([], b, 1), full) for b in slots for full in (False, True)]
+        if sp and sp.policy == "adaptive":
+            buckets.append(("draft", self._spec_inputs([], 1), False))  # the shadow probe
+        workers = self.cfg.compile_workers or min(8, os.cpu_count() or 1)
         t0 = time.perf_counter()
         with concurrent.futures.ThreadPoolExecutor(workers) as pool:
             # Each bucket compiles while the next ones lower (27B, H200: 171 s of lowering, then 141 s of compiling)
-            jobs = {pool.submit(self.steps.lower(is_spec, self.cache, sp and sp.cache, self.rows, inputs, full)
+            jobs = {pool.submit(self.steps.lower(kind, self.cache, sp and sp.cache, self.rows, inputs, full)
                                 .compile): i
-                    for i, (is_spec, inputs, full) in enumerate(tqdm(buckets, desc="lowering step buckets",
+                    for i, (kind, inputs, full) in enumerate(tqdm(buckets, desc="lowering step buckets",
                                                                       disable=not progress, unit="bucket"))}
             t1 = time.perf_counter()
             for job in tqdm(concurrent.futures.as_completed(jobs), total=len(jobs), disable=not progress,
                             desc=f"compiling step buckets ({workers} threads)", unit="bucket"):
-                is_spec, inputs, full = buckets[jobs[job]]
-                self.steps.add_compiled(is_spec, inputs, full, job.result())
+                kind, inputs, full = buckets[jobs[job]]
+                self.steps.add_compiled(kind, inputs, full, job.result())
         t2 = time.perf_counter()
-        for is_spec, inputs, full in buckets:
-            (self._run_spec if is_spec else self._run)(inputs, full)
+        for kind, inputs, full in buckets:
+            if kind == "draft":
+                jax.device_get(self._dispatch_draft(inputs))
+            else:
+                (self._run_spec if kind == "spec" else self._run)(inputs, full)
         self.warmup_seconds = {"lower": round(t1 - t0, 1), "compile": round(t2 - t1, 1),
                                "first_run": round(time.perf_counter() - t2, 1)}
         if self.spec:
@@ -263,14 +267,20 @@ class Engine:
         if plan.prefill:
             launched.append(self._launch_prefill(plan.prefill))
         if plan.decode:
-            speculating = [sl for sl in plan.decode if self.spec and self.spec.eligible(sl)]
-            k = self.spec.num_to_speculate(len(speculating), self.num_steps) if speculating else 0
-            if k < len(speculating):  # a probe rotates over the slots, so every request's acceptance is sampled
-                start = self.num_steps % len(speculating)
-                speculating = (speculating[start:] + speculating[:start])[:k]
+            eligible = [sl for sl in plan.decode if self.spec and self.spec.eligible(sl)]
+            k = self.spec.num_to_speculate(len(eligible)) if eligible else 0
+            # probes rotate over the slots, so that every request's acceptance is sampled
+            start = self.num_steps % len(eligible) if eligible else 0
+            speculating = eligible if k == len(eligible) else (eligible[start:] + eligible[:start])[:k]
             plain = [sl for sl in plan.decode if sl not in speculating]
             if speculating:
                 launched.append(self._launch_spec(speculating))
+            elif eligible and self.spec.shadow_due(len(eligible), self.num_steps):
+                # the probe's drafts guess the tokens after the slot's newest one, which the launches in flight
+                # (plain: one token each) have yet to report; a slot with a block in flight is skipped
+                probe = next((sl for sl in eligible[start:] + eligible[:start] if sl.inflight <= 1), None)
+                if probe is not None:
+                    launched.append(self._launch_draft(probe))
             if plain:
                 launched.append(self._launch_decode(plain))
         overlap = self.overlap and not (self.spec and self.spec.injector)
@@ -307,6 +317,13 @@ class Engine:
         return self._launch("spec", slots, [True] * len(slots), self._spec_inputs(slots, b),
                             needs_full([sl.req.params for sl in slots]))
 
+    def _launch_draft(self, slot: Slot) -> _Launch:
+        self.spec.open_shadow(slot.id, slot.req, slot.req.num_generated + slot.inflight)
+        t0 = time.perf_counter()
+        out = self._dispatch_draft(self._spec_inputs([slot], 1))
+        self.host_seconds["launch"] += time.perf_counter() - t0
+        return _Launch("draft", [(slot, slot.req, False)], out, t0)
+
     def _launch(self, kind: str, slots: list[Slot], emits: list[bool], inputs, full: bool) -> _Launch:
         t0 = time.perf_counter()
         out = self._dispatch_spec(inputs, full) if kind == "spec" else self._dispatch(inputs, full)
@@ -326,6 +343,8 @@ class Engine:
         n = len(launch.rows)
         if launch.kind == "spec":
             self.spec.record_step(n, seconds, host[1][:n])
+        elif launch.kind == "draft":
+            self.spec.shadow_drafts(launch.rows[0][1], host, seconds)
         elif launch.kind == "decode" and self.spec:
             self.spec.record_plain(n, seconds)
         done = time.monotonic()
@@ -352,6 +371,7 @@ class Engine:
         req.draft_n_accepted += n
         slot.num_cached += n + 1  # the last token and the accepted drafts are now in the cache
         for k in range(n + 1):
+            self.spec.observe(req, req.num_generated, int(tokens[i, k]))
             self.scheduler.on_token(slot, int(tokens[i, k]), float(logprobs[i, k]),
                                     list(zip(top_ids[i, k].tolist(), top_lps[i, k].tolist())))
             if slot.req is None:  # stop / EOS / max_tokens inside the accepted run: cut exactly there
@@ -360,6 +380,8 @@ class Engine:
     def _commit(self, slot: Slot, host, i: int) -> None:
         tokens, logprobs, top_ids, top_lps = host
         top = list(zip(top_ids[i].tolist(), top_lps[i].tolist()))
+        if self.spec:
+            self.spec.observe(slot.req, slot.req.num_generated, int(tokens[i]))
         self.scheduler.on_token(slot, int(tokens[i]), float(logprobs[i]), top)
 
     def _inputs(self, rows: list, b: int, t: int, chained: bool = False) -> StepInputs:
@@ -406,6 +428,10 @@ class Engine:
         if sp:
             sp.cache = dcache
         return out.tokens, out.logprobs, out.top_ids, out.top_logprobs
+
+    def _dispatch_draft(self, inputs: SpecInputs):
+        sp = self.spec
+        return self.steps.draft_step(self.cache, sp.cache, self.rows, inputs)
 
     def _dispatch_spec(self, inputs: SpecInputs, full: bool):
         sp = self.spec

@@ -2,11 +2,14 @@
 policy that decides, per slot-count bucket, whether a speculative step beats a plain one.
 
 Policy: a plain step yields 1 token per slot; a spec step yields tau = mean(accepted + 1). Speculate when
-tau * cost(plain, b) > cost(spec, b), with step costs measured at warm-up and refined by running averages, and tau a
-running average of recent spec steps (shrunk towards 1 while few are measured). While not speculating, every
-PROBE_EVERY-th decode step speculates anyway so tau keeps tracking the traffic, more rarely (up to PROBE_MAX_EVERY)
-the more a probe loses, so that probing costs at most PROBE_OVERHEAD of plain throughput; a probe speculates one slot
-only. Slots with presence/frequency penalties decode plainly (their penalty counts change inside a block).
+tau_low * cost(plain, b) > cost(spec, b), with step costs measured at warm-up and refined by running averages, tau a
+running average of measured blocks (shrunk towards 1 while few are measured) and tau_low that less one standard
+error. The first block is a real spec step of one slot (tau is still an optimistic prior). While not speculating,
+every PROBE_EVERY-th decode step probes tau with a shadow draft: one slot's drafts from a draft-only step (no
+verify), compared with the tokens plain decoding then gives that slot, which is the accepted length a spec step
+would have had (acceptance compares drafts with the target's own choices). A probe costs a draft step, not a verify;
+it is spread over more steps (up to PROBE_MAX_EVERY) if it would still cost more than PROBE_OVERHEAD of plain
+throughput. Slots with presence/frequency penalties decode plainly (their penalty counts change inside a block).
 """
 from __future__ import annotations
 
@@ -26,6 +29,22 @@ PROBE_MAX_EVERY = 16 * PROBE_EVERY
 PROBE_OVERHEAD = 0.02  # probes may cost at most this fraction of plain decoding's throughput
 EMA = 0.1
 TAU_PSEUDO_STEPS = 2
+
+
+def _refine(costs: dict, bucket: int, seconds: float) -> None:
+    """Running average of a bucket's step cost. A sample counts at most twice the average: one stalled step (a
+    garbage collection, a descheduled thread) must not make plain decoding look dear enough to speculate at tau 1."""
+    old = costs.get(bucket)
+    costs[bucket] = seconds if old is None else (1 - EMA) * old + EMA * min(seconds, 2 * old)
+
+
+@dataclass
+class Shadow:
+    """A probe in flight: the drafts for the tokens of `req` from index `base` on, checked as they are decoded."""
+    slot_id: int
+    req: object  # dflash_jax.requests.Request
+    base: int  # index (in the request's generated tokens) of the token the first draft guesses
+    drafts: np.ndarray | None = None  # set when the draft step is retired
 
 
 @dataclass
@@ -52,6 +71,11 @@ class SpecState:
         self.cost_spec: dict[int, float] = {}
         self.tau = (1 + self.block) / 2  # optimistic prior: replaced by the first spec step's measurement
         self.num_spec_steps = 0
+        self.num_tau_samples = 0  # spec steps and resolved shadow probes
+        self.tau_var = 0.0  # the running variance of the blocks' (accepted + 1)
+        self.shadow: Shadow | None = None
+        self.num_shadow_probes = 0
+        self.cost_draft: float | None = None  # a 1-slot draft-only step
         self.injector: Callable | None = None  # tests: slot -> forced drafts (list of block-1 ids) or None
         # Counters (vLLM's spec_decode_* names in /metrics).
         self.num_drafts = 0
@@ -70,63 +94,101 @@ class SpecState:
     def _pays(self, num_slots: int) -> bool:
         """A spec step yields more per second than a plain one (assumed while the bucket's costs are unmeasured)."""
         plain, spec = self._costs(num_slots)
-        return plain is None or spec is None or self.tau * plain > spec
+        return plain is None or spec is None or self.tau_low() * plain > spec
 
-    def worth_it(self, num_slots: int, step: int) -> bool:
-        if self.policy == "always" or self._pays(num_slots):
-            return True
-        return step % self.probe_every(num_slots) == 0
+    def tau_low(self) -> float:
+        """tau less one standard error of its running mean: a spec step taken where it does not pay costs several
+        plain steps, so noise in tau must not switch speculation on (SmolLM2 on 2 CPU cores, 8 slots: a mean of 3.67
+        from 10 blocks crossed the break-even of 3.65; that spec step's 8 blocks averaged 2.25). While tau is the
+        prior, the prior."""
+        if self.num_tau_samples == 0:
+            return self.tau
+        n = min(self.num_tau_samples + TAU_PSEUDO_STEPS, (2 - EMA) / EMA)  # an EMA's effective sample count
+        return self.tau - np.sqrt(self.tau_var / n)
 
     def probe_every(self, num_slots: int) -> int:
-        """Decode steps between probes: PROBE_EVERY doubled until a probe's loss, spread over the interval, is at
-        most PROBE_OVERHEAD of plain decoding. A probe speculates one slot (a bucket-1 spec step, launched beside the
-        others' plain step) and yields tau - 1 extra tokens: in units of the bucket's plain step it loses
-        spec(1) / plain(n) - (tau - 1) / n, or spec(1) / plain(1) - tau at one slot."""
+        """Decode steps between shadow probes: PROBE_EVERY doubled until a probe's cost (a 1-slot draft step launched
+        beside the bucket's plain step), spread over the interval, is at most PROBE_OVERHEAD of plain decoding."""
         plain_n, _ = self._costs(num_slots)
-        plain_1, spec_1 = self._costs(1)
-        if plain_n is None or spec_1 is None:
+        if plain_n is None or self.cost_draft is None:
             return PROBE_EVERY
-        if num_slots == 1:
-            loss = spec_1 / plain_1 - self.tau
-        else:
-            loss = spec_1 / plain_n - (self.tau - 1) / num_slots
+        loss = self.cost_draft / plain_n
         every = PROBE_EVERY
         while every < PROBE_MAX_EVERY and loss / every > PROBE_OVERHEAD:
             every *= 2
         return every
 
-    def num_to_speculate(self, num_slots: int, step: int) -> int:
-        """How many of `num_slots` eligible slots speculate this step: all where DFlash pays; one slot for a probe,
-        which keeps tau current at the price of a 1-slot spec step rather than a full-bucket one."""
+    def num_to_speculate(self, num_slots: int) -> int:
+        """How many of `num_slots` eligible slots speculate this step: all where DFlash pays, none where it does
+        not (`shadow_due` then probes); one while tau is still the prior (a real block, to learn it)."""
         if self.policy == "always":
             return num_slots
-        if not self.worth_it(num_slots, step):
+        if not self._pays(num_slots):
             return 0
-        # Before any spec step tau is still the prior: learn it from one slot first.
-        return num_slots if self.num_spec_steps > 0 and self._pays(num_slots) else 1
+        return num_slots if self.num_tau_samples > 0 else 1
+
+    def shadow_due(self, num_slots: int, step: int) -> bool:
+        """Whether this plain step of `num_slots` eligible slots should carry a shadow probe."""
+        sh = self.shadow
+        if sh is not None and sh.req.finish_time is None:
+            return False  # one probe at a time; a finished request's open probe is dropped
+        self.shadow = None
+        return self.policy == "adaptive" and step % self.probe_every(num_slots) == 0
+
+    def open_shadow(self, slot_id: int, req, base: int) -> None:
+        self.shadow = Shadow(slot_id, req, base)
+
+    def shadow_drafts(self, req, drafts: np.ndarray, seconds: float) -> None:
+        """A draft step was retired: its drafts (for `req`) and its cost."""
+        if self.shadow is not None and self.shadow.req is req:
+            self.shadow.drafts = np.asarray(drafts).reshape(-1)
+        self.cost_draft = seconds if self.cost_draft is None else (1 - EMA) * self.cost_draft + EMA * seconds
+
+    def observe(self, req, index: int, token: int) -> None:
+        """The token at `index` of `req`'s output was decoded (plainly or in a block): resolve the open shadow probe
+        on that request at its first wrong draft, or once every draft was right."""
+        sh = self.shadow
+        if sh is None or sh.req is not req or sh.drafts is None or index < sh.base:
+            return
+        j = index - sh.base
+        if j >= len(sh.drafts) or token != sh.drafts[j]:
+            self._resolve(min(j, len(sh.drafts)))
+        elif j == len(sh.drafts) - 1:
+            self._resolve(len(sh.drafts))
+
+    def _resolve(self, accepted: int) -> None:
+        self.shadow = None
+        self.num_shadow_probes += 1
+        self._record_tau(np.array([accepted]))
 
     def record_step(self, num_slots: int, seconds: float, accepted: np.ndarray) -> None:
         b = bucket_for(num_slots, self.slot_buckets)
-        self.cost_spec[b] = seconds if b not in self.cost_spec else (1 - EMA) * self.cost_spec[b] + EMA * seconds
+        _refine(self.cost_spec, b, seconds)
         self.num_spec_steps += 1
-        # The optimistic prior is gone after one measurement; from then on a running mean that starts with
-        # TAU_PSEUDO_STEPS pseudo-steps of tau = 1 (one step's tau ranges over 1..block, and a lucky first block of
-        # 7 made a CPU engine speculate for 19 steps at a loss), turning into an EMA after 1/EMA steps.
-        x = float(np.mean(accepted + 1))
-        if self.num_spec_steps == 1:
-            self.tau = (x + TAU_PSEUDO_STEPS) / (1 + TAU_PSEUDO_STEPS)
-        else:
-            alpha = max(EMA, 1.0 / (self.num_spec_steps + TAU_PSEUDO_STEPS))
-            self.tau = (1 - alpha) * self.tau + alpha * x
+        self._record_tau(accepted)
         self.num_drafts += len(accepted)
         self.num_draft_tokens += len(accepted) * (self.block - 1)
         self.num_accepted += int(np.sum(accepted))
         for a in accepted:
             self.accepted_per_pos[:int(a)] += 1
 
+    def _record_tau(self, accepted: np.ndarray) -> None:
+        """The optimistic prior is gone after one measurement; from then on a running mean that starts with
+        TAU_PSEUDO_STEPS pseudo-steps of tau = 1 (one step's tau ranges over 1..block, and a lucky first block of 7
+        made a CPU engine speculate for 19 steps at a loss), turning into an EMA after 1/EMA measurements."""
+        self.num_tau_samples += 1
+        x = float(np.mean(accepted + 1))
+        if self.num_tau_samples == 1:
+            self.tau = (x + TAU_PSEUDO_STEPS) / (1 + TAU_PSEUDO_STEPS)
+            self.tau_var = ((x - self.tau) ** 2 + TAU_PSEUDO_STEPS * (1 - self.tau) ** 2) / (1 + TAU_PSEUDO_STEPS)
+        else:
+            alpha = max(EMA, 1.0 / (self.num_tau_samples + TAU_PSEUDO_STEPS))
+            d = x - self.tau
+            self.tau += alpha * d
+            self.tau_var = (1 - alpha) * (self.tau_var + alpha * d * d)  # the exponentially weighted variance
+
     def record_plain(self, num_slots: int, seconds: float) -> None:
-        b = bucket_for(num_slots, self.slot_buckets)
-        self.cost_plain[b] = seconds if b not in self.cost_plain else (1 - EMA) * self.cost_plain[b] + EMA * seconds
+        _refine(self.cost_plain, bucket_for(num_slots, self.slot_buckets), seconds)
 
     def measure_costs(self, engine, repeats: int = 3) -> None:
         """Time a compiled plain and spec step of every bucket (padding rows only: same shapes, same work), the way
@@ -135,21 +197,27 @@ class SpecState:
         hides dispatch and the device->host read; timing synchronous steps instead charged both to the plain step
         the policy compares against, and an H200 at 8 slots kept speculating at tau 1.25, 4 % below plain)."""
         burst = repeats if engine.overlap else 1
+
+        def best(dispatch, inputs) -> float:
+            t = float("inf")
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                jax.device_get([dispatch(inputs, False) for _ in range(burst)])
+                t = min(t, (time.perf_counter() - t0) / burst)
+            return t
+
         for b in self.slot_buckets:
-            for kind in ("plain", "spec"):
-                inputs = engine._inputs([], b, 1) if kind == "plain" else engine._spec_inputs([], b)
-                dispatch = engine._dispatch if kind == "plain" else engine._dispatch_spec
-                best = float("inf")
-                for _ in range(repeats):
-                    t0 = time.perf_counter()
-                    outs = [dispatch(inputs, False) for _ in range(burst)]
-                    jax.device_get(outs)
-                    best = min(best, (time.perf_counter() - t0) / burst)
-                (self.cost_plain if kind == "plain" else self.cost_spec)[b] = best
+            self.cost_plain[b] = best(engine._dispatch, engine._inputs([], b, 1))
+            self.cost_spec[b] = best(engine._dispatch_spec, engine._spec_inputs([], b))
+        if self.policy == "adaptive":
+            self.cost_draft = best(lambda inputs, _: engine._dispatch_draft(inputs), engine._spec_inputs([], 1))
 
     def stats(self) -> dict:
-        return {"block": self.block, "tau": round(self.tau, 3), "policy": self.policy,
+        return {"block": self.block, "tau": round(self.tau, 3), "tau_low": round(float(self.tau_low()), 3),
+                "policy": self.policy,
                 "num_drafts": self.num_drafts, "num_draft_tokens": self.num_draft_tokens,
                 "num_accepted_tokens": self.num_accepted, "accepted_per_pos": self.accepted_per_pos.tolist(),
+                "num_shadow_probes": self.num_shadow_probes,
+                "cost_draft_ms": None if self.cost_draft is None else round(self.cost_draft * 1e3, 2),
                 "cost_plain_ms": {b: round(c * 1e3, 2) for b, c in self.cost_plain.items()},
                 "cost_spec_ms": {b: round(c * 1e3, 2) for b, c in self.cost_spec.items()}}

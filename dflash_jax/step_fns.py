@@ -1,5 +1,6 @@
-"""The jitted device steps: a plain step (prefill chunk or one decode token per slot) and the fused DFlash step
-(draft a block, verify it with the target, accept, commit) for every speculating slot at once.
+"""The jitted device steps: a plain step (prefill chunk or one decode token per slot), the fused DFlash step
+(draft a block, verify it with the target, accept, commit) for every speculating slot at once, and a draft-only
+step (the adaptive policy's probe of the acceptance length while it decodes plainly).
 
 Every step leaves each slot's newest token and cache length on the device (`SlotRows`), and a decoding row can
 take them from there (`chained`) instead of from the host: the engine launches step k+1 before it has read step k's
@@ -69,6 +70,7 @@ class SpecOutput:
     logprobs: jax.Array  # (B, T) f32
     top_ids: jax.Array  # (B, T, MAX_TOP_LOGPROBS) i32
     top_logprobs: jax.Array  # (B, T, MAX_TOP_LOGPROBS) f32
+    drafts: jax.Array  # (B, T-1) i32: the drafts verified (not fetched by the engine)
 
 
 def _chain(rows: SlotRows, slot_ids: jax.Array, chained: jax.Array | None, first: jax.Array,
@@ -106,6 +108,25 @@ def _model_step(graphdef: nnx.GraphDef, drafter_graphdef, taps: tuple[int, ...],
     return cache, dcache, rows, out
 
 
+def _draft(model, drafter, mask_token_id: int, ctx_window: int | None, last_tokens: jax.Array, cached: jax.Array,
+           page_table: jax.Array, dcache: KVCache, t: int) -> jax.Array:
+    """(B, T-1) drafts: [last token, MASK ...] through the drafter, the target's LM head, argmax (even when
+    sampling: independently sampled block positions ruin acceptance)."""
+    b = last_tokens.shape[0]
+    block = jnp.concatenate([last_tokens[:, None], jnp.full((b, t - 1), mask_token_id, jnp.int32)], axis=1)
+    h = drafter(jnp.take(model.embed_tokens[...], block, axis=0), cached, page_table, dcache, ctx_window)
+    return jnp.argmax(model.logits(h[:, 1:]), axis=-1).astype(jnp.int32)
+
+
+def _draft_step(graphdef: nnx.GraphDef, drafter_graphdef, mask_token_id: int, ctx_window: int | None,
+                state: nnx.State, drafter_state, dcache: KVCache, rows: SlotRows, inputs: SpecInputs) -> jax.Array:
+    """The drafts a spec step would verify for these rows, and nothing else: the adaptive policy's shadow probe
+    compares them with the tokens plain decoding then produces (`spec_state.Shadow`). Reads, writes nothing."""
+    last, meta = _chain(rows, inputs.meta.slot_ids, inputs.chained, inputs.last_tokens, inputs.meta)
+    return _draft(nnx.merge(graphdef, state), nnx.merge(drafter_graphdef, drafter_state), mask_token_id, ctx_window,
+                  last, meta.kv_lens - meta.q_lens, meta.page_table, dcache, inputs.injected.shape[1] + 1)
+
+
 def _spec_step(graphdef: nnx.GraphDef, drafter_graphdef, taps: tuple[int, ...], mask_token_id: int,
               ctx_window: int | None, state: nnx.State, drafter_state, cache: KVCache, dcache: KVCache,
               rows: SlotRows, inputs: SpecInputs, full: bool = True) -> tuple[KVCache, KVCache, SlotRows, SpecOutput]:
@@ -116,12 +137,8 @@ def _spec_step(graphdef: nnx.GraphDef, drafter_graphdef, taps: tuple[int, ...], 
     b, t = inputs.injected.shape[0], inputs.injected.shape[1] + 1
     cached = inputs.meta.kv_lens - inputs.meta.q_lens  # (B,) committed length; the block starts there
 
-    # Draft: [last token, MASK ...] through the drafter, the target's LM head, argmax (even when sampling:
-    # independently sampled block positions ruin acceptance).
-    block = jnp.concatenate([inputs.last_tokens[:, None], jnp.full((b, t - 1), mask_token_id, jnp.int32)], axis=1)
-    h = drafter(jnp.take(model.embed_tokens[...], block, axis=0), cached, inputs.meta.page_table, dcache,
-                ctx_window)
-    drafts = jnp.argmax(model.logits(h[:, 1:]), axis=-1).astype(jnp.int32)  # (B, T-1)
+    drafts = _draft(model, drafter, mask_token_id, ctx_window, inputs.last_tokens, cached, inputs.meta.page_table,
+                    dcache, t)
     drafts = jnp.where(inputs.use_injected[:, None], inputs.injected, drafts)
 
     # Verify: the target over [last, d_1 .. d_{T-1}] at positions cached .. cached + T - 1, causal. A hybrid target
@@ -152,7 +169,7 @@ def _spec_step(graphdef: nnx.GraphDef, drafter_graphdef, taps: tuple[int, ...], 
                                cached=rows.cached.at[sid].set(jnp.where(live, cached + accepted + 1, cached)))
     k = out.top_ids.shape[-1]
     return cache, dcache, rows, SpecOutput(choice, accepted, out.logprobs.reshape(b, t), out.top_ids.reshape(b, t, k),
-                                     out.top_logprobs.reshape(b, t, k))
+                                           out.top_logprobs.reshape(b, t, k), drafts)
 
 
 model_step = jax.jit(_model_step, static_argnums=(0, 1, 2), static_argnames=("full",), donate_argnums=(5, 6, 7))
@@ -185,38 +202,51 @@ class CompiledSteps:
                 return _spec_step(graphdef, drafter_graphdef, taps, mask_token_id, ctx_window, st, dst, cache,
                                   dcache, rows, inputs, full)
 
-        self._plain = jax.jit(plain, static_argnums=(6,), donate_argnums=(2, 3, 4))
-        self._compiled: dict = {}  # (spec, full, shape, input tree) -> ahead-of-time compiled step
-        self._spec = jax.jit(spec, static_argnums=(6,), donate_argnums=(2, 3, 4))
+        def draft(leaves, d_leaves, cache, dcache, rows, inputs, full):
+            del cache, full  # same arguments as the others, so that one bucket table serves all three
+            st, dst = unflatten(leaves, d_leaves)
+            with batch_invariant(invariant), q8_prescale_ctx(q8_prescale):
+                return _draft_step(graphdef, drafter_graphdef, mask_token_id, ctx_window, st, dst, dcache, rows,
+                                   inputs)
 
-    def _key(self, spec: bool, inputs, full: bool):
-        first = inputs.injected if spec else inputs.tokens
-        return spec, full, first.shape, jax.tree_util.tree_structure(inputs)
+        self._plain = jax.jit(plain, static_argnums=(6,), donate_argnums=(2, 3, 4))
+        self._compiled: dict = {}  # (kind, full, shape, input tree) -> ahead-of-time compiled step
+        self._spec = jax.jit(spec, static_argnums=(6,), donate_argnums=(2, 3, 4))
+        self._draft = jax.jit(draft, static_argnums=(6,))  # reads the caches only: nothing donated
+        self._jitted = {"plain": self._plain, "spec": self._spec, "draft": self._draft}
+
+    def _key(self, kind: str, inputs, full: bool):
+        first = inputs.tokens if kind == "plain" else inputs.injected
+        return kind, full, first.shape, jax.tree_util.tree_structure(inputs)
 
     def model_step(self, cache, dcache, rows: SlotRows, inputs: StepInputs, full: bool = True):
         """full=False: a greedy batch with no top logprobs (sampling.needs_full), a separately compiled variant."""
-        return self._call(False, self._plain, cache, dcache, rows, inputs, full)
+        return self._call("plain", cache, dcache, rows, inputs, full)
 
     def spec_step(self, cache, dcache, rows: SlotRows, inputs: SpecInputs, full: bool = True):
-        return self._call(True, self._spec, cache, dcache, rows, inputs, full)
+        return self._call("spec", cache, dcache, rows, inputs, full)
 
-    def _call(self, spec: bool, jitted, cache, dcache, rows, inputs, full):
+    def draft_step(self, cache, dcache, rows: SlotRows, inputs: SpecInputs):
+        """(B, T-1) drafts for these rows; the caches and rows stay valid (nothing is donated)."""
+        return self._call("draft", cache, dcache, rows, inputs, False)
+
+    def _call(self, kind: str, cache, dcache, rows, inputs, full):
         """The ahead-of-time executable of this bucket; `jit` (which compiles, and which the zero-recompile tests
         count) for anything warm-up did not see, including arguments whose types differ from the bucket's: the
         executable rejects those before running, with the donated buffers intact."""
-        fn = self._compiled.get(self._key(spec, inputs, full))
+        fn = self._compiled.get(self._key(kind, inputs, full))
         if fn is not None:
             try:
                 return fn(self.leaves, self.drafter_leaves, cache, dcache, rows, inputs)
             except TypeError:
                 pass
-        return jitted(self.leaves, self.drafter_leaves, cache, dcache, rows, inputs, full)
+        return self._jitted[kind](self.leaves, self.drafter_leaves, cache, dcache, rows, inputs, full)
 
-    def lower(self, spec: bool, cache, dcache, rows: SlotRows, inputs, full: bool = True):
-        """The step for these arguments traced and lowered, not compiled (nothing runs, nothing is donated)."""
-        fn = self._spec if spec else self._plain
-        return fn.lower(self.leaves, self.drafter_leaves, cache, dcache, rows, inputs, full)
+    def lower(self, kind: str, cache, dcache, rows: SlotRows, inputs, full: bool = True):
+        """The step (plain, spec or draft) for these arguments traced and lowered, not compiled (nothing runs,
+        nothing is donated)."""
+        return self._jitted[kind].lower(self.leaves, self.drafter_leaves, cache, dcache, rows, inputs, full)
 
-    def add_compiled(self, spec: bool, inputs, full: bool, compiled) -> None:
+    def add_compiled(self, kind: str, inputs, full: bool, compiled) -> None:
         """Serve calls with this bucket's shapes from an ahead-of-time compiled step (`lower(...).compile()`)."""
-        self._compiled[self._key(spec, inputs, full)] = compiled
+        self._compiled[self._key(kind, inputs, full)] = compiled

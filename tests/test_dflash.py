@@ -251,54 +251,92 @@ def test_shipped_drafter_is_lossless_on_smollm2(smollm2_path):
     assert [t for t, _, _ in outs["dflash"]] == [t for t, _, _ in outs["plain"]]
 
 
-def test_adaptive_policy_decides_from_costs_and_tau():
-    """Speculate while tau x plain > spec; otherwise only probe, more rarely the more a probe loses, so that probing
-    costs at most PROBE_OVERHEAD of plain throughput."""
-    from dflash_jax.spec_state import PROBE_EVERY, PROBE_MAX_EVERY, PROBE_OVERHEAD, SpecState
+def _policy(**costs):
+    from dflash_jax.spec_state import SpecState
 
     sp = SpecState.__new__(SpecState)
-    sp.policy, sp.slot_buckets = "adaptive", (1, 2, 4, 8)
-    sp.cost_plain, sp.cost_spec = {}, {}
-    sp.tau = 1.0
-    assert sp.worth_it(3, 1)  # no costs measured yet for the bucket
+    sp.policy, sp.slot_buckets, sp.block = "adaptive", (1, 2, 4, 8), 16
+    sp.cost_plain, sp.cost_spec, sp.cost_draft = costs.get("plain", {}), costs.get("spec", {}), costs.get("draft")
+    sp.tau, sp.tau_var, sp.num_spec_steps, sp.num_tau_samples, sp.shadow, sp.num_shadow_probes = 1.0, 0.0, 0, 0, None, 0
+    sp.num_drafts = sp.num_draft_tokens = sp.num_accepted = 0
+    sp.accepted_per_pos = np.zeros(15, np.int64)
+    return sp
+
+
+def test_adaptive_policy_decides_from_costs_and_tau():
+    """Speculate while tau x plain > spec; otherwise decode plainly and probe tau with shadow drafts, more rarely the
+    more a probe's draft step costs, so that probing costs at most PROBE_OVERHEAD of plain throughput."""
+    from dflash_jax.spec_state import PROBE_EVERY, PROBE_MAX_EVERY, PROBE_OVERHEAD
+
+    sp = _policy()
+    sp.num_tau_samples = 3
+    assert sp.num_to_speculate(3) == 3  # no costs measured yet for the bucket
     sp.cost_plain[4], sp.cost_spec[4] = 0.010, 0.018
     sp.tau = 2.0
-    assert all(sp.worth_it(3, s) for s in range(1, 40))  # 2 x 10 ms > 18 ms: always
-    sp.tau = 1.5  # 15 ms < 18 ms; bucket 1 unmeasured: probe every PROBE_EVERY steps
-    assert [s for s in range(1, 4 * PROBE_EVERY + 1) if sp.worth_it(4, s)] == [PROBE_EVERY * k for k in (1, 2, 3, 4)]
-    # a probe is a 1-slot spec step beside the others' plain step: it loses spec(1)/plain(4) - (tau - 1)/4 plain steps
-    sp.cost_plain[1], sp.cost_spec[1] = 0.005, 0.003
-    assert sp.probe_every(4) == PROBE_EVERY  # loses 0.3 - 0.125: spread over 16 steps, 1.1 % < 2 %
-    sp.cost_spec[1] = 0.020  # CPU-like: a block costs 4 one-slot plain steps; loses 2 - 0.125 plain(4) steps
+    assert sp.num_to_speculate(3) == 3  # 2 x 10 ms > 18 ms
+    sp.tau = 1.5  # 15 ms < 18 ms: plain, with a shadow probe every PROBE_EVERY steps (draft step unmeasured)
+    assert sp.num_to_speculate(3) == 0
+    assert [s for s in range(1, 4 * PROBE_EVERY + 1) if sp.shadow_due(4, s)] == [PROBE_EVERY * k for k in (1, 2, 3, 4)]
+    sp.cost_draft = 0.002  # a draft step at a fifth of a plain step: 0.2 / 16 = 1.25 % < 2 %
+    assert sp.probe_every(4) == PROBE_EVERY
+    sp.cost_draft = 0.020  # costly drafter: 2 plain steps a probe
     every = sp.probe_every(4)
-    assert every == 128 and (2 - 0.125) / every <= PROBE_OVERHEAD < (2 - 0.125) / (every // 2)
-    assert [s for s in range(1, 2 * every + 1) if sp.worth_it(4, s)] == [every, 2 * every]
-    sp.tau = 1.0  # one slot: a probe loses spec(1)/plain(1) - tau = 3 plain steps -> every 256
-    assert sp.probe_every(1) == 256 == PROBE_MAX_EVERY
-    sp.cost_spec[1] = 1.0  # hopeless: still probe, at the longest interval
+    assert every == 128 and 2 / every <= PROBE_OVERHEAD < 2 / (every // 2)
+    sp.cost_draft = 1.0  # hopeless: still probe, at the longest interval
     assert sp.probe_every(4) == PROBE_MAX_EVERY
     sp.policy = "always"
-    assert sp.worth_it(4, 1)
+    assert sp.num_to_speculate(4) == 4 and not sp.shadow_due(4, PROBE_MAX_EVERY)
+
+
+def test_shadow_probe_measures_the_accepted_length():
+    """A shadow probe's drafts are checked against the tokens decoded after them: the accepted length is the count
+    of leading matches, as a spec step would have found; other requests' tokens, tokens before the drafts' first
+    position, and a request that ends first do not count; one probe is open at a time."""
+    from types import SimpleNamespace
+
+    sp = _policy()
+    req, other = SimpleNamespace(finish_time=None), SimpleNamespace(finish_time=None)
+    sp.open_shadow(0, req, base=5)
+    assert not sp.shadow_due(1, 16)  # still open
+    sp.shadow_drafts(req, np.array([[7, 8, 9]]), 0.001)
+    for index, token in [(4, 1), (5, 7), (5, 0)]:  # index 4 is before the drafts; the repeat of 5 is the other request
+        sp.observe(other if token == 0 else req, index, token)
+    sp.observe(req, 6, 8)
+    assert sp.num_tau_samples == 0  # 7, 8 right so far
+    sp.observe(req, 7, 3)  # third draft wrong: accepted 2, tau sample 3, shrunk towards 1 (first sample)
+    assert sp.shadow is None and sp.num_shadow_probes == 1 and sp.tau == (3 + 2) / 3
+    sp.open_shadow(1, req, base=0)
+    sp.shadow_drafts(req, np.array([[4, 4, 4]]), 0.001)
+    for i in range(3):
+        sp.observe(req, i, 4)  # every draft right: accepted 3
+    assert sp.shadow is None and sp.num_shadow_probes == 2 and sp.num_tau_samples == 2
+    sp.open_shadow(2, req, base=0)
+    req.finish_time = 1.0  # ended before the probe resolved: dropped, a new one may open
+    assert sp.shadow_due(1, 16) and sp.shadow is None and sp.num_shadow_probes == 2
+    assert sp.cost_draft == pytest.approx(0.001)
 
 
 def test_one_lucky_block_does_not_switch_speculation_on():
     """tau starts as an optimistic prior (so the first block is tried), then is a running mean shrunk towards 1: one
     block of 7 accepted tokens where a spec step costs 4.85 plain steps must not make every step speculate."""
-    import numpy as np
-
-    from dflash_jax.spec_state import SpecState
-
-    sp = SpecState.__new__(SpecState)
-    sp.policy, sp.slot_buckets, sp.block = "adaptive", (1, 2, 4, 8), 16
-    sp.cost_plain, sp.cost_spec = {1: 0.049}, {1: 0.2377}
-    sp.tau, sp.num_spec_steps, sp.num_drafts, sp.num_draft_tokens, sp.num_accepted = 8.5, 0, 0, 0, 0
-    sp.accepted_per_pos = np.zeros(15, np.int64)
+    sp = _policy(plain={1: 0.049}, spec={1: 0.2377})
+    sp.tau = 8.5
     assert sp._pays(1)  # the prior: try it
     sp.record_step(1, 0.2377, np.array([6]))
     assert not sp._pays(1) and sp.tau == (7 + 2) / 3
     for _ in range(30):  # a drafter that really does accept ~5 tokens a block wins it back
         sp.record_step(1, 0.2377, np.array([5]))
     assert sp._pays(1)
+
+
+def test_noisy_tau_does_not_switch_speculation_on():
+    """The same mean tau (3.5, break-even 3.2) with a wide spread of blocks (1 and 6 tokens) keeps plain decoding, with
+    a narrow one (3 and 4) speculates: the decision uses tau less one standard error."""
+    for blocks, pays in (([0, 5], False), ([2, 3], True)):
+        sp = _policy(plain={8: 0.1}, spec={8: 0.32})
+        for i in range(60):
+            sp.record_step(8, 0.32, np.array([blocks[i % 2]] * 8))
+        assert abs(sp.tau - 3.5) < 0.3 and sp._pays(8) == pays, (blocks, sp.tau, sp.tau_low())
 
 
 def test_adaptive_engine_stops_speculating_when_it_loses(target):
@@ -320,24 +358,37 @@ def test_adaptive_engine_stops_speculating_when_it_loses(target):
     costs = sp["cost_spec_ms"][2] / sp["cost_plain_ms"][2]
     if costs <= 1.2:
         pytest.skip(f"a spec step costs only {costs:.2f}x a plain step here; nothing to stop")
-    # ~150 decode steps: the first spec step replaces the optimistic prior with the measured tau (~1 for a random
-    # drafter), then only rare probes speculate
-    assert sp["tau"] < 1.5 and sp["num_drafts"] / 2 < 12, sp
+    # ~150 decode steps: the first spec step (one slot) replaces the optimistic prior with the measured tau (~1 for a
+    # random drafter); from then on only shadow probes (draft steps, no verify) keep measuring it
+    # (1-slot spec probes, before shadows: ~10 blocks)
+    assert sp["tau"] < 1.5 and sp["num_drafts"] <= 3 and sp["num_shadow_probes"] >= 3, sp
 
 
-def test_probes_speculate_one_slot():
-    """Where DFlash does not pay, and before tau is measured at all, only one slot speculates: learning tau must not
-    cost a full-bucket spec step."""
-    from dflash_jax.spec_state import PROBE_EVERY, SpecState
+def test_draft_step_gives_the_spec_steps_drafts(target):
+    """The shadow probe's draft-only step drafts exactly what a spec step from the same state verifies (a live slot
+    a few tokens into decoding, its last token and length read from the device rows)."""
+    dc = TINY_DRAFTER
+    eng = Engine(target, EngineConfig(num_slots=2, ctx_size=512, ctx_per_slot=256, page_size=8, prefill_chunk=16,
+                                      draft_max=BLOCK - 1, spec_policy="adaptive", overlap=False),
+                 LoadedDrafter(dc, random_drafter(dc, 5)))
+    eng.warmup(progress=False)
+    req = Request([5, 6, 7, 8, 9, 10], SamplingParams(max_tokens=60, ignore_eos=True))
+    eng.submit(req)
+    while req.num_generated < 4:
+        eng.step()
+    slot = next(sl for sl in eng.scheduler.slots if sl.req is req)
+    inputs = eng._spec_inputs([slot], 1)
+    drafts = np.asarray(eng._dispatch_draft(inputs))
+    eng.cache, eng.spec.cache, eng.rows, out = eng.steps.spec_step(eng.cache, eng.spec.cache, eng.rows, inputs, False)
+    assert drafts.shape == (1, BLOCK - 1) and (drafts == np.asarray(out.drafts)).all()
 
-    sp = SpecState.__new__(SpecState)
-    sp.policy, sp.slot_buckets = "adaptive", (1, 2, 4, 8)
-    sp.cost_plain, sp.cost_spec = {8: 0.010}, {8: 0.030}
-    sp.tau, sp.num_spec_steps = 4.5, 0
-    assert sp.num_to_speculate(8, 1) == 1  # optimistic prior, nothing measured yet
-    sp.num_spec_steps = 5
-    assert sp.num_to_speculate(8, 1) == 8  # 4.5 x 10 ms > 30 ms
+
+def test_first_block_speculates_one_slot():
+    """Before tau is measured at all, only one slot speculates: learning it must not cost a full-bucket spec step."""
+    sp = _policy(plain={8: 0.010}, spec={8: 0.030})
+    sp.tau = 4.5
+    assert sp.num_to_speculate(8) == 1  # optimistic prior, nothing measured yet
+    sp.num_tau_samples = 5
+    assert sp.num_to_speculate(8) == 8  # 4.5 x 10 ms > 30 ms
     sp.tau = 1.2
-    assert [sp.num_to_speculate(8, s) for s in (1, PROBE_EVERY)] == [0, 1]  # bucket 1 unmeasured: PROBE_EVERY
-    sp.policy = "always"
-    assert sp.num_to_speculate(8, 1) == 8
+    assert sp.num_to_speculate(8) == 0
