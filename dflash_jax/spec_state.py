@@ -24,8 +24,8 @@ from flax import nnx
 from dflash_jax.buckets import bucket_for
 from dflash_jax.kv_cache import KVCache
 
-PROBE_EVERY = 16
-PROBE_MAX_EVERY = 16 * PROBE_EVERY
+PROBE_EVERY = 4  # the shortest interval: a probe is a draft step (cheap beside a verify), and tau needs samples
+PROBE_MAX_EVERY = 256
 PROBE_OVERHEAD = 0.02  # probes may cost at most this fraction of plain decoding's throughput
 EMA = 0.1
 TAU_PSEUDO_STEPS = 2

@@ -277,8 +277,10 @@ def test_adaptive_policy_decides_from_costs_and_tau():
     sp.tau = 1.5  # 15 ms < 18 ms: plain, with a shadow probe every PROBE_EVERY steps (draft step unmeasured)
     assert sp.num_to_speculate(3) == 0
     assert [s for s in range(1, 4 * PROBE_EVERY + 1) if sp.shadow_due(4, s)] == [PROBE_EVERY * k for k in (1, 2, 3, 4)]
-    sp.cost_draft = 0.002  # a draft step at a fifth of a plain step: 0.2 / 16 = 1.25 % < 2 %
+    sp.cost_draft = 0.0001  # a draft step at a hundredth of a plain step: 0.25 % of a plain step's throughput
     assert sp.probe_every(4) == PROBE_EVERY
+    sp.cost_draft = 0.002  # at a fifth: 0.2 / 16 = 1.25 % < 2 % < 0.2 / 8
+    assert sp.probe_every(4) == 16
     sp.cost_draft = 0.020  # costly drafter: 2 plain steps a probe
     every = sp.probe_every(4)
     assert every == 128 and 2 / every <= PROBE_OVERHEAD < 2 / (every // 2)
