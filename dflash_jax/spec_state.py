@@ -28,6 +28,7 @@ PROBE_EVERY = 4  # the shortest interval: a probe is a draft step (cheap beside 
 PROBE_MAX_EVERY = 256
 PROBE_OVERHEAD = 0.02  # probes may cost at most this fraction of plain decoding's throughput
 EMA = 0.1
+TAU_EMA = 0.05  # tau's running average: ~40 blocks, a standard error of ~0.4 for single blocks of spread 2.5
 TAU_PSEUDO_STEPS = 2
 
 
@@ -69,6 +70,11 @@ class SpecState:
         self.slot_buckets = engine_cfg.slot_buckets
         self.cost_plain: dict[int, float] = {}
         self.cost_spec: dict[int, float] = {}
+        # A spec step's cost in plain steps of its bucket: measured at warm-up, refined by each served spec step
+        # against the plain steps served meanwhile. Serving costs more than the warm-up's bare steps (8 slots, 2 CPU
+        # cores: plain 95 -> 115 ms, spec 370 -> 448 ms); set against a served plain cost, the warm-up spec cost
+        # made DFlash look 1.2x cheaper than it was.
+        self.spec_ratio: dict[int, float] = {}
         self.tau = (1 + self.block) / 2  # optimistic prior: replaced by the first spec step's measurement
         self.num_spec_steps = 0
         self.num_tau_samples = 0  # spec steps and resolved shadow probes
@@ -93,8 +99,10 @@ class SpecState:
 
     def _pays(self, num_slots: int) -> bool:
         """A spec step yields more per second than a plain one (assumed while the bucket's costs are unmeasured)."""
+        b = bucket_for(num_slots, self.slot_buckets)
         plain, spec = self._costs(num_slots)
-        return plain is None or spec is None or self.tau_low() * plain > spec
+        ratio = self.spec_ratio.get(b, None if plain is None or spec is None else spec / plain)
+        return ratio is None or self.tau_low() > ratio
 
     def tau_low(self) -> float:
         """tau less one standard error of its running mean: a spec step taken where it does not pay costs several
@@ -103,7 +111,7 @@ class SpecState:
         prior, the prior."""
         if self.num_tau_samples == 0:
             return self.tau
-        n = min(self.num_tau_samples + TAU_PSEUDO_STEPS, (2 - EMA) / EMA)  # an EMA's effective sample count
+        n = min(self.num_tau_samples + TAU_PSEUDO_STEPS, (2 - TAU_EMA) / TAU_EMA)  # an EMA's effective samples
         return self.tau - np.sqrt(self.tau_var / n)
 
     def probe_every(self, num_slots: int) -> int:
@@ -164,6 +172,8 @@ class SpecState:
     def record_step(self, num_slots: int, seconds: float, accepted: np.ndarray) -> None:
         b = bucket_for(num_slots, self.slot_buckets)
         _refine(self.cost_spec, b, seconds)
+        if b in self.cost_plain:
+            _refine(self.spec_ratio, b, seconds / self.cost_plain[b])
         self.num_spec_steps += 1
         self._record_tau(accepted)
         self.num_drafts += len(accepted)
@@ -175,14 +185,14 @@ class SpecState:
     def _record_tau(self, accepted: np.ndarray) -> None:
         """The optimistic prior is gone after one measurement; from then on a running mean that starts with
         TAU_PSEUDO_STEPS pseudo-steps of tau = 1 (one step's tau ranges over 1..block, and a lucky first block of 7
-        made a CPU engine speculate for 19 steps at a loss), turning into an EMA after 1/EMA measurements."""
+        made a CPU engine speculate for 19 steps at a loss), turning into an EMA after 1/TAU_EMA measurements."""
         self.num_tau_samples += 1
         x = float(np.mean(accepted + 1))
         if self.num_tau_samples == 1:
             self.tau = (x + TAU_PSEUDO_STEPS) / (1 + TAU_PSEUDO_STEPS)
             self.tau_var = ((x - self.tau) ** 2 + TAU_PSEUDO_STEPS * (1 - self.tau) ** 2) / (1 + TAU_PSEUDO_STEPS)
         else:
-            alpha = max(EMA, 1.0 / (self.num_tau_samples + TAU_PSEUDO_STEPS))
+            alpha = max(TAU_EMA, 1.0 / (self.num_tau_samples + TAU_PSEUDO_STEPS))
             d = x - self.tau
             self.tau += alpha * d
             self.tau_var = (1 - alpha) * (self.tau_var + alpha * d * d)  # the exponentially weighted variance
@@ -209,6 +219,7 @@ class SpecState:
         for b in self.slot_buckets:
             self.cost_plain[b] = best(engine._dispatch, engine._inputs([], b, 1))
             self.cost_spec[b] = best(engine._dispatch_spec, engine._spec_inputs([], b))
+            self.spec_ratio[b] = self.cost_spec[b] / self.cost_plain[b]
         if self.policy == "adaptive":
             self.cost_draft = best(lambda inputs, _: engine._dispatch_draft(inputs), engine._spec_inputs([], 1))
 
@@ -220,4 +231,5 @@ class SpecState:
                 "num_shadow_probes": self.num_shadow_probes,
                 "cost_draft_ms": None if self.cost_draft is None else round(self.cost_draft * 1e3, 2),
                 "cost_plain_ms": {b: round(c * 1e3, 2) for b, c in self.cost_plain.items()},
-                "cost_spec_ms": {b: round(c * 1e3, 2) for b, c in self.cost_spec.items()}}
+                "cost_spec_ms": {b: round(c * 1e3, 2) for b, c in self.cost_spec.items()},
+                "spec_over_plain": {b: round(r, 2) for b, r in self.spec_ratio.items()}}
