@@ -6,7 +6,8 @@ One engine per mode with `--slots` slots (warmed up once, as the server does); e
 `2 x N` requests of random `--prompt` tokens, `--max-tokens` generated each (ignore_eos), at most N in flight: the
 traffic of N clients against `python -m serve --slots S`. A random drafter is (almost) never right, so DFlash runs
 here at tau ~ 1 with every step speculating (`spec_policy=always`): its tokens/s is the floor, and the break-even
-acceptance length at N is (plain tok/s) / (DFlash tok/s) x tau. Memory per slot: KV pages, recurrent state, drafter
+acceptance length at N is (plain tok/s) / (DFlash tok/s) x tau. `--modes adaptive` runs the default policy with
+that drafter instead: it should decode plainly and lose only its probes against `plain`. Memory per slot: KV pages, recurrent state, drafter
 context, penalty row, from the engine's own buffers.
 
     python bench/engine_random.py --target qwen35-27b --weights q8_0 --slots 16 --concurrency 1,2,4,8,16
@@ -121,7 +122,7 @@ def main(argv=None) -> None:
                     "--ubatch-buckets; default: the engine's factor-4 steps)")
     ap.add_argument("--block", type=int, default=16)
     ap.add_argument("--drafter-layers", type=int, default=5)
-    ap.add_argument("--modes", default="plain,dflash")
+    ap.add_argument("--modes", default="plain,dflash", help="plain, dflash (every step speculates), adaptive")
     ap.add_argument("--batch-invariant", default="auto", choices=("auto", "on", "off"))
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
@@ -139,14 +140,14 @@ def main(argv=None) -> None:
     rows = {c: {"concurrency": c} for c in levels}
     for mode in a.modes.split(","):
         drafter = None
-        if mode == "dflash":
+        if mode in ("dflash", "adaptive"):
             dgraphdef, dstate, _ = random_module(nnx.eval_shape(lambda: Drafter(dcfg, dtype)), seed=5)
             drafter = LoadedDrafter(dcfg, nnx.merge(dgraphdef, dstate), "random")
         before = device_bytes()
         engine = Engine(lm, EngineConfig(num_slots=a.slots, ctx_size=a.slots * per_slot, ctx_per_slot=per_slot,
                                          prefill_chunk=a.prefill_chunk, dtype=a.dtype, draft_max=a.block - 1,
                                          chunk_sizes=tuple(int(c) for c in a.chunk_buckets.split(",") if c) or None,
-                                         spec_policy="always" if drafter else "never",
+                                         spec_policy={"plain": "never", "dflash": "always"}.get(mode, mode),
                                          batch_invariant=invariant), drafter)
         after = device_bytes()
         t = time.perf_counter()
@@ -164,12 +165,15 @@ def main(argv=None) -> None:
             if drafter:
                 sp = engine.stats()["speculative"]
                 res["tau"] = sp["tau"]
+                res["blocks"], res["shadow_probes"] = sp["num_drafts"], sp["num_shadow_probes"]
             res["mib_per_slot"] = slot_mib
             res["warmup_s"] = warm
             res["warmup_split_s"] = engine.warmup_seconds
             rows[c][mode] = res
             log(f"{mode:6s} clients {c:3d}: {res['tokens']} tokens in {res['seconds']:.2f} s = {res['tok_s']:.1f} "
-                f"tok/s, TTFT p50 {res['ttft_ms_p50']:.0f} ms" + (f", tau {res['tau']}" if drafter else ""))
+                f"tok/s, TTFT p50 {res['ttft_ms_p50']:.0f} ms" + (f", tau {res['tau']}, {res['blocks']} blocks, "
+                                                                  f"{res['shadow_probes']} shadow probes" if drafter
+                                                                  else ""))
         engine.stop()
         del engine
     log("summary: clients | plain tok/s | DFlash tok/s (random drafter) | DFlash/plain | break-even tau | "
@@ -180,6 +184,10 @@ def main(argv=None) -> None:
             ratio = d["tok_s"] / p["tok_s"]
             log(f"  {c:3d} | {p['tok_s']:9.1f} | {d['tok_s']:9.1f} | {ratio:5.2f} | {d['tau'] / ratio:5.2f} | "
                 f"{p['ttft_ms_p50']:.0f} / {d['ttft_ms_p50']:.0f}")
+    for c in levels:  # the adaptive policy with a useless drafter: what having DFlash on costs
+        p, ad = rows[c].get("plain"), rows[c].get("adaptive")
+        if p and ad:
+            log(f"  {c:3d} clients: adaptive / plain = {ad['tok_s'] / p['tok_s']:.3f}")
     if a.out:
         with open(a.out, "a") as f:
             for c in levels:

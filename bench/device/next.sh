@@ -106,6 +106,11 @@ case "${1:?which call}" in
     timeout 300 python3 bench/weight_matmul.py --models "" --sweep ${shapes%,} \
       --configs-mgpu-q8 64x2p,64x4p,64x8p,128x2p,128x4p,128x8p --budget-s 280 --out $OUT/q8_psweep.jsonl 2>&1 \
       | tee $OUT/q8_psweep.log | grep sweep ;;
+  adaptive27b)  # the default (adaptive) policy with shadow probes on the GPU, 27B, random drafter (tau ~1): it should
+  # decode plainly and lose only its probes against plain; one engine each, 8 slots (~300 s)
+    timeout 500 python3 bench/engine_random.py --target qwen35-27b --weights q8_0 --slots 8 --concurrency 1,8 \
+      --chunk-buckets 256 --modes adaptive,plain --out $OUT/engine27b_adaptive.json 2>&1 \
+      | tee $OUT/engine27b_adaptive.log | grep -v "%|" ;;
   plain27b|dflash27b)  # issue 7's serving table, one mode per call (`next.sh dflash27b 4`: a 4-slot engine; default 8).
   # A 27B 8-slot DFlash warm-up took 319 s (20 buckets with --chunk-buckets 256), plain 186 s on a warm compilation
   # cache: on a warm machine run dflash27b first, then plain27b
