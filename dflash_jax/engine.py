@@ -150,6 +150,7 @@ class Engine:
         self._draining = False
         self._wake = threading.Event()
         self.overlap = cfg.overlap if cfg.overlap is not None else jax.default_backend() == "gpu"
+        self._dispatchers = {"plain": self._dispatch, "spec": self._dispatch_spec, "draft": self._dispatch_draft}
         self._inflight: list[_Launch] = []  # launched, not yet retired (at most one iteration's worth)
         self._last_retire = 0.0
         # Where the engine thread's time goes: dispatching steps, blocked on their outputs, turning them into events.
@@ -209,10 +210,7 @@ class Engine:
                 self.steps.add_compiled(kind, inputs, full, job.result())
         t2 = time.perf_counter()
         for kind, inputs, full in buckets:
-            if kind == "draft":
-                jax.device_get(self._dispatch_draft(inputs))
-            else:
-                (self._run_spec if kind == "spec" else self._run)(inputs, full)
+            jax.device_get(self._dispatchers[kind](inputs, full))
         self.warmup_seconds = {"lower": round(t1 - t0, 1), "compile": round(t2 - t1, 1),
                                "first_run": round(time.perf_counter() - t2, 1)}
         if self.spec:
@@ -318,15 +316,12 @@ class Engine:
                             needs_full([sl.req.params for sl in slots]))
 
     def _launch_draft(self, slot: Slot) -> _Launch:
-        self.spec.open_shadow(slot.id, slot.req, slot.req.num_generated + slot.inflight)
-        t0 = time.perf_counter()
-        out = self._dispatch_draft(self._spec_inputs([slot], 1))
-        self.host_seconds["launch"] += time.perf_counter() - t0
-        return _Launch("draft", [(slot, slot.req, False)], out, t0)
+        self.spec.open_shadow(slot.req, slot.req.num_generated + slot.inflight)
+        return self._launch("draft", [slot], [False], self._spec_inputs([slot], 1), False)
 
     def _launch(self, kind: str, slots: list[Slot], emits: list[bool], inputs, full: bool) -> _Launch:
         t0 = time.perf_counter()
-        out = self._dispatch_spec(inputs, full) if kind == "spec" else self._dispatch(inputs, full)
+        out = self._dispatchers["plain" if kind in ("prefill", "decode") else kind](inputs, full)
         self.host_seconds["launch"] += time.perf_counter() - t0
         return _Launch(kind, [(sl, sl.req, e) for sl, e in zip(slots, emits)], out, t0)
 
@@ -429,18 +424,11 @@ class Engine:
             sp.cache = dcache
         return out.tokens, out.logprobs, out.top_ids, out.top_logprobs
 
-    def _dispatch_draft(self, inputs: SpecInputs):
-        sp = self.spec
-        return self.steps.draft_step(self.cache, sp.cache, self.rows, inputs)
+    def _dispatch_draft(self, inputs: SpecInputs, full: bool = False):
+        """full: unused (drafts are argmax), kept so that every dispatcher takes the same arguments."""
+        return self.steps.draft_step(self.cache, self.spec.cache, self.rows, inputs)
 
     def _dispatch_spec(self, inputs: SpecInputs, full: bool):
         sp = self.spec
         self.cache, sp.cache, self.rows, out = self.steps.spec_step(self.cache, sp.cache, self.rows, inputs, full)
         return out.tokens, out.accepted, out.logprobs, out.top_ids, out.top_logprobs
-
-    def _run(self, inputs: StepInputs, full: bool = True):
-        """A plain step launched and fetched at once (warm-up, cost measurement)."""
-        return jax.device_get(self._dispatch(inputs, full))
-
-    def _run_spec(self, inputs: SpecInputs, full: bool = True):
-        return jax.device_get(self._dispatch_spec(inputs, full))

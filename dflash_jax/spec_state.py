@@ -42,7 +42,6 @@ def _refine(costs: dict, bucket: int, seconds: float) -> None:
 @dataclass
 class Shadow:
     """A probe in flight: the drafts for the tokens of `req` from index `base` on, checked as they are decoded."""
-    slot_id: int
     req: object  # dflash_jax.requests.Request
     base: int  # index (in the request's generated tokens) of the token the first draft guesses
     drafts: np.ndarray | None = None  # set when the draft step is retired
@@ -143,8 +142,8 @@ class SpecState:
         self.shadow = None
         return self.policy == "adaptive" and step % self.probe_every(num_slots) == 0
 
-    def open_shadow(self, slot_id: int, req, base: int) -> None:
-        self.shadow = Shadow(slot_id, req, base)
+    def open_shadow(self, req, base: int) -> None:
+        self.shadow = Shadow(req, base)
 
     def shadow_drafts(self, req, drafts: np.ndarray, seconds: float) -> None:
         """A draft step was retired: its drafts (for `req`) and its cost."""
@@ -221,7 +220,7 @@ class SpecState:
             self.cost_spec[b] = best(engine._dispatch_spec, engine._spec_inputs([], b))
             self.spec_ratio[b] = self.cost_spec[b] / self.cost_plain[b]
         if self.policy == "adaptive":
-            self.cost_draft = best(lambda inputs, _: engine._dispatch_draft(inputs), engine._spec_inputs([], 1))
+            self.cost_draft = best(engine._dispatch_draft, engine._spec_inputs([], 1))
 
     def stats(self) -> dict:
         return {"block": self.block, "tau": round(self.tau, 3), "tau_low": round(float(self.tau_low()), 3),

@@ -299,7 +299,7 @@ def test_shadow_probe_measures_the_accepted_length():
 
     sp = _policy()
     req, other = SimpleNamespace(finish_time=None), SimpleNamespace(finish_time=None)
-    sp.open_shadow(0, req, base=5)
+    sp.open_shadow(req, base=5)
     assert not sp.shadow_due(1, 16)  # still open
     sp.shadow_drafts(req, np.array([[7, 8, 9]]), 0.001)
     for index, token in [(4, 1), (5, 7), (5, 0)]:  # index 4 is before the drafts; the repeat of 5 is the other request
@@ -308,12 +308,12 @@ def test_shadow_probe_measures_the_accepted_length():
     assert sp.num_tau_samples == 0  # 7, 8 right so far
     sp.observe(req, 7, 3)  # third draft wrong: accepted 2, tau sample 3, shrunk towards 1 (first sample)
     assert sp.shadow is None and sp.num_shadow_probes == 1 and sp.tau == (3 + 2) / 3
-    sp.open_shadow(1, req, base=0)
+    sp.open_shadow(req, base=0)
     sp.shadow_drafts(req, np.array([[4, 4, 4]]), 0.001)
     for i in range(3):
         sp.observe(req, i, 4)  # every draft right: accepted 3
     assert sp.shadow is None and sp.num_shadow_probes == 2 and sp.num_tau_samples == 2
-    sp.open_shadow(2, req, base=0)
+    sp.open_shadow(req, base=0)
     req.finish_time = 1.0  # ended before the probe resolved: dropped, a new one may open
     assert sp.shadow_due(1, 16) and sp.shadow is None and sp.num_shadow_probes == 2
     assert sp.cost_draft == pytest.approx(0.001)
