@@ -119,6 +119,8 @@ def main() -> None:
             tau = f" tau={sp['tau']} ({sp['num_drafts']} slot-steps speculated)" if d else ""
             print(f"| dflash-jax {name}{tau} | {device} | {slots} | {len(work)} | {n} | {secs:.2f} | {n / secs:.1f} |"
                   f" engine thread s: {host}, warm-up {t_warm:.1f} s", flush=True)
+            if d and policy == "adaptive":
+                print(f"  policy state: {sp}", flush=True)
         if a.llamacpp:
             secs, n = llamacpp_run(a.model, work, slots, a.max_tokens)
             print(f"| llama.cpp (xllamacpp) | cpu | {slots} | {len(work)} | {n} | {secs:.1f} | {n / secs:.1f} |")

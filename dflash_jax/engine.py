@@ -153,6 +153,7 @@ class Engine:
         self._dispatchers = {"plain": self._dispatch, "spec": self._dispatch_spec, "draft": self._dispatch_draft}
         self._inflight: list[_Launch] = []  # launched, not yet retired (at most one iteration's worth)
         self._last_retire = 0.0
+        self._iter_end: float | None = None  # when the last busy iteration ended (None after idling)
         # Where the engine thread's time goes: dispatching steps, blocked on their outputs, turning them into events.
         self.host_seconds = {"launch": 0.0, "fetch_wait": 0.0, "commit": 0.0}
         self.num_steps = 0
@@ -243,6 +244,7 @@ class Engine:
     def _loop(self) -> None:
         while not self._stop.is_set():
             if not self._busy():
+                self._iter_end = None
                 self._wake.wait(0.05)
                 self._wake.clear()
                 continue
@@ -286,6 +288,17 @@ class Engine:
             self._retire(launch)
         self._inflight = launched if overlap else []
         self.num_steps += 1
+        self._record_iteration(launched)
+
+    def _record_iteration(self, launched: list) -> None:
+        """An iteration's wall time is what a decode or spec step costs in serving: host work (launch, commit)
+        included, which the device's own time leaves out when the host is the bottleneck (SmolLM2 on an H200).
+        Only iterations of one step kind count (with overlap, steady runs of them)."""
+        now = time.perf_counter()
+        if self.spec and self._iter_end is not None and len(launched) == 1 and launched[0].kind in ("decode", "spec"):
+            kind = "plain" if launched[0].kind == "decode" else "spec"
+            self.spec.record_iteration(kind, len(launched[0].rows), now - self._iter_end)
+        self._iter_end = now
 
     def _launch_prefill(self, chunks: list[tuple[Slot, int]]) -> _Launch:
         b = bucket_for(len(chunks), self.cfg.slot_buckets)
@@ -337,11 +350,9 @@ class Engine:
         self._last_retire = now
         n = len(launch.rows)
         if launch.kind == "spec":
-            self.spec.record_step(n, seconds, host[1][:n])
+            self.spec.record_step(host[1][:n])
         elif launch.kind == "draft":
             self.spec.shadow_drafts(launch.rows[0][1], host, seconds)
-        elif launch.kind == "decode" and self.spec:
-            self.spec.record_plain(n, seconds)
         done = time.monotonic()
         for i, (slot, req, emits) in enumerate(launch.rows):
             if slot.req is not req or not emits:

@@ -2,9 +2,10 @@
 policy that decides, per slot-count bucket, whether a speculative step beats a plain one.
 
 Policy: a plain step yields 1 token per slot; a spec step yields tau = mean(accepted + 1). Speculate when
-tau_low * cost(plain, b) > cost(spec, b), with step costs measured at warm-up and refined by running averages, tau a
-running average of measured blocks (shrunk towards 1 while few are measured) and tau_low that less one standard
-error. The first block is a real spec step of one slot (tau is still an optimistic prior). While not speculating,
+tau_low * cost(plain, b) > cost(spec, b): the costs are the medians of the last SERVED_WINDOW served iterations of
+each kind in bucket b once both kinds have SERVED_MIN of them, before that the warm-up's bare steps (never one of
+each: a served cost set against a warm-up one was biased by 1.2-1.6x either way); tau is a running average of
+measured blocks (shrunk towards 1 while few are measured) and tau_low that less one standard error. The first block is a real spec step of one slot (tau is still an optimistic prior). While not speculating,
 every PROBE_EVERY-th decode step probes tau with a shadow draft: one slot's drafts from a draft-only step (no
 verify), compared with the tokens plain decoding then gives that slot, which is the accepted length a spec step
 would have had (acceptance compares drafts with the target's own choices). A probe costs a draft step, not a verify;
@@ -13,6 +14,7 @@ throughput. Slots with presence/frequency penalties decode plainly (their penalt
 """
 from __future__ import annotations
 
+import collections
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -28,15 +30,10 @@ PROBE_EVERY = 4  # the shortest interval: a probe is a draft step (cheap beside 
 PROBE_MAX_EVERY = 256
 PROBE_OVERHEAD = 0.02  # probes may cost at most this fraction of plain decoding's throughput
 EMA = 0.1
+SERVED_WINDOW = 32  # iterations per (kind, bucket) whose median is the served cost
+SERVED_MIN = 4
 TAU_EMA = 0.05  # tau's running average: ~40 blocks, a standard error of ~0.4 for single blocks of spread 2.5
 TAU_PSEUDO_STEPS = 2
-
-
-def _refine(costs: dict, bucket: int, seconds: float) -> None:
-    """Running average of a bucket's step cost. A sample counts at most twice the average: one stalled step (a
-    garbage collection, a descheduled thread) must not make plain decoding look dear enough to speculate at tau 1."""
-    old = costs.get(bucket)
-    costs[bucket] = seconds if old is None else (1 - EMA) * old + EMA * min(seconds, 2 * old)
 
 
 @dataclass
@@ -67,13 +64,13 @@ class SpecState:
                                     dtype)
         self.policy = engine_cfg.spec_policy
         self.slot_buckets = engine_cfg.slot_buckets
-        self.cost_plain: dict[int, float] = {}
+        self.cost_plain: dict[int, float] = {}  # the warm-up's bare steps, per bucket
         self.cost_spec: dict[int, float] = {}
-        # A spec step's cost in plain steps of its bucket: measured at warm-up, refined by each served spec step
-        # against the plain steps served meanwhile. Serving costs more than the warm-up's bare steps (8 slots, 2 CPU
-        # cores: plain 95 -> 115 ms, spec 370 -> 448 ms); set against a served plain cost, the warm-up spec cost
-        # made DFlash look 1.2x cheaper than it was.
-        self.spec_ratio: dict[int, float] = {}
+        # Served iterations (launch to retirement of one decode-only or spec-only iteration, host work included):
+        # serving costs more than bare steps (8 slots, 2 CPU cores: plain 95 -> 115 ms, spec 370 -> 448 ms; a
+        # host-bound H200 engine: plain 1.9 -> 2.8 ms), and a median shrugs off the stalled iteration (a garbage
+        # collection, an iteration that also retired a prefill).
+        self.served: dict[tuple[str, int], collections.deque] = {}
         self.tau = (1 + self.block) / 2  # optimistic prior: replaced by the first spec step's measurement
         self.num_spec_steps = 0
         self.num_tau_samples = 0  # spec steps and resolved shadow probes
@@ -92,16 +89,32 @@ class SpecState:
         p = slot.req.params
         return self.policy != "never" and p.presence_penalty == 0 and p.frequency_penalty == 0
 
+    def _served(self, kind: str, b: int) -> float | None:
+        q = self.served.get((kind, b))
+        return float(np.median(q)) if q is not None and len(q) >= SERVED_MIN else None
+
     def _costs(self, num_slots: int) -> tuple[float | None, float | None]:
+        """(plain, spec) cost of a step of this bucket: both served, else both from warm-up (None: unmeasured)."""
         b = bucket_for(num_slots, self.slot_buckets)
+        plain, spec = self._served("plain", b), self._served("spec", b)
+        if plain is not None and spec is not None:
+            return plain, spec
         return self.cost_plain.get(b), self.cost_spec.get(b)
+
+    def spec_ratio(self, num_slots: int) -> float | None:
+        """A spec step's cost in plain steps of its bucket: the break-even tau."""
+        plain, spec = self._costs(num_slots)
+        return None if plain is None or spec is None else spec / plain
 
     def _pays(self, num_slots: int) -> bool:
         """A spec step yields more per second than a plain one (assumed while the bucket's costs are unmeasured)."""
-        b = bucket_for(num_slots, self.slot_buckets)
-        plain, spec = self._costs(num_slots)
-        ratio = self.spec_ratio.get(b, None if plain is None or spec is None else spec / plain)
+        ratio = self.spec_ratio(num_slots)
         return ratio is None or self.tau_low() > ratio
+
+    def record_iteration(self, kind: str, num_slots: int, seconds: float) -> None:
+        """A served iteration that ran only a decode step ('plain') or only a spec step ('spec') of num_slots."""
+        key = (kind, bucket_for(num_slots, self.slot_buckets))
+        self.served.setdefault(key, collections.deque(maxlen=SERVED_WINDOW)).append(seconds)
 
     def tau_low(self) -> float:
         """tau less one standard error of its running mean: a spec step taken where it does not pay costs several
@@ -116,7 +129,8 @@ class SpecState:
     def probe_every(self, num_slots: int) -> int:
         """Decode steps between shadow probes: PROBE_EVERY doubled until a probe's cost (a 1-slot draft step launched
         beside the bucket's plain step), spread over the interval, is at most PROBE_OVERHEAD of plain decoding."""
-        plain_n, _ = self._costs(num_slots)
+        b = bucket_for(num_slots, self.slot_buckets)
+        plain_n = self._served("plain", b) or self.cost_plain.get(b)
         if plain_n is None or self.cost_draft is None:
             return PROBE_EVERY
         loss = self.cost_draft / plain_n
@@ -168,11 +182,8 @@ class SpecState:
         self.num_shadow_probes += 1
         self._record_tau(np.array([accepted]))
 
-    def record_step(self, num_slots: int, seconds: float, accepted: np.ndarray) -> None:
-        b = bucket_for(num_slots, self.slot_buckets)
-        _refine(self.cost_spec, b, seconds)
-        if b in self.cost_plain:
-            _refine(self.spec_ratio, b, seconds / self.cost_plain[b])
+    def record_step(self, accepted: np.ndarray) -> None:
+        """A spec step was retired: the accepted drafts of each of its slots."""
         self.num_spec_steps += 1
         self._record_tau(accepted)
         self.num_drafts += len(accepted)
@@ -196,9 +207,6 @@ class SpecState:
             self.tau += alpha * d
             self.tau_var = (1 - alpha) * (self.tau_var + alpha * d * d)  # the exponentially weighted variance
 
-    def record_plain(self, num_slots: int, seconds: float) -> None:
-        _refine(self.cost_plain, bucket_for(num_slots, self.slot_buckets), seconds)
-
     def measure_costs(self, engine, repeats: int = 3) -> None:
         """Time a compiled plain and spec step of every bucket (padding rows only: same shapes, same work), the way
         the engine runs them: one at a time when it reads each step before launching the next, else as a burst of
@@ -218,7 +226,6 @@ class SpecState:
         for b in self.slot_buckets:
             self.cost_plain[b] = best(engine._dispatch, engine._inputs([], b, 1))
             self.cost_spec[b] = best(engine._dispatch_spec, engine._spec_inputs([], b))
-            self.spec_ratio[b] = self.cost_spec[b] / self.cost_plain[b]
         if self.policy == "adaptive":
             self.cost_draft = best(engine._dispatch_draft, engine._spec_inputs([], 1))
 
@@ -231,4 +238,9 @@ class SpecState:
                 "cost_draft_ms": None if self.cost_draft is None else round(self.cost_draft * 1e3, 2),
                 "cost_plain_ms": {b: round(c * 1e3, 2) for b, c in self.cost_plain.items()},
                 "cost_spec_ms": {b: round(c * 1e3, 2) for b, c in self.cost_spec.items()},
-                "spec_over_plain": {b: round(r, 2) for b, r in self.spec_ratio.items()}}
+                "served_plain_ms": {b: round(self._served("plain", b) * 1e3, 2) for k, b in self.served
+                                    if k == "plain" and self._served("plain", b) is not None},
+                "served_spec_ms": {b: round(self._served("spec", b) * 1e3, 2) for k, b in self.served
+                                   if k == "spec" and self._served("spec", b) is not None},
+                "spec_over_plain": {b: round(self.spec_ratio(b), 2) for b in self.slot_buckets
+                                    if self.spec_ratio(b) is not None}}

@@ -257,7 +257,7 @@ def _policy(**costs):
     sp = SpecState.__new__(SpecState)
     sp.policy, sp.slot_buckets, sp.block = "adaptive", (1, 2, 4, 8), 16
     sp.cost_plain, sp.cost_spec, sp.cost_draft = costs.get("plain", {}), costs.get("spec", {}), costs.get("draft")
-    sp.spec_ratio = {}
+    sp.served = {}
     sp.tau, sp.tau_var, sp.num_spec_steps, sp.num_tau_samples, sp.shadow, sp.num_shadow_probes = 1.0, 0.0, 0, 0, None, 0
     sp.num_drafts = sp.num_draft_tokens = sp.num_accepted = 0
     sp.accepted_per_pos = np.zeros(15, np.int64)
@@ -325,10 +325,10 @@ def test_one_lucky_block_does_not_switch_speculation_on():
     sp = _policy(plain={1: 0.049}, spec={1: 0.2377})
     sp.tau = 8.5
     assert sp._pays(1)  # the prior: try it
-    sp.record_step(1, 0.2377, np.array([6]))
+    sp.record_step(np.array([6]))
     assert not sp._pays(1) and sp.tau == (7 + 2) / 3
     for _ in range(30):  # a drafter that really does accept ~5 tokens a block wins it back
-        sp.record_step(1, 0.2377, np.array([5]))
+        sp.record_step(np.array([5]))
     assert sp._pays(1)
 
 
@@ -338,8 +338,32 @@ def test_noisy_tau_does_not_switch_speculation_on():
     for blocks, pays in (([0, 5], False), ([2, 3], True)):
         sp = _policy(plain={8: 0.1}, spec={8: 0.32})
         for i in range(60):
-            sp.record_step(8, 0.32, np.array([blocks[i % 2]] * 8))
+            sp.record_step(np.array([blocks[i % 2]] * 8))
         assert abs(sp.tau - 3.5) < 0.3 and sp._pays(8) == pays, (blocks, sp.tau, sp.tau_low())
+
+
+def test_served_costs_replace_warm_up_costs_only_in_pairs():
+    """The break-even is a spec step's cost over a plain step's, both from warm-up or both from serving (medians of
+    served iterations), never one of each: a served plain cost (host work included) set against a bare warm-up spec
+    cost made an H200 engine see 1.79 where serving paid 1.2, and decode plainly at tau 2.1."""
+    from dflash_jax.spec_state import SERVED_MIN, SERVED_WINDOW
+
+    sp = _policy(plain={8: 0.0019}, spec={8: 0.0034})
+    sp.tau, sp.tau_var, sp.num_tau_samples = 1.6, 0.0, 50
+    assert sp.spec_ratio(8) == pytest.approx(0.0034 / 0.0019) and not sp._pays(8)
+    for _ in range(SERVED_WINDOW):
+        sp.record_iteration("plain", 8, 0.0028)
+    assert sp.spec_ratio(8) == pytest.approx(0.0034 / 0.0019)  # plain served, spec not yet: still warm-up's pair
+    for i in range(SERVED_MIN):
+        sp.record_iteration("spec", 7, 0.0034)
+    assert sp.spec_ratio(8) == pytest.approx(0.0034 / 0.0028) and sp._pays(8)  # 1.21 < 1.6
+    for _ in range(SERVED_MIN - 1):  # stalled iterations (fewer than half the window) do not move the median
+        sp.record_iteration("plain", 8, 0.5)
+    assert sp.spec_ratio(8) == pytest.approx(0.0034 / 0.0028)
+    for _ in range(SERVED_WINDOW):  # a lasting change does, once it fills the window
+        sp.record_iteration("spec", 8, 0.0056)
+    assert sp.spec_ratio(8) == pytest.approx(2.0) and not sp._pays(8)
+    assert sp.stats()["spec_over_plain"] == {8: 2.0} and sp.stats()["served_plain_ms"] == {8: 2.8}
 
 
 def test_adaptive_engine_stops_speculating_when_it_loses(target):

@@ -119,5 +119,24 @@ case "${1:?which call}" in
       --concurrency $(python3 -c "print(','.join(sorted({'1', str($slots)}, key=int)))") --chunk-buckets 256 \
       --modes $mode --out $OUT/engine27b_${mode}_s$slots.json 2>&1 | tee $OUT/engine27b_${mode}_s$slots.log \
       | grep -v "%|" ;;
+  xlaflags)  # issues 3 and 4 (B8 spec/plain 1.64x, target 1.5x; B1 plain 74 % of copy, target 80 %): the 8-slot
+  # verify's M = 128 qkv / o_proj GEMMs run as cuBLAS tiles that fill half the SMs. XLA's Triton GEMMs (split-K in
+  # their autotuning space) for every product, and cuBLAS for every product, against the default
+    for v in default tritononly cublasonly; do
+      f=""; [ $v = tritononly ] && f="--xla_gpu_cublas_fallback=false"
+      [ $v = cublasonly ] && f="--xla_gpu_enable_triton_gemm=false"
+      XLA_FLAGS="$f" timeout 170 python3 bench/spec_step.py --target qwen3-8b --slots 8,1 --steps plain,spec \
+        --iters 40 --out $OUT/step8b_$v.jsonl 2>&1 | tee $OUT/step8b_$v.log | grep -E "ms/step|spec/plain" \
+        | sed "s/^/$v /"
+    done ;;
+  gemms)  # issue 4, session 15: the spec step's float GEMMs in cuBLAS (now the default through the spec and draft
+  # steps' compiler options) with a profile, then K splits as a batch for products of >= 64 rows and <= 8192 outputs
+    for v in default split2 split4; do
+      sk=1:0:0; [ $v = split2 ] && sk=2:64:8192; [ $v = split4 ] && sk=4:64:8192
+      prof=""; [ $v = default ] && prof="--profile 8:spec"
+      DFLASH_XLA_SPLIT_K=$sk timeout 170 python3 bench/spec_step.py --target qwen3-8b --slots 8,1 \
+        --steps plain,spec --iters 40 $prof --out $OUT/step8b_$v.jsonl 2>&1 | tee $OUT/step8b_$v.log \
+        | grep -E "ms/step|spec/plain|busy| ms +[0-9.]+x " | head -40 | sed "s/^/$v /"
+    done ;;
   *) echo "unknown call $1"; exit 2 ;;
 esac
