@@ -1,16 +1,17 @@
 """DFlash state held by the engine: the drafter's weights and context cache, acceptance counters, and the adaptive
 policy that decides, per slot-count bucket, whether a speculative step beats a plain one.
 
-Policy: a plain step yields 1 token per slot; a spec step yields tau = mean(accepted + 1). Speculate when
-tau_low * cost(plain, b) > cost(spec, b): the costs are the medians of the last SERVED_WINDOW served iterations of
-each kind in bucket b once both kinds have SERVED_MIN of them, before that the warm-up's bare steps (never one of
-each: a served cost set against a warm-up one was biased by 1.2-1.6x either way); tau is a running average of
-measured blocks (shrunk towards 1 while few are measured) and tau_low that less one standard error. The first block
-is a real spec step of one slot (tau is still an optimistic prior). While not speculating, every PROBE_EVERY-th
-decode step probes tau with a shadow draft: one slot's drafts from a draft-only step (no verify), compared with the
-tokens plain decoding then gives that slot, which is the accepted length a spec step would have had (acceptance compares drafts with the target's own choices). A probe costs a draft step, not a verify;
-it is spread over more steps (up to PROBE_MAX_EVERY) if it would still cost more than PROBE_OVERHEAD of plain
-throughput. Slots with presence/frequency penalties decode plainly (their penalty counts change inside a block).
+Policy: a plain step yields 1 token per slot; a spec step yields tau = mean(accepted + 1). Speculate when tau_low *
+cost(plain, b) > cost(spec, b): the costs are the medians of the last SERVED_WINDOW served iterations of each kind
+in bucket b once both kinds have SERVED_MIN of them, before that the warm-up's bare steps (never one of each: a
+served cost set against a warm-up one was biased by 1.2-1.6x either way); tau is a running average of measured
+blocks (shrunk towards 1 while few are measured) and tau_low that less one standard error. The first block is a real
+spec step of one slot (tau is still an optimistic prior). While not speculating, every PROBE_EVERY-th decode step
+probes tau with a shadow draft: one slot's drafts from a draft-only step (no verify), compared with the tokens plain
+decoding then gives that slot, which is the accepted length a spec step would have had (acceptance compares drafts
+with the target's own choices). A probe costs a draft step, not a verify; it is spread over more steps (up to
+PROBE_MAX_EVERY) if it would still cost more than PROBE_OVERHEAD of plain throughput. Slots with presence/frequency
+penalties decode plainly (their penalty counts change inside a block).
 """
 from __future__ import annotations
 
