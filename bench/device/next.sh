@@ -138,5 +138,10 @@ case "${1:?which call}" in
         --steps plain,spec --iters 40 $prof --out $OUT/step8b_$v.jsonl 2>&1 | tee $OUT/step8b_$v.log \
         | grep -E "ms/step|spec/plain|busy| ms +[0-9.]+x " | head -40 | sed "s/^/$v /"
     done ;;
+  firstengine)  # session 15: the first DFlash engine of a process served SmolLM2 (bf16, H200) 1.2-1.5x slower than
+  # the next ones with the same decisions (not seen on the CPU): the same on a random SmolLM2-shaped model?
+    timeout 300 python3 bench/engine_random.py --target smollm2-135m --slots 8 --concurrency 8 \
+      --requests-per-client 4 --prompt 128 --max-tokens 256 --modes dflash,plain,dflash,plain 2>&1 \
+      | tee $OUT/firstengine.log | grep -E "warm-up|clients" ;;
   *) echo "unknown call $1"; exit 2 ;;
 esac
