@@ -143,5 +143,12 @@ case "${1:?which call}" in
     timeout 300 python3 bench/engine_random.py --target smollm2-135m --slots 8 --concurrency 8 \
       --requests-per-client 4 --prompt 128 --max-tokens 256 --modes dflash,plain,dflash,plain 2>&1 \
       | tee $OUT/firstengine.log | grep -E "warm-up|clients" ;;
+  blocks)  # issue 4, serving: the 8B spec step with block 8 against 16 at 8 and 16 slots (the shipped drafter's tau is
+  # 2.35 at block 8 against 2.38 at 16; a verify of half the rows)
+    for blk in 16 8; do
+      timeout 170 python3 bench/spec_step.py --target qwen3-8b --slots 8,16 --steps plain,spec --iters 40 \
+        --block $blk --out $OUT/step8b_block$blk.jsonl 2>&1 | tee $OUT/step8b_block$blk.log \
+        | grep -E "ms/step|spec/plain" | sed "s/^/block $blk /"
+    done ;;
   *) echo "unknown call $1"; exit 2 ;;
 esac
