@@ -16,6 +16,7 @@ penalties decode plainly (their penalty counts change inside a block).
 from __future__ import annotations
 
 import collections
+import statistics
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -72,6 +73,7 @@ class SpecState:
         # host-bound H200 engine: plain 1.9 -> 2.8 ms), and a median shrugs off the stalled iteration (a garbage
         # collection, an iteration that also retired a prefill).
         self.served: dict[tuple[str, int], collections.deque] = {}
+        self.served_cost: dict[tuple[str, int], float] = {}  # their medians, kept current (read every step)
         self.tau = (1 + self.block) / 2  # optimistic prior: replaced by the first spec step's measurement
         self.num_spec_steps = 0
         self.num_tau_samples = 0  # spec steps and resolved shadow probes
@@ -91,8 +93,7 @@ class SpecState:
         return self.policy != "never" and p.presence_penalty == 0 and p.frequency_penalty == 0
 
     def _served(self, kind: str, b: int) -> float | None:
-        q = self.served.get((kind, b))
-        return float(np.median(q)) if q is not None and len(q) >= SERVED_MIN else None
+        return self.served_cost.get((kind, b))
 
     def _costs(self, num_slots: int) -> tuple[float | None, float | None]:
         """(plain, spec) cost of a step of this bucket: both served, else both from warm-up (None: unmeasured)."""
@@ -115,7 +116,10 @@ class SpecState:
     def record_iteration(self, kind: str, num_slots: int, seconds: float) -> None:
         """A served iteration that ran only a decode step ('plain') or only a spec step ('spec') of num_slots."""
         key = (kind, bucket_for(num_slots, self.slot_buckets))
-        self.served.setdefault(key, collections.deque(maxlen=SERVED_WINDOW)).append(seconds)
+        q = self.served.setdefault(key, collections.deque(maxlen=SERVED_WINDOW))
+        q.append(seconds)
+        if len(q) >= SERVED_MIN:
+            self.served_cost[key] = statistics.median(q)
 
     def tau_low(self) -> float:
         """tau less one standard error of its running mean: a spec step taken where it does not pay costs several
@@ -239,9 +243,7 @@ class SpecState:
                 "cost_draft_ms": None if self.cost_draft is None else round(self.cost_draft * 1e3, 2),
                 "cost_plain_ms": {b: round(c * 1e3, 2) for b, c in self.cost_plain.items()},
                 "cost_spec_ms": {b: round(c * 1e3, 2) for b, c in self.cost_spec.items()},
-                "served_plain_ms": {b: round(self._served("plain", b) * 1e3, 2) for k, b in self.served
-                                    if k == "plain" and self._served("plain", b) is not None},
-                "served_spec_ms": {b: round(self._served("spec", b) * 1e3, 2) for k, b in self.served
-                                   if k == "spec" and self._served("spec", b) is not None},
+                "served_plain_ms": {b: round(c * 1e3, 2) for (k, b), c in self.served_cost.items() if k == "plain"},
+                "served_spec_ms": {b: round(c * 1e3, 2) for (k, b), c in self.served_cost.items() if k == "spec"},
                 "spec_over_plain": {b: round(self.spec_ratio(b), 2) for b in self.slot_buckets
                                     if self.spec_ratio(b) is not None}}

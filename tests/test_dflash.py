@@ -257,7 +257,7 @@ def _policy(**costs):
     sp = SpecState.__new__(SpecState)
     sp.policy, sp.slot_buckets, sp.block = "adaptive", (1, 2, 4, 8), 16
     sp.cost_plain, sp.cost_spec, sp.cost_draft = costs.get("plain", {}), costs.get("spec", {}), costs.get("draft")
-    sp.served = {}
+    sp.served, sp.served_cost = {}, {}
     sp.tau, sp.tau_var, sp.num_spec_steps, sp.num_tau_samples, sp.shadow, sp.num_shadow_probes = 1.0, 0.0, 0, 0, None, 0
     sp.num_drafts = sp.num_draft_tokens = sp.num_accepted = 0
     sp.accepted_per_pos = np.zeros(15, np.int64)
