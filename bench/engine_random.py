@@ -7,8 +7,8 @@ One engine per mode with `--slots` slots (warmed up once, as the server does); e
 traffic of N clients against `python -m serve --slots S`. A random drafter is (almost) never right, so DFlash runs
 here at tau ~ 1 with every step speculating (`spec_policy=always`): its tokens/s is the floor, and the break-even
 acceptance length at N is (plain tok/s) / (DFlash tok/s) x tau. `--modes adaptive` runs the default policy with
-that drafter instead: it should decode plainly and lose only its probes against `plain`. Memory per slot: KV pages, recurrent state, drafter
-context, penalty row, from the engine's own buffers.
+that drafter instead: it should decode plainly and lose only its probes against `plain`. Memory per slot: KV pages,
+recurrent state, drafter context, penalty row, from the engine's own buffers.
 
     python bench/engine_random.py --target qwen35-27b --weights q8_0 --slots 16 --concurrency 1,2,4,8,16
     python bench/engine_random.py --target qwen35-tiny --slots 2 --concurrency 1,2 --prompt 24 --max-tokens 8   # CPU
