@@ -234,6 +234,20 @@ def test_loss_falls_and_resumes(target, tmp_path):
     assert saved == more["history"]
 
 
+def test_stopped_run_resumes_on_the_same_schedule(target, tmp_path):
+    """--stop-after checkpoints and stops without refitting the horizon: stopped after its first step and resumed, a
+    run logs the losses and learning rates of the same run uninterrupted."""
+    ds, tc = _small_run(target, seed=3, steps=12, every=100)
+    dc = tiny_drafter_config()
+    whole = train(target, dc, ds, tc, tmp_path / "whole", progress=False)
+    cut = train(target, dc, ds, dataclasses.replace(tc, stop_after_s=1e-9), tmp_path / "cut", progress=False)
+    assert [h["step"] for h in cut["history"] if "loss" in h] == []  # stopped at step 1, before the first log
+    resumed = train(target, dc, ds, tc, tmp_path / "cut", progress=False)
+    logged = [(h["step"], h["lr"], round(h["loss"], 4)) for h in resumed["history"] if "loss" in h]
+    assert logged == [(h["step"], h["lr"], round(h["loss"], 4)) for h in whole["history"] if "loss" in h]
+    assert logged[-1][0] == 12
+
+
 def test_profiled_steps_are_training_steps(target, tmp_path):
     """--profile-steps traces real steps: the run still ends at num_steps, and the profile is written."""
     rng = np.random.default_rng(4)
@@ -414,6 +428,10 @@ def test_self_written_prompt_parsing():
     asks = train_data.self_prompt_asks(4)
     assert [k for k, _ in asks] == ["question", "stub", "question", "stub"]
     assert train_data.SELF_PROMPT_TOPICS[0] in asks[0][1] and train_data.SELF_PROMPT_TOPICS[1] in asks[2][1]
+    kinds = [k for k, _ in train_data.self_prompt_asks(300, code_fraction=0.75)]
+    assert kinds.count("stub") == 225 and kinds[:4] == ["question", "stub", "stub", "stub"]
+    code_asks = [a for k, a in train_data.self_prompt_asks(400, code_fraction=1.0)]
+    assert any(t in code_asks[-1] for t in train_data.CODE_TASK_TOPICS)
     assert train_data._parse_question('\n"How do I reverse a list in Python?"\nThanks!') == \
         "How do I reverse a list in Python?"
     assert train_data._parse_question("Why?") is None and train_data._parse_question("x" * 301) is None

@@ -31,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prompt file (one per line, or .jsonl with 'prompt'); repeatable; 'default' = the "
                         "packaged training prompts")
     d.add_argument("--self-prompts", type=int, default=0, help="how many prompts the target writes itself")
+    d.add_argument("--code-fraction", type=float, default=0.5,
+                   help="with --batch: share of the self-written prompts that are Python function stubs")
     d.add_argument("--samples", type=int, default=2, help="answers per prompt: 1 greedy + (n-1) sampled")
     d.add_argument("--temperature", type=float, default=0.7)
     d.add_argument("--max-tokens", type=int, default=512)
@@ -61,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--warmup", type=int, default=100)
     t.add_argument("--steps", type=int, default=2000)
     t.add_argument("--time-budget", type=float, default=None, help="seconds; the cosine horizon is fitted to it")
+    t.add_argument("--stop-after", type=float, default=None,
+                   help="seconds; checkpoint and stop, keeping the schedule of --steps (rerun to resume)")
     t.add_argument("--ce-chunk", type=int, default=4096, help="rows of (rows, vocab) logits alive at once")
     t.add_argument("--vocab-subset", action="store_true",
                    help="softmax over the tokens of the training responses only (cheaper on CPU; validation uses the "
@@ -124,7 +128,8 @@ def cmd_data(a) -> None:
     t0 = time.monotonic()
     if a.batch:
         if a.self_prompts:
-            written = data.self_written_prompts_batched(loaded, a.self_prompts, seed=a.seed, batch=a.batch)
+            written = data.self_written_prompts_batched(loaded, a.self_prompts, seed=a.seed, batch=a.batch,
+                                                            code_fraction=a.code_fraction)
             print(f"the target wrote {len(written)} distinct prompts in {time.monotonic() - t0:.0f} s, e.g. "
                   f"{[p.messages[0][1] for p in written[:4]]}")
             prompts += written
@@ -178,7 +183,8 @@ def cmd_train(a) -> None:
         dcfg = drafter_config_for(mc, a.layers, a.block_size,
                                   a.mask_token_id if a.mask_token_id is not None else mc.vocab_size - 1, a.taps)
     tc = TrainConfig(batch_size=a.batch_size, seq_len=a.seq_len, anchors_per_seq=a.anchors, lr=a.lr,
-                     warmup_steps=a.warmup, num_steps=a.steps, time_budget_s=a.time_budget, compute_dtype=dtype,
+                     warmup_steps=a.warmup, num_steps=a.steps, time_budget_s=a.time_budget, stop_after_s=a.stop_after,
+                     compute_dtype=dtype,
                      ce_chunk=a.ce_chunk, vocab_subset=a.vocab_subset, feature_cache=a.feature_cache,
                      val_seqs=a.val_seqs, log_every=a.log_every, seed=a.seed, eval_every=a.eval_every,
                      ckpt_every=a.ckpt_every, profile_steps=a.profile_steps, distill=a.distill)

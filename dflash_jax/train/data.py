@@ -33,6 +33,15 @@ SELF_PROMPT_TOPICS = (
     "email etiquette", "climate", "renewable energy", "cars", "pets", "parenting", "languages", "grammar",
     "movies", "books", "video games", "sports", "chess", "web development", "APIs", "cybersecurity",
 )
+# Function stubs are also asked about the small self-contained tasks code benchmarks are made of, not only topics.
+CODE_TASK_TOPICS = (
+    "string manipulation", "lists of integers", "sorting", "searching", "prime numbers", "digits of a number",
+    "palindromes", "dictionaries", "counting characters", "matrices", "recursion", "Fibonacci-like sequences",
+    "intervals", "dates and times", "parsing text", "bit manipulation", "geometry formulas", "sets",
+    "greatest common divisor", "vowels and consonants", "nested lists", "binary and hexadecimal numbers", "anagrams",
+    "sliding windows", "running sums", "brackets and parentheses",
+    "word frequencies", "rounding and floats", "list filtering", "tuples",
+)
 
 
 @dataclass(frozen=True)
@@ -235,26 +244,31 @@ def _parse_stub(text: str) -> str | None:
     return text if 20 <= len(text) <= 800 else None
 
 
-def self_prompt_asks(n: int) -> list[tuple[str, str]]:
-    """(kind, request) pairs: even ones ask for a user question on a topic, odd ones for a Python function stub."""
-    out = []
+def self_prompt_asks(n: int, code_fraction: float = 0.5) -> list[tuple[str, str]]:
+    """(kind, request) pairs: a share code_fraction (spread evenly; 0.5 = every odd one) asks for a Python function
+    stub, the others for a user question on a topic."""
+    out, stubs = [], 0
+    code_topics = SELF_PROMPT_TOPICS + CODE_TASK_TOPICS
     for i in range(n):
-        topic = SELF_PROMPT_TOPICS[(i // 2) % len(SELF_PROMPT_TOPICS)]
-        if i % 2 == 0:
-            out.append(("question", f"Write one question or request that a user might send to an AI assistant about "
-                                    f"{topic}. Reply with the question only."))
-        else:
+        if int((i + 1) * code_fraction + 1e-9) > int(i * code_fraction + 1e-9):
+            topic = code_topics[stubs % len(code_topics)]
+            stubs += 1
             out.append(("stub", f"Write the signature and docstring of a Python function for a small programming "
                                 f"task related to {topic}. Reply with the code only, without the function body."))
+        else:
+            topic = SELF_PROMPT_TOPICS[(i - stubs) % len(SELF_PROMPT_TOPICS)]
+            out.append(("question", f"Write one question or request that a user might send to an AI assistant about "
+                                    f"{topic}. Reply with the question only."))
     return out
 
 
-def self_written_prompts_batched(loaded, n: int, seed: int = 0, batch: int = 256, progress: bool = True) -> list[Prompt]:
-    """Like self_written_prompts, but through batch_generate, and half of them HumanEval-style code stubs."""
+def self_written_prompts_batched(loaded, n: int, seed: int = 0, batch: int = 256, progress: bool = True,
+                                 code_fraction: float = 0.5) -> list[Prompt]:
+    """Like self_written_prompts, but through batch_generate, and a share of them HumanEval-style code stubs."""
     from dflash_jax.train.batch_generate import GenJob, batch_generate
 
     encode = PromptEncoder(loaded)
-    asks = self_prompt_asks(n)
+    asks = self_prompt_asks(n, code_fraction)
     jobs = [GenJob(tuple(encode((("user", ask),))), 1.0, 0.95, seed * 100003 + i) for i, (_, ask) in enumerate(asks)]
     answers = batch_generate(loaded.model, jobs, 128, loaded.tokenizer.eog_ids, batch=batch,
                              prompt_pad=max(len(j.prompt_ids) for j in jobs), progress=progress)

@@ -44,6 +44,8 @@ class TrainConfig:
     warmup_steps: int = 100
     num_steps: int = 2000  # cosine horizon; with time_budget_s, re-estimated from the measured step time
     time_budget_s: float | None = None  # stop (and set the cosine horizon) to fit this much wall time
+    stop_after_s: float | None = None  # checkpoint and stop after this much wall time, horizon unchanged: a resumed
+    # run continues the same schedule (one run spread over several time-limited jobs)
     min_lr_ratio: float = 0.1
     clip_norm: float = 1.0
     weight_decay: float = 0.0
@@ -325,6 +327,12 @@ def train(target, dcfg: DrafterConfig, dataset: Dataset, tc: TrainConfig, out_di
                                f"acc/pos {v['val_acc_per_pos'][:6]}")
         if step % tc.ckpt_every == 0 or step == total:
             save(step)
+        elif tc.stop_after_s and time.monotonic() - start >= tc.stop_after_s:
+            save(step)
+        if tc.stop_after_s and time.monotonic() - start >= tc.stop_after_s and step < total:
+            if progress:
+                tqdm.write(f"stopped after {tc.stop_after_s:.0f} s at step {step} of {total}; rerun to resume")
+            break
     bar.close()
     mgr.wait_until_finished()
     mgr.close()
