@@ -168,6 +168,11 @@ case "${1:?which call}" in
       end) timeout 500 $R --stop-after 430 2>&1 | tee $OUT/end6.log | grep -v "%|" | grep -v '^{"step"'
         python3 -m dflash_jax.train export --run $T/run6 --out $OUT/smollm2-135m-dflash.gguf --tokenizer-source $M \
           --qtype q8_0 2>&1 | tail -2; cp $T/run6/history.json $OUT/ ;;
+      bench) cp .cache/t2/* $T/ && cat $T/part_a $T/part_b > $M && md5sum $M && rm $T/part_a $T/part_b
+        for s in 8 1; do  # the new drafter served through the default policy, as session 15 ran the old one
+          timeout 280 python3 bench/engine_throughput.py -m $M -md $T/smollm2-135m-dflash.gguf --slots $s \
+            --max-tokens 512 --dtype bfloat16 --spec-policy adaptive,always,adaptive 2>&1 \
+            | tee $OUT/smol_newdrafter_s$s.log | grep -v "%|" | tail -8; done ;;
     esac ;;
   *) echo "unknown call $1"; exit 2 ;;
 esac
