@@ -150,29 +150,38 @@ case "${1:?which call}" in
         --block $blk --out $OUT/step8b_block$blk.jsonl 2>&1 | tee $OUT/step8b_block$blk.log \
         | grep -E "ms/step|spec/plain" | sed "s/^/block $blk /"
     done ;;
-  train6)  # issue 5, session 16: a drafter run over three back-to-back calls (files in /tmp live only while the
-  # machine stays warm). `train6 copy` (carry .cache/whl .cache/t1: HumanEval, the shipped drafter, the GGUF's first
-  # 43 MB), `train6 data` (carry .cache/t2: the rest), `train6 fit` (540 s of a 5000-step schedule), `train6 end`
-    T=/tmp/t6 M=/tmp/t6/smollm2.gguf
-    R="python3 -m dflash_jax.train train --model $M --data $T/data6.jsonl --run $T/run6 --init-from
+  train6|train7)  # issue 5: a drafter run over back-to-back calls (files in /tmp live only while the machine stays
+  # warm; move tests/data/vocab/*.gguf and the drafter asset out of the working tree for `copy` and `data|bench`).
+  # `copy` (carry .cache/whl .cache/t1: HumanEval, the drafter to start from, the GGUF's first 43 MB), `data` (carry
+  # .cache/t2: the rest), `fit` and `end` (one schedule over two calls), `bench` (after `copy`, in place of `data`).
+  # train6 ran in session 16 (5000 steps from the session-5 drafter); train7 continues from train6's drafter on new
+  # prompts (seed 7) plus 16 answers per HumanEval train task (the held-out set's own distribution)
+    n=${1#train} T=/tmp/t6 M=/tmp/t6/smollm2.gguf
+    steps=5000 end_s=430 data="$T/data6.jsonl"
+    [ $n = 7 ] && steps=6800 end_s=470 data="$T/data7.jsonl $T/data7he.jsonl"
+    R="python3 -m dflash_jax.train train --model $M --data $data --run $T/run$n --init-from
       $T/smollm2-135m-dflash.gguf --distill 0.5 --batch-size 16 --seq-len 768 --anchors 256 --ce-chunk 8192 --lr 3e-4
-      --warmup 200 --steps 5000 --eval-every 500 --ckpt-every 500 --val-seqs 64 --log-every 100 --dtype bfloat16"
-    case "${2:?copy|data|fit|end}" in
+      --warmup 200 --steps $steps --eval-every 500 --ckpt-every 500 --val-seqs 64 --log-every 100 --dtype bfloat16"
+    D="python3 -m dflash_jax.train data --model $M --max-tokens 384 --batch 512 --prompt-pad 512 --dtype bfloat16"
+    case "${2:?copy|data|fit|end|bench}" in
       copy) mkdir -p $T && cp .cache/t1/* $T/ && ls -la $T ;;
       data) cp .cache/t2/* $T/ && cat $T/part_a $T/part_b > $M && md5sum $M && rm $T/part_a $T/part_b
-        timeout 540 python3 -m dflash_jax.train data --model $M --out $T/data6.jsonl --humaneval $T/HumanEval.jsonl.gz \
-          --prompt-file default --self-prompts 32768 --code-fraction 0.75 --samples 2 --temperature 0.6 \
-          --max-tokens 384 --batch 512 --prompt-pad 512 --dtype bfloat16 --seed 6 2>&1 | tee $OUT/data6.log \
-          | grep -v "%|" | tail -6; wc -l $T/data6.jsonl ;;
-      fit) timeout 590 $R --stop-after 510 --no-resume 2>&1 | tee $OUT/fit6.log | grep -v "%|" | grep -v '^{"step"' ;;
-      end) timeout 500 $R --stop-after 430 2>&1 | tee $OUT/end6.log | grep -v "%|" | grep -v '^{"step"'
-        python3 -m dflash_jax.train export --run $T/run6 --out $OUT/smollm2-135m-dflash.gguf --tokenizer-source $M \
-          --qtype q8_0 2>&1 | tail -2; cp $T/run6/history.json $OUT/ ;;
+        if [ $n = 7 ]; then
+          timeout 100 $D --out $T/data7he.jsonl --humaneval $T/HumanEval.jsonl.gz --samples 16 --temperature 0.8 \
+            --seed 7 2>&1 | tee $OUT/data7he.log | grep -v "%|" | tail -2
+        fi
+        timeout 480 $D --out $T/data$n.jsonl --humaneval $T/HumanEval.jsonl.gz --prompt-file default \
+          --self-prompts 32768 --code-fraction 0.75 --samples 2 --temperature 0.6 --seed $((n == 7 ? 7 : 6)) 2>&1 \
+          | tee $OUT/data$n.log | grep -v "%|" | tail -6; wc -l $T/data*.jsonl ;;
+      fit) timeout 590 $R --stop-after 510 --no-resume 2>&1 | tee $OUT/fit$n.log | grep -v "%|" | grep -v '^{"step"' ;;
+      end) timeout 570 $R --stop-after $end_s 2>&1 | tee $OUT/end$n.log | grep -v "%|" | grep -v '^{"step"'
+        python3 -m dflash_jax.train export --run $T/run$n --out $OUT/smollm2-135m-dflash.gguf --tokenizer-source $M \
+          --qtype q8_0 2>&1 | tail -2; cp $T/run$n/history.json $OUT/ ;;
       bench) cp .cache/t2/* $T/ && cat $T/part_a $T/part_b > $M && md5sum $M && rm $T/part_a $T/part_b
-        for s in 8 1; do  # the new drafter served through the default policy, as session 15 ran the old one
+        for s in 8 1; do  # the drafter in $T served through the default policy, as session 15 ran the old one
           timeout 280 python3 bench/engine_throughput.py -m $M -md $T/smollm2-135m-dflash.gguf --slots $s \
             --max-tokens 512 --dtype bfloat16 --spec-policy adaptive,always,adaptive 2>&1 \
-            | tee $OUT/smol_newdrafter_s$s.log | grep -v "%|" | tail -8; done ;;
+            | tee $OUT/smol_drafter_s$s.log | grep -v "%|" | tail -8; done ;;
     esac ;;
   *) echo "unknown call $1"; exit 2 ;;
 esac
