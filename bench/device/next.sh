@@ -138,11 +138,16 @@ case "${1:?which call}" in
         --steps plain,spec --iters 40 $prof --out $OUT/step8b_$v.jsonl 2>&1 | tee $OUT/step8b_$v.log \
         | grep -E "ms/step|spec/plain|busy| ms +[0-9.]+x " | head -40 | sed "s/^/$v /"
     done ;;
-  firstengine)  # session 15: the first DFlash engine of a process served SmolLM2 (bf16, H200) 1.2-1.5x slower than
-  # the next ones with the same decisions (not seen on the CPU): the same on a random SmolLM2-shaped model?
-    timeout 300 python3 bench/engine_random.py --target smollm2-135m --slots 8 --concurrency 8 \
-      --requests-per-client 4 --prompt 128 --max-tokens 256 --modes dflash,plain,dflash,plain 2>&1 \
-      | tee $OUT/firstengine.log | grep -E "warm-up|clients" ;;
+  firstengine)  # sessions 15-16: the first DFlash engine of a process serves SmolLM2 (bf16, H200) 1.2-1.5x slower
+  # than the next ones with the same decisions (x0.97 vs x1.28 against plain at 8 slots); not seen on the CPU, not
+  # Python's GC. With CUDA graphs off the first engine ran at half speed (1312.6 -> 659.0 tok/s); the later engines
+  # (same executables) were cut by the timeout in session 16: time them here, graphs on and off (~300 s)
+    for f in "" "--xla_gpu_enable_command_buffer="; do
+      XLA_FLAGS="$f" timeout 145 python3 bench/engine_random.py --target smollm2-135m --slots 8 --concurrency 8 \
+        --requests-per-client 2 --prompt 128 --max-tokens 256 --prefill-chunk 128 --chunk-buckets 128 \
+        --modes dflash,dflash,dflash 2>&1 | tee -a $OUT/firstengine.log | grep -E "warm-up|clients" \
+        | sed "s/^/XLA_FLAGS=$f /"
+    done ;;
   blocks)  # issue 4, serving: the 8B spec step with block 8 against 16 at 8 and 16 slots (the shipped drafter's tau is
   # 2.35 at block 8 against 2.38 at 16; a verify of half the rows)
     for blk in 16 8; do
