@@ -20,7 +20,7 @@ from dflash_jax.kv_cache import AttentionMeta, KVCache
 from dflash_jax.requests import SamplingParams
 from dflash_jax.train import data as train_data
 from dflash_jax.train.data import Dataset, run_requests
-from dflash_jax.train.export import export_dir, export_gguf, load_dir, params_to_numpy, to_loaded
+from dflash_jax.train.export import export_dir, export_gguf, grow_layers, load_dir, params_to_numpy, to_loaded
 from dflash_jax.train.features import FeatureCache, tap_features
 from dflash_jax.train.loss import (block_labels, context_visibility, dflash_loss, drafter_blocks, position_weights,
                                    sample_anchors)
@@ -402,6 +402,28 @@ def test_warm_start_from_an_exported_drafter_with_distillation(target, target_pa
     assert v0["val_acc_per_pos"] == pytest.approx(v_end["val_acc_per_pos"], abs=1e-4)
     losses = [h["loss"] for h in second["history"] if "loss" in h]
     assert losses[-1] < losses[0], losses
+
+
+def test_grown_drafter_starts_as_the_same_function_and_trains(target, target_path, tmp_path):
+    """grow_layers (train --init-from F --layers N): appended layers start as the identity, so the grown drafter's
+    step-0 validation equals the trained drafter's last; training then moves the new layers' output projections."""
+    ds, tc = _small_run(target, seed=7, steps=20, every=20)
+    dc = tiny_drafter_config()
+    first = train(target, dc, ds, tc, tmp_path / "a", progress=False)
+    start = load_drafter(export_gguf(dc, first["params"], tmp_path / "a.gguf", target_path, qtype="f32"),
+                         target.config, jnp.float32)
+    grown = grow_layers(start, dc.num_layers + 2, seed=1)
+    assert grown.config.num_layers == dc.num_layers + 2
+    with pytest.raises(ValueError, match="already has"):
+        grow_layers(start, dc.num_layers)
+    second = train(target, grown.config, ds, dataclasses.replace(tc, num_steps=10), tmp_path / "b", progress=False,
+                   init_params=nnx.split(grown.model)[1])
+    v0 = [h for h in second["history"] if "val_tau" in h][0]
+    v_end = [h for h in first["history"] if "val_tau" in h][-1]
+    assert v0["step"] == 0 and v0["val_tau"] == pytest.approx(v_end["val_tau"], rel=1e-5)
+    assert v0["val_loss"] == pytest.approx(v_end["val_loss"], rel=1e-5)
+    trained = params_to_numpy(second["params"])
+    assert np.abs(trained[("layers", dc.num_layers + 1, "self_attn", "o_proj", "weight")]).max() > 0
 
 
 def test_held_out_evaluation_through_the_engine_is_lossless(target):

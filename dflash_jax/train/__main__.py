@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--model", required=True)
     t.add_argument("--data", required=True, nargs="+")
     t.add_argument("--run", required=True, help="run directory (checkpoints, history, loss_curve.png)")
-    t.add_argument("--layers", type=int, default=2)
+    t.add_argument("--layers", type=int, default=None, help="drafter layers (default 2); with --init-from, more "
+                   "than the drafter has appends layers that start as the identity (grow_layers)")
     t.add_argument("--block-size", type=int, default=16)
     t.add_argument("--mask-token-id", type=int, default=None, help="default: the last vocabulary id")
     t.add_argument("--taps", type=_ints, default=None, help="HF tap layer ids, e.g. 1,8,14,20,27 (default: 5 "
@@ -178,9 +179,13 @@ def cmd_train(a) -> None:
 
         start = load_dir(a.init_from) if Path(a.init_from).is_dir() else \
             load_drafter(a.init_from, mc, jnp.float32)
+        if a.layers is not None and a.layers != start.config.num_layers:
+            from dflash_jax.train.export import grow_layers
+
+            start = grow_layers(start, a.layers, seed=a.seed)
         dcfg, init = start.config, nnx.split(start.model)[1]
     else:
-        dcfg = drafter_config_for(mc, a.layers, a.block_size,
+        dcfg = drafter_config_for(mc, a.layers or 2, a.block_size,
                                   a.mask_token_id if a.mask_token_id is not None else mc.vocab_size - 1, a.taps)
     tc = TrainConfig(batch_size=a.batch_size, seq_len=a.seq_len, anchors_per_seq=a.anchors, lr=a.lr,
                      warmup_steps=a.warmup, num_steps=a.steps, time_budget_s=a.time_budget, stop_after_s=a.stop_after,

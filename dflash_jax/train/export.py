@@ -12,7 +12,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from converters.drafter_gguf import write_drafter_gguf
+from converters.drafter_gguf import random_drafter_params, write_drafter_gguf
 from converters.load_gguf import fill_model
 from dflash_jax.config import DrafterConfig
 from dflash_jax.models.drafter import Drafter
@@ -65,3 +65,23 @@ def to_loaded(dcfg: DrafterConfig, params: nnx.State, dtype=jnp.float32) -> Load
     """Trained params straight into the engine's drafter (no file)."""
     arrays = [(k, jnp.asarray(v, dtype)) for k, v in params_to_numpy(params).items()]
     return LoadedDrafter(dcfg, fill_model(dcfg, jnp.dtype(dtype), arrays, Drafter), "<trained>")
+
+
+def grow_layers(loaded: LoadedDrafter, num_layers: int, seed: int = 0) -> LoadedDrafter:
+    """The drafter with random layers appended whose attention and MLP output projections are zero: each new layer
+    adds nothing to the residual stream until training moves those projections, so the grown drafter starts as the
+    same function with more capacity (a trained drafter need not be thrown away to get deeper)."""
+    old = loaded.config
+    if num_layers <= old.num_layers:
+        raise ValueError(f"grow_layers: {loaded.source} already has {old.num_layers} layers; asked for {num_layers}")
+    cfg = dataclasses.replace(old, num_layers=num_layers,
+                              swa_layers=old.swa_layers + (False,) * (num_layers - old.num_layers) if old.swa_layers
+                              else ())
+    params = random_drafter_params(cfg, seed)
+    params.update(params_to_numpy(nnx.state(loaded.model)))
+    for i in range(old.num_layers, num_layers):
+        for sub in (("self_attn", "o_proj", "weight"), ("mlp", "down_proj", "weight")):
+            params[("layers", i) + sub] = np.zeros_like(params[("layers", i) + sub])
+    dtype = jnp.dtype(loaded.model.fc.weight[...].dtype)
+    arrays = [(k, jnp.asarray(v, dtype)) for k, v in params.items()]
+    return LoadedDrafter(cfg, fill_model(cfg, dtype, arrays, Drafter), f"{loaded.source} grown to {num_layers} layers")
