@@ -39,8 +39,8 @@ CODE_TASK_TOPICS = (
     "palindromes", "dictionaries", "counting characters", "matrices", "recursion", "Fibonacci-like sequences",
     "intervals", "dates and times", "parsing text", "bit manipulation", "geometry formulas", "sets",
     "greatest common divisor", "vowels and consonants", "nested lists", "binary and hexadecimal numbers", "anagrams",
-    "sliding windows", "running sums", "brackets and parentheses",
-    "word frequencies", "rounding and floats", "list filtering", "tuples",
+    "sliding windows", "running sums", "brackets and parentheses", "word frequencies", "rounding and floats",
+    "list filtering", "tuples",
 )
 
 

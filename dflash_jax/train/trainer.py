@@ -325,11 +325,10 @@ def train(target, dcfg: DrafterConfig, dataset: Dataset, tc: TrainConfig, out_di
                 if progress:
                     tqdm.write(f"step {step}: val loss {v['val_loss']:.4f}, val tau {v['val_tau']:.3f}, "
                                f"acc/pos {v['val_acc_per_pos'][:6]}")
-        if step % tc.ckpt_every == 0 or step == total:
+        stop = bool(tc.stop_after_s) and step < total and time.monotonic() - start >= tc.stop_after_s
+        if step % tc.ckpt_every == 0 or step == total or stop:
             save(step)
-        elif tc.stop_after_s and time.monotonic() - start >= tc.stop_after_s:
-            save(step)
-        if tc.stop_after_s and time.monotonic() - start >= tc.stop_after_s and step < total:
+        if stop:
             if progress:
                 tqdm.write(f"stopped after {tc.stop_after_s:.0f} s at step {step} of {total}; rerun to resume")
             break
