@@ -190,8 +190,8 @@ def cmd_train(a) -> None:
     tc = TrainConfig(batch_size=a.batch_size, seq_len=a.seq_len, anchors_per_seq=a.anchors, lr=a.lr,
                      warmup_steps=a.warmup, num_steps=a.steps, time_budget_s=a.time_budget, stop_after_s=a.stop_after,
                      compute_dtype=dtype, ce_chunk=a.ce_chunk, vocab_subset=a.vocab_subset,
-                     feature_cache=a.feature_cache, val_seqs=a.val_seqs, log_every=a.log_every, seed=a.seed, eval_every=a.eval_every,
-                     ckpt_every=a.ckpt_every, profile_steps=a.profile_steps, distill=a.distill)
+                     feature_cache=a.feature_cache, val_seqs=a.val_seqs, log_every=a.log_every, seed=a.seed,
+                     eval_every=a.eval_every, ckpt_every=a.ckpt_every, profile_steps=a.profile_steps, distill=a.distill)
     ds = Dataset.load(*a.data)
     print(f"data: {ds.stats()}\ndrafter: {dcfg}")
     out = train(loaded, dcfg, ds, tc, a.run, resume=not a.no_resume, init_params=init)
