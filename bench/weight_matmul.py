@@ -93,6 +93,9 @@ VARIANTS = {
     "pallas_q8_0": ("q8_0", lambda x, q, s, cfg=None: q8_0_matmul_pallas(x, q, s, config=cfg,
                                                                            interpret=INTERPRET)),
     "mgpu_bf16": ("bf16", lambda x, w, cfg=None: matmul_mgpu(x, w, config=cfg, interpret=INTERPRET)),
+    # two compute warpgroups and a memory warpgroup (BN 128) where N has 128-row tiles
+    "mgpu_bf16_ws": ("bf16", lambda x, w, cfg=None: matmul_mgpu(x, w, config=cfg or pick_mgpu_config(
+        x.shape[0], x.shape[1], w.shape[0], warpgroups=2 if w.shape[0] % 128 == 0 else 1), interpret=INTERPRET)),
     # Q8_0 with the weight laid out (N, K), as the Mosaic kernel takes it
     "mgpu_q8_0": ("q8_0_nk", lambda x, q, s, cfg=None: q8_0_matmul_mgpu(x, q, s, config=cfg, interpret=INTERPRET)),
     # the pre-scaled variant ($DFLASH_Q8_PRESCALE): bf16 weights' numerics, one accumulator
@@ -135,8 +138,10 @@ def check_kernels() -> dict[str, float]:
     q = jnp.asarray(rng.integers(-127, 128, (k, n)), jnp.int8)
     s = jnp.asarray(rng.uniform(1e-3, 3e-3, (k // Q8_BLOCK, n)), jnp.float16)
     w = jnp.asarray(rng.standard_normal((n, k)) * 0.02, jnp.bfloat16)
-    errs = {"pallas_q8_0": 0.0, "pallas_bf16": 0.0, "mgpu_bf16": 0.0, "mgpu_q8_0": 0.0, "mgpu_q8_0p": 0.0}
+    errs = {"pallas_q8_0": 0.0, "pallas_bf16": 0.0, "mgpu_bf16": 0.0, "mgpu_bf16_ws": 0.0, "mgpu_q8_0": 0.0,
+            "mgpu_q8_0p": 0.0}
     w_even = w[:n // 64 * 64]  # the Mosaic kernels take N % 64 == 0
+    w_128 = jnp.asarray(rng.standard_normal((max(128, n // 128 * 128), k)) * 0.02, jnp.bfloat16)  # 128-row tiles
     q_nk, s_even = q[:, :n // 64 * 64].T, s[:, :n // 64 * 64]
     for m in (1, 16, 256):
         x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
@@ -146,6 +151,8 @@ def check_kernels() -> dict[str, float]:
                                  lambda: jnp.einsum("mk,nk->mn", x, w, preferred_element_type=jnp.float32)),
                  "mgpu_bf16": (lambda: matmul_mgpu(x, w_even, interpret=INTERPRET),
                                lambda: jnp.einsum("mk,nk->mn", x, w_even, preferred_element_type=jnp.float32)),
+                 "mgpu_bf16_ws": (lambda: VARIANTS["mgpu_bf16_ws"][1](x, w_128),
+                                  lambda: jnp.einsum("mk,nk->mn", x, w_128, preferred_element_type=jnp.float32)),
                  "mgpu_q8_0": (lambda: q8_0_matmul_mgpu(x, q_nk, s_even, interpret=INTERPRET),
                                # exact Q8_0 weights (the kernel does not round them to bf16 as the reference does)
                                lambda: q8_0_matmul_reference(x.astype(jnp.float32), q_nk.T, s_even)),
@@ -178,7 +185,8 @@ def main(argv=None) -> None:
     ap.add_argument("--sweep", default="", help="'K:N:M[,..]' shapes to try --configs on (Pallas variants)")
     ap.add_argument("--configs-q8", default="", help="BNxBKxWARPSxSTAGES[,..] for --sweep, Q8_0 kernel")
     ap.add_argument("--configs-bf16", default="", help="BNxBKxWARPSxSTAGES[,..] for --sweep, bf16 kernel")
-    ap.add_argument("--configs-mgpu", default="", help="BNxBKxSPLITSxSTAGES[,..] for --sweep, Mosaic GPU kernel")
+    ap.add_argument("--configs-mgpu", default="",
+                    help="BNxBKxSPLITSxSTAGES[xWARPGROUPS][,..] for --sweep, Mosaic GPU kernel")
     ap.add_argument("--configs-mgpu-q8", default="",
                     help="BNxSPLITS[xSTAGES[xBLOCKS]][p][,..] for --sweep, Mosaic GPU Q8_0 kernel (p: pre-scaled)")
     ap.add_argument("--plan", default="", help="'MODEL:M,M:VARIANT,VARIANT;...' (overrides --models/--ms/--variants)")

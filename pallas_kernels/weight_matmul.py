@@ -481,6 +481,18 @@ def default_impl(quantized: bool = False, invariant: bool = False, weight_elems:
     return "pallas" if quantized or invariant else "reference"
 
 
+def _verify_rows_to_mgpu(x, weight) -> bool:
+    """$DFLASH_MGPU_MIN_ROWS=R (outside the batch-invariant mode, Hopper): float products of at least R rows (a
+    verify's slots x block) run in the Mosaic kernel, the rest in XLA's product. An experiment until timed: XLA's
+    128-row products stream the 8B shape's qkv, o_proj and down at 2.6-2.9 TB/s against ~3.9 for its decode products
+    (session 15), and the warp-specialized tiles ($DFLASH_MGPU_WS=1) are built for those rows."""
+    from pallas_kernels import weight_matmul_mgpu as mg  # noqa: PLC0415
+    min_rows = mg.env_int("DFLASH_MGPU_MIN_ROWS", 0)
+    rows = math.prod(x.shape[:-1])
+    return (0 < min_rows <= rows and jax.default_backend() == "gpu" and _is_hopper()
+            and mg.supports(1, weight.shape[1], weight.shape[0], weight.dtype))
+
+
 def _is_hopper() -> bool:
     return str(getattr(jax.devices()[0], "compute_capability", "")).startswith("9.")
 
@@ -546,7 +558,10 @@ def linear(x: jax.Array, weight: jax.Array, *, impl: str = "auto", out_dtype=Non
     in Pallas interpret mode: CPU tests only, slow), 'mgpu' (the Mosaic GPU kernel, Hopper; shapes it does not take
     go to XLA, or to the portable kernel in the batch-invariant mode), 'mgpu_interpret'."""
     invariant = is_batch_invariant()
+    auto = impl == "auto"
     impl = _resolve(impl, quantized=False, invariant=invariant, weight_elems=weight.size)
+    if auto and impl == "reference" and not invariant and _verify_rows_to_mgpu(x, weight):
+        impl = "mgpu"
     if invariant and in_prefill() and prefill_tiles_enabled() and impl != "reference":
         return matmul_pallas(x, weight, config=prefill_config(weight.shape[1], weight.shape[0]),
                              interpret=impl.endswith("interpret"), out_dtype=out_dtype)

@@ -45,6 +45,38 @@ def test_mgpu_matches_reference_interpret(m):
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
 
 
+@pytest.mark.parametrize("m", (1, 8, 64, 128, 250))
+def test_warp_specialized_matches_reference_and_the_one_warpgroup_bits_interpret(m):
+    """Two compute warpgroups (BN 128, half each) and a memory warpgroup: the reference's result, and bit for bit
+    the one-warpgroup kernel's with the same BK and splits (only the rows per CTA differ, not a row's sums)."""
+    k, n = 384, 256
+    x, w = _inputs(m, k, n, seed=100 + m)
+    ws = np.asarray(matmul_mgpu(x, w, config=MgpuConfig(128, 64, 3, 2, warpgroups=2), interpret=True,
+                                out_dtype=jnp.float32))
+    one = np.asarray(matmul_mgpu(x, w, config=MgpuConfig(64, 64, 3, 2), interpret=True, out_dtype=jnp.float32))
+    ref = _reference(x, w)
+    np.testing.assert_allclose(ws, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+    assert np.array_equal(ws, one)
+
+
+def test_warp_specialized_tiles_picked_only_when_asked(monkeypatch):
+    """$DFLASH_MGPU_WS=1 picks warpgroups 2 (BN 128) where N has 128-row tiles; the invariant tiles keep their BK
+    and splits (a row's sums) either way."""
+    monkeypatch.delenv("DFLASH_MGPU_WS", raising=False)
+    assert pick_mgpu_config(128, 4096, 12288, num_sms=132).warpgroups == 1
+    before = invariant_mgpu_config(128, 4096, 12288, num_sms=132)
+    monkeypatch.setenv("DFLASH_MGPU_WS", "1")
+    cfg = pick_mgpu_config(128, 4096, 12288, num_sms=132)
+    assert (cfg.warpgroups, cfg.block_n) == (2, 128)
+    assert pick_mgpu_config(128, 4096, 832, num_sms=132).warpgroups == 1  # N = 832: no 128-row tiles
+    after = invariant_mgpu_config(128, 4096, 12288, num_sms=132)
+    assert (after.warpgroups, after.block_n) == (2, 128)
+    assert (after.block_k, after.num_splits) == (before.block_k, before.num_splits)
+    with pytest.raises(ValueError, match="does not tile"):
+        x, w = _inputs(2, 128, 64, seed=0)
+        matmul_mgpu(x, w, config=MgpuConfig(64, 64, 1, 2, warpgroups=2), interpret=True)
+
+
 @pytest.mark.parametrize("m,k,n", [(1, 576, 1536), (16, 1536, 576), (130, 256, 256)])
 def test_mgpu_default_tiles_interpret(m, k, n):
     """The picked tiles (BK 64 for SmolLM2's K = 576, BN 64 for N = 576 or more than 128 rows) and a bf16 output."""
@@ -68,12 +100,15 @@ def test_mgpu_supports_and_rejects():
         matmul_mgpu(x, w[:64], config=MgpuConfig(64, 128, 2, 2), interpret=True)
 
 
-@pytest.mark.parametrize("m,invariant", [(1, False), (16, False), (128, True), (256, True)])
-def test_mgpu_lowers_for_cuda(m, invariant):
+@pytest.mark.parametrize("m,invariant,ws", [(1, False, False), (16, False, False), (128, True, False),
+                                            (256, True, False), (128, False, True), (64, True, True)])
+def test_mgpu_lowers_for_cuda(m, invariant, ws, monkeypatch):
     """The compiled path through Mosaic GPU's lowering (layout inference included) at Qwen3-8B's down projection,
-    with the default and the batch-invariant tiles, without running it."""
+    with the default, the batch-invariant and the warp-specialized tiles, without running it."""
     k, n = 12288, 4096
+    monkeypatch.setenv("DFLASH_MGPU_WS", "1" if ws else "0")
     cfg = invariant_mgpu_config(m, k, n, num_sms=132) if invariant else pick_mgpu_config(m, k, n, num_sms=132)
+    assert cfg.warpgroups == (2 if ws else 1)
     args = (jax.ShapeDtypeStruct((m, k), jnp.bfloat16), jax.ShapeDtypeStruct((n, k), jnp.bfloat16))
     lowered = jax.jit(lambda x, w: matmul_mgpu(x, w, config=cfg)).trace(*args).lower(lowering_platforms=("cuda",))
     assert "mosaic_gpu" in lowered.as_text()
@@ -86,9 +121,11 @@ def test_mgpu_qwen3_8b_shapes_gpu(k, n):
         pytest.skip("Mosaic GPU wgmma needs Hopper")
     for m in (1, 8, 16, 64, 128, 256):
         x, w = _inputs(m, k, n, seed=m)
-        got = np.asarray(matmul_mgpu(x, w, out_dtype=jnp.float32))
         ref = _reference(x, w)
-        np.testing.assert_allclose(got, ref, rtol=2e-3, atol=2e-3 * np.abs(ref).max())
+        for warpgroups in (1, 2):
+            cfg = pick_mgpu_config(m, k, n, warpgroups=warpgroups)
+            got = np.asarray(matmul_mgpu(x, w, config=cfg, out_dtype=jnp.float32))
+            np.testing.assert_allclose(got, ref, rtol=2e-3, atol=2e-3 * np.abs(ref).max(), err_msg=str(cfg))
 
 
 @pytest.mark.gpu
@@ -133,3 +170,25 @@ def test_invariant_tiles_fix_the_sum_order_by_shape_alone(k, n):
     assert all(k % (c.block_k * c.num_splits) == 0 for c in cfgs)
     for m, c in zip((1, 3, 8, 16, 64, 128, 256), cfgs):
         assert 1 <= c.stages <= max(1, _max_stages(_rows(m), c.block_n, c.block_k))
+
+
+@pytest.mark.gpu
+def test_verify_rows_go_to_mosaic_when_asked_gpu(monkeypatch):
+    """$DFLASH_MGPU_MIN_ROWS=64 outside the invariant mode: a 128-row product compiles to the Mosaic kernel (two
+    warpgroups with $DFLASH_MGPU_WS=1) and matches the reference; an 8-row product stays in XLA."""
+    if jax.devices()[0].device_kind.find("H100") < 0 and jax.devices()[0].device_kind.find("H200") < 0:
+        pytest.skip("Mosaic GPU wgmma needs Hopper")
+    from pallas_kernels.invariance import batch_invariant
+    from pallas_kernels.weight_matmul import linear
+
+    monkeypatch.setenv("DFLASH_MGPU_MIN_ROWS", "64")
+    monkeypatch.setenv("DFLASH_MGPU_WS", "1")
+    monkeypatch.delenv("DFLASH_MATMUL_IMPL", raising=False)
+    k, n = 4096, 6144
+    with batch_invariant(False):
+        for m, mosaic in ((128, True), (8, False)):
+            x, w = _inputs(m, k, n, seed=m)
+            f = jax.jit(lambda a, b: linear(a, b, out_dtype=jnp.float32))
+            assert ("mosaic_gpu" in f.lower(x, w).as_text()) == mosaic, m
+            ref = _reference(x, w)
+            np.testing.assert_allclose(np.asarray(f(x, w)), ref, rtol=2e-3, atol=2e-3 * np.abs(ref).max())

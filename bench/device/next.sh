@@ -188,5 +188,18 @@ case "${1:?which call}" in
             --max-tokens 512 --dtype bfloat16 --spec-policy adaptive,always,adaptive 2>&1 \
             | tee $OUT/smol_drafter_s$s.log | grep -v "%|" | tail -8; done ;;
     esac ;;
+  ws)  # issues 4 and 8 (session 17): the warp-specialized Mosaic bf16 product (two compute warpgroups share the x
+  # tile; BN 128) on the GPU for the first time: GPU tests, per-layer products against XLA and the one-warpgroup
+  # kernel, then the 8B spec step with verify-sized products (>= 64 rows) in Mosaic, mode off and invariant
+    timeout 150 python3 -m pytest -q -m gpu tests/test_weight_matmul_mgpu.py 2>&1 | tee $OUT/ws_tests.log | tail -3
+    timeout 170 python3 bench/weight_matmul.py --plan "qwen3-8b:1,16,64,128,256:xla_bf16,mgpu_bf16,mgpu_bf16_ws" \
+      --budget-s 160 --out $OUT/ws_layers.jsonl 2>&1 | tee $OUT/ws_layers.log | grep -E "LAYER|check|copy"
+    S="python3 bench/spec_step.py --target qwen3-8b --slots 8,1 --steps plain,spec --iters 20"
+    for v in xla verify1 verifyws invws; do
+      e=""; [ $v = verify1 ] && e="DFLASH_MGPU_MIN_ROWS=64"
+      [ $v = verifyws ] && e="DFLASH_MGPU_MIN_ROWS=64 DFLASH_MGPU_WS=1"
+      b=""; [ $v = invws ] && e="DFLASH_MGPU_WS=1" && b="--batch-invariant"
+      env $e timeout 100 $S $b --out $OUT/ws_step_$v.jsonl 2>&1 | tee $OUT/ws_step_$v.log | grep -E "ms/step|spec/plain"
+    done ;;
   *) echo "unknown call $1"; exit 2 ;;
 esac
