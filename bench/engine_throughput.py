@@ -23,6 +23,7 @@ from converters.chat_template import ChatTemplate
 from converters.checkpoint import load_drafter, load_model
 from dflash_jax.engine import Engine, EngineConfig
 from dflash_jax.requests import Request, SamplingParams
+from dflash_jax.train.data import humaneval_prompts
 
 PROMPTS = [
     "Write a Python function that returns the n-th Fibonacci number.",
@@ -82,6 +83,10 @@ def main() -> None:
     ap.add_argument("--batch-invariant", default="auto",
                     help="auto, on, off, or a list like on,off: EngineConfig.batch_invariant, both in one run")
     ap.add_argument("--prefill-chunk", type=int, default=256, help="-ub: fewer chunk buckets compile faster")
+    ap.add_argument("--draft-short", default="0", help="EngineConfig.draft_short for the adaptive policy; a list "
+                    "like 0,3 runs each")
+    ap.add_argument("--prompts", default="chat", help="chat (the 8 built-in prompts) or code (HumanEval's held-out "
+                    "stubs, as `dflash_jax.train eval` uses them)")
     ap.add_argument("--weights", default="auto", help="auto | bf16 | q8_0 (see converters.load_gguf)")
     ap.add_argument("--stacks-every", type=float, default=0,
                     help="seconds: print every thread's stack this often to stderr (where a run stalls)")
@@ -90,22 +95,27 @@ def main() -> None:
         faulthandler.dump_traceback_later(a.stacks_every, repeat=True)
     lm = load_model(a.model, jnp.dtype(a.dtype), weights=a.weights)
     tpl = ChatTemplate(lm.chat_template)
-    prompts = [lm.tokenizer.encode(tpl.render([{"role": "user", "content": p}])) for p in PROMPTS]
+    texts = PROMPTS if a.prompts == "chat" else [p.messages[0][1] for p in humaneval_prompts(split="heldout")]
+    prompts = [lm.tokenizer.encode(tpl.render([{"role": "user", "content": p}])) for p in texts]
     drafters = [(Path(f).stem, load_drafter(f, lm.config, jnp.dtype(a.dtype))) for f in a.model_draft]
     device = jax.devices()[0].device_kind if jax.devices()[0].platform == "gpu" else platform.processor() or "cpu"
     print("| impl | device | slots | requests | tokens | seconds | tok/s |")
     print("|---|---|---|---|---|---|---|")
     for slots in map(int, a.slots.split(",")):
         work = (prompts * (2 * slots // len(prompts) + 1))[:2 * slots]
-        variants = [("plain", None, "never")] + [(f"dflash {pol}" + (f" [{stem}]" if len(drafters) > 1 else ""), d, pol)
-                                                  for stem, d in drafters for pol in a.spec_policy.split(",")]
+        variants = [("plain", None, "never", 0)] + [
+            (f"dflash {pol}" + (f" short={short}" if pol == "adaptive" else "")
+             + (f" [{stem}]" if len(drafters) > 1 else ""), d, pol, int(short))
+            for stem, d in drafters for pol in a.spec_policy.split(",")
+            for short in (a.draft_short.split(",") if pol == "adaptive" else ["0"])]
         onoff = {"on": True, "off": False}
-        variants = [(f"{name} overlap={ov} invariant={inv}", d, pol, onoff.get(ov), onoff.get(inv))
-                    for name, d, pol in variants for ov in a.overlap.split(",") for inv in a.batch_invariant.split(",")]
-        for name, d, policy, overlap, invariant in variants:
+        variants = [(f"{name} overlap={ov} invariant={inv}", d, pol, short, onoff.get(ov), onoff.get(inv))
+                    for name, d, pol, short in variants for ov in a.overlap.split(",")
+                    for inv in a.batch_invariant.split(",")]
+        for name, d, policy, short, overlap, invariant in variants:
             eng = Engine(lm, EngineConfig(num_slots=slots, ctx_size=1024 * slots, ctx_per_slot=1024,
                                           prefill_chunk=a.prefill_chunk, dtype=a.dtype, spec_policy=policy,
-                                          overlap=overlap, batch_invariant=invariant), d)
+                                          draft_short=short, overlap=overlap, batch_invariant=invariant), d)
             t_warm = time.perf_counter()
             eng.warmup(progress=False)
             t_warm = time.perf_counter() - t_warm

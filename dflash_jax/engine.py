@@ -47,6 +47,10 @@ class EngineConfig:
     dtype: str = "float32"
     compile_cache_dir: str | None = None
     draft_max: int = 15  # drafts per block (block = draft_max + 1, at most the drafter's trained block size)
+    # --draft-short: drafts per block where the full block does not pay (adaptive policy; 0: off). Its spec buckets
+    # compile beside the full block's. Off by default: on the dev CPU (SmolLM2, 8 slots) it turned code prompts'
+    # 0.90x of plain into 1.05x but chat prompts' 0.94x into 0.70x (BENCHMARKS.md, session 17).
+    draft_short: int = 0
     ctx_size_draft: int | None = None  # -cd: how many recent context features the drafter attends to
     spec_policy: str = "adaptive"  # adaptive | always | never (with a drafter)
     # Launch step k+1 before reading step k's output, so host work hides behind the device's. None = on a GPU only:
@@ -77,6 +81,8 @@ class EngineConfig:
                              f"{self.prefill_chunk}, got {self.chunk_sizes}")
         if self.draft_max < 1:
             raise ValueError(f"EngineConfig.draft_max must be >= 1, got {self.draft_max}")
+        if self.draft_short < 0:
+            raise ValueError(f"EngineConfig.draft_short must be >= 0, got {self.draft_short}")
         if self.spec_policy not in ("adaptive", "always", "never"):
             raise ValueError(f"EngineConfig.spec_policy must be adaptive, always or never, got {self.spec_policy!r}")
         if self.per_slot > self.ctx_size:
@@ -118,6 +124,7 @@ class _Launch:
     rows: list  # (slot, its request at launch, whether this row yields tokens) per live row, in batch order
     out: tuple  # device outputs, fetched at retirement
     t_launch: float
+    block: int = 1  # tokens per row (a spec step's block)
 
 
 class Engine:
@@ -190,7 +197,8 @@ class Engine:
         # the other buckets' lowering instead of after it.
         slots = sorted(self.cfg.slot_buckets, reverse=True)
         sp = self.spec
-        buckets = [("spec", self._spec_inputs([], b), full) for b in slots for full in (False, True)] if sp else []
+        buckets = [("spec", self._spec_inputs([], b, blk), full) for blk in (sp.blocks if sp else ()) for b in slots
+                   for full in (False, True)]
         buckets += [("plain", self._inputs([], b, t), True) for t in sorted(self.cfg.chunk_buckets, reverse=True)
                     for b in slots]
         buckets += [("plain", self._inputs([], b, 1), full) for b in slots for full in (False, True)]
@@ -268,13 +276,13 @@ class Engine:
             launched.append(self._launch_prefill(plan.prefill))
         if plan.decode:
             eligible = [sl for sl in plan.decode if self.spec and self.spec.eligible(sl)]
-            k = self.spec.num_to_speculate(len(eligible)) if eligible else 0
+            k, block = self.spec.choose(len(eligible)) if eligible else (0, 1)
             # probes rotate over the slots, so that every request's acceptance is sampled
             start = self.num_steps % len(eligible) if eligible else 0
             speculating = eligible if k == len(eligible) else (eligible[start:] + eligible[:start])[:k]
             plain = [sl for sl in plan.decode if sl not in speculating]
             if speculating:
-                launched.append(self._launch_spec(speculating))
+                launched.append(self._launch_spec(speculating, block))
             elif eligible and self.spec.shadow_due(len(eligible), self.num_steps):
                 # the probe's drafts guess the tokens after the slot's newest one, which the launches in flight
                 # (plain: one token each) have yet to report; a slot with a block in flight is skipped
@@ -296,7 +304,7 @@ class Engine:
         Only iterations of one step kind count (with overlap, steady runs of them)."""
         now = time.perf_counter()
         if self.spec and self._iter_end is not None and len(launched) == 1 and launched[0].kind in ("decode", "spec"):
-            kind = "plain" if launched[0].kind == "decode" else "spec"
+            kind = "plain" if launched[0].kind == "decode" else self.spec.spec_kind(launched[0].block)
             self.spec.record_iteration(kind, len(launched[0].rows), now - self._iter_end)
         self._iter_end = now
 
@@ -321,22 +329,22 @@ class Engine:
         return self._launch("decode", slots, [True] * len(slots), self._inputs(rows, b, 1, chained=True),
                             needs_full([sl.req.params for sl in slots]))
 
-    def _launch_spec(self, slots: list[Slot]) -> _Launch:
+    def _launch_spec(self, slots: list[Slot], block: int) -> _Launch:
         b = bucket_for(len(slots), self.cfg.slot_buckets)
         for slot in slots:
-            slot.inflight += self.spec.block
-        return self._launch("spec", slots, [True] * len(slots), self._spec_inputs(slots, b),
-                            needs_full([sl.req.params for sl in slots]))
+            slot.inflight += block
+        return self._launch("spec", slots, [True] * len(slots), self._spec_inputs(slots, b, block),
+                            needs_full([sl.req.params for sl in slots]), block)
 
     def _launch_draft(self, slot: Slot) -> _Launch:
         self.spec.open_shadow(slot.req, slot.req.num_generated + slot.inflight)
         return self._launch("draft", [slot], [False], self._spec_inputs([slot], 1), False)
 
-    def _launch(self, kind: str, slots: list[Slot], emits: list[bool], inputs, full: bool) -> _Launch:
+    def _launch(self, kind: str, slots: list[Slot], emits: list[bool], inputs, full: bool, block: int = 1) -> _Launch:
         t0 = time.perf_counter()
         out = self._dispatchers["plain" if kind in ("prefill", "decode") else kind](inputs, full)
         self.host_seconds["launch"] += time.perf_counter() - t0
-        return _Launch(kind, [(sl, sl.req, e) for sl, e in zip(slots, emits)], out, t0)
+        return _Launch(kind, [(sl, sl.req, e) for sl, e in zip(slots, emits)], out, t0, block)
 
     def _retire(self, launch: _Launch) -> None:
         """Fetch a launch's outputs and turn them into events. Rows whose request finished (stop string, EOS,
@@ -350,7 +358,7 @@ class Engine:
         self._last_retire = now
         n = len(launch.rows)
         if launch.kind == "spec":
-            self.spec.record_step(host[1][:n])
+            self.spec.record_step(host[1][:n], launch.block)
         elif launch.kind == "draft":
             self.spec.shadow_drafts(launch.rows[0][1], host, seconds)
         done = time.monotonic()
@@ -358,8 +366,8 @@ class Engine:
             if slot.req is not req or not emits:
                 continue
             if launch.kind == "spec":
-                slot.inflight -= self.spec.block
-                self._commit_spec(slot, host, i)
+                slot.inflight -= launch.block
+                self._commit_spec(slot, host, i, launch.block)
                 continue
             slot.inflight -= 1
             if launch.kind == "prefill":
@@ -369,11 +377,11 @@ class Engine:
             self._commit(slot, host, i)
         self.host_seconds["commit"] += time.perf_counter() - now
 
-    def _commit_spec(self, slot: Slot, host, i: int) -> None:
+    def _commit_spec(self, slot: Slot, host, i: int, block: int) -> None:
         tokens, accepted, logprobs, top_ids, top_lps = host
         n = int(accepted[i])
         req = slot.req
-        req.draft_n += self.spec.block - 1
+        req.draft_n += block - 1
         req.draft_n_accepted += n
         slot.num_cached += n + 1  # the last token and the accepted drafts are now in the cache
         for k in range(n + 1):
@@ -407,8 +415,8 @@ class Engine:
         meta = AttentionMeta(q_lens=q_lens, kv_lens=kv_lens, page_table=page_table, slot_ids=slot_ids)
         return StepInputs(tokens, meta, slot_ids, is_first, sampling, chain)
 
-    def _spec_inputs(self, slots: list[Slot], b: int) -> SpecInputs:
-        t = self.spec.block
+    def _spec_inputs(self, slots: list[Slot], b: int, block: int | None = None) -> SpecInputs:
+        t = block or self.spec.block
         last = np.zeros((b,), np.int32)
         q_lens = np.zeros((b,), np.int32)
         kv_lens = np.zeros((b,), np.int32)

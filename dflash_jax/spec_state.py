@@ -12,6 +12,13 @@ decoding then gives that slot, which is the accepted length a spec step would ha
 with the target's own choices). A probe costs a draft step, not a verify; it is spread over more steps (up to
 PROBE_MAX_EVERY) if it would still cost more than PROBE_OVERHEAD of plain throughput. Slots with presence/frequency
 penalties decode plainly (their penalty counts change inside a block).
+
+Short blocks (`draft_short` drafts, adaptive policy, off by default): where the full block does not pay, a block of
+draft_short + 1 may (a verify of fewer rows costs less, and the first drafts carry most of the acceptance: SmolLM2's
+shipped drafter accepts 0.73, 0.53, 0.35 at positions 1-3 on held-out code and tau 3.34 over 16). It keeps its own
+tau and costs: every measured block and probe gives it an exact sample, min(accepted, draft_short) + 1, since
+acceptance is a prefix. A short block gives the full block's tau only a lower bound where all its drafts were
+accepted; that sample is taken as it is, so the estimate errs towards the short block.
 """
 from __future__ import annotations
 
@@ -58,6 +65,9 @@ class SpecState:
         dc = drafter.config
         self.config = dc
         self.block = min(engine_cfg.draft_max + 1, dc.block_size)
+        short = engine_cfg.draft_short + 1
+        self.short = short if engine_cfg.spec_policy == "adaptive" and 1 < short < self.block else 0
+        self.blocks = (self.block,) + ((self.short,) if self.short else ())
         self.taps = tuple(dc.target_layer_ids)
         self.mask_token_id = int(dc.mask_token_id)
         self.ctx_window = engine_cfg.ctx_size_draft
@@ -68,6 +78,7 @@ class SpecState:
         self.slot_buckets = engine_cfg.slot_buckets
         self.cost_plain: dict[int, float] = {}  # the warm-up's bare steps, per bucket
         self.cost_spec: dict[int, float] = {}
+        self.cost_short: dict[int, float] = {}
         # Served iterations (launch to retirement of one decode-only or spec-only iteration, host work included):
         # serving costs more than bare steps (8 slots, 2 CPU cores: plain 95 -> 115 ms, spec 370 -> 448 ms; a
         # host-bound H200 engine: plain 1.9 -> 2.8 ms), and a median shrugs off the stalled iteration (a garbage
@@ -78,6 +89,8 @@ class SpecState:
         self.num_spec_steps = 0
         self.num_tau_samples = 0  # spec steps and resolved shadow probes
         self.tau_var = 0.0  # the running variance of the blocks' (accepted + 1)
+        self.short_est = ((1 + self.short) / 2, 0.0, 0)  # the short block's (tau, variance, samples)
+        self.num_short_steps = 0
         self.shadow: Shadow | None = None
         self.num_shadow_probes = 0
         self.cost_draft: float | None = None  # a 1-slot draft-only step
@@ -95,23 +108,28 @@ class SpecState:
     def _served(self, kind: str, b: int) -> float | None:
         return self.served_cost.get((kind, b))
 
-    def _costs(self, num_slots: int) -> tuple[float | None, float | None]:
+    def spec_kind(self, block: int) -> str:
+        """The served-cost kind of a spec step of this block: 'spec' (full) or 'short'."""
+        return "short" if block == self.short and block != self.block else "spec"
+
+    def _costs(self, num_slots: int, kind: str = "spec") -> tuple[float | None, float | None]:
         """(plain, spec) cost of a step of this bucket: both served, else both from warm-up (None: unmeasured)."""
         b = bucket_for(num_slots, self.slot_buckets)
-        plain, spec = self._served("plain", b), self._served("spec", b)
+        plain, spec = self._served("plain", b), self._served(kind, b)
         if plain is not None and spec is not None:
             return plain, spec
-        return self.cost_plain.get(b), self.cost_spec.get(b)
+        return self.cost_plain.get(b), (self.cost_short if kind == "short" else self.cost_spec).get(b)
 
-    def spec_ratio(self, num_slots: int) -> float | None:
+    def spec_ratio(self, num_slots: int, kind: str = "spec") -> float | None:
         """A spec step's cost in plain steps of its bucket: the break-even tau."""
-        plain, spec = self._costs(num_slots)
+        plain, spec = self._costs(num_slots, kind)
         return None if plain is None or spec is None else spec / plain
 
-    def _pays(self, num_slots: int) -> bool:
+    def _pays(self, num_slots: int, kind: str = "spec") -> bool:
         """A spec step yields more per second than a plain one (assumed while the bucket's costs are unmeasured)."""
-        ratio = self.spec_ratio(num_slots)
-        return ratio is None or self.tau_low() > ratio
+        ratio = self.spec_ratio(num_slots, kind)
+        low = self.tau_low() if kind == "spec" else _tau_low(*self.short_est)
+        return ratio is None or low > ratio
 
     def record_iteration(self, kind: str, num_slots: int, seconds: float) -> None:
         """A served iteration that ran only a decode step ('plain') or only a spec step ('spec') of num_slots."""
@@ -126,10 +144,7 @@ class SpecState:
         plain steps, so noise in tau must not switch speculation on (SmolLM2 on 2 CPU cores, 8 slots: a mean of 3.67
         from 10 blocks crossed the break-even of 3.65; that spec step's 8 blocks averaged 2.25). While tau is the
         prior, the prior."""
-        if self.num_tau_samples == 0:
-            return self.tau
-        n = min(self.num_tau_samples + TAU_PSEUDO_STEPS, (2 - TAU_EMA) / TAU_EMA)  # an EMA's effective samples
-        return self.tau - np.sqrt(self.tau_var / n)
+        return _tau_low(self.tau, self.tau_var, self.num_tau_samples)
 
     def probe_every(self, num_slots: int) -> int:
         """Decode steps between shadow probes: PROBE_EVERY doubled until a probe's cost (a 1-slot draft step launched
@@ -147,11 +162,18 @@ class SpecState:
     def num_to_speculate(self, num_slots: int) -> int:
         """How many of `num_slots` eligible slots speculate this step: all where DFlash pays, none where it does
         not (`shadow_due` then probes); one while tau is still the prior (a real block, to learn it)."""
+        return self.choose(num_slots)[0]
+
+    def choose(self, num_slots: int) -> tuple[int, int]:
+        """(slots that speculate, their block): the full block where it pays, else the short one where that pays,
+        else none (`num_to_speculate`)."""
         if self.policy == "always":
-            return num_slots
-        if not self._pays(num_slots):
-            return 0
-        return num_slots if self.num_tau_samples > 0 else 1
+            return num_slots, self.block
+        if self._pays(num_slots):
+            return (num_slots if self.num_tau_samples > 0 else 1), self.block
+        if self.short and self.num_tau_samples > 0 and self._pays(num_slots, "short"):
+            return num_slots, self.short
+        return 0, self.block
 
     def shadow_due(self, num_slots: int, step: int) -> bool:
         """Whether this plain step of `num_slots` eligible slots should carry a shadow probe."""
@@ -187,12 +209,14 @@ class SpecState:
         self.num_shadow_probes += 1
         self._record_tau(np.array([accepted]))
 
-    def record_step(self, accepted: np.ndarray) -> None:
-        """A spec step was retired: the accepted drafts of each of its slots."""
+    def record_step(self, accepted: np.ndarray, block: int | None = None) -> None:
+        """A spec step (of `block`, default the full one) was retired: the accepted drafts of each of its slots."""
+        block = block or self.block
         self.num_spec_steps += 1
+        self.num_short_steps += block != self.block
         self._record_tau(accepted)
         self.num_drafts += len(accepted)
-        self.num_draft_tokens += len(accepted) * (self.block - 1)
+        self.num_draft_tokens += len(accepted) * (block - 1)
         self.num_accepted += int(np.sum(accepted))
         for a in accepted:
             self.accepted_per_pos[:int(a)] += 1
@@ -200,17 +224,13 @@ class SpecState:
     def _record_tau(self, accepted: np.ndarray) -> None:
         """The optimistic prior is gone after one measurement; from then on a running mean that starts with
         TAU_PSEUDO_STEPS pseudo-steps of tau = 1 (one step's tau ranges over 1..block, and a lucky first block of 7
-        made a CPU engine speculate for 19 steps at a loss), turning into an EMA after 1/TAU_EMA measurements."""
-        self.num_tau_samples += 1
-        x = float(np.mean(accepted + 1))
-        if self.num_tau_samples == 1:
-            self.tau = (x + TAU_PSEUDO_STEPS) / (1 + TAU_PSEUDO_STEPS)
-            self.tau_var = ((x - self.tau) ** 2 + TAU_PSEUDO_STEPS * (1 - self.tau) ** 2) / (1 + TAU_PSEUDO_STEPS)
-        else:
-            alpha = max(TAU_EMA, 1.0 / (self.num_tau_samples + TAU_PSEUDO_STEPS))
-            d = x - self.tau
-            self.tau += alpha * d
-            self.tau_var = (1 - alpha) * (self.tau_var + alpha * d * d)  # the exponentially weighted variance
+        made a CPU engine speculate for 19 steps at a loss), turning into an EMA after 1/TAU_EMA measurements. The
+        short block's tau takes each sample cut at its own length."""
+        self.tau, self.tau_var, self.num_tau_samples = _tau_update(self.tau, self.tau_var, self.num_tau_samples,
+                                                                   float(np.mean(accepted + 1)))
+        if self.short:
+            cut = np.minimum(accepted, self.short - 1)
+            self.short_est = _tau_update(*self.short_est, float(np.mean(cut + 1)))
 
     def measure_costs(self, engine, repeats: int = 3) -> None:
         """Time a compiled plain and spec step of every bucket (padding rows only: same shapes, same work), the way
@@ -231,6 +251,8 @@ class SpecState:
         for b in self.slot_buckets:
             self.cost_plain[b] = best(engine._dispatch, engine._inputs([], b, 1))
             self.cost_spec[b] = best(engine._dispatch_spec, engine._spec_inputs([], b))
+            if self.short:
+                self.cost_short[b] = best(engine._dispatch_spec, engine._spec_inputs([], b, self.short))
         if self.policy == "adaptive":
             self.cost_draft = best(engine._dispatch_draft, engine._spec_inputs([], 1))
 
@@ -245,5 +267,33 @@ class SpecState:
                 "cost_spec_ms": {b: round(c * 1e3, 2) for b, c in self.cost_spec.items()},
                 "served_plain_ms": {b: round(c * 1e3, 2) for (k, b), c in self.served_cost.items() if k == "plain"},
                 "served_spec_ms": {b: round(c * 1e3, 2) for (k, b), c in self.served_cost.items() if k == "spec"},
+                **({"short_block": self.short, "short_tau": round(self.short_est[0], 3),
+                    "short_tau_low": round(float(_tau_low(*self.short_est)), 3),
+                    "num_short_steps": self.num_short_steps,
+                    "cost_short_ms": {b: round(c * 1e3, 2) for b, c in self.cost_short.items()},
+                    "served_short_ms": {b: round(c * 1e3, 2) for (k, b), c in self.served_cost.items()
+                                        if k == "short"},
+                    "short_over_plain": {b: round(self.spec_ratio(b, "short"), 2) for b in self.slot_buckets
+                                         if self.spec_ratio(b, "short") is not None}} if self.short else {}),
                 "spec_over_plain": {b: round(self.spec_ratio(b), 2) for b in self.slot_buckets
                                     if self.spec_ratio(b) is not None}}
+
+
+def _tau_update(tau: float, var: float, n: int, x: float) -> tuple[float, float, int]:
+    """One measured block (x = accepted + 1, or a mean over a step's slots) into a running (tau, variance, samples)
+    (`SpecState._record_tau`)."""
+    n += 1
+    if n == 1:
+        tau = (x + TAU_PSEUDO_STEPS) / (1 + TAU_PSEUDO_STEPS)
+        return tau, ((x - tau) ** 2 + TAU_PSEUDO_STEPS * (1 - tau) ** 2) / (1 + TAU_PSEUDO_STEPS), n
+    alpha = max(TAU_EMA, 1.0 / (n + TAU_PSEUDO_STEPS))
+    d = x - tau
+    return tau + alpha * d, (1 - alpha) * (var + alpha * d * d), n  # the exponentially weighted variance
+
+
+def _tau_low(tau: float, var: float, n: int) -> float:
+    """tau less one standard error (`SpecState.tau_low`); the prior itself while nothing is measured."""
+    if n == 0:
+        return tau
+    n_eff = min(n + TAU_PSEUDO_STEPS, (2 - TAU_EMA) / TAU_EMA)  # an EMA's effective samples
+    return tau - np.sqrt(var / n_eff)

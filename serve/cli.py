@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--spec-type", choices=("none", "dflash"), default=None,
                    help="speculative decoding method (default: dflash when -md is given)")
     p.add_argument("--draft-max", type=_positive, default=None, help="tokens drafted per step (default: 15)")
+    p.add_argument("--draft-short", type=int, default=None,
+                   help="drafts per block where a full block does not pay (adaptive policy; default 0: off; "
+                   "an experiment, see BENCHMARKS.md)")
     p.add_argument("-cd", "--ctx-size-draft", type=_positive, default=None,
                    help="recent context positions the drafter attends to")
     p.add_argument("--spec-policy", choices=("adaptive", "always", "never"), default=None,
@@ -108,6 +111,7 @@ def engine_config_kwargs(args: argparse.Namespace, config_cls, platform: str) ->
               "ctx_per_slot": (args.ctx_per_slot, "--ctx-per-slot"), "page_size": (args.page_size, "--page-size"),
               "compile_cache_dir": (args.compile_cache_dir, "--compile-cache-dir"),
               "draft_max": (args.draft_max, "--draft-max"), "ctx_size_draft": (args.ctx_size_draft, "-cd"),
+              "draft_short": (args.draft_short, "--draft-short"),
               "spec_policy": (args.spec_policy, "--spec-policy"),
               "batch_invariant": ({"on": True, "off": False}.get(args.batch_invariant), "--batch-invariant")}
     kwargs = {}

@@ -261,7 +261,71 @@ def _policy(**costs):
     sp.tau, sp.tau_var, sp.num_spec_steps, sp.num_tau_samples, sp.shadow, sp.num_shadow_probes = 1.0, 0.0, 0, 0, None, 0
     sp.num_drafts = sp.num_draft_tokens = sp.num_accepted = 0
     sp.accepted_per_pos = np.zeros(15, np.int64)
+    sp.short, sp.blocks, sp.cost_short, sp.short_est, sp.num_short_steps = 0, (16,), costs.get("short", {}), None, 0
+    if sp.cost_short:
+        sp.short, sp.blocks, sp.short_est = 4, (16, 4), (2.5, 0.0, 0)
     return sp
+
+
+def test_short_block_where_the_full_one_does_not_pay():
+    """Where a full block costs more than its tau yields and a short one (fewer verify rows) does not, the engine
+    speculates with the short one; its tau takes every block cut at its length (acceptance is a prefix); a short
+    block's accepted drafts count as drafted tokens of that length."""
+    sp = _policy(plain={8: 0.010}, spec={8: 0.060}, short={8: 0.018})
+    for _ in range(40):  # full blocks: tau 4.125 (break-even 6); cut at 4: 3.125 (break-even 1.8)
+        sp.record_step(np.array([2, 3, 0, 5, 1, 2, 9, 3]))
+    assert sp.tau == pytest.approx(4.125, abs=0.2) and sp.short_est[0] == pytest.approx(3.125, abs=0.2)
+    assert sp.choose(8) == (8, 4) and sp.num_to_speculate(8) == 8
+    sp.cost_short[8] = 0.035  # 3.5 plain steps: neither pays
+    assert sp.choose(8) == (0, 16)
+    sp.cost_spec[8] = 0.030  # the full block pays (4.1 > 3) and comes first
+    assert sp.choose(8) == (8, 16)
+    drafted = sp.num_draft_tokens
+    sp.record_step(np.array([3, 1]), block=4)
+    assert sp.num_draft_tokens - drafted == 2 * 3 and sp.num_short_steps == 1
+    stats = sp.stats()
+    assert stats["short_block"] == 4 and stats["short_over_plain"] == {8: 3.5} and stats["num_short_steps"] == 1
+
+
+def test_short_and_full_blocks_mixed_equal_plain_without_compiles(target, monkeypatch):
+    """Steps alternating between the short block and the full one, for slots that join and leave, with drafts that
+    are the target's own continuation (long accepts) but wrong at position 2: greedy output equals plain decoding,
+    and both blocks' buckets were compiled at warm-up (the mixed-sampling workload compiles nothing)."""
+    import itertools
+
+    eng = Engine(target, EngineConfig(num_slots=8, ctx_size=2048, ctx_per_slot=160, page_size=8, prefill_chunk=16,
+                                      draft_max=BLOCK - 1, draft_short=3, spec_policy="adaptive", overlap=True),
+                 LoadedDrafter(TINY_DRAFTER, random_drafter(TINY_DRAFTER, 4)))
+    eng.warmup(progress=False)
+    sp = eng.spec
+    assert sp.blocks == (BLOCK, 4)
+    turn = itertools.count()
+    monkeypatch.setattr(sp, "choose", lambda n: (n, sp.blocks[next(turn) % 2]))
+    rng = np.random.default_rng(5)
+    prompts, max_new = _workload(rng, 12)
+    ref = _reference(target, prompts, max_new)
+    reqs = [Request(p, SamplingParams(max_tokens=m, ignore_eos=True)) for p, m in zip(prompts, max_new)]
+    by_id = {r.id: i for i, r in enumerate(reqs)}
+
+    def inject(slot):
+        cont = ref[by_id[slot.req.id]][slot.req.num_generated:][:BLOCK - 1]
+        cont = cont + [VOCAB - 2] * (BLOCK - 1 - len(cont))
+        cont[2] = (cont[2] + 1) % (VOCAB - 1)
+        return cont
+
+    eng.start()
+    try:
+        _assert_no_compiles(eng)
+        sp.injector = inject
+        drafts_before = sp.num_drafts
+        out = run(eng, reqs)
+    finally:
+        sp.injector = None
+        eng.stop()
+    assert [toks for toks, _, _ in out] == ref
+    assert 0 < sp.num_short_steps < sp.num_spec_steps
+    # two drafts right per block, fewer only at the ends of requests
+    assert sum(r.draft_n_accepted for r in reqs) >= sp.num_drafts - drafts_before
 
 
 def test_adaptive_policy_decides_from_costs_and_tau():

@@ -209,6 +209,9 @@ def test_serve_ubatch_buckets_flag():
     assert EngineConfig(**kwargs).chunk_buckets == (32, 128)
     with pytest.raises(SystemExit, match="chunk_sizes"):
         main(["--ubatch-buckets", "64", "-ub", "256"])
+    assert engine_config_kwargs(parse_args(["--draft-short", "0"]), EngineConfig, "cpu")["draft_short"] == 0
+    with pytest.raises(SystemExit, match="draft_short"):
+        main(["--draft-short", "-1"])
 
 
 def test_cancel_frees_slot(engine, tiny):
