@@ -106,7 +106,7 @@ def test_injected_drafts_cut_at_every_position(engine, workload, monkeypatch):
     seen = set()
     record = engine.spec.record_step
     monkeypatch.setattr(engine.spec, "record_step",
-                        lambda acc: (seen.update(int(a) for a in acc), record(acc))[1])
+                        lambda acc, block=None: (seen.update(int(a) for a in acc), record(acc, block))[1])
     engine.spec.injector = inject
     try:
         out = run(engine, reqs)
