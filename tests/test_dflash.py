@@ -89,12 +89,10 @@ def test_random_drafter_equals_plain(engine, target, concurrent):
     assert all(r.draft_n > 0 for r in reqs)
 
 
-@pytest.mark.parametrize("error_at", [None, 0, 3, BLOCK - 2])
-def test_injected_drafts_equal_plain(engine, target, error_at):
-    """Drafts = the target's own continuation (long and full accepts), optionally wrong at one block position
-    (rejection exactly there), for 8 slots that all finish their prompts before the first multi-slot decode."""
-    rng = np.random.default_rng(100 + (error_at or 0))
-    prompts, max_new = _workload(rng, 8)
+def _injected_workload(target, seed: int, n: int, error_at: int | None):
+    """n greedy requests, their plain-decoding outputs, and an injector whose drafts are the target's own
+    continuation, wrong at block position error_at (None: never)."""
+    prompts, max_new = _workload(np.random.default_rng(seed), n)
     ref = _reference(target, prompts, max_new)
     reqs = [Request(p, SamplingParams(max_tokens=m, ignore_eos=True)) for p, m in zip(prompts, max_new)]
     by_id = {r.id: i for i, r in enumerate(reqs)}
@@ -106,6 +104,14 @@ def test_injected_drafts_equal_plain(engine, target, error_at):
             cont[error_at] = (cont[error_at] + 1) % (VOCAB - 1)
         return cont
 
+    return ref, reqs, inject
+
+
+@pytest.mark.parametrize("error_at", [None, 0, 3, BLOCK - 2])
+def test_injected_drafts_equal_plain(engine, target, error_at):
+    """Drafts = the target's own continuation (long and full accepts), optionally wrong at one block position
+    (rejection exactly there), for 8 slots that all finish their prompts before the first multi-slot decode."""
+    ref, reqs, inject = _injected_workload(target, 100 + (error_at or 0), 8, error_at)
     engine.spec.injector = inject
     try:
         out = run(engine, reqs)
@@ -301,18 +307,7 @@ def test_short_and_full_blocks_mixed_equal_plain_without_compiles(target, monkey
     assert sp.blocks == (BLOCK, 4)
     turn = itertools.count()
     monkeypatch.setattr(sp, "choose", lambda n: (n, sp.blocks[next(turn) % 2]))
-    rng = np.random.default_rng(5)
-    prompts, max_new = _workload(rng, 12)
-    ref = _reference(target, prompts, max_new)
-    reqs = [Request(p, SamplingParams(max_tokens=m, ignore_eos=True)) for p, m in zip(prompts, max_new)]
-    by_id = {r.id: i for i, r in enumerate(reqs)}
-
-    def inject(slot):
-        cont = ref[by_id[slot.req.id]][slot.req.num_generated:][:BLOCK - 1]
-        cont = cont + [VOCAB - 2] * (BLOCK - 1 - len(cont))
-        cont[2] = (cont[2] + 1) % (VOCAB - 1)
-        return cont
-
+    ref, reqs, inject = _injected_workload(target, 5, 12, error_at=2)
     eng.start()
     try:
         _assert_no_compiles(eng)
