@@ -110,7 +110,7 @@ class SpecState:
 
     def spec_kind(self, block: int) -> str:
         """The served-cost kind of a spec step of this block: 'spec' (full) or 'short'."""
-        return "short" if block == self.short and block != self.block else "spec"
+        return "spec" if block == self.block else "short"
 
     def _costs(self, num_slots: int, kind: str = "spec") -> tuple[float | None, float | None]:
         """(plain, spec) cost of a step of this bucket: both served, else both from warm-up (None: unmeasured)."""

@@ -197,13 +197,8 @@ def _kernel_call_ws(x, weight, cfg: MgpuConfig, interpret: bool):
                 @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((half, mp), jnp.float32))
                 def _acc_scope(acc_ref):
                     run_pipeline(acc_ref)
-                    acc = acc_ref[...]
-                    for j in range(mp // epi):
-                        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-                        o_smem[wg] = acc[:, j * epi:(j + 1) * epi]
-                        plgpu.commit_smem()
-                        plgpu.copy_smem_to_gmem(
-                            o_smem.at[wg], o_gmem.at[si, pl.ds(ni * bn + wg * half, half), pl.ds(j * epi, epi)])
+                    # this warpgroup's half is the (ni * 2 + wg)-th tile of `half` rows
+                    store_partial(acc_ref[...], o_smem.at[wg], o_gmem, si, ni * 2 + wg)
 
             def body(_, w_smem, x_smem, acc_ref):
                 plgpu.wgmma(acc_ref, w_smem.at[pl.ds(wg * half, half)], x_smem.T)
@@ -211,7 +206,6 @@ def _kernel_call_ws(x, weight, cfg: MgpuConfig, interpret: bool):
                 return acc_ref
 
             pipeline(body, context)(w_cta, x_cta, allocations=allocations)
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
     f = plgpu.kernel(kernel, out_type=jax.ShapeDtypeStruct((splits, n, mp), jnp.float32),
                      grid=(n // bn, splits), grid_names=("n", "s"), num_threads=3, thread_name="wg",
