@@ -49,7 +49,8 @@ class EngineConfig:
     draft_max: int = 15  # drafts per block (block = draft_max + 1, at most the drafter's trained block size)
     # --draft-short: drafts per block where the full block does not pay (adaptive policy; 0: off). Its spec buckets
     # compile beside the full block's. Off by default: on the dev CPU (SmolLM2, 8 slots) it turned code prompts'
-    # 0.90x of plain into 1.05x but chat prompts' 0.94x into 0.70x (BENCHMARKS.md, session 17).
+    # 0.90x of plain into 1.05x, but on chat prompts its decision rode on noisy served costs (0.70x once, 0.965x in a
+    # repeat; BENCHMARKS.md, session 17).
     draft_short: int = 0
     ctx_size_draft: int | None = None  # -cd: how many recent context features the drafter attends to
     spec_policy: str = "adaptive"  # adaptive | always | never (with a drafter)
