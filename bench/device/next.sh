@@ -201,5 +201,20 @@ case "${1:?which call}" in
       b=""; [ $v = invws ] && e="DFLASH_MGPU_WS=1" && b="--batch-invariant"
       env $e timeout 100 $S $b --out $OUT/ws_step_$v.jsonl 2>&1 | tee $OUT/ws_step_$v.log | grep -E "ms/step|spec/plain"
     done ;;
+  xlatune)  # issue 4 (session 18): the 128-row verify GEMMs are XLA's Triton tiles at ~52 % of copy; the WS Mosaic
+  # kernel lost to them (ws). XLA's own search options for those tiles: exhaustive tiling, Triton warp
+  # specialization (TMA and the dynamic search space are not flags of this XLA); plain and spec at 8 and 1 slots
+    for v in ${2:-default exhaustive tritonws}; do
+      f=""; t=100
+      [ $v = exhaustive ] && f="--xla_gpu_exhaustive_tiling_search=true" && t=200
+      [ $v = tritonws ] && f="--xla_gpu_experimental_enable_triton_warp_specialization=true"
+      # fewer small kernels around the products (plain step: ~0.6 ms of ~2 us norm/add/rope/scatter kernels)
+      [ $v = heroless ] && f="--xla_gpu_experimental_enable_triton_heroless_priority_fusion=true"
+      [ $v = softmaxprio ] && f="--xla_gpu_experimental_enable_triton_softmax_priority_fusion=true"
+      [ $v = multiout ] && f="--xla_gpu_unsupported_enable_triton_multi_output_fusion=true"
+      XLA_FLAGS="$f" timeout $t python3 bench/spec_step.py --target qwen3-8b --slots 8,1 --steps plain,spec \
+        --iters 20 --out $OUT/tune_$v.jsonl 2>&1 | tee $OUT/tune_$v.log | grep -E "ms/step|spec/plain|rror" \
+        | sed "s/^/$v /"
+    done ;;
   *) echo "unknown call $1"; exit 2 ;;
 esac
