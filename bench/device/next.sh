@@ -216,5 +216,18 @@ case "${1:?which call}" in
         --iters 20 --out $OUT/tune_$v.jsonl 2>&1 | tee $OUT/tune_$v.log | grep -E "ms/step|spec/plain|rror" \
         | sed "s/^/$v /"
     done ;;
+  fusednorm)  # issue 3 (session 18): residual add + RMSNorm as one Pallas kernel (pallas_kernels/add_rms_norm.py)
+  # in place of XLA's 2-3 small kernels per site (20 kernels per layer at one slot): GPU tests, then the 8B steps
+  # with the kernel off and on, then the batch-invariant 8-slot step off and on
+    timeout 60 python3 -m pytest -q -m gpu tests/test_add_rms_norm.py 2>&1 | tee $OUT/fn_tests.log | tail -2
+    S="python3 bench/spec_step.py --target qwen3-8b --steps plain,spec --iters 20"
+    for v in 0 1; do
+      DFLASH_FUSED_NORM=$v timeout 80 $S --slots 8,1 --out $OUT/fn_$v.jsonl 2>&1 | tee $OUT/fn_$v.log \
+        | grep -E "ms/step|spec/plain" | sed "s/^/fused $v /"
+    done
+    for v in 0 1; do
+      DFLASH_FUSED_NORM=$v timeout 60 $S --slots 8 --batch-invariant --out $OUT/fn_inv_$v.jsonl 2>&1 \
+        | tee $OUT/fn_inv_$v.log | grep -E "ms/step|spec/plain" | sed "s/^/invariant fused $v /"
+    done ;;
   *) echo "unknown call $1"; exit 2 ;;
 esac

@@ -12,8 +12,6 @@ a group fuses only when all its parts end up in one format, else its parts stay 
 """
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,7 +20,8 @@ from flax import nnx
 from dflash_jax.config import ModelConfig
 from dflash_jax.kv_cache import AttentionMeta, KVCache, token_positions, write_kv
 from dflash_jax.models.layer_calls import per_trace
-from pallas_kernels.invariance import fold_sum, is_batch_invariant
+from pallas_kernels.add_rms_norm import add_rms_norm_pallas, rms_norm_reference, use_kernel
+from pallas_kernels.invariance import is_batch_invariant
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention
 from pallas_kernels.weight_matmul import Q8_BLOCK, linear, q8_0_layout, q8_0_linear, q8_0_stored_out
 
@@ -103,18 +102,17 @@ class RMSNorm(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         return rms_norm(x, self.weight[...], self.eps, is_batch_invariant())
 
+    def add(self, x: jax.Array, a: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(x + a, this norm of x + a): one kernel where `add_rms_norm.use_kernel` (a GPU in the batch-invariant
+        mode), else the add and `rms_norm` as before."""
+        if use_kernel(x.shape[-1]):
+            return add_rms_norm_pallas(x, a, self.weight[...], self.eps, interpret=jax.default_backend() != "gpu")
+        x = x + a
+        return x, self(x)
+
 
 # One call per norm in a step's program (a 27B step has ~300): traced and lowered once per shape, not per layer.
-@functools.partial(jax.jit, static_argnames=("eps", "invariant"))
-def rms_norm(x: jax.Array, weight: jax.Array, eps: float, invariant: bool) -> jax.Array:
-    # Statistics in f32 whatever the storage dtype, as llama.cpp does.
-    xf = x.astype(jnp.float32)
-    if invariant:
-        ms = fold_sum(xf * xf, keepdims=True) / x.shape[-1]
-    else:
-        ms = jnp.mean(xf * xf, axis=-1, keepdims=True)
-    y = xf * jax.lax.rsqrt(ms + eps)
-    return (y * weight.astype(jnp.float32)).astype(x.dtype)
+rms_norm = jax.jit(rms_norm_reference, static_argnames=("eps", "invariant"))
 
 
 def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
@@ -174,11 +172,14 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_eps, dtype)
         self.mlp = MLP(cfg, dtype, _sub(q8, "mlp"))
 
-    def __call__(self, x, positions, valid, meta, k_pages, v_pages):
-        a, k_pages, v_pages = self.self_attn(self.input_layernorm(x), positions, valid, meta, k_pages, v_pages)
-        x = x + a
-        x = x + self.mlp(self.post_attention_layernorm(x))
-        return x, k_pages, v_pages
+    def __call__(self, x, pending, positions, valid, meta, k_pages, v_pages):
+        """The residual stream x still lacks `pending`, the previous layer's MLP output (None in the first layer),
+        so that each residual add runs with the norm after it (`RMSNorm.add`). Returns (x, this layer's MLP output
+        to add, k_pages, v_pages)."""
+        x, h = (x, self.input_layernorm(x)) if pending is None else self.input_layernorm.add(x, pending)
+        a, k_pages, v_pages = self.self_attn(h, positions, valid, meta, k_pages, v_pages)
+        x, h = self.post_attention_layernorm.add(x, a)
+        return x, self.mlp(h), k_pages, v_pages
 
 
 class DecoderEnds:
@@ -215,15 +216,15 @@ class DenseDecoder(DecoderEnds, nnx.Module):
         `tap_layers` concatenated (B, T, len(tap_layers) * D) — the DFlash drafter's context features."""
         positions, valid = token_positions(meta, tokens.shape[1])
         x = jnp.take(self.embed_tokens[...], tokens, axis=0)
-        new_k, new_v, taps = [], [], {}
+        new_k, new_v, taps, pending = [], [], {}, None
         call = per_trace(DecoderLayer.__call__)
         # Unrolled on purpose: a scan over stacked layers with the cache as carry copies the cache every step.
         for i, layer in enumerate(self.layers):
-            x, k_pages, v_pages = call(layer, x, positions, valid, meta, cache.k[i], cache.v[i])
+            x, pending, k_pages, v_pages = call(layer, x, pending, positions, valid, meta, cache.k[i], cache.v[i])
             new_k.append(k_pages)
             new_v.append(v_pages)
             if i in tap_layers:
-                taps[i] = x
+                taps[i] = x + pending
         feats = jnp.concatenate([taps[i] for i in tap_layers], axis=-1) if tap_layers else None
-        return self.norm(x), KVCache(k=new_k, v=new_v), feats
+        return self.norm.add(x, pending)[1], KVCache(k=new_k, v=new_v), feats
 
