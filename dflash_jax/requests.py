@@ -24,6 +24,7 @@ class SamplingParams:
     logprobs: bool = False
     top_logprobs: int = 0  # at most engine.MAX_TOP_LOGPROBS
     ignore_eos: bool = False
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit), at most MAX_LOGIT_BIAS
 
     def __post_init__(self):
         checks = {
@@ -31,6 +32,7 @@ class SamplingParams:
             "min_p": 0 <= self.min_p <= 1, "presence_penalty": -2 <= self.presence_penalty <= 2,
             "frequency_penalty": -2 <= self.frequency_penalty <= 2, "max_tokens": self.max_tokens >= 1,
             "top_logprobs": 0 <= self.top_logprobs <= 20,
+            "logit_bias": len(self.logit_bias) <= 300 and all(t >= 0 and -100 <= v <= 100 for t, v in self.logit_bias),
         }
         for name, ok in checks.items():
             if not ok:

@@ -1,4 +1,5 @@
-"""On-device sampling for a batch of slots, each with its own parameters: penalties, temperature, top-k/p, min-p, seed.
+"""On-device sampling for a batch of slots, each with its own parameters: logit bias, penalties, temperature, top-k/p,
+min-p, seed.
 
 Dimensions: B slots, V vocab, C candidates considered for top-k/top-p thresholds.
 """
@@ -16,6 +17,7 @@ from pallas_kernels.invariance import log_softmax, logsumexp
 # distribution) keeps the whole vocabulary instead: slightly more permissive than an exact sort, never less.
 NUM_CANDIDATES = 256
 MAX_TOP_LOGPROBS = 20
+MAX_LOGIT_BIAS = 300  # entries per request, OpenAI's limit
 
 
 @jax.tree_util.register_dataclass
@@ -28,6 +30,9 @@ class SamplingArrays:
     presence_penalty: jax.Array  # (B,) f32
     frequency_penalty: jax.Array  # (B,) f32
     seed: jax.Array  # (B,) u32
+    # logit_bias as (token, bias) pairs padded with (0, 0.0); None: no row has any (tools that build these arrays)
+    bias_ids: jax.Array | None = None  # (B, MAX_LOGIT_BIAS) i32
+    bias_values: jax.Array | None = None  # (B, MAX_LOGIT_BIAS) f32
 
     @classmethod
     def from_params(cls, params: list, rows: int, default_seeds: list[int]) -> "SamplingArrays":
@@ -36,10 +41,17 @@ class SamplingArrays:
             vals = [getattr(p, name) for p in params] + [fill] * (rows - len(params))
             return np.asarray(vals, dtype)
         seeds = [p.seed if p.seed is not None else s for p, s in zip(params, default_seeds)]
+        bias_ids = np.zeros((rows, MAX_LOGIT_BIAS), np.int32)
+        bias_values = np.zeros((rows, MAX_LOGIT_BIAS), np.float32)
+        for i, p in enumerate(params):
+            if p.logit_bias:
+                ids, vals = zip(*p.logit_bias)
+                bias_ids[i, :len(ids)], bias_values[i, :len(vals)] = ids, vals
         return cls(col("temperature", np.float32, 0.0), col("top_k", np.int32, 0), col("top_p", np.float32, 1.0),
                    col("min_p", np.float32, 0.0), col("presence_penalty", np.float32, 0.0),
                    col("frequency_penalty", np.float32, 0.0),
-                   np.asarray([s & 0xFFFFFFFF for s in seeds] + [0] * (rows - len(params)), np.uint32))
+                   np.asarray([s & 0xFFFFFFFF for s in seeds] + [0] * (rows - len(params)), np.uint32),
+                   bias_ids, bias_values)
 
 
 @jax.tree_util.register_dataclass
@@ -49,6 +61,14 @@ class SampleOutput:
     logprobs: jax.Array  # (B,) f32: model log-probability of the chosen token (before penalties/temperature)
     top_ids: jax.Array  # (B, MAX_TOP_LOGPROBS) i32
     top_logprobs: jax.Array  # (B, MAX_TOP_LOGPROBS) f32
+
+
+def apply_logit_bias(logits: jax.Array, p: SamplingArrays) -> jax.Array:
+    """OpenAI's logit_bias: each row's bias added to its tokens' logits (padding pairs add 0 to token 0)."""
+    if p.bias_ids is None:
+        return logits
+    rows = jnp.arange(logits.shape[0])[:, None]
+    return logits.at[rows, p.bias_ids].add(p.bias_values)
 
 
 def apply_penalties(logits: jax.Array, counts: jax.Array, p: SamplingArrays) -> jax.Array:
@@ -77,23 +97,28 @@ def filter_logits(logits: jax.Array, p: SamplingArrays) -> jax.Array:
 
 
 def needs_full(params: list) -> bool:
-    """Whether a batch needs `sample(..., full=True)`: some row draws at random or asks for top logprobs."""
-    return any(p.temperature > 0 or (p.logprobs and p.top_logprobs > 0) for p in params)
+    """Whether a batch needs `sample(..., full=True)`: some row draws at random, asks for top logprobs or has a
+    logit bias."""
+    return any(p.temperature > 0 or (p.logprobs and p.top_logprobs > 0) or p.logit_bias for p in params)
 
 
 def sample(logits: jax.Array, counts: jax.Array | None, p: SamplingArrays, positions: jax.Array,
            full: bool = True) -> SampleOutput:
     """logits (B, V) f32 of the next token; positions (B,) the position being sampled (keys the per-slot RNG, so a
     seeded request draws the same tokens whatever batch it shares, and speculative decoding draws what plain decoding
-    draws). counts None: no penalties (speculating slots never carry any).
+    draws). counts None: no penalties (speculating slots never carry any). The logit bias, like the penalties, shapes
+    the choice but not the reported logprobs, which stay the model's.
 
-    full=False (static) is the greedy batch: no candidate search (top-k over the vocabulary), no random draw, no
-    top-logprobs search (zeros). Those cost ~0.1 ms per row at a 152k vocabulary on a GPU, which for a 16-slot x
-    16-token verify is more than the target's forward pass. The host picks the variant per batch (`needs_full`):
-    a lax.cond on the device would block the dispatching host thread until its predicate is known (XLA's GPU
-    conditional), which cost 1.6 ms of a 5.3 ms one-slot 8B step and undid the engine's host/device overlap."""
+    full=False (static) is the greedy batch: no logit bias, no candidate search (top-k over the vocabulary), no
+    random draw, no top-logprobs search (zeros). Those cost ~0.1 ms per row at a 152k vocabulary on a GPU, which for
+    a 16-slot x 16-token verify is more than the target's forward pass. The host picks the variant per batch
+    (`needs_full`): a lax.cond on the device would block the dispatching host thread until its predicate is known
+    (XLA's GPU conditional), which cost 1.6 ms of a 5.3 ms one-slot 8B step and undid the engine's host/device
+    overlap."""
     logprobs = log_softmax(logits)
     penalized = logits if counts is None else apply_penalties(logits, counts, p)
+    if full:
+        penalized = apply_logit_bias(penalized, p)
     tokens = jnp.argmax(penalized, axis=-1).astype(jnp.int32)
     b = logits.shape[0]
     top_ids = jnp.zeros((b, MAX_TOP_LOGPROBS), jnp.int32)

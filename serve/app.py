@@ -117,6 +117,23 @@ def create_app(state: ServerState) -> FastAPI:
         prompt_ids = await asyncio.to_thread(completion_prompt, state, body)
         return await respond(request, state, engine, body, prompt_ids, chat=False)
 
+    @app.post("/tokenize", dependencies=guarded)
+    async def tokenize(request: HttpRequest):
+        body = await read_body(request, schemas.TokenizeRequest, state.max_body_bytes)
+        tok = engine_ready().tokenizer
+        ids = tok.encode(body.content, add_bos=body.add_special, parse_special=body.parse_special)
+        if body.with_pieces:
+            return {"tokens": [{"id": i, "piece": tok.decode([i])} for i in ids]}
+        return {"tokens": ids}
+
+    @app.post("/detokenize", dependencies=guarded)
+    async def detokenize(request: HttpRequest):
+        body = await read_body(request, schemas.DetokenizeRequest, state.max_body_bytes)
+        try:
+            return {"content": engine_ready().tokenizer.decode(body.tokens)}
+        except ValueError as e:  # an id outside the vocabulary
+            raise ApiError(400, str(e), param="tokens") from None
+
     return app
 
 

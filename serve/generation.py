@@ -65,7 +65,7 @@ def start_request(state, engine, body, prompt_ids: list[int]) -> Request:
     wanted = body.requested_max_tokens()
     max_tokens = room if wanted is None else min(wanted, room)
     try:
-        params = schemas.sampling_params(body, max_tokens)
+        params = schemas.sampling_params(body, max_tokens, engine.tokenizer.vocab_size)
     except ValueError as e:
         raise ApiError(400, str(e)) from None
     req = Request(prompt_ids, params, events=EventStream(asyncio.get_running_loop()))

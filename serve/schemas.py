@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from dflash_jax.requests import Request, SamplingParams
 
 MAX_TOP_LOGPROBS = 20
+MAX_LOGIT_BIAS = 300  # OpenAI's limit; dflash_jax.sampling.MAX_LOGIT_BIAS
 
 
 class _Strict(BaseModel):
@@ -53,6 +54,7 @@ class _Sampling(_Strict):
     stream_options: StreamOptions | None = None
     n: int = 1
     ignore_eos: bool = False
+    logit_bias: dict[str, float] | None = None  # token id (a JSON object key, so a string) -> bias in [-100, 100]
 
     def stop_tuple(self) -> tuple[str, ...]:
         stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
@@ -60,6 +62,22 @@ class _Sampling(_Strict):
 
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
+
+    def bias_pairs(self, vocab_size: int) -> tuple[tuple[int, float], ...]:
+        """logit_bias as (token id, bias) pairs, each checked (a 400 names the entry)."""
+        bias = self.logit_bias or {}
+        if len(bias) > MAX_LOGIT_BIAS:
+            raise ApiError(400, f"logit_bias has {len(bias)} entries; at most {MAX_LOGIT_BIAS}", param="logit_bias")
+        pairs = []
+        for key, value in bias.items():
+            tok = int(key) if key.strip().lstrip("-").isdigit() else None
+            if tok is None or not 0 <= tok < vocab_size:
+                raise ApiError(400, f"logit_bias key {key!r} is not a token id of this model's vocabulary of "
+                                    f"{vocab_size}", param="logit_bias")
+            if not -100 <= value <= 100:
+                raise ApiError(400, f"logit_bias[{key!r}] = {value} is outside [-100, 100]", param="logit_bias")
+            pairs.append((tok, value))
+        return tuple(pairs)
 
 
 class ChatCompletionRequest(_Sampling):
@@ -90,12 +108,24 @@ class CompletionRequest(_Sampling):
         return self.logprobs is not None, self.logprobs or 0
 
 
-def sampling_params(body: _Sampling, max_tokens: int) -> SamplingParams:
+class TokenizeRequest(_Strict):
+    """llama-server's /tokenize."""
+    content: str
+    add_special: bool = False
+    parse_special: bool = True
+    with_pieces: bool = False
+
+
+class DetokenizeRequest(_Strict):
+    tokens: list[int]
+
+
+def sampling_params(body: _Sampling, max_tokens: int, vocab_size: int) -> SamplingParams:
     want_logprobs, top = body.logprob_settings()
     return SamplingParams(temperature=body.temperature, top_k=body.top_k, top_p=body.top_p, min_p=body.min_p,
                           presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
                           seed=body.seed, max_tokens=max_tokens, stop=body.stop_tuple(), logprobs=want_logprobs,
-                          top_logprobs=top, ignore_eos=body.ignore_eos)
+                          top_logprobs=top, ignore_eos=body.ignore_eos, logit_bias=body.bias_pairs(vocab_size))
 
 
 # ---- responses ------------------------------------------------------------------------------------------------------

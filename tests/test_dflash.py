@@ -126,6 +126,15 @@ def test_injected_drafts_equal_plain(engine, target, error_at):
         assert all(r.draft_n_accepted <= r.draft_n * error_at / (BLOCK - 1) for r in reqs)
 
 
+def plain_outputs(engine, prompts, params):
+    """The requests run by an 'always' engine with speculation switched off: plain decoding's outputs."""
+    engine.spec.policy = "never"
+    try:
+        return run(engine, [Request(p, sp) for p, sp in zip(prompts, params)])
+    finally:
+        engine.spec.policy = "always"
+
+
 def test_seeded_sampling_equals_plain(engine, target):
     """The target's choice at a position is keyed by (seed, position), so DFlash with sampling must draw exactly what
     plain sampling draws; a biased acceptance rule (e.g. accepting drafts the target did not sample) would not."""
@@ -133,13 +142,32 @@ def test_seeded_sampling_equals_plain(engine, target):
     prompts = [rng.integers(3, VOCAB - 1, size=6).tolist() for _ in range(8)]
     params = [SamplingParams(max_tokens=16, temperature=1.0, seed=s, ignore_eos=True) for s in range(8)]
     spec = run(engine, [Request(p, sp) for p, sp in zip(prompts, params)])
-    engine.spec.policy = "never"
-    try:
-        plain = run(engine, [Request(p, sp) for p, sp in zip(prompts, params)])
-    finally:
-        engine.spec.policy = "always"
+    plain = plain_outputs(engine, prompts, params)
     assert [t for t, _, _ in spec] == [t for t, _, _ in plain]
     assert len({tuple(t) for t, _, _ in spec}) > 1
+
+
+def test_logit_bias_with_dflash_equals_plain(engine, target):
+    """The bias shapes the target's choice at every verified position as it does in plain decoding, so drafts the
+    unbiased model would accept are rejected where the bias bans them: same tokens as plain decoding."""
+    rng = np.random.default_rng(6)
+    prompts = [rng.integers(3, VOCAB - 1, size=6).tolist() for _ in range(8)]
+    unbiased = _reference(target, prompts, [16] * 8)
+    params = [SamplingParams(max_tokens=16, ignore_eos=True,
+                             logit_bias=tuple((t, -100.0) for t in sorted(set(u[:4]))) if i % 2 else ((7, 3.0),))
+              for i, u in enumerate(unbiased)]
+    reqs = [Request(p, sp) for p, sp in zip(prompts, params)]
+    by_id = {r.id: u + [1] * BLOCK for r, u in zip(reqs, unbiased)}
+    # Drafts: the unbiased continuation, right until the bias changes a choice.
+    engine.spec.injector = lambda slot: by_id[slot.req.id][slot.req.num_generated:][:BLOCK - 1]
+    try:
+        spec = run(engine, reqs)
+    finally:
+        engine.spec.injector = None
+    plain = plain_outputs(engine, prompts, params)
+    assert [t for t, _, _ in spec] == [t for t, _, _ in plain]
+    assert all(not set(t) & set(u[:4]) for (t, _, _), u in list(zip(spec, unbiased))[1::2])
+    assert sum(r.draft_n_accepted for r in reqs) > 0
 
 
 def test_stop_inside_accepted_run(engine, target):

@@ -130,6 +130,28 @@ def test_seeded_sampling_independent_of_batch(engine, tiny):
     assert different != alone  # could collide only if the model were nearly deterministic
 
 
+def test_logit_bias_bans_and_forces_tokens_of_its_row_only(engine, tiny):
+    rng = np.random.default_rng(4)
+    prompts = [rng.integers(3, tiny.config.vocab_size, size=k).tolist() for k in (7, 4, 11)]
+    plain = [run(engine, [Request(p, SamplingParams(max_tokens=8, ignore_eos=True))])[0][0] for p in prompts]
+    banned = tuple((t, -100.0) for t in sorted(set(plain[0])))  # every token greedy decoding chose
+    forced = ((5, 100.0),)
+    out = run(engine, [Request(prompts[0], SamplingParams(max_tokens=8, ignore_eos=True, logit_bias=banned)),
+                       Request(prompts[1], SamplingParams(max_tokens=8, ignore_eos=True)),
+                       Request(prompts[2], SamplingParams(max_tokens=8, ignore_eos=True, logit_bias=forced))])
+    assert not set(out[0][0]) & set(plain[0])
+    assert out[1][0] == plain[1]  # the unbiased row beside them decodes as it does alone
+    assert out[2][0] == [5] * 8
+    first = []
+    for bias in (forced, ()):
+        req = Request(prompts[1], SamplingParams(max_tokens=1, logprobs=True, ignore_eos=True, logit_bias=bias))
+        engine.submit(req)
+        e = req.events.get(timeout=120)
+        first.append((e.token_id, e.logprob))
+    (tok_b, lp_b), (tok, lp) = first
+    assert tok_b == 5 != tok and lp_b < lp  # the reported logprob is the model's, not the biased one
+
+
 def test_logprobs_and_filters(engine, tiny):
     rng = np.random.default_rng(3)
     prompt = rng.integers(3, tiny.config.vocab_size, size=6).tolist()

@@ -17,7 +17,7 @@ from dflash_jax.engine import Engine, EngineConfig
 from dflash_jax.reference_decode import greedy_generate
 from dflash_jax.requests import Request, SamplingParams
 from dflash_jax.spec_state import LoadedDrafter
-from tests.test_dflash import random_drafter
+from tests.test_dflash import plain_outputs, random_drafter
 from tests.test_engine import run
 
 BLOCK = 8
@@ -122,11 +122,7 @@ def test_seeded_sampling_equals_plain(engine, workload):
     prompts, _ = workload
     params = [SamplingParams(max_tokens=16, temperature=1.0, seed=s, ignore_eos=True) for s in range(8)]
     spec = run(engine, [Request(p, sp) for p, sp in zip(prompts, params)])
-    engine.spec.policy = "never"
-    try:
-        plain = run(engine, [Request(p, sp) for p, sp in zip(prompts, params)])
-    finally:
-        engine.spec.policy = "always"
+    plain = plain_outputs(engine, prompts, params)
     assert [t for t, _, _ in spec] == [t for t, _, _ in plain]
     assert len({tuple(t) for t, _, _ in spec}) > 1
 

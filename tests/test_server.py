@@ -197,6 +197,38 @@ def test_completions_endpoint(server):
     assert by_ids.usage.prompt_tokens == 3
 
 
+def test_tokenize_detokenize(server):
+    ids = server.post("/tokenize", json={"content": "Hello world"}).json()["tokens"]
+    assert ids and all(isinstance(i, int) for i in ids)
+    assert server.post("/detokenize", json={"tokens": ids}).json() == {"content": "Hello world"}
+    pieces = server.post("/tokenize", json={"content": "Hello world", "with_pieces": True}).json()["tokens"]
+    assert [p["id"] for p in pieces] == ids and "".join(p["piece"] for p in pieces) == "Hello world"
+    bad = server.post("/detokenize", json={"tokens": [10 ** 9]})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
+
+
+def test_logit_bias(server):
+    """OpenAI's logit_bias through the real client: +100 forces a token, -100 bans it (the next best boosted one
+    takes its place); a biased greedy request beside another leaves the other's output unchanged."""
+    client = server.client()
+    prompt = [504, 3458, 282]
+
+    def text_of(ids):
+        return server.post("/detokenize", json={"tokens": ids}).json()["content"]
+
+    forced = client.completions.create(model="smol", prompt=prompt, max_tokens=4, temperature=0,
+                                       logit_bias={"28": 100, "29": 90})
+    assert forced.choices[0].text == text_of([28] * 4) and forced.usage.completion_tokens == 4
+    banned = client.completions.create(model="smol", prompt=prompt, max_tokens=4, temperature=0,
+                                       logit_bias={"28": -100, "29": 90})
+    assert banned.choices[0].text == text_of([29] * 4)
+    alone = _chat(client, "Name a color.", 6).choices[0].message.content
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        crowd = pool.submit(_chat, client, "Name a color.", 6)
+        pool.submit(_chat, client, "Name a color.", 6, logit_bias={"28": 100}).result()
+        assert crowd.result().choices[0].message.content == alone
+
+
 # ---- bad input ------------------------------------------------------------------------------------------------------
 
 MSG = [{"role": "user", "content": "Hi"}]
@@ -228,6 +260,13 @@ BAD_REQUESTS = [
     ("completion empty prompt", "/v1/completions", {"prompt": ""}, 400, None),
     ("completion logprobs too many", "/v1/completions", {"prompt": "x", "logprobs": 99}, 400, None),
     ("completion echo", "/v1/completions", {"prompt": "x", "echo": True}, 400, None),
+    ("logit_bias key not a token id", "/v1/chat/completions", {"messages": MSG, "logit_bias": {"abc": 1}}, 400,
+     None),
+    ("logit_bias token out of range", "/v1/chat/completions", {"messages": MSG, "logit_bias": {"99999999": 1}},
+     400, None),
+    ("logit_bias value out of range", "/v1/chat/completions", {"messages": MSG, "logit_bias": {"42": 150}}, 400,
+     None),
+    ("logit_bias value a string", "/v1/completions", {"prompt": "x", "logit_bias": {"42": "ban"}}, 400, None),
 ]
 
 
