@@ -205,6 +205,10 @@ def check_common(body, state: ServerState) -> None:
         raise ApiError(404, f"The model `{body.model}` does not exist", code="model_not_found", param="model")
     if body.n != 1:
         raise ApiError(400, "only n=1 is supported", param="n")
+    if body.response_format is not None and body.response_format.type != "text":
+        # Silently returning free text to a client that asked for JSON would break it later, far from the cause.
+        raise ApiError(400, f"response_format {body.response_format.type!r} is not supported (no constrained "
+                            "decoding); only 'text'", param="response_format")
 
 
 def encode_prompt(state: ServerState, text: str) -> list[int]:

@@ -39,6 +39,11 @@ class Message(_Strict):
     reasoning_content: str | None = None
 
 
+class ResponseFormat(_Strict):
+    model_config = ConfigDict(strict=True, extra="allow")
+    type: str
+
+
 class _Sampling(_Strict):
     model: str | None = None
     max_tokens: int | None = Field(default=None, ge=1)
@@ -55,6 +60,7 @@ class _Sampling(_Strict):
     n: int = 1
     ignore_eos: bool = False
     logit_bias: dict[str, float] | None = None  # token id (a JSON object key, so a string) -> bias in [-100, 100]
+    response_format: ResponseFormat | None = None
 
     def stop_tuple(self) -> tuple[str, ...]:
         stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])

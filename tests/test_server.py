@@ -222,7 +222,7 @@ def test_logit_bias(server):
     banned = client.completions.create(model="smol", prompt=prompt, max_tokens=4, temperature=0,
                                        logit_bias={"28": -100, "29": 90})
     assert banned.choices[0].text == text_of([29] * 4)
-    alone = _chat(client, "Name a color.", 6).choices[0].message.content
+    alone = _chat(client, "Name a color.", 6, response_format={"type": "text"}).choices[0].message.content
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         crowd = pool.submit(_chat, client, "Name a color.", 6)
         pool.submit(_chat, client, "Name a color.", 6, logit_bias={"28": 100}).result()
@@ -267,6 +267,8 @@ BAD_REQUESTS = [
     ("logit_bias value out of range", "/v1/chat/completions", {"messages": MSG, "logit_bias": {"42": 150}}, 400,
      None),
     ("logit_bias value a string", "/v1/completions", {"prompt": "x", "logit_bias": {"42": "ban"}}, 400, None),
+    ("response_format json", "/v1/chat/completions", {"messages": MSG, "response_format": {"type": "json_object"}},
+     400, None),
 ]
 
 
