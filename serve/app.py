@@ -117,6 +117,20 @@ def create_app(state: ServerState) -> FastAPI:
         prompt_ids = await asyncio.to_thread(completion_prompt, state, body)
         return await respond(request, state, engine, body, prompt_ids, chat=False)
 
+    @app.get("/props", dependencies=guarded)
+    async def props():
+        """llama-server's /props (what its web UI and client libraries read): slots, context, template."""
+        engine = engine_ready()
+        spec = getattr(engine, "spec", None)
+        return {"model_alias": state.alias, "total_slots": engine.cfg.num_slots,
+                "default_generation_settings": {"n_ctx": state.slot_ctx, "params": {
+                    "temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "n_predict": -1,
+                    "speculative.n_max": spec.block - 1 if spec is not None else 0}},
+                "chat_template": state.template.source if state.template is not None else None,
+                "bos_token": state.template.bos_token if state.template is not None else "",
+                "eos_token": state.template.eos_token if state.template is not None else "",
+                "modalities": {"vision": False, "audio": False}, "build_info": "dflash-jax"}
+
     @app.post("/tokenize", dependencies=guarded)
     async def tokenize(request: HttpRequest):
         body = await read_body(request, schemas.TokenizeRequest, state.max_body_bytes)

@@ -197,6 +197,13 @@ def test_completions_endpoint(server):
     assert by_ids.usage.prompt_tokens == 3
 
 
+def test_props(server):
+    props = server.get("/props").json()
+    assert props["total_slots"] == SLOTS and props["model_alias"] == "smol"
+    assert props["default_generation_settings"]["n_ctx"] == CTX // SLOTS
+    assert "{%" in props["chat_template"] and props["eos_token"]
+
+
 def test_tokenize_detokenize(server):
     ids = server.post("/tokenize", json={"content": "Hello world"}).json()["tokens"]
     assert ids and all(isinstance(i, int) for i in ids)
