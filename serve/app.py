@@ -135,7 +135,8 @@ def create_app(state: ServerState) -> FastAPI:
     async def tokenize(request: HttpRequest):
         body = await read_body(request, schemas.TokenizeRequest, state.max_body_bytes)
         tok = engine_ready().tokenizer
-        ids = tok.encode(body.content, add_bos=body.add_special, parse_special=body.parse_special)
+        ids = await asyncio.to_thread(tok.encode, body.content, add_bos=body.add_special,
+                                      parse_special=body.parse_special)  # a long text: not on the event loop
         if body.with_pieces:
             return {"tokens": [{"id": i, "piece": tok.decode([i])} for i in ids]}
         return {"tokens": ids}
