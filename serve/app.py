@@ -23,6 +23,8 @@ from serve.schemas import ApiError
 
 log = logging.getLogger("serve")
 
+MAX_CHOICES = 16  # a body's `n`: each choice is its own request (own prefill, own slot)
+
 
 @dataclass
 class ServerState:
@@ -218,8 +220,8 @@ def _error_param(e: ValidationError) -> str | None:
 def check_common(body, state: ServerState) -> None:
     if body.model and body.model not in state.model_names:
         raise ApiError(404, f"The model `{body.model}` does not exist", code="model_not_found", param="model")
-    if body.n != 1:
-        raise ApiError(400, "only n=1 is supported", param="n")
+    if not 1 <= body.n <= MAX_CHOICES:
+        raise ApiError(400, f"n must be between 1 and {MAX_CHOICES}", param="n")
     if body.response_format is not None and body.response_format.type != "text":
         # Silently returning free text to a client that asked for JSON would break it later, far from the cause.
         raise ApiError(400, f"response_format {body.response_format.type!r} is not supported (no constrained "
@@ -269,25 +271,33 @@ def completion_prompt(state: ServerState, body: schemas.CompletionRequest) -> li
 
 
 async def respond(request: HttpRequest, state: ServerState, engine, body, prompt_ids: list[int], chat: bool):
-    req = start_request(state, engine, body, prompt_ids)
+    reqs: list = []
+    try:
+        for i in range(body.n):
+            reqs.append(start_request(state, engine, body, prompt_ids, i))
+    except ApiError:
+        for r in reqs:
+            abandon(state, r)
+        raise
     env = schemas.Envelope(chat, state.alias)
     if body.stream:
-        return EventStreamResponse(stream_events(state, req, env, body.include_usage()), state, req)
-    return JSONResponse(await collect_events(request, state, req, env))
+        return EventStreamResponse(stream_events(state, reqs, env, body.include_usage()), state, reqs)
+    return JSONResponse(await collect_events(request, state, reqs, env))
 
 
 class EventStreamResponse(StreamingResponse):
     """SSE response that cancels its request however the response ends early: a client gone before the first
     chunk never starts the generator, so a `finally` inside it would not run."""
 
-    def __init__(self, content, state: ServerState, req):
+    def __init__(self, content, state: ServerState, reqs: list):
         super().__init__(content, media_type="text/event-stream",
                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        self._state, self._req = state, req
+        self._state, self._reqs = state, reqs
 
     async def __call__(self, scope, receive, send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
-            if self._req.finish_time is None and not self._req.cancelled.is_set():
-                abandon(self._state, self._req)
+            for req in self._reqs:
+                if req.finish_time is None and not req.cancelled.is_set():
+                    abandon(self._state, req)

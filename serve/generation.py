@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import queue
 import time
@@ -52,9 +53,10 @@ def sse(obj: dict) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
 
-def start_request(state, engine, body, prompt_ids: list[int]) -> Request:
+def start_request(state, engine, body, prompt_ids: list[int], index: int = 0) -> Request:
     """Validate lengths, clamp max_tokens and submit. A max_tokens beyond the slot's context is clamped to what fits
-    (llama-server's behaviour: such a request ends with finish_reason "length"), not refused."""
+    (llama-server's behaviour: such a request ends with finish_reason "length"), not refused. index: which of the
+    body's `n` choices this is (a seeded body's choice i draws with seed + i, so the choices differ)."""
     n_prompt = len(prompt_ids)
     if n_prompt == 0:
         raise ApiError(400, "the prompt is empty", param="prompt")
@@ -68,6 +70,8 @@ def start_request(state, engine, body, prompt_ids: list[int]) -> Request:
         params = schemas.sampling_params(body, max_tokens, engine.tokenizer.vocab_size)
     except ValueError as e:
         raise ApiError(400, str(e)) from None
+    if index and params.seed is not None:
+        params = dataclasses.replace(params, seed=params.seed + index)
     req = Request(prompt_ids, params, events=EventStream(asyncio.get_running_loop()))
     try:
         engine.submit(req)
@@ -147,41 +151,80 @@ def _error_message(ev: TokenEvent) -> str:
     return f"generation failed: {ev.text}" if ev.text else "generation failed inside the engine"
 
 
-async def stream_events(state, req: Request, env: schemas.Envelope, include_usage: bool) -> AsyncIterator[str]:
-    """OpenAI SSE chunks (EventStreamResponse cancels the request if they stop early)."""
-    lp = Logprobs(state.engine.tokenizer, env.chat) if req.params.logprobs else None
+async def _merged(state, reqs: list[Request]) -> AsyncIterator[tuple[int, TokenEvent]]:
+    """(choice index, event) of every request as the events come."""
+    if len(reqs) == 1:
+        async for ev in _events(state, reqs[0]):
+            yield 0, ev
+        return
+    events: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, req: Request) -> None:
+        try:
+            async for ev in _events(state, req):
+                events.put_nowait((i, ev))
+        finally:
+            events.put_nowait((i, None))
+
+    tasks = [asyncio.create_task(pump(i, r)) for i, r in enumerate(reqs)]
+    try:
+        remaining = len(reqs)
+        while remaining:
+            i, ev = await events.get()
+            if ev is None:
+                remaining -= 1
+            else:
+                yield i, ev
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+async def stream_events(state, reqs: list[Request], env: schemas.Envelope, include_usage: bool) -> AsyncIterator[str]:
+    """OpenAI SSE chunks, each choice's under its index (EventStreamResponse cancels the requests if they stop
+    early)."""
+    lps = [Logprobs(state.engine.tokenizer, env.chat) if r.params.logprobs else None for r in reqs]
     extra = {"usage": None} if include_usage else {}  # OpenAI sends usage: null on every chunk but the last
     if env.chat:
-        yield sse({**env.chunk("", role=True), **extra})
-    async for ev in _events(state, req):
+        for i in range(len(reqs)):
+            yield sse({**env.chunk("", role=True, index=i), **extra})
+    failed = False
+    async for i, ev in _merged(state, reqs):
         if ev.finish_reason == "error":
             yield sse(schemas.error_body(_error_message(ev), "server_error"))
+            failed = True
             break
-        token_lp = lp.add(ev) if lp is not None and ev.token_id is not None else None
+        token_lp = lps[i].add(ev) if lps[i] is not None and ev.token_id is not None else None
         if ev.text or token_lp is not None:
-            yield sse({**env.chunk(ev.text, logprobs=token_lp), **extra})
+            yield sse({**env.chunk(ev.text, logprobs=token_lp, index=i), **extra})
         if ev.finish_reason:
-            final = env.chunk(None if env.chat else "", finish_reason=ev.finish_reason)
+            final = env.chunk(None if env.chat else "", finish_reason=ev.finish_reason, index=i)
             if not include_usage:
-                final["timings"] = schemas.timings(req)  # llama-server puts timings on the last chunk
+                final["timings"] = schemas.timings(reqs[i])  # llama-server puts timings on the last chunk
             yield sse({**final, **extra})
-            if include_usage:
-                yield sse(env.usage_chunk(req))
+    if include_usage and not failed:
+        yield sse(env.usage_chunk(reqs))
     yield "data: [DONE]\n\n"
 
 
-async def collect_events(http_request, state, req: Request, env: schemas.Envelope) -> dict:
-    lp = Logprobs(state.engine.tokenizer, env.chat) if req.params.logprobs else None
-    texts, finish = [], None
+async def collect_events(http_request, state, reqs: list[Request], env: schemas.Envelope) -> dict:
+    """The non-streamed body. Choices are read one after another; the later ones' events wait in their queues."""
+    lps = [Logprobs(state.engine.tokenizer, env.chat) if r.params.logprobs else None for r in reqs]
+    texts: list[list[str]] = [[] for _ in reqs]
+    finish: list[str | None] = [None] * len(reqs)
     try:
-        async for ev in _events(state, req, http_request):
-            if ev.finish_reason == "error":
-                raise ApiError(500, _error_message(ev), "server_error")
-            if lp is not None and ev.token_id is not None:
-                lp.add(ev)
-            texts.append(ev.text)
-            finish = ev.finish_reason
+        for i, req in enumerate(reqs):
+            async for ev in _events(state, req, http_request):
+                if ev.finish_reason == "error":
+                    raise ApiError(500, _error_message(ev), "server_error")
+                if lps[i] is not None and ev.token_id is not None:
+                    lps[i].add(ev)
+                texts[i].append(ev.text)
+                finish[i] = ev.finish_reason
     finally:
-        if finish is None and not req.cancelled.is_set():
-            abandon(state, req)  # the handler itself was cancelled: free the slot
-    return env.final("".join(texts), finish or "cancelled", req, lp.result() if lp is not None else None)
+        for req, reason in zip(reqs, finish):
+            if reason is None and not req.cancelled.is_set():
+                abandon(state, req)  # the handler itself was cancelled, or a choice failed: free the slots
+    choices = [env.choice("".join(t), reason or "cancelled", lp.result() if lp is not None else None, i)
+               for i, (t, reason, lp) in enumerate(zip(texts, finish, lps))]
+    return env.final(choices, reqs)

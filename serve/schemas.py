@@ -154,10 +154,10 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
-def usage(req: Request) -> dict:
-    n_prompt = len(req.prompt_ids)
-    return {"prompt_tokens": n_prompt, "completion_tokens": req.num_generated,
-            "total_tokens": n_prompt + req.num_generated}
+def usage(req: Request, *more: Request) -> dict:
+    """One prompt, and the completion tokens of every choice made from it (`n`)."""
+    n_prompt, n_gen = len(req.prompt_ids), req.num_generated + sum(r.num_generated for r in more)
+    return {"prompt_tokens": n_prompt, "completion_tokens": n_gen, "total_tokens": n_prompt + n_gen}
 
 
 def timings(req: Request) -> dict:
@@ -196,30 +196,32 @@ class Envelope:
                 "system_fingerprint": None, "choices": choices}
 
     def chunk(self, text: str | None, finish_reason: str | None = None, logprobs: list | None = None,
-              role: bool = False) -> dict:
+              role: bool = False, index: int = 0) -> dict:
         if self.chat:
             delta: dict[str, Any] = {"role": "assistant"} if role else {}
             if text is not None:
                 delta["content"] = text
             lp = {"content": logprobs} if logprobs is not None else None
-            choice = {"index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish_reason}
+            choice = {"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish_reason}
             return self._base("chat.completion.chunk", [choice])
-        choice = {"index": 0, "text": text or "", "logprobs": logprobs, "finish_reason": finish_reason}
+        choice = {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish_reason}
         return self._base("text_completion", [choice])
 
-    def usage_chunk(self, req: Request) -> dict:
+    def usage_chunk(self, reqs: list[Request]) -> dict:
         body = self._base("chat.completion.chunk" if self.chat else "text_completion", [])
-        body.update(usage=usage(req), timings=timings(req))
+        body.update(usage=usage(*reqs), timings=timings(reqs[0]))
         return body
 
-    def final(self, text: str, finish_reason: str, req: Request, logprobs: Any = None) -> dict:
+    def choice(self, text: str, finish_reason: str, logprobs: Any = None, index: int = 0) -> dict:
+        """One choice of a non-streamed body."""
         if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                      "logprobs": {"content": logprobs} if logprobs is not None else None,
-                      "finish_reason": finish_reason}
-            body = self._base("chat.completion", [choice])
-        else:
-            choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
-            body = self._base("text_completion", [choice])
-        body.update(usage=usage(req), timings=timings(req))
+            return {"index": index, "message": {"role": "assistant", "content": text},
+                    "logprobs": {"content": logprobs} if logprobs is not None else None,
+                    "finish_reason": finish_reason}
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+
+    def final(self, choices: list[dict], reqs: list[Request]) -> dict:
+        """The non-streamed body: every choice, usage over all of them, the first choice's timings."""
+        body = self._base("chat.completion" if self.chat else "text_completion", choices)
+        body.update(usage=usage(*reqs), timings=timings(reqs[0]))
         return body

@@ -197,6 +197,28 @@ def test_completions_endpoint(server):
     assert by_ids.usage.prompt_tokens == 3
 
 
+def test_n_choices(server):
+    """n > 1: each choice is a request of its own; a seeded body's choice i draws what seed + i draws alone."""
+    client = server.client()
+    kw = dict(model="smol", messages=[{"role": "user", "content": "Write a word."}], max_tokens=10, temperature=1.0)
+    r = client.chat.completions.create(n=3, seed=5, **kw)
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    texts = [c.message.content for c in r.choices]
+    assert texts[1] == client.chat.completions.create(seed=6, **kw).choices[0].message.content
+    assert len(set(texts)) > 1
+    alone = [client.chat.completions.create(seed=5 + i, **kw).usage for i in range(3)]
+    singles = [u.completion_tokens for u in alone]
+    assert r.usage.completion_tokens == sum(singles) and r.usage.prompt_tokens == alone[0].prompt_tokens
+    chunks = list(client.chat.completions.create(n=2, seed=5, stream=True, stream_options={"include_usage": True},
+                                                 **kw))
+    streamed = ["".join(c.choices[0].delta.content or "" for c in chunks if c.choices and c.choices[0].index == i)
+                for i in range(2)]
+    assert streamed == texts[:2]
+    finishes = [c.choices[0].index for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert sorted(finishes) == [0, 1]
+    assert chunks[-1].usage.completion_tokens == sum(singles[:2]) and not chunks[-1].choices
+
+
 def test_props(server):
     props = server.get("/props").json()
     assert props["total_slots"] == SLOTS and props["model_alias"] == "smol"
@@ -251,7 +273,8 @@ BAD_REQUESTS = [
     ("empty messages", "/v1/chat/completions", {"messages": []}, 400, None),
     ("negative max_tokens", "/v1/chat/completions", {"messages": MSG, "max_tokens": -5}, 400, None),
     ("zero max_tokens", "/v1/chat/completions", {"messages": MSG, "max_completion_tokens": 0}, 400, None),
-    ("n=2", "/v1/chat/completions", {"messages": MSG, "n": 2}, 400, None),
+    ("n=0", "/v1/chat/completions", {"messages": MSG, "n": 0}, 400, None),
+    ("n too large", "/v1/chat/completions", {"messages": MSG, "n": 99}, 400, None),
     ("top_p out of range", "/v1/chat/completions", {"messages": MSG, "top_p": 1.5}, 400, None),
     ("kwargs not an object", "/v1/chat/completions", {"messages": MSG, "chat_template_kwargs": "x"}, 400, None),
     ("kwargs a list", "/v1/chat/completions", {"messages": MSG, "chat_template_kwargs": [1]}, 400, None),
