@@ -382,23 +382,25 @@ def test_metrics(server):
     assert _metric(after, "dflash:requests_total") > _metric(before, "dflash:requests_total")
 
 
-def test_stream_disconnect_frees_slot(server):
+@pytest.mark.parametrize("n", [1, 3])
+def test_stream_disconnect_frees_slot(server, n):
     body = {"messages": [{"role": "user", "content": "Tell me a long story."}], "max_tokens": 400,
-            "temperature": 0, "ignore_eos": True, "stream": True}
+            "temperature": 0, "ignore_eos": True, "stream": True, "n": n}
     with httpx.Client(headers=server.auth, timeout=60) as client:
         with client.stream("POST", server.url + "/v1/chat/completions", json=body) as r:
             lines = r.iter_lines()
-            for _ in range(6):  # role chunk, then tokens
+            for _ in range(5 + n):  # role chunks, then tokens
                 next(line for line in lines if line.startswith("data: "))
-            assert server.slots()["busy_slots"] == 1
+            assert server.slots()["busy_slots"] == n
     closed = time.monotonic()
     assert server.wait_idle(3), server.slots()
-    print(f"slot freed {time.monotonic() - closed:.2f}s after disconnect")
+    print(f"{n} slot(s) freed {time.monotonic() - closed:.2f}s after disconnect")
 
 
-def test_non_stream_disconnect_frees_slot(server):
+@pytest.mark.parametrize("n", [1, 3])
+def test_non_stream_disconnect_frees_slot(server, n):
     body = {"messages": [{"role": "user", "content": "Tell me a long story."}], "max_tokens": 400,
-            "temperature": 0, "ignore_eos": True}
+            "temperature": 0, "ignore_eos": True, "n": n}
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(server.url + "/v1/chat/completions", json=body, headers=server.auth, timeout=3)
     assert server.wait_idle(3), server.slots()
