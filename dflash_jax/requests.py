@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass, field
 
 _ids = itertools.count()
+MAX_LOGIT_BIAS = 300  # logit_bias entries per request, OpenAI's limit
 
 
 @dataclass(frozen=True)
@@ -24,7 +25,7 @@ class SamplingParams:
     logprobs: bool = False
     top_logprobs: int = 0  # at most engine.MAX_TOP_LOGPROBS
     ignore_eos: bool = False
-    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit), at most MAX_LOGIT_BIAS
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
 
     def __post_init__(self):
         checks = {
@@ -32,7 +33,8 @@ class SamplingParams:
             "min_p": 0 <= self.min_p <= 1, "presence_penalty": -2 <= self.presence_penalty <= 2,
             "frequency_penalty": -2 <= self.frequency_penalty <= 2, "max_tokens": self.max_tokens >= 1,
             "top_logprobs": 0 <= self.top_logprobs <= 20,
-            "logit_bias": len(self.logit_bias) <= 300 and all(t >= 0 and -100 <= v <= 100 for t, v in self.logit_bias),
+            "logit_bias": len(self.logit_bias) <= MAX_LOGIT_BIAS
+            and all(t >= 0 and -100 <= v <= 100 for t, v in self.logit_bias),
         }
         for name, ok in checks.items():
             if not ok:

@@ -11,13 +11,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dflash_jax.requests import MAX_LOGIT_BIAS
 from pallas_kernels.invariance import log_softmax, logsumexp
 
 # top-k and top-p thresholds are found among the C best tokens. A nucleus wider than C (top_p near 1 on a flat
 # distribution) keeps the whole vocabulary instead: slightly more permissive than an exact sort, never less.
 NUM_CANDIDATES = 256
 MAX_TOP_LOGPROBS = 20
-MAX_LOGIT_BIAS = 300  # entries per request, OpenAI's limit
 
 
 @jax.tree_util.register_dataclass

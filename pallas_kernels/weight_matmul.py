@@ -483,9 +483,8 @@ def default_impl(quantized: bool = False, invariant: bool = False, weight_elems:
 
 def _verify_rows_to_mgpu(x, weight) -> bool:
     """$DFLASH_MGPU_MIN_ROWS=R (outside the batch-invariant mode, Hopper): float products of at least R rows (a
-    verify's slots x block) run in the Mosaic kernel, the rest in XLA's product. An experiment until timed: XLA's
-    128-row products stream the 8B shape's qkv, o_proj and down at 2.6-2.9 TB/s against ~3.9 for its decode products
-    (session 15), and the warp-specialized tiles ($DFLASH_MGPU_WS=1) are built for those rows."""
+    verify's slots x block) run in the Mosaic kernel, the rest in XLA's product. Off by default: on an H200 the
+    8-slot Qwen3-8B spec step took 13.0 ms with it (10.96 with $DFLASH_MGPU_WS=1) against XLA's 7.8 (session 18)."""
     from pallas_kernels import weight_matmul_mgpu as mg  # noqa: PLC0415
     min_rows = mg.env_int("DFLASH_MGPU_MIN_ROWS", 0)
     rows = math.prod(x.shape[:-1])

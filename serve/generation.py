@@ -153,10 +153,6 @@ def _error_message(ev: TokenEvent) -> str:
 
 async def _merged(state, reqs: list[Request]) -> AsyncIterator[tuple[int, TokenEvent]]:
     """(choice index, event) of every request as the events come."""
-    if len(reqs) == 1:
-        async for ev in _events(state, reqs[0]):
-            yield 0, ev
-        return
     events: asyncio.Queue = asyncio.Queue()
 
     async def pump(i: int, req: Request) -> None:

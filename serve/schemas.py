@@ -7,10 +7,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from dflash_jax.requests import Request, SamplingParams
+from dflash_jax.requests import MAX_LOGIT_BIAS, Request, SamplingParams
 
 MAX_TOP_LOGPROBS = 20
-MAX_LOGIT_BIAS = 300  # OpenAI's limit; dflash_jax.sampling.MAX_LOGIT_BIAS
 
 
 class _Strict(BaseModel):
