@@ -59,12 +59,15 @@ _ACC_REG_BUDGET = 168  # of the 255 a thread may hold: the rest for the widened 
 class Q8MgpuConfig:
     """block_n weight rows per CTA (64 or 128), num_splits K splits, stages = pipeline steps in flight per CTA,
     blocks Q8_0 blocks per step (their products are issued together and waited for once), prescale: scale the
-    weight tile before the product (bf16 weights' numerics, one accumulator) instead of each block's product."""
+    weight tile before the product (bf16 weights' numerics, one accumulator) instead of each block's product;
+    swizzle: bytes per swizzled row of the weight tile in shared memory (32: one block per tile column; 128: four
+    blocks, wider TMA boxes, needs blocks = 4; `swizzle_for`)."""
     block_n: int
     num_splits: int
     stages: int
     blocks: int = 1
     prescale: bool = False
+    swizzle: int = 32
 
 
 PRESCALE_MIN_ROWS = 64  # H200, 27B layer: at M >= 64 pre-scaled wins (M=128 2.41 vs 3.48 ms), below it loses
@@ -178,7 +181,17 @@ def pick_q8_mgpu_config(m: int, k: int, n: int, num_sms: int | None = None, *, b
         block_n, blocks = fits[0] if fits else (block_n or 64, blocks or 1)
     steps = k // _BLOCK // blocks
     stages = stages or max(1, min(16 // blocks, _max_stages(mp, block_n, blocks), steps // num_splits))
-    return Q8MgpuConfig(block_n, num_splits, stages, blocks, prescale)
+    return Q8MgpuConfig(block_n, num_splits, stages, blocks, prescale, swizzle_for(blocks, prescale))
+
+
+# H200, Qwen3-8B layer products (bench/q8_swizzle.py, session 19): exact variant, 4 blocks per step, 128-byte
+# swizzled weight rows (one TMA box row = 4 blocks) against 32-byte ones: M=1 0.168 vs 0.181 ms (down 66 vs 48 % of
+# copy), M=8 0.150 vs 0.166 (gate/up 65 vs 50 %). Pre-scaled: M=1 0.216 vs 0.227, M=8 0.220 vs 0.193 (worse), M=128
+# 0.326 vs 0.350; mixed, so it keeps 32.
+def swizzle_for(blocks: int, prescale: bool) -> int:
+    """Bytes per swizzled weight row in shared memory: 128 (wide TMA boxes) for the exact variant with 4 blocks per
+    step, else 32 ($DFLASH_Q8_SWIZZLE=32 forces 32, for A/B runs). Neither changes the arithmetic."""
+    return 128 if blocks == 4 and not prescale and env_int("DFLASH_Q8_SWIZZLE", 128) == 128 else 32
 
 
 def _kernel_call(x, qt, scales, cfg: Q8MgpuConfig, interpret: bool):
@@ -191,7 +204,8 @@ def _kernel_call(x, qt, scales, cfg: Q8MgpuConfig, interpret: bool):
     steps = k // bk // splits
     epi = _epi(mp)
     # One 32-input block per tile column, so a block's slice of a step's tile is whole tiles of shared memory.
-    q_transforms = (plgpu.TilingTransform((8, _BLOCK)), plgpu.SwizzleTransform(_BLOCK))  # 32 int8 = 32 bytes
+    wide = cfg.swizzle > _BLOCK
+    q_transforms = (plgpu.TilingTransform((8, cfg.swizzle)), plgpu.SwizzleTransform(cfg.swizzle))  # int8: 1 byte
     x_transforms = (plgpu.TilingTransform((8, _BLOCK)), plgpu.SwizzleTransform(2 * _BLOCK))  # 32 bf16 = 64 bytes
 
     def wgmma(acc_ref, a, x_cols, a_smem):
@@ -214,10 +228,12 @@ def _kernel_call(x, qt, scales, cfg: Q8MgpuConfig, interpret: bool):
 
         def accumulate(acc_ref):
             def step(_, q_smem, x_smem, s_smem):
+                tile = q_smem[...] if wide else None
                 for j in range(nb):
                     cols = pl.ds(j * _BLOCK, _BLOCK)
                     scale = plgpu.load(s_smem.at[j], layout=plgpu.Layout.WGMMA.reduce(1)).astype(jnp.float32)
-                    a = (q_smem[:, cols].astype(jnp.float32) * scale[:, None]).astype(jnp.bfloat16)
+                    q = tile[:, j * _BLOCK:(j + 1) * _BLOCK] if wide else q_smem[:, cols]
+                    a = (q.astype(jnp.float32) * scale[:, None]).astype(jnp.bfloat16)
                     wgmma(acc_ref, a, x_smem.at[:, cols].T, a_smem)
                 plgpu.wgmma_wait(0)
 
@@ -232,9 +248,11 @@ def _kernel_call(x, qt, scales, cfg: Q8MgpuConfig, interpret: bool):
 
         def step(_, q_smem, x_smem, s_smem, total):
             def block_products(*acc_refs):  # one accumulator per block: each is scaled by its own scales
+                tile = q_smem[...] if wide else None  # a swizzled row holds several blocks: load it whole
                 for j, acc_ref in enumerate(acc_refs):
                     cols = pl.ds(j * _BLOCK, _BLOCK)
-                    a = q_smem[:, cols].astype(jnp.bfloat16)  # (BN, 32): exact, |q| <= 127
+                    q = tile[:, j * _BLOCK:(j + 1) * _BLOCK] if wide else q_smem[:, cols]
+                    a = q.astype(jnp.bfloat16)  # (BN, 32): exact, |q| <= 127
                     wgmma(acc_ref, a, x_smem.at[:, cols].T, a_smem)
                 plgpu.wgmma_wait(0)
                 return [acc_ref[...] for acc_ref in acc_refs]
@@ -273,7 +291,7 @@ def q8_0_matmul_mgpu(x: jax.Array, qt: jax.Array, scales: jax.Array, *, config: 
     if not supports_q8(m, k, n):
         raise ValueError(f"Mosaic GPU Q8_0 product does not take M={m} K={k} N={n}; see supports_q8()")
     cfg = config or pick_q8_mgpu_config(m, k, n)
-    if n % cfg.block_n or (k // _BLOCK) % (cfg.blocks * cfg.num_splits):
+    if n % cfg.block_n or (k // _BLOCK) % (cfg.blocks * cfg.num_splits) or cfg.swizzle > cfg.blocks * _BLOCK:
         raise ValueError(f"{cfg} does not tile K={k} N={n}")
     mp = _rows(m)
     xp = jnp.pad(x2.astype(jnp.bfloat16), ((0, mp - m), (0, 0)))

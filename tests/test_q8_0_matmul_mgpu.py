@@ -51,12 +51,13 @@ def _is_hopper() -> bool:
     return any(s in jax.devices()[0].device_kind for s in ("H100", "H200"))
 
 
-@pytest.mark.parametrize("m,blocks", [(m, 2) for m in MS] + [(3, 1)])
+@pytest.mark.parametrize("m,blocks", [(m, 2) for m in MS] + [(3, 1), (1, 4), (8, 4), (128, 4)])
 def test_q8_mgpu_matches_gguf_interpret(m, blocks):
-    k, n = 256, 128  # 8 Q8_0 blocks: 2 splits of 2 steps of 2 blocks (or 4 steps of 1); 2 tiles of 64 rows
+    """4 blocks per step: the 128-byte swizzled weight rows, loaded whole and cut into blocks in registers."""
+    k, n = 256, 128  # 8 Q8_0 blocks: 2 splits of 2 steps of 2 blocks (or 4 steps of 1, 1 step of 4); 2 tiles of 64
     x, q, s, deq = _inputs(m, k, n, seed=m)
-    got = np.asarray(q8_0_matmul_mgpu(x, q, s, config=Q8MgpuConfig(64, 2, 2, blocks), interpret=True,
-                                      out_dtype=jnp.float32))
+    cfg = Q8MgpuConfig(64, 2, 2 if blocks < 4 else 1, blocks, swizzle=128 if blocks == 4 else 32)
+    got = np.asarray(q8_0_matmul_mgpu(x, q, s, config=cfg, interpret=True, out_dtype=jnp.float32))
     ref = _reference(x, deq)
     assert got.shape == (m, n) and np.isfinite(got).all()
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
@@ -69,7 +70,7 @@ def test_q8_mgpu_default_tiles_and_leading_dims_interpret(m, block_n):
     k, n = 128, 256
     x, q, s, deq = _inputs(m, k, n, seed=7)
     cfg = pick_q8_mgpu_config(m, k, n, num_sms=2)
-    assert (cfg.block_n, cfg.num_splits, cfg.stages, cfg.blocks) == (block_n, 1, 1, 4)
+    assert (cfg.block_n, cfg.num_splits, cfg.stages, cfg.blocks, cfg.swizzle) == (block_n, 1, 1, 4, 128)
     got = np.asarray(q8_0_matmul_mgpu(x.reshape(2, m // 2, k), q, s, config=cfg, interpret=True)
                      .astype(jnp.float32))
     ref = _reference(x, deq).reshape(2, m // 2, n)
