@@ -34,7 +34,6 @@ from pallas_kernels.weight_matmul import (  # noqa: E402
 )
 from pallas_kernels.weight_matmul_mgpu import MgpuConfig, matmul_mgpu, pick_mgpu_config  # noqa: E402
 from pallas_kernels.q8_0_matmul_mgpu import Q8MgpuConfig, pick_q8_mgpu_config, q8_0_matmul_mgpu  # noqa: E402
-from pallas_kernels.q8_0_int8_mgpu import q8_0_int8_matmul_mgpu, q8_0_int8_reference  # noqa: E402
 
 # (name, K in, N out) of every projection of one layer; the 27B's Gated DeltaNet beta/alpha (5120 -> 48) are left
 # out: 0.5 MB each, launch-bound whatever the kernel.
@@ -103,9 +102,6 @@ VARIANTS = {
     "mgpu_q8_0p": ("q8_0_nk", lambda x, q, s, cfg=None: q8_0_matmul_mgpu(
         x, q, s, config=cfg or pick_q8_mgpu_config(x.shape[0], x.shape[1], q.shape[0], prescale=True),
         interpret=INTERPRET)),
-    # int8 activations (llama.cpp's Q8_1 rounding), s8 x s8 wgmma from shared memory
-    "mgpu_q8_0i": ("q8_0_nk", lambda x, q, s, cfg=None: q8_0_int8_matmul_mgpu(x, q, s, config=cfg,
-                                                                               interpret=INTERPRET)),
 }
 
 
@@ -143,7 +139,7 @@ def check_kernels() -> dict[str, float]:
     s = jnp.asarray(rng.uniform(1e-3, 3e-3, (k // Q8_BLOCK, n)), jnp.float16)
     w = jnp.asarray(rng.standard_normal((n, k)) * 0.02, jnp.bfloat16)
     errs = {"pallas_q8_0": 0.0, "pallas_bf16": 0.0, "mgpu_bf16": 0.0, "mgpu_bf16_ws": 0.0, "mgpu_q8_0": 0.0,
-            "mgpu_q8_0p": 0.0, "mgpu_q8_0i": 0.0}
+            "mgpu_q8_0p": 0.0}
     w_even = w[:n // 64 * 64]  # the Mosaic kernels take N % 64 == 0
     w_128 = jnp.asarray(rng.standard_normal((max(128, n // 128 * 128), k)) * 0.02, jnp.bfloat16)  # 128-row tiles
     q_nk, s_even = q[:, :n // 64 * 64].T, s[:, :n // 64 * 64]
@@ -161,9 +157,7 @@ def check_kernels() -> dict[str, float]:
                                # exact Q8_0 weights (the kernel does not round them to bf16 as the reference does)
                                lambda: q8_0_matmul_reference(x.astype(jnp.float32), q_nk.T, s_even)),
                  "mgpu_q8_0p": (lambda: VARIANTS["mgpu_q8_0p"][1](x, q_nk, s_even),
-                                lambda: q8_0_matmul_reference(x, q_nk.T, s_even)),
-                 "mgpu_q8_0i": (lambda: q8_0_int8_matmul_mgpu(x, q_nk, s_even, interpret=INTERPRET),
-                                lambda: q8_0_int8_reference(x, q_nk, s_even))}
+                                lambda: q8_0_matmul_reference(x, q_nk.T, s_even))}
         for name, (fn, ref_fn) in pairs.items():
             try:
                 got = np.asarray(fn().astype(jnp.float32))
@@ -195,7 +189,6 @@ def main(argv=None) -> None:
                     help="BNxBKxSPLITSxSTAGES[xWARPGROUPS][,..] for --sweep, Mosaic GPU kernel")
     ap.add_argument("--configs-mgpu-q8", default="",
                     help="BNxSPLITS[xSTAGES[xBLOCKS]][p][,..] for --sweep, Mosaic GPU Q8_0 kernel (p: pre-scaled)")
-    ap.add_argument("--configs-mgpu-q8i", default="", help="as --configs-mgpu-q8, int8-activation kernel")
     ap.add_argument("--plan", default="", help="'MODEL:M,M:VARIANT,VARIANT;...' (overrides --models/--ms/--variants)")
     ap.add_argument("--budget-s", type=float, default=1e9, help="stop starting new measurements after this")
     ap.add_argument("--out", default=None, help="JSONL results file")
@@ -251,8 +244,7 @@ def main(argv=None) -> None:
         for item in a.sweep.split(","):
             k, n, m = (int(v) for v in item.split(":"))
             for variant, texts in (("pallas_q8_0", a.configs_q8), ("pallas_bf16", a.configs_bf16),
-                                   ("mgpu_bf16", a.configs_mgpu), ("mgpu_q8_0", a.configs_mgpu_q8),
-                                   ("mgpu_q8_0i", a.configs_mgpu_q8i)):
+                                   ("mgpu_bf16", a.configs_mgpu), ("mgpu_q8_0", a.configs_mgpu_q8)):
                 # a config ending in 'p' is the pre-scaled Q8_0 variant; 'auto' is the picker's exact one
                 quantized = variant.endswith("q8_0")
                 if not texts:
@@ -264,7 +256,7 @@ def main(argv=None) -> None:
                         if variant == "mgpu_bf16":
                             cfg = (pick_mgpu_config(m, k, n) if text == "auto"
                                    else MgpuConfig(*(int(v) for v in text.split("x"))))
-                        elif variant.startswith("mgpu_q8_0"):
+                        elif variant == "mgpu_q8_0":
                             parts = [int(v) for v in text.rstrip("p").split("x")] if text != "auto" else []
                             # BNxSPLITS: the picker's stages and blocks per step for that tile and split count
                             cfg = (pick_q8_mgpu_config(m, k, n, block_n=parts[0], num_splits=parts[1],
