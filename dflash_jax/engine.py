@@ -27,7 +27,7 @@ from dflash_jax.requests import Request
 from dflash_jax.sampling import SamplingArrays, needs_full
 from dflash_jax.scheduler import Scheduler, Slot
 from dflash_jax.spec_state import LoadedDrafter, SpecState
-from dflash_jax.state_pool import make_cache
+from dflash_jax.state_pool import HybridCache, make_cache
 from dflash_jax.step_fns import CompiledSteps, SlotRows, SpecInputs, StepInputs
 from pallas_kernels import lowering_cache
 from pallas_kernels.invariance import env_setting
@@ -67,6 +67,10 @@ class EngineConfig:
     # DFlash server and a plain one with the same flags give the same bits. $DFLASH_Q8_PRESCALE overrides.
     q8_prescale: bool | None = None
     compile_workers: int | None = None  # threads compiling step buckets at warm-up (None: min(8, CPUs))
+    # Reuse the KV (and drafter context) pages of earlier prompts' full pages (page_allocator). Prompt pages only:
+    # they were written by prefill steps, as the uncached prompt's would be. Off for hybrid targets, whose
+    # recurrent state after a prefix is not kept.
+    prefix_cache: bool = True
 
     def __post_init__(self):
         if self.num_slots < 1:
@@ -150,8 +154,9 @@ class Engine:
         self.steps = CompiledSteps(self.graphdef, self.state, sp and sp.graphdef, sp and sp.state,
                                    sp.taps if sp else (), sp.mask_token_id if sp else 0, sp and sp.ctx_window,
                                    invariant=self.batch_invariant, q8_prescale=self.q8_prescale)
+        self.prefix_cache = cfg.prefix_cache and not isinstance(self.cache, HybridCache)
         self.scheduler = Scheduler(cfg.num_slots, PageAllocator(num_pages), cfg.page_size, cfg.per_slot,
-                                   cfg.prefill_chunk, loaded.tokenizer)
+                                   cfg.prefill_chunk, loaded.tokenizer, self.prefix_cache)
         self.max_prompt_len = cfg.per_slot - 1
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -315,8 +320,9 @@ class Engine:
         rows, final = [], []
         for slot, n in chunks:
             start = slot.num_cached
-            rows.append((slot, slot.req.prompt_ids[start:start + n], start + n, start == 0))
+            rows.append((slot, slot.req.prompt_ids[start:start + n], start + n, start == slot.req.num_cached_prompt))
             slot.num_cached += n  # prefill is deterministic: the host advances at launch
+            self.scheduler.key_written_pages(slot)
             final.append(slot.num_cached == len(slot.req.prompt_ids))
             slot.inflight += final[-1]
         return self._launch("prefill", [c[0] for c in chunks], final, self._inputs(rows, b, t), full=True)

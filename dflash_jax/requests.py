@@ -58,8 +58,10 @@ class Request:
     events: "queue.Queue[TokenEvent]" = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     created: float = field(default_factory=time.monotonic)
+    cache_prompt: bool = True  # may reuse cached prefix pages (llama-server's cache_prompt)
     # Filled by the engine, read by the server for usage/timings:
     num_generated: int = 0
+    num_cached_prompt: int = 0  # prompt tokens taken from the prefix cache (not computed)
     start_time: float | None = None  # admitted into a slot (queue wait ends)
     first_token_time: float | None = None
     prompt_done_time: float | None = None

@@ -1,10 +1,13 @@
 """Host bookkeeping of slots: FIFO admission, pages, chunked-prefill planning, and turning sampled tokens into events.
 
 Invariants: a slot owns its pages from admission to finish (reserved for prompt + max new tokens, so a running request
-never waits for memory). The host's view lags the device by the launched, not yet retired steps: `num_cached` counts
-prompt chunks from their launch but generated tokens from their retirement, and `inflight` bounds the tokens still
-to come from launched steps. The device's own rows (step_fns.SlotRows) hold each slot's exact cache length and
-newest token, which is why decode steps never wait for the host.
+never waits for memory), sharing only the cached prefix pages it was admitted with (page_allocator), which it never
+writes. A prompt's full pages are keyed when the chunk that writes them launches; a match always leaves the prompt's
+last token to compute (its logits give the first generated token). The host's view lags the device by the launched,
+not yet retired steps: `num_cached` counts prompt chunks from their launch (from the cached prefix on) but generated
+tokens from their retirement, and `inflight` bounds the tokens still to come from launched steps. The device's own
+rows (step_fns.SlotRows) hold each slot's exact cache length and newest token, which is why decode steps never wait
+for the host.
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ from dataclasses import dataclass, field
 
 from converters.detokenizer import IncrementalDetokenizer
 from converters.tokenizer import Tokenizer
-from dflash_jax.page_allocator import PageAllocator
+from dflash_jax.page_allocator import PageAllocator, page_keys
 from dflash_jax.requests import Request, TokenEvent
 
 
@@ -32,6 +35,8 @@ class Slot:
     emitted: int = 0  # characters of `text` already sent
     seed: int = 0
     inflight: int = 0  # tokens that launched, not yet retired steps may still produce (an upper bound)
+    keys: list[bytes] = field(default_factory=list)  # prefix keys of the prompt's full pages
+    keyed: int = 0  # of those, how many are registered in the prefix cache
 
     @property
     def state(self) -> str:
@@ -48,7 +53,7 @@ class Plan:
 
 class Scheduler:
     def __init__(self, num_slots: int, allocator: PageAllocator, page_size: int, ctx_per_slot: int,
-                 prefill_chunk: int, tokenizer: Tokenizer):
+                 prefill_chunk: int, tokenizer: Tokenizer, prefix_cache: bool = True):
         self.slots = [Slot(i) for i in range(num_slots)]
         self.queue: collections.deque[Request] = collections.deque()
         self.lock = threading.Lock()
@@ -57,6 +62,8 @@ class Scheduler:
         self.ctx_per_slot = ctx_per_slot
         self.prefill_chunk = prefill_chunk
         self.tokenizer = tokenizer
+        self.prefix_cache = prefix_cache
+        self.cached_tokens = 0  # prompt tokens served from the prefix cache since start
         self._rng = random.Random(0)
 
     # --- admission -------------------------------------------------------------------------------------------
@@ -81,16 +88,30 @@ class Scheduler:
                     self.queue.popleft()
                     req.events.put(TokenEvent(None, "", finish_reason="cancelled"))
                     continue
-                max_new = min(req.params.max_tokens, self.ctx_per_slot - len(req.prompt_ids))
-                need = -(-(len(req.prompt_ids) + max_new) // self.page_size)
-                if need > self.allocator.num_free:
+                n_prompt, ps = len(req.prompt_ids), self.page_size
+                max_new = min(req.params.max_tokens, self.ctx_per_slot - n_prompt)
+                need = -(-(n_prompt + max_new) // ps)
+                keys = page_keys(req.prompt_ids, ps, n_prompt // ps) if self.prefix_cache else []
+                hits = self.allocator.match(keys[:(n_prompt - 1) // ps]) if req.cache_prompt else []
+                if need - len(hits) > self.allocator.num_free - self.allocator.num_idle(hits):
                     return  # FIFO: the head waits for pages; nobody overtakes it
                 self.queue.popleft()
-                slot.req, slot.pages, slot.num_cached = req, self.allocator.alloc(need), 0
+                self.allocator.take(hits)
+                slot.pages = hits + self.allocator.alloc(need - len(hits))
+                slot.req, slot.num_cached, slot.keys, slot.keyed = req, len(hits) * ps, keys, len(hits)
+                req.num_cached_prompt = slot.num_cached
+                self.cached_tokens += slot.num_cached
                 slot.max_new, slot.text, slot.emitted, slot.inflight = max_new, "", 0, 0
                 slot.detok = IncrementalDetokenizer(self.tokenizer, skip_special=True)
                 slot.seed = req.params.seed if req.params.seed is not None else self._rng.getrandbits(32)
                 req.start_time = time.monotonic()
+
+    def key_written_pages(self, slot: Slot) -> None:
+        """Register the prompt's full pages that launched prefill chunks have written."""
+        done = min(slot.num_cached // self.page_size, len(slot.keys))
+        for i in range(slot.keyed, done):
+            self.allocator.register(slot.pages[i], slot.keys[i])
+        slot.keyed = max(slot.keyed, done)
 
     # --- planning --------------------------------------------------------------------------------------------
     def plan(self) -> Plan:
@@ -147,8 +168,8 @@ class Scheduler:
         req.finish_time = time.monotonic()
         event = event or TokenEvent(None, "")
         event.finish_reason = reason
-        self.allocator.free(slot.pages)
-        slot.req, slot.pages, slot.detok, slot.inflight = None, [], None, 0
+        self.allocator.free(slot.pages[::-1])  # the deepest prefix pages become the first evicted
+        slot.req, slot.pages, slot.detok, slot.inflight, slot.keys, slot.keyed = None, [], None, 0, [], 0
         req.events.put(event)
 
     def fail_all(self, message: str) -> None:
@@ -171,11 +192,14 @@ class Scheduler:
             "busy_slots": sum(req is not None for _, req in slots),
             "queue_len": len(self.queue),
             "num_pages_free": self.allocator.num_free,
+            "num_pages_cached": self.allocator.num_cached,
+            "prompt_tokens_cached": self.cached_tokens,
             "slots": [{"id": s.id, "busy": req is not None,
                        "state": "idle" if req is None else ("prefill" if s.num_cached < len(req.prompt_ids)
                                                             else "decode"),
                        "request_id": req.id if req else None,
                        "n_prompt": len(req.prompt_ids) if req else 0,
+                       "n_prompt_cached": req.num_cached_prompt if req else 0,
                        "n_generated": req.num_generated if req else 0,
                        "draft_n": req.draft_n if req else 0,
                        "draft_n_accepted": req.draft_n_accepted if req else 0} for s, req in slots],

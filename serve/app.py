@@ -131,6 +131,7 @@ def create_app(state: ServerState) -> FastAPI:
                 "chat_template": state.template.source if state.template is not None else None,
                 "bos_token": state.template.bos_token if state.template is not None else "",
                 "eos_token": state.template.eos_token if state.template is not None else "",
+                "prefix_cache": bool(getattr(engine, "prefix_cache", False)),
                 "modalities": {"vision": False, "audio": False}, "build_info": "dflash-jax"}
 
     @app.post("/tokenize", dependencies=guarded)

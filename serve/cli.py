@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compute every row of a step independently of how many rows share it, so DFlash output and "
                         "a request's output among other requests are the same bits as plain decoding alone "
                         "(default auto: on for GPU bf16/f16, where XLA's products round by row count)")
+    p.add_argument("--no-cache-prompt", dest="cache_prompt", action="store_false", default=True,
+                   help="do not reuse the KV pages of earlier prompts' shared prefixes (prefix caching is on by "
+                        "default for dense models; a request can opt out with \"cache_prompt\": false)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     return p
 
@@ -113,7 +116,8 @@ def engine_config_kwargs(args: argparse.Namespace, config_cls, platform: str) ->
               "draft_max": (args.draft_max, "--draft-max"), "ctx_size_draft": (args.ctx_size_draft, "-cd"),
               "draft_short": (args.draft_short, "--draft-short"),
               "spec_policy": (args.spec_policy, "--spec-policy"),
-              "batch_invariant": ({"on": True, "off": False}.get(args.batch_invariant), "--batch-invariant")}
+              "batch_invariant": ({"on": True, "off": False}.get(args.batch_invariant), "--batch-invariant"),
+              "prefix_cache": (None if args.cache_prompt else False, "--no-cache-prompt")}
     kwargs = {}
     for name, (value, flag) in wanted.items():
         if value is None:

@@ -72,7 +72,7 @@ def start_request(state, engine, body, prompt_ids: list[int], index: int = 0) ->
         raise ApiError(400, str(e)) from None
     if index and params.seed is not None:
         params = dataclasses.replace(params, seed=params.seed + index)
-    req = Request(prompt_ids, params, events=EventStream(asyncio.get_running_loop()))
+    req = Request(prompt_ids, params, events=EventStream(asyncio.get_running_loop()), cache_prompt=body.cache_prompt)
     try:
         engine.submit(req)
     except ValueError as e:

@@ -29,6 +29,8 @@ class Metrics:
         self.requests = Counter(PREFIX + "requests", "HTTP requests by endpoint and status code",
                                 ["endpoint", "status"], registry=r)
         self.prompt_tokens = Counter(PREFIX + "prompt_tokens", "Prompt tokens of admitted requests", registry=r)
+        self.prompt_tokens_cached = Counter(PREFIX + "prompt_tokens_cached",
+                                            "Prompt tokens taken from the prefix cache (not computed)", registry=r)
         self.generation_tokens = Counter(PREFIX + "generation_tokens", "Generated tokens", registry=r)
         self.finished = Counter(PREFIX + "request_success", "Finished generations by finish reason",
                                 ["finished_reason"], registry=r)
@@ -50,6 +52,7 @@ class Metrics:
     def observe_finished(self, req: Request, finish_reason: str) -> None:
         self.finished.labels(finished_reason=finish_reason).inc()
         self.generation_tokens.inc(req.num_generated)
+        self.prompt_tokens_cached.inc(req.num_cached_prompt)
         if req.first_token_time is not None:
             self.ttft.observe(max(req.first_token_time - req.created, 0.0))
         if req.finish_time is not None:

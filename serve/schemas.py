@@ -60,6 +60,7 @@ class _Sampling(_Strict):
     ignore_eos: bool = False
     logit_bias: dict[str, float] | None = None  # token id (a JSON object key, so a string) -> bias in [-100, 100]
     response_format: ResponseFormat | None = None
+    cache_prompt: bool = True  # llama-server's: may reuse the KV of a cached prefix of this prompt
 
     def stop_tuple(self) -> tuple[str, ...]:
         stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
@@ -156,18 +157,20 @@ def new_id(prefix: str) -> str:
 def usage(req: Request, *more: Request) -> dict:
     """One prompt, and the completion tokens of every choice made from it (`n`)."""
     n_prompt, n_gen = len(req.prompt_ids), req.num_generated + sum(r.num_generated for r in more)
-    return {"prompt_tokens": n_prompt, "completion_tokens": n_gen, "total_tokens": n_prompt + n_gen}
+    return {"prompt_tokens": n_prompt, "completion_tokens": n_gen, "total_tokens": n_prompt + n_gen,
+            "prompt_tokens_details": {"cached_tokens": req.num_cached_prompt}}
 
 
 def timings(req: Request) -> dict:
-    """llama-server's timings block. Prompt time runs from arrival (queueing included, as there is no separate
-    admission timestamp) to the end of prefill; generation time from the first sampled token to the last."""
-    n_prompt, n_gen = len(req.prompt_ids), req.num_generated
+    """llama-server's timings block. Prompt time runs from admission to the end of prefill; generation time from the
+    first sampled token to the last. As in llama-server, prompt_n counts the prompt tokens computed and cache_n those
+    taken from the prefix cache."""
+    n_prompt, n_gen = len(req.prompt_ids) - req.num_cached_prompt, req.num_generated
     prompt_end = req.prompt_done_time or req.first_token_time or req.finish_time or req.created
     prompt_ms = max(prompt_end - (req.start_time or req.created), 0.0) * 1e3
     gen_start = req.first_token_time or prompt_end
     predicted_ms = max((req.finish_time or time.monotonic()) - gen_start, 0.0) * 1e3
-    return {"prompt_n": n_prompt, "prompt_ms": prompt_ms,
+    return {"cache_n": req.num_cached_prompt, "prompt_n": n_prompt, "prompt_ms": prompt_ms,
             "prompt_per_token_ms": prompt_ms / n_prompt if n_prompt else 0.0,
             "prompt_per_second": n_prompt / prompt_ms * 1e3 if prompt_ms > 0 else 0.0,
             "predicted_n": n_gen, "predicted_ms": predicted_ms,

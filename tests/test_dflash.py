@@ -40,11 +40,16 @@ def random_drafter(dc: DrafterConfig, seed: int) -> Drafter:
     return fill_model(dc, jnp.float32, arrays, Drafter)
 
 
-@pytest.fixture(scope="module")
-def target(tmp_path_factory):
+def tiny_target(tmp_path_factory):
+    """The tiny random llama target of these tests (also used by tests/test_prefix_cache.py)."""
     path = tmp_path_factory.mktemp("tiny") / "llama-tiny.gguf"
     write_random_gguf(str(path), dataclasses.replace(PRESETS["llama-tiny"], vocab_size=VOCAB), None, seed=7)
     return load_model(str(path), jnp.float32)
+
+
+@pytest.fixture(scope="module")
+def target(tmp_path_factory):
+    return tiny_target(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

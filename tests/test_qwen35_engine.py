@@ -65,16 +65,19 @@ def _requests(prompts, n):
 
 def test_plain_decoding_equals_greedy(engine, workload):
     """10 requests over 8 slots (two slots get a second request: their state must start over), prompts prefilled in
-    chunks of 16 that end mid-chunk, then decoded together."""
+    chunks of 16 that end mid-chunk, then decoded together; a prompt run again is computed again."""
     prompts, ref = workload
     engine.spec.policy = "never"
     try:
         out = run(engine, _requests(prompts, 10))
-        alone = run(engine, _requests(prompts, 1))
+        again = _requests(prompts, 1)
+        alone = run(engine, again)
     finally:
         engine.spec.policy = "always"
     assert [t for t, _, _ in out] == ref
     assert alone[0][0] == ref[0]
+    # a hybrid's recurrent state after a prefix is not kept, so its pages are not reused
+    assert not engine.prefix_cache and again[0].num_cached_prompt == 0
 
 
 @pytest.mark.parametrize("concurrent", [1, 2, 8])
