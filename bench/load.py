@@ -27,11 +27,16 @@ PROMPTS = [
 ]
 
 
+SYSTEM = "You are a helpful assistant. Answer briefly. Background you may need:\n"
+
+
 @dataclass
 class Result:
     ttft: float | None = None  # seconds from sending to the first content token
     gaps: list[float] = field(default_factory=list)  # seconds between consecutive content chunks
     tokens: int = 0
+    prompt_tokens: int = 0
+    cached_tokens: int = 0  # usage.prompt_tokens_details.cached_tokens, where the server reports it
     error: str | None = None
 
 
@@ -46,15 +51,22 @@ def percentile(values: list[float], q: float) -> float:
 async def one_request(client: openai.AsyncOpenAI, model: str, prompt: str, args) -> Result:
     res = Result()
     extra = {"ignore_eos": True} if args.ignore_eos else {}
+    if not args.cache_prompt:
+        extra["cache_prompt"] = False
+    messages = [{"role": "user", "content": prompt}]
+    if args.system_paragraphs:  # one long system prompt shared by every request (prefix caching's case)
+        messages.insert(0, {"role": "system", "content": SYSTEM + _PARAGRAPH * args.system_paragraphs})
     start = last = time.perf_counter()
     try:
         stream = await client.chat.completions.create(
-            model=model, messages=[{"role": "user", "content": prompt}], max_tokens=args.max_tokens,
+            model=model, messages=messages, max_tokens=args.max_tokens,
             temperature=args.temperature, stream=True, stream_options={"include_usage": True}, extra_body=extra)
         async for chunk in stream:
             now = time.perf_counter()
             if chunk.usage is not None:
-                res.tokens = chunk.usage.completion_tokens
+                res.tokens, res.prompt_tokens = chunk.usage.completion_tokens, chunk.usage.prompt_tokens
+                details = chunk.usage.prompt_tokens_details
+                res.cached_tokens = (details.cached_tokens or 0) if details is not None else 0
             if not chunk.choices or not chunk.choices[0].delta.content:
                 continue
             if res.ttft is None:
@@ -89,6 +101,7 @@ async def run_level(client: openai.AsyncOpenAI, model: str, concurrency: int, ar
     if errors:
         print(f"[concurrency {concurrency}] {len(errors)} errors, first: {errors[0]}", file=sys.stderr)
     return {"concurrency": concurrency, "requests": len(ok), "errors": len(errors), "wall_s": wall,
+            "prompt_tokens": sum(r.prompt_tokens for r in ok), "cached_tokens": sum(r.cached_tokens for r in ok),
             "tok_s": tokens / wall if wall > 0 else 0.0, "tokens": tokens,
             "ttft": [percentile(ttfts, q) * 1e3 for q in (50, 90, 99)],
             "itl": [percentile(gaps, q) * 1e3 for q in (50, 90, 99)]}
@@ -119,6 +132,9 @@ async def main_async(args) -> int:
         r = await run_level(client, model, c, args)
         failed |= r["errors"] > 0
         print(row(r), flush=True)
+        if args.system_paragraphs:
+            print(f"  (prompt tokens {r['prompt_tokens']}, of them from the prefix cache {r['cached_tokens']})",
+                  file=sys.stderr, flush=True)
     await client.close()
     return 1 if failed else 0
 
@@ -137,6 +153,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="let requests stop at EOS (default: always generate max_tokens, so levels are comparable)")
     p.add_argument("--warmup", type=int, default=1, help="requests sent before measuring (0 to skip)")
     p.add_argument("--timeout", type=float, default=600.0)
+    p.add_argument("--system-paragraphs", type=int, default=0,
+                   help="prepend one system prompt of this many paragraphs (~40 tokens each) to every request")
+    p.add_argument("--no-cache-prompt", dest="cache_prompt", action="store_false",
+                   help="send cache_prompt: false (the server computes every prompt in full)")
     return p.parse_args(argv)
 
 

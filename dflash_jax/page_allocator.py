@@ -101,12 +101,3 @@ class PageAllocator:
         assert page in self._refs, f"page {page} is not held"
         if page not in self._key_of and key not in self._page_of:
             self._key_of[page], self._page_of[key] = key, page
-
-    def clear(self) -> int:
-        """Forget every cached prefix (idle pages become free); returns how many pages were keyed."""
-        n = len(self._key_of)
-        self._free.extend(self._idle)
-        self._idle.clear()
-        self._key_of.clear()
-        self._page_of.clear()
-        return n

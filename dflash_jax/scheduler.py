@@ -92,9 +92,12 @@ class Scheduler:
                 max_new = min(req.params.max_tokens, self.ctx_per_slot - n_prompt)
                 need = -(-(n_prompt + max_new) // ps)
                 keys = page_keys(req.prompt_ids, ps, n_prompt // ps) if self.prefix_cache else []
-                hits = self.allocator.match(keys[:(n_prompt - 1) // ps]) if req.cache_prompt else []
+                usable = keys[:(n_prompt - 1) // ps] if req.cache_prompt else []
+                hits = self.allocator.match(usable)
                 if need - len(hits) > self.allocator.num_free - self.allocator.num_idle(hits):
                     return  # FIFO: the head waits for pages; nobody overtakes it
+                if self._prefilling(usable, len(hits)):
+                    return  # another slot is computing more of this prefix: its pages come within its prefill
                 self.queue.popleft()
                 self.allocator.take(hits)
                 slot.pages = hits + self.allocator.alloc(need - len(hits))
@@ -105,6 +108,15 @@ class Scheduler:
                 slot.detok = IncrementalDetokenizer(self.tokenizer, skip_special=True)
                 slot.seed = req.params.seed if req.params.seed is not None else self._rng.getrandbits(32)
                 req.start_time = time.monotonic()
+
+    def _prefilling(self, keys: list[bytes], hits: int) -> bool:
+        """Whether a slot in prefill will key page `hits` of this prefix (chained keys: equal there, equal before).
+        Waiting for it beats computing the same pages beside it: n choices of one prompt, or a burst of requests
+        with one system prompt, then prefill it once (vLLM's behaviour), and a prefill step is no longer n times
+        the work."""
+        return hits < len(keys) and any(
+            slot.req is not None and slot.state == "prefill" and hits < len(slot.keys) and slot.keys[hits] == keys[hits]
+            for slot in self.slots)
 
     def key_written_pages(self, slot: Slot) -> None:
         """Register the prompt's full pages that launched prefill chunks have written."""

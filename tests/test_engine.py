@@ -108,10 +108,12 @@ def test_no_compiles_after_warmup(engine, tiny):
                  SamplingParams(max_tokens=5, min_p=0.2, temperature=1.2, presence_penalty=1.0),
                  SamplingParams(max_tokens=7, frequency_penalty=0.5, logprobs=True, top_logprobs=5),
                  SamplingParams(max_tokens=3, stop=("a",))]
-        run(engine, [Request(p, mixed[i % len(mixed)]) for i, p in enumerate(prompts)])
+        # the last three prompts again, queued behind the rest: they start from cached prefix pages
+        repeats = [Request(p, mixed[0]) for p in prompts[-3:]]
+        run(engine, [Request(p, mixed[i % len(mixed)]) for i, p in enumerate(prompts)] + repeats)
     finally:
         jax.monitoring.clear_event_listeners()
-    assert compiles == []
+    assert compiles == [] and all(r.num_cached_prompt for r in repeats)
     # Warm-up's executables served every step: the jitted fallback never traced (it would have compiled twice).
     assert engine.steps._plain._cache_size() == 0
 

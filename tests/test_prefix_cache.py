@@ -56,7 +56,7 @@ def test_allocator_holds_idles_and_evicts_prefix_pages():
     a.free(pages[:2])
     with pytest.raises(AssertionError):
         a.free(pages[:1])
-    assert a.num_free == 6 and a.clear() == 3 and a.match(keys) == [] and a.num_free == 6
+    assert a.num_free == 6 and a.num_cached == 3 and a.match(keys) == pages[:3]
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +105,19 @@ def test_engine_reuses_a_prompt_prefix_and_matches_the_uncached_engine(engines, 
     same = _greedy(prompts[1], 12)
     run(uncached, [same])
     assert same.num_cached_prompt == 0 and uncached.stats()["num_pages_cached"] == 0
+
+
+def test_requests_arriving_together_prefill_a_shared_prefix_once(engines, target):
+    """Three prompts with one 40-token prefix, submitted at once to two free slots: the second waits for the first's
+    prefill and takes its pages instead of computing them beside it; the third gets a slot later and the pages too."""
+    cached, uncached = engines
+    rng = np.random.default_rng(23)
+    shared = rng.integers(3, VOCAB - 1, size=40).tolist()
+    prompts = [shared + rng.integers(3, VOCAB - 1, size=k).tolist() for k in (3, 6, 1)]
+    reqs = [_greedy(p, 10) for p in prompts]
+    outs = [o[0] for o in run(cached, reqs)]
+    assert [r.num_cached_prompt for r in reqs] == [0, 40, 40]
+    assert outs == [o[0] for o in run(uncached, [_greedy(p, 10) for p in prompts])]
 
 
 def test_prefix_pages_are_evicted_under_pressure_and_outputs_stay_right(target):
