@@ -82,7 +82,8 @@ async def one_request(client: openai.AsyncOpenAI, model: str, prompt: str, args)
 async def run_level(client: openai.AsyncOpenAI, model: str, concurrency: int, args) -> dict:
     todo = asyncio.Queue()
     for i in range(args.requests):
-        todo.put_nowait(PROMPTS[i % len(PROMPTS)])
+        # --unique-prompts: no two user turns alike, so a prefix cache can serve only the shared system prompt
+        todo.put_nowait((f"[{time.time_ns()}-{i}] " if args.unique_prompts else "") + PROMPTS[i % len(PROMPTS)])
     results: list[Result] = []
 
     async def worker():
@@ -155,6 +156,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=600.0)
     p.add_argument("--system-paragraphs", type=int, default=0,
                    help="prepend one system prompt of this many paragraphs (~40 tokens each) to every request")
+    p.add_argument("--unique-prompts", action="store_true",
+                   help="start every user turn with a unique tag (nothing but the system prompt repeats)")
     p.add_argument("--no-cache-prompt", dest="cache_prompt", action="store_false",
                    help="send cache_prompt: false (the server computes every prompt in full)")
     return p.parse_args(argv)
