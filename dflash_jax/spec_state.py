@@ -43,6 +43,10 @@ SERVED_WINDOW = 32  # iterations per (kind, bucket) whose median is the served c
 SERVED_MIN = 4
 TAU_EMA = 0.05  # tau's running average: ~40 blocks, a standard error of ~0.4 for single blocks of spread 2.5
 TAU_PSEUDO_STEPS = 2
+# The first measurement of tau: a real 1-slot block where it costs at most this many plain steps of 1 slot (GPUs:
+# 1.3-1.5), else a shadow probe (the dev CPU's SmolLM2: 2.9, and that one block was most of the adaptive engine's
+# 4-7 % loss to plain decoding in a 64-token run).
+FIRST_BLOCK_MAX_RATIO = 2.0
 
 
 @dataclass
@@ -166,11 +170,15 @@ class SpecState:
 
     def choose(self, num_slots: int) -> tuple[int, int]:
         """(slots that speculate, their block): the full block where it pays, else the short one where that pays,
-        else none (`num_to_speculate`)."""
+        else none (`num_to_speculate`). While tau is the prior: one slot's block where a 1-slot block costs at most
+        FIRST_BLOCK_MAX_RATIO plain steps, else none (the engine's shadow probes then measure tau)."""
         if self.policy == "always":
             return num_slots, self.block
         if self._pays(num_slots):
-            return (num_slots if self.num_tau_samples > 0 else 1), self.block
+            if self.num_tau_samples > 0:
+                return num_slots, self.block
+            first = self.spec_ratio(1)  # tau is the prior: learn it from one real block only where one is cheap
+            return (1 if first is None or first <= FIRST_BLOCK_MAX_RATIO else 0), self.block
         if self.short and self.num_tau_samples > 0 and self._pays(num_slots, "short"):
             return num_slots, self.short
         return 0, self.block

@@ -228,9 +228,11 @@ def test_no_compiles_with_dflash_on(engine, target):
     _assert_no_compiles(engine)
 
 
-def test_no_compiles_with_the_adaptive_policy(target):
+def test_no_compiles_with_the_adaptive_policy(target, monkeypatch):
     """The default policy mixes spec and plain launches in one iteration (probes speculate one slot beside the others'
-    plain step) and switches per bucket: every combination must already be compiled."""
+    plain step) and switches per bucket: every combination must already be compiled. Its first block is forced (on a
+    CPU a block costs too much to learn tau from one)."""
+    monkeypatch.setattr("dflash_jax.spec_state.FIRST_BLOCK_MAX_RATIO", float("inf"))
     eng = Engine(target, EngineConfig(num_slots=8, ctx_size=2048, ctx_per_slot=160, page_size=8, prefill_chunk=16,
                                       draft_max=BLOCK - 1, spec_policy="adaptive", overlap=True),
                  LoadedDrafter(TINY_DRAFTER, random_drafter(TINY_DRAFTER, 0)))
@@ -514,3 +516,17 @@ def test_first_block_speculates_one_slot():
     assert sp.num_to_speculate(8) == 8  # 4.5 x 10 ms > 30 ms
     sp.tau = 1.2
     assert sp.num_to_speculate(8) == 0
+
+
+def test_first_tau_comes_from_a_probe_where_a_block_is_costly():
+    """Where one slot's block costs more than FIRST_BLOCK_MAX_RATIO plain steps (a CPU), the prior does not buy a
+    real block: the engine decodes plainly and its first shadow probe measures tau; where it is cheap, one slot's
+    block does."""
+    from dflash_jax.spec_state import FIRST_BLOCK_MAX_RATIO
+
+    sp = _policy(plain={1: 0.010, 8: 0.030}, spec={1: 0.029, 8: 0.140})
+    sp.tau = 8.5
+    assert sp.spec_ratio(1) > FIRST_BLOCK_MAX_RATIO and sp._pays(8)
+    assert sp.num_to_speculate(8) == 0 and sp.shadow_due(8, 0)
+    sp.cost_spec[1] = 0.015
+    assert sp.num_to_speculate(8) == 1
