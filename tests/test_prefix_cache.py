@@ -100,6 +100,12 @@ def test_engine_reuses_a_prompt_prefix_and_matches_the_uncached_engine(engines, 
     without = [run(uncached, [_greedy(p, 12)])[0][0] for p in prompts]
     assert with_cache == without == _reference(target, prompts, [12] * 4)
 
+    # penalties count a request's own tokens from its first computed chunk on, not the slot's previous request's
+    penalized = [Request(prompts[3], SamplingParams(max_tokens=16, ignore_eos=True, presence_penalty=1.5,
+                                                     frequency_penalty=1.0)) for _ in range(2)]
+    assert run(cached, penalized[:1])[0][0] == run(uncached, penalized[1:])[0][0]
+    assert penalized[0].num_cached_prompt == 40
+
     opt_out = _greedy(prompts[1], 12, cache_prompt=False)
     assert run(cached, [opt_out])[0][0] == without[1] and opt_out.num_cached_prompt == 0
     same = _greedy(prompts[1], 12)
