@@ -188,7 +188,8 @@ def main(argv=None) -> None:
     ap.add_argument("--configs-mgpu", default="",
                     help="BNxBKxSPLITSxSTAGES[xWARPGROUPS][,..] for --sweep, Mosaic GPU kernel")
     ap.add_argument("--configs-mgpu-q8", default="",
-                    help="BNxSPLITS[xSTAGES[xBLOCKS]][p][,..] for --sweep, Mosaic GPU Q8_0 kernel (p: pre-scaled)")
+                    help="BNxSPLITS[xSTAGES[xBLOCKS]][p][w][,..] for --sweep, Mosaic GPU Q8_0 kernel (p: pre-scaled, "
+                         "w: 128-byte swizzled rows, needs 4 blocks per step)")
     ap.add_argument("--plan", default="", help="'MODEL:M,M:VARIANT,VARIANT;...' (overrides --models/--ms/--variants)")
     ap.add_argument("--budget-s", type=float, default=1e9, help="stop starting new measurements after this")
     ap.add_argument("--out", default=None, help="JSONL results file")
@@ -257,12 +258,16 @@ def main(argv=None) -> None:
                             cfg = (pick_mgpu_config(m, k, n) if text == "auto"
                                    else MgpuConfig(*(int(v) for v in text.split("x"))))
                         elif variant == "mgpu_q8_0":
-                            parts = [int(v) for v in text.rstrip("p").split("x")] if text != "auto" else []
-                            # BNxSPLITS: the picker's stages and blocks per step for that tile and split count
+                            parts = [int(v) for v in text.rstrip("pw").split("x")] if text != "auto" else []
+                            # BNxSPLITS: the picker's stages and blocks per step for that tile and split count;
+                            # suffix p: pre-scaled, w: 128-byte swizzled weight rows (4 blocks per step)
+                            pre, wide = "p" in text, text.endswith("w")
                             cfg = (pick_q8_mgpu_config(m, k, n, block_n=parts[0], num_splits=parts[1],
-                                                       prescale=text.endswith("p")) if len(parts) == 2
-                                   else Q8MgpuConfig(*parts, prescale=text.endswith("p")) if parts
+                                                       prescale=pre) if len(parts) == 2
+                                   else Q8MgpuConfig(*parts, prescale=pre) if parts
                                    else pick_q8_mgpu_config(m, k, n))
+                            if parts:
+                                cfg = dataclasses.replace(cfg, swizzle=128 if wide else 32)
                         else:
                             cfg = (pick_config(m, k, n, quantized) if text == "auto"
                                    else parse_config(text, m, k, n, quantized))

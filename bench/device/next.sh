@@ -229,5 +229,18 @@ case "${1:?which call}" in
       DFLASH_FUSED_NORM=$v timeout 60 $S --slots 8 --batch-invariant --out $OUT/fn_inv_$v.jsonl 2>&1 \
         | tee $OUT/fn_inv_$v.log | grep -E "ms/step|spec/plain" | sed "s/^/invariant fused $v /"
     done ;;
+  q8tests)  # session 19: the Q8_0 GPU tests with 128-byte swizzled rows (the default since then; cut after 4 passed)
+    timeout 280 python3 -m pytest -q -m gpu tests/test_q8_0_matmul_mgpu.py tests/test_batch_invariance.py -k q8 \
+      -p no:cacheprovider 2>&1 | tee $OUT/q8tests.log | tail -4 ;;
+  q8wide)  # issue 8, session 19: tiles for the 128-byte rows (the picker's were tuned on 32-byte ones) at the 8B's
+  # fused shapes (qkv 6144, gate+up 24576, o 4096, down) and M = 1, 8, 128; then the 8B Q8_0 step, 128 vs 32
+    shapes=$(for s in 4096:6144 4096:24576 4096:4096 12288:4096; do for m in 1 8 128; do echo -n "$s:$m,"; done; done)
+    timeout 330 python3 bench/weight_matmul.py --models "" --sweep ${shapes%,} --budget-s 320 \
+      --configs-mgpu-q8 64x2x8x4w,64x4x8x4w,64x8x4x4w,128x2x8x4w,128x4x4x4w,128x4x8x4w,64x4x4x4 \
+      --out $OUT/q8wide.jsonl 2>&1 | tee $OUT/q8wide.log | grep sweep | sed -E 's/Q8MgpuConfig\([^)]*\)//'
+    for sw in 128 32; do
+      DFLASH_Q8_SWIZZLE=$sw timeout 120 python3 bench/decode_step.py --models qwen3-8b --weights q8_0 --slots 1,8 \
+        --extra-slots "" --iters 20 --out $OUT/q8step_sw$sw.jsonl 2>&1 | grep -E " (full|fast) " | sed "s/^/sw$sw /"
+    done ;;
   *) echo "unknown call $1"; exit 2 ;;
 esac
