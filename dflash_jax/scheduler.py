@@ -91,7 +91,9 @@ class Scheduler:
                 n_prompt, ps = len(req.prompt_ids), self.page_size
                 max_new = min(req.params.max_tokens, self.ctx_per_slot - n_prompt)
                 need = -(-(n_prompt + max_new) // ps)
-                keys = page_keys(req.prompt_ids, ps, n_prompt // ps) if self.prefix_cache else []
+                if req.prefix_keys is None:  # once per request: a head that waits is looked at every step
+                    req.prefix_keys = page_keys(req.prompt_ids, ps, n_prompt // ps) if self.prefix_cache else []
+                keys = req.prefix_keys
                 usable = keys[:(n_prompt - 1) // ps] if req.cache_prompt else []
                 hits = self.allocator.match(usable)
                 if need - len(hits) > self.allocator.num_free - self.allocator.num_idle(hits):
@@ -203,6 +205,7 @@ class Scheduler:
             "num_slots": len(self.slots),
             "busy_slots": sum(req is not None for _, req in slots),
             "queue_len": len(self.queue),
+            "num_pages": self.allocator.num_pages - 1,  # the trash page is never handed out
             "num_pages_free": self.allocator.num_free,
             "num_pages_cached": self.allocator.num_cached,
             "prompt_tokens_cached": self.cached_tokens,

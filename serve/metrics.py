@@ -37,6 +37,10 @@ class Metrics:
         self.queue_len = Gauge(PREFIX + "num_requests_waiting", "Requests waiting for a free slot", registry=r)
         self.busy_slots = Gauge(PREFIX + "num_requests_running", "Slots busy with a request", registry=r)
         self.num_slots = Gauge(PREFIX + "num_slots", "Configured slots", registry=r)
+        self.kv_usage = Gauge(PREFIX + "kv_cache_usage_perc", "Fraction of KV-cache pages held by running "
+                              "requests (cached prefix pages nobody holds count as free)", registry=r)
+        self.kv_cached = Gauge(PREFIX + "prefix_cache_pages", "KV-cache pages holding a cached prompt prefix",
+                               registry=r)
         self.ttft = Histogram(PREFIX + "time_to_first_token_seconds", "Arrival to first generated token",
                               buckets=_TTFT_BUCKETS, registry=r)
         self.itl = Histogram(PREFIX + "inter_token_latency_seconds", "Gap between consecutive tokens of a request",
@@ -67,6 +71,9 @@ class Metrics:
             self.queue_len.set(stats.get("queue_len", 0))
             self.busy_slots.set(stats.get("busy_slots", 0))
             self.num_slots.set(stats.get("num_slots", 0))
+            if stats.get("num_pages"):
+                self.kv_usage.set(1 - stats["num_pages_free"] / stats["num_pages"])
+            self.kv_cached.set(stats.get("num_pages_cached", 0))
             self._spec_stats = stats.get("speculative")
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 

@@ -370,7 +370,8 @@ def test_metrics(server):
                  "dflash:num_requests_waiting", "dflash:num_requests_running",
                  "dflash:time_to_first_token_seconds_bucket", "dflash:inter_token_latency_seconds_bucket",
                  "dflash:spec_decode_num_drafts_total", "dflash:spec_decode_num_draft_tokens_total",
-                 "dflash:spec_decode_num_accepted_tokens_total"):
+                 "dflash:spec_decode_num_accepted_tokens_total", "dflash:kv_cache_usage_perc",
+                 "dflash:prefix_cache_pages"):
         assert name in before, name
     r = _chat(server.client(), "Hello", 5)
     after = server.get("/metrics").text
@@ -408,6 +409,8 @@ def test_prompt_cache(server):
     assert cached.choices[0].message.content == fresh.choices[0].message.content
     assert _metric(after, "dflash:prompt_tokens_cached_total") \
         - _metric(before, "dflash:prompt_tokens_cached_total") == n_cached
+    assert _metric(after, "dflash:prefix_cache_pages") >= n_cached // 16
+    assert 0 <= _metric(after, "dflash:kv_cache_usage_perc") < 1
 
 
 @pytest.mark.parametrize("n", [1, 3])
