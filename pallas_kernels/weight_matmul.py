@@ -481,14 +481,23 @@ def default_impl(quantized: bool = False, invariant: bool = False, weight_elems:
     return "pallas" if quantized or invariant else "reference"
 
 
-def _verify_rows_to_mgpu(x, weight) -> bool:
-    """$DFLASH_MGPU_MIN_ROWS=R (outside the batch-invariant mode, Hopper): float products of at least R rows (a
-    verify's slots x block) run in the Mosaic kernel, the rest in XLA's product. Off by default: on an H200 the
-    8-slot Qwen3-8B spec step took 13.0 ms with it (10.96 with $DFLASH_MGPU_WS=1) against XLA's 7.8 (session 18)."""
+DECODE_ROWS = 16  # "few rows" for $DFLASH_MGPU_DECODE_ELEMS: decode steps up to 16 slots
+
+
+def _rows_to_mgpu(x, weight) -> bool:
+    """Float products that XLA's product runs below copy speed, sent to the Mosaic kernel on request (outside the
+    batch-invariant mode, Hopper; both off by default):
+    - $DFLASH_MGPU_MIN_ROWS=R: products of at least R rows (a verify's slots x block). On an H200 the 8-slot
+      Qwen3-8B spec step took 13.0 ms with it (10.96 with $DFLASH_MGPU_WS=1) against XLA's 7.8 (session 18).
+    - $DFLASH_MGPU_DECODE_ELEMS=E: products of at most `DECODE_ROWS` rows whose weight has at least E elements (issue
+      3's batch-1 step, 73 % of copy: XLA streams a Qwen3-8B layer at ~65 %, while the Mosaic kernel reached 77-82 %
+      on the big gate/up and down shapes alone in session 7). Not yet timed in a step (bench/device/next.sh
+      b1route)."""
     from pallas_kernels import weight_matmul_mgpu as mg  # noqa: PLC0415
-    min_rows = mg.env_int("DFLASH_MGPU_MIN_ROWS", 0)
+    min_rows, decode_elems = mg.env_int("DFLASH_MGPU_MIN_ROWS", 0), mg.env_int("DFLASH_MGPU_DECODE_ELEMS", 0)
     rows = math.prod(x.shape[:-1])
-    return (0 < min_rows <= rows and jax.default_backend() == "gpu" and _is_hopper()
+    wanted = 0 < min_rows <= rows or (0 < decode_elems <= weight.size and rows <= DECODE_ROWS)
+    return (wanted and jax.default_backend() == "gpu" and _is_hopper()
             and mg.supports(1, weight.shape[1], weight.shape[0], weight.dtype))
 
 
@@ -559,7 +568,7 @@ def linear(x: jax.Array, weight: jax.Array, *, impl: str = "auto", out_dtype=Non
     invariant = is_batch_invariant()
     auto = impl == "auto"
     impl = _resolve(impl, quantized=False, invariant=invariant, weight_elems=weight.size)
-    if auto and impl == "reference" and not invariant and _verify_rows_to_mgpu(x, weight):
+    if auto and impl == "reference" and not invariant and _rows_to_mgpu(x, weight):
         impl = "mgpu"
     if invariant and in_prefill() and prefill_tiles_enabled() and impl != "reference":
         return matmul_pallas(x, weight, config=prefill_config(weight.shape[1], weight.shape[0]),
