@@ -357,3 +357,42 @@ def test_serve_flag_and_auto_choice(bf16_target, monkeypatch):
     assert Engine(bf16_target, EngineConfig(**eight, draft_max=7)).q8_prescale is False  # 8 x 8
     assert Engine(bf16_target, EngineConfig(**eight, q8_prescale=False)).q8_prescale is False
     assert Engine(bf16_target, EngineConfig(**dict(eight, num_slots=4))).q8_prescale is False  # 4 x 16
+
+
+@pytest.mark.parametrize("impl", [pytest.param("interpret", id="interpret"),
+                                  pytest.param("pallas", id="gpu", marks=pytest.mark.gpu),
+                                  pytest.param("mgpu", id="gpu-mgpu", marks=pytest.mark.gpu)])
+def test_cached_prefix_gives_the_uncached_bits(bf16_target, impl, monkeypatch):
+    """A prompt that starts from another prompt's cached pages gives the tokens and logprob bits it gives computed
+    in full: its chunks start at another offset (the page after the cached prefix) and attend to pages that
+    another request's prefill wrote, which the batch-invariant mode makes the same bits."""
+    from dflash_jax.engine import Engine, EngineConfig
+    from dflash_jax.requests import Request, SamplingParams
+
+    monkeypatch.setenv("DFLASH_PREFILL_TILES", "large")
+    _use(monkeypatch, impl, "DFLASH_MATMUL_IMPL", "DFLASH_ATTENTION_IMPL")
+    jax.clear_caches()
+    shared = [(7 * i) % 400 + 3 for i in range(37)]
+    prompts = [shared + [11, 12, 13], shared + list(range(21, 30)), shared[:30] + [5]]
+    results = {}
+    for cache in (True, False):
+        eng = Engine(bf16_target, EngineConfig(num_slots=2, ctx_size=1024, ctx_per_slot=128, page_size=8,
+                                               prefill_chunk=16, dtype="bfloat16", batch_invariant=True,
+                                               prefix_cache=cache))
+        eng.warmup(progress=False)
+        eng.start()
+        got = []
+        try:
+            for p in prompts:  # one at a time: each finds the pages of those before it
+                req = Request(p, SamplingParams(max_tokens=12, ignore_eos=True, logprobs=True))
+                eng.submit(req)
+                events = [req.events.get(timeout=600)]
+                while not events[-1].finish_reason:
+                    events.append(req.events.get(timeout=600))
+                got.append(([e.token_id for e in events if e.token_id is not None],
+                            [e.logprob for e in events if e.token_id is not None], req.num_cached_prompt))
+        finally:
+            eng.stop()
+        results[cache] = got
+    assert [c for *_, c in results[True]] == [0, 32, 24] and [c for *_, c in results[False]] == [0, 0, 0]
+    assert [r[:2] for r in results[True]] == [r[:2] for r in results[False]]  # exact floats

@@ -229,8 +229,10 @@ case "${1:?which call}" in
       DFLASH_FUSED_NORM=$v timeout 60 $S --slots 8 --batch-invariant --out $OUT/fn_inv_$v.jsonl 2>&1 \
         | tee $OUT/fn_inv_$v.log | grep -E "ms/step|spec/plain" | sed "s/^/invariant fused $v /"
     done ;;
-  q8tests)  # session 19: the Q8_0 GPU tests with 128-byte swizzled rows (the default since then; cut after 4 passed)
-    timeout 280 python3 -m pytest -q -m gpu tests/test_q8_0_matmul_mgpu.py tests/test_batch_invariance.py -k q8 \
+  q8tests)  # session 19: the Q8_0 GPU tests with 128-byte swizzled rows (the default since then; cut after 4 passed),
+  # and prefix caching's cached == uncached bits in the invariant mode (passed interpreted on the CPU only)
+    timeout 280 python3 -m pytest -q -m gpu tests/test_q8_0_matmul_mgpu.py tests/test_batch_invariance.py \
+      -k "q8 or cached_prefix" \
       -p no:cacheprovider 2>&1 | tee $OUT/q8tests.log | tail -4 ;;
   q8wide)  # issue 8, session 19: tiles for the 128-byte rows (the picker's were tuned on 32-byte ones) at the 8B's
   # fused shapes (qkv 6144, gate+up 24576, o 4096, down) and M = 1, 8, 128; then the 8B Q8_0 step, 128 vs 32
