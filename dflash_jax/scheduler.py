@@ -77,39 +77,43 @@ class Scheduler:
             self.queue.append(req)
 
     def admit(self) -> None:
+        """Queued requests into free slots, in arrival order. Memory is strictly FIFO: a request that does not get
+        its pages stops admission, so nobody overtakes it. A request whose prefix another slot is still prefilling
+        is passed over until that slot's pages are keyed (`_prefilling`); requests behind it may start first."""
         with self.lock:
-            for slot in self.slots:
-                if not self.queue:
-                    return
-                if slot.req is not None:
-                    continue
-                req = self.queue[0]
+            free = [slot for slot in self.slots if slot.req is None]
+            i = 0
+            while free and i < len(self.queue):
+                req = self.queue[i]
                 if req.cancelled.is_set():
-                    self.queue.popleft()
+                    del self.queue[i]
                     req.events.put(TokenEvent(None, "", finish_reason="cancelled"))
                     continue
                 n_prompt, ps = len(req.prompt_ids), self.page_size
                 max_new = min(req.params.max_tokens, self.ctx_per_slot - n_prompt)
                 need = -(-(n_prompt + max_new) // ps)
-                if req.prefix_keys is None:  # once per request: a head that waits is looked at every step
+                if req.prefix_keys is None:  # once per request: a waiting one is looked at every step
                     req.prefix_keys = page_keys(req.prompt_ids, ps, n_prompt // ps) if self.prefix_cache else []
-                keys = req.prefix_keys
-                usable = keys[:(n_prompt - 1) // ps] if req.cache_prompt else []
+                usable = req.prefix_keys[:(n_prompt - 1) // ps] if req.cache_prompt else []
                 hits = self.allocator.match(usable)
                 if need - len(hits) > self.allocator.num_free - self.allocator.num_idle(hits):
-                    return  # FIFO: the head waits for pages; nobody overtakes it
+                    return
                 if self._prefilling(usable, len(hits)):
-                    return  # another slot is computing more of this prefix: its pages come within its prefill
-                self.queue.popleft()
-                self.allocator.take(hits)
-                slot.pages = hits + self.allocator.alloc(need - len(hits))
-                slot.req, slot.num_cached, slot.keys, slot.keyed = req, len(hits) * ps, keys, len(hits)
-                req.num_cached_prompt = slot.num_cached
-                self.cached_tokens += slot.num_cached
-                slot.max_new, slot.text, slot.emitted, slot.inflight = max_new, "", 0, 0
-                slot.detok = IncrementalDetokenizer(self.tokenizer, skip_special=True)
-                slot.seed = req.params.seed if req.params.seed is not None else self._rng.getrandbits(32)
-                req.start_time = time.monotonic()
+                    i += 1
+                    continue
+                del self.queue[i]
+                self._start(free.pop(0), req, hits, need, max_new)
+
+    def _start(self, slot: Slot, req: Request, hits: list[int], need: int, max_new: int) -> None:
+        self.allocator.take(hits)
+        slot.pages = hits + self.allocator.alloc(need - len(hits))
+        slot.req, slot.num_cached, slot.keys, slot.keyed = req, len(hits) * self.page_size, req.prefix_keys, len(hits)
+        req.num_cached_prompt = slot.num_cached
+        self.cached_tokens += slot.num_cached
+        slot.max_new, slot.text, slot.emitted, slot.inflight = max_new, "", 0, 0
+        slot.detok = IncrementalDetokenizer(self.tokenizer, skip_special=True)
+        slot.seed = req.params.seed if req.params.seed is not None else self._rng.getrandbits(32)
+        req.start_time = time.monotonic()
 
     def _prefilling(self, keys: list[bytes], hits: int) -> bool:
         """Whether a slot in prefill will key page `hits` of this prefix (chained keys: equal there, equal before).

@@ -126,6 +126,20 @@ def test_requests_arriving_together_prefill_a_shared_prefix_once(engines, target
     assert outs == [o[0] for o in run(uncached, [_greedy(p, 10) for p in prompts])]
 
 
+def test_a_request_waiting_for_a_prefix_lets_others_start(engines, target):
+    """A and B share a prefix, C does not; all three arrive at once at two free slots: A starts, B waits for A's
+    pages, C takes the second slot meanwhile instead of queueing behind B."""
+    cached, uncached = engines
+    rng = np.random.default_rng(29)
+    shared = rng.integers(3, VOCAB - 1, size=48).tolist()
+    prompts = [shared + [7, 8], shared + [9], rng.integers(3, VOCAB - 1, size=20).tolist()]
+    reqs = [_greedy(p, 10) for p in prompts]
+    outs = [o[0] for o in run(cached, reqs)]
+    assert [r.num_cached_prompt for r in reqs] == [0, 48, 0]
+    assert reqs[2].start_time < reqs[1].start_time
+    assert outs == [o[0] for o in run(uncached, [_greedy(p, 10) for p in prompts])]
+
+
 def test_prefix_pages_are_evicted_under_pressure_and_outputs_stay_right(target):
     """An 18-page pool: every request takes 7 pages (48 prompt + 8 new tokens), so keyed pages of earlier prompts
     must be evicted for later ones; two slots run at once; nothing is lost or mixed up."""
