@@ -59,7 +59,7 @@ class Request:
     cancelled: threading.Event = field(default_factory=threading.Event)
     created: float = field(default_factory=time.monotonic)
     cache_prompt: bool = True  # may reuse cached prefix pages (llama-server's cache_prompt)
-    prefix_keys: list[bytes] | None = None  # the scheduler's keys of the prompt's full pages, once computed
+    prefix_keys: list[bytes] | None = None  # the keys of the prompt's full pages (page_allocator), set at admission
     # Filled by the engine, read by the server for usage/timings:
     num_generated: int = 0
     num_cached_prompt: int = 0  # prompt tokens taken from the prefix cache (not computed)

@@ -35,8 +35,7 @@ class Slot:
     emitted: int = 0  # characters of `text` already sent
     seed: int = 0
     inflight: int = 0  # tokens that launched, not yet retired steps may still produce (an upper bound)
-    keys: list[bytes] = field(default_factory=list)  # prefix keys of the prompt's full pages
-    keyed: int = 0  # of those, how many are registered in the prefix cache
+    keyed: int = 0  # of the prompt's full pages (req.prefix_keys), how many are registered in the prefix cache
 
     @property
     def state(self) -> str:
@@ -107,7 +106,7 @@ class Scheduler:
     def _start(self, slot: Slot, req: Request, hits: list[int], need: int, max_new: int) -> None:
         self.allocator.take(hits)
         slot.pages = hits + self.allocator.alloc(need - len(hits))
-        slot.req, slot.num_cached, slot.keys, slot.keyed = req, len(hits) * self.page_size, req.prefix_keys, len(hits)
+        slot.req, slot.num_cached, slot.keyed = req, len(hits) * self.page_size, len(hits)
         req.num_cached_prompt = slot.num_cached
         self.cached_tokens += slot.num_cached
         slot.max_new, slot.text, slot.emitted, slot.inflight = max_new, "", 0, 0
@@ -121,14 +120,15 @@ class Scheduler:
         with one system prompt, then prefill it once (vLLM's behaviour), and a prefill step is no longer n times
         the work."""
         return hits < len(keys) and any(
-            slot.req is not None and slot.state == "prefill" and hits < len(slot.keys) and slot.keys[hits] == keys[hits]
-            for slot in self.slots)
+            slot.req is not None and slot.state == "prefill" and hits < len(slot.req.prefix_keys)
+            and slot.req.prefix_keys[hits] == keys[hits] for slot in self.slots)
 
     def key_written_pages(self, slot: Slot) -> None:
         """Register the prompt's full pages that launched prefill chunks have written."""
-        done = min(slot.num_cached // self.page_size, len(slot.keys))
+        keys = slot.req.prefix_keys
+        done = min(slot.num_cached // self.page_size, len(keys))
         for i in range(slot.keyed, done):
-            self.allocator.register(slot.pages[i], slot.keys[i])
+            self.allocator.register(slot.pages[i], keys[i])
         slot.keyed = max(slot.keyed, done)
 
     # --- planning --------------------------------------------------------------------------------------------
@@ -187,7 +187,7 @@ class Scheduler:
         event = event or TokenEvent(None, "")
         event.finish_reason = reason
         self.allocator.free(slot.pages[::-1])  # the deepest prefix pages become the first evicted
-        slot.req, slot.pages, slot.detok, slot.inflight, slot.keys, slot.keyed = None, [], None, 0, [], 0
+        slot.req, slot.pages, slot.detok, slot.inflight, slot.keyed = None, [], None, 0, 0
         req.events.put(event)
 
     def fail_all(self, message: str) -> None:
