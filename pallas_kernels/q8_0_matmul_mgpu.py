@@ -143,6 +143,18 @@ def split_k_setting() -> int:
     return env_int("DFLASH_Q8_SPLIT_K", SPLIT_K)
 
 
+# H200, Qwen3-8B Q8_0 decode steps with 128-byte weight rows (session 20, mode off, one call): 1 / 8 slots 4.345 /
+# 5.419 ms at 2560, 4.137 / 5.255 at 1536, 4.279 / 5.243 at 1024. More splits do not pay at verify rows: the 27B
+# 8-slot spec step took 46.5 ms at 1536 against 42.3 at 2560 (plain 13.15 vs 13.34, 1 slot 11.87 vs 12.08).
+DECODE_SPLIT_K = 1536
+
+
+def decode_split_k_setting() -> int:
+    """Most inputs per K split for up to 16 rows outside the batch-invariant mode, where the split count may follow
+    M ($DFLASH_Q8_DECODE_SPLIT_K overrides `DECODE_SPLIT_K`; 0: `split_k_setting()`)."""
+    return env_int("DFLASH_Q8_DECODE_SPLIT_K", DECODE_SPLIT_K) or split_k_setting()
+
+
 def prefill_split_k_setting() -> int:
     """`split_k_setting` for prefill's 256-row pieces (they agree only with other prefill rows): 0, the old rule,
     unless $DFLASH_Q8_PREFILL_SPLIT_K says otherwise. 8 splits of the 27B down projection would write 42 MB of f32
@@ -159,14 +171,17 @@ def pick_q8_mgpu_config(m: int, k: int, n: int, num_sms: int | None = None, *, b
     inputs each; up to 16 blocks in flight (small copies need many to cover the memory latency), within shared
     memory.
 
-    The split count is fixed by (K, N) alone, so a row's summation order never depends on M (the batch-invariant
-    mode relies on it; BN and blocks per step do not change the order). Rows are the other side of every
+    In the batch-invariant mode the split count is fixed by (K, N) alone, so a row's summation order never depends
+    on M (BN and blocks per step do not change the order); outside it, up to 16 rows split K into
+    `decode_split_k_setting()` pieces. Rows are the other side of every
     accumulator: from M ~ 32 up, 4 accumulators of (128, M) f32 would not fit in registers (at M = 128 on an H200 the
     27B verify's products spilled, 44 of a 72 ms step), so larger M takes fewer blocks per step, then BN 64, to stay
     within `_ACC_REG_BUDGET` registers per thread."""
     num_sms = num_sms or _num_sms()
     mp = _rows(m)
-    split_k = prefill_split_k_setting() if in_prefill() and prefill_tiles_enabled() else split_k_setting()
+    split_k = (prefill_split_k_setting() if in_prefill() and prefill_tiles_enabled()
+               else decode_split_k_setting() if mp <= 16 and not is_batch_invariant() and not in_prefill()
+               else split_k_setting())
     default_n = (64 if split_k and mp <= 16 and not prescale
                  else 128 if n % 128 == 0 and n // 128 >= num_sms // 2 else 64)
     default_blocks = next(b for b in (4, 2, 1) if (k // _BLOCK) % b == 0)

@@ -481,23 +481,15 @@ def default_impl(quantized: bool = False, invariant: bool = False, weight_elems:
     return "pallas" if quantized or invariant else "reference"
 
 
-DECODE_ROWS = 16  # "few rows" for $DFLASH_MGPU_DECODE_ELEMS: decode steps up to 16 slots
-
-
 def _rows_to_mgpu(x, weight) -> bool:
-    """Float products that XLA's product runs below copy speed, sent to the Mosaic kernel on request (outside the
-    batch-invariant mode, Hopper; both off by default):
-    - $DFLASH_MGPU_MIN_ROWS=R: products of at least R rows (a verify's slots x block). On an H200 the 8-slot
-      Qwen3-8B spec step took 13.0 ms with it (10.96 with $DFLASH_MGPU_WS=1) against XLA's 7.8 (session 18).
-    - $DFLASH_MGPU_DECODE_ELEMS=E: products of at most `DECODE_ROWS` rows whose weight has at least E elements (issue
-      3's batch-1 step, 73 % of copy: XLA streams a Qwen3-8B layer at ~65 %, while the Mosaic kernel reached 77-82 %
-      on the big gate/up and down shapes alone in session 7). Not yet timed in a step (bench/device/next.sh
-      b1route)."""
+    """Float products of at least $DFLASH_MGPU_MIN_ROWS rows (a verify's slots x block) sent to the Mosaic kernel
+    (outside the batch-invariant mode, Hopper; off by default). On an H200 the 8-slot Qwen3-8B spec step took 13.0
+    ms with it (10.96 with $DFLASH_MGPU_WS=1) against XLA's 7.8 (session 18). Sending decode rows' big products
+    (gate+up, down) there lost too (session 20: 1 / 8 slots 5.50 / 6.29 ms against XLA's 5.03 / 5.66), so XLA keeps
+    them."""
     from pallas_kernels import weight_matmul_mgpu as mg  # noqa: PLC0415
-    min_rows, decode_elems = mg.env_int("DFLASH_MGPU_MIN_ROWS", 0), mg.env_int("DFLASH_MGPU_DECODE_ELEMS", 0)
-    rows = math.prod(x.shape[:-1])
-    wanted = 0 < min_rows <= rows or (0 < decode_elems <= weight.size and rows <= DECODE_ROWS)
-    return (wanted and jax.default_backend() == "gpu" and _is_hopper()
+    min_rows = mg.env_int("DFLASH_MGPU_MIN_ROWS", 0)
+    return (0 < min_rows <= math.prod(x.shape[:-1]) and jax.default_backend() == "gpu" and _is_hopper()
             and mg.supports(1, weight.shape[1], weight.shape[0], weight.dtype))
 
 

@@ -18,12 +18,13 @@ import jax.numpy as jnp  # noqa: E402
 from converters.gguf_file import TensorInfo  # noqa: E402
 from converters.tensor_map import q8_0_blocks  # noqa: E402
 from pallas_kernels.q8_0_matmul_mgpu import (  # noqa: E402
+    DECODE_SPLIT_K,
     Q8MgpuConfig,
     pick_q8_mgpu_config,
     q8_0_matmul_mgpu,
     supports_q8,
 )
-from pallas_kernels.invariance import prefill_phase  # noqa: E402
+from pallas_kernels.invariance import batch_invariant, prefill_phase  # noqa: E402
 from pallas_kernels.weight_matmul import q8_0_matmul_reference  # noqa: E402
 
 Q8 = gguf.GGMLQuantizationType.Q8_0
@@ -103,10 +104,16 @@ def test_q8_mgpu_split_count_follows_shape_not_rows(split_k, monkeypatch):
     old = {s: pick_q8_mgpu_config(256, *s, num_sms=132, prescale=True) for s in shapes}
     monkeypatch.setenv("DFLASH_Q8_SPLIT_K", split_k)
     for k, n in shapes:
-        splits = {pick_q8_mgpu_config(m, k, n, num_sms=132, prescale=pre).num_splits
-                  for m in (1, 2, 8, 16, 17, 64, 128, 256) for pre in (False, True)}
+        with batch_invariant(True):
+            splits = {pick_q8_mgpu_config(m, k, n, num_sms=132, prescale=pre).num_splits
+                      for m in (1, 2, 8, 16, 17, 64, 128, 256) for pre in (False, True)}
         assert len(splits) == 1, (k, n, splits)
-        assert int(split_k) == 0 or k // splits.pop() <= int(split_k)
+        fixed = splits.pop()
+        assert int(split_k) == 0 or k // fixed <= int(split_k)
+        with batch_invariant(False):  # outside the mode, decode rows take the decode splits
+            assert pick_q8_mgpu_config(17, k, n, num_sms=132).num_splits == fixed
+            decode = {pick_q8_mgpu_config(m, k, n, num_sms=132).num_splits for m in (1, 8, 16)}
+            assert len(decode) == 1 and k // decode.pop() <= DECODE_SPLIT_K, (k, n)
         with prefill_phase():
             assert pick_q8_mgpu_config(256, k, n, num_sms=132, prescale=True) == old[k, n]
             monkeypatch.setenv("DFLASH_Q8_PREFILL_SPLIT_K", split_k)
@@ -135,10 +142,11 @@ def test_q8_mgpu_tiles_by_rows_keep_registers_and_row_bits_interpret():
     from pallas_kernels.q8_0_matmul_mgpu import _ACC_REG_BUDGET, _acc_regs
 
     for k, n in ((5120, 17408), (17408, 5120), (4096, 12288), (4096, 1024)):
-        one = pick_q8_mgpu_config(1, k, n, num_sms=132)
-        for m in (8, 16, 32, 64, 128):
-            cfg = pick_q8_mgpu_config(m, k, n, num_sms=132)
-            assert cfg.num_splits == one.num_splits and _acc_regs(cfg.block_n, m, cfg.blocks) <= _ACC_REG_BUDGET
+        with batch_invariant(True):
+            one = pick_q8_mgpu_config(1, k, n, num_sms=132)
+            for m in (8, 16, 32, 64, 128):
+                cfg = pick_q8_mgpu_config(m, k, n, num_sms=132)
+                assert cfg.num_splits == one.num_splits and _acc_regs(cfg.block_n, m, cfg.blocks) <= _ACC_REG_BUDGET
     assert pick_q8_mgpu_config(128, 5120, 17408, num_sms=132).block_n == 64
     k, n = 256, 256
     x, q, s, deq = _inputs(128, k, n, seed=5)

@@ -192,25 +192,3 @@ def test_verify_rows_go_to_mosaic_when_asked_gpu(monkeypatch):
             assert ("mosaic_gpu" in f.lower(x, w).as_text()) == mosaic, m
             ref = _reference(x, w)
             np.testing.assert_allclose(np.asarray(f(x, w)), ref, rtol=2e-3, atol=2e-3 * np.abs(ref).max())
-
-
-@pytest.mark.gpu
-def test_big_decode_products_go_to_mosaic_when_asked_gpu(monkeypatch):
-    """$DFLASH_MGPU_DECODE_ELEMS outside the invariant mode: an 8-row product of a gate+up-sized weight compiles to
-    the Mosaic kernel and matches the reference; a k/v-sized weight and a 64-row product stay in XLA."""
-    if jax.devices()[0].device_kind.find("H100") < 0 and jax.devices()[0].device_kind.find("H200") < 0:
-        pytest.skip("Mosaic GPU wgmma needs Hopper")
-    from pallas_kernels.invariance import batch_invariant
-    from pallas_kernels.weight_matmul import linear
-
-    monkeypatch.setenv("DFLASH_MGPU_DECODE_ELEMS", str(4096 * 4096))
-    monkeypatch.delenv("DFLASH_MGPU_MIN_ROWS", raising=False)
-    monkeypatch.delenv("DFLASH_MATMUL_IMPL", raising=False)
-    with batch_invariant(False):
-        for m, k, n, mosaic in ((8, 4096, 24576, True), (1, 12288, 4096, True), (8, 4096, 1024, False),
-                                (64, 4096, 24576, False)):
-            x, w = _inputs(m, k, n, seed=m)
-            f = jax.jit(lambda a, b: linear(a, b, out_dtype=jnp.float32))
-            assert ("mosaic_gpu" in f.lower(x, w).as_text()) == mosaic, (m, k, n)
-            ref = _reference(x, w)
-            np.testing.assert_allclose(np.asarray(f(x, w)), ref, rtol=2e-3, atol=2e-3 * np.abs(ref).max())

@@ -244,14 +244,5 @@ case "${1:?which call}" in
       DFLASH_Q8_SWIZZLE=$sw timeout 120 python3 bench/decode_step.py --models qwen3-8b --weights q8_0 --slots 1,8 \
         --extra-slots "" --iters 20 --out $OUT/q8step_sw$sw.jsonl 2>&1 | grep -E " (full|fast) " | sed "s/^/sw$sw /"
     done ;;
-  b1route)  # issue 3 (session 19 wrote it): the 8B batch-1 bf16 step with its big products (gate+up, down: >= 4096^2
-  # weights, <= 16 rows) in the Mosaic kernel instead of XLA's, at its default splits and at K splits of 1024 inputs
-    timeout 100 python3 -m pytest -q -m gpu tests/test_weight_matmul_mgpu.py -k decode_products 2>&1 | tail -2
-    for v in xla mosaic mosaic1024; do
-      e=""; [ $v != xla ] && e="DFLASH_MGPU_DECODE_ELEMS=16777216"
-      [ $v = mosaic1024 ] && e="$e DFLASH_MGPU_SPLIT_K=1024"
-      env $e timeout 120 python3 bench/decode_step.py --models qwen3-8b --slots 1,8 --extra-slots "" --iters 30 \
-        --out $OUT/b1route_$v.jsonl 2>&1 | grep -E " (full|fast) " | sed "s/^/$v /"
-    done ;;
   *) echo "unknown call $1"; exit 2 ;;
 esac
