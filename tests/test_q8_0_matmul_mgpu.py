@@ -195,7 +195,8 @@ def test_q8_mgpu_row_independent_of_row_count_gpu(prescale):
         pytest.skip("Mosaic GPU wgmma needs Hopper")
     for k, n in ((4096, 4096), (5120, 17408)):
         x, q, s, _ = _inputs(128, k, n, seed=1)
-        cfg = {m: pick_q8_mgpu_config(m, k, n, prescale=prescale) for m in (1, 8, 16, 40, 64, 128)}
+        with batch_invariant(True):  # outside the mode, up to 16 rows may take more K splits
+            cfg = {m: pick_q8_mgpu_config(m, k, n, prescale=prescale) for m in (1, 8, 16, 40, 64, 128)}
         full = np.asarray(q8_0_matmul_mgpu(x, q, s, config=cfg[128], out_dtype=jnp.float32))  # each M its tiles
         if prescale:
             np.testing.assert_allclose(full, np.asarray(x, np.float32) @ np.asarray(
