@@ -38,6 +38,8 @@ class Result:
     prompt_tokens: int = 0
     cached_tokens: int = 0  # usage.prompt_tokens_details.cached_tokens, where the server reports it
     error: str | None = None
+    text: str = ""
+    turn: int = 0  # 0: a conversation's first request
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -48,14 +50,18 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))]
 
 
-async def one_request(client: openai.AsyncOpenAI, model: str, prompt: str, args) -> Result:
+def first_messages(prompt: str, args) -> list[dict]:
+    messages = [{"role": "user", "content": prompt}]
+    if args.system_paragraphs:  # one long system prompt shared by every request (prefix caching's case)
+        messages.insert(0, {"role": "system", "content": SYSTEM + _PARAGRAPH * args.system_paragraphs})
+    return messages
+
+
+async def one_request(client: openai.AsyncOpenAI, model: str, messages: list[dict], args) -> Result:
     res = Result()
     extra = {"ignore_eos": True} if args.ignore_eos else {}
     if not args.cache_prompt:
         extra["cache_prompt"] = False
-    messages = [{"role": "user", "content": prompt}]
-    if args.system_paragraphs:  # one long system prompt shared by every request (prefix caching's case)
-        messages.insert(0, {"role": "system", "content": SYSTEM + _PARAGRAPH * args.system_paragraphs})
     start = last = time.perf_counter()
     try:
         stream = await client.chat.completions.create(
@@ -69,6 +75,7 @@ async def one_request(client: openai.AsyncOpenAI, model: str, prompt: str, args)
                 res.cached_tokens = (details.cached_tokens or 0) if details is not None else 0
             if not chunk.choices or not chunk.choices[0].delta.content:
                 continue
+            res.text += chunk.choices[0].delta.content
             if res.ttft is None:
                 res.ttft = now - start
             else:
@@ -83,13 +90,19 @@ async def run_level(client: openai.AsyncOpenAI, model: str, concurrency: int, ar
     todo = asyncio.Queue()
     for i in range(args.requests):
         # --unique-prompts: no two user turns alike, so a prefix cache can serve only the shared system prompt
-        todo.put_nowait((f"[{time.time_ns()}-{i}] " if args.unique_prompts else "") + PROMPTS[i % len(PROMPTS)])
+        todo.put_nowait((i, (f"[{time.time_ns()}-{i}] " if args.unique_prompts else "") + PROMPTS[i % len(PROMPTS)]))
     results: list[Result] = []
 
     async def worker():
         while not todo.empty():
-            prompt = todo.get_nowait()
-            results.append(await one_request(client, model, prompt, args))
+            i, prompt = todo.get_nowait()
+            messages = first_messages(prompt, args)
+            for turn in range(args.turns):  # --turns: each next turn sends the whole chat so far
+                res = await one_request(client, model, messages, args)
+                res.turn = turn
+                results.append(res)
+                messages = messages + [{"role": "assistant", "content": res.text},
+                                       {"role": "user", "content": PROMPTS[(i + turn + 1) % len(PROMPTS)]}]
 
     start = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -101,7 +114,12 @@ async def run_level(client: openai.AsyncOpenAI, model: str, concurrency: int, ar
     errors = [r.error for r in results if r.error]
     if errors:
         print(f"[concurrency {concurrency}] {len(errors)} errors, first: {errors[0]}", file=sys.stderr)
+    later = [r for r in ok if r.turn > 0]
     return {"concurrency": concurrency, "requests": len(ok), "errors": len(errors), "wall_s": wall,
+            "later_turns": len(later),
+            "later_ttft_p50": percentile([r.ttft for r in later if r.ttft is not None], 50) * 1e3,
+            "later_prompt_tokens": sum(r.prompt_tokens for r in later),
+            "later_cached_tokens": sum(r.cached_tokens for r in later),
             "prompt_tokens": sum(r.prompt_tokens for r in ok), "cached_tokens": sum(r.cached_tokens for r in ok),
             "tok_s": tokens / wall if wall > 0 else 0.0, "tokens": tokens,
             "ttft": [percentile(ttfts, q) * 1e3 for q in (50, 90, 99)],
@@ -124,7 +142,7 @@ async def main_async(args) -> int:
     client = openai.AsyncOpenAI(base_url=args.base_url, api_key=args.api_key, max_retries=0, timeout=args.timeout)
     model = args.model or (await client.models.list()).data[0].id
     if args.warmup:  # the first request after start may pay one-off costs (connection setup, lazy init)
-        await one_request(client, model, PROMPTS[0], args)
+        await one_request(client, model, first_messages(PROMPTS[0], args), args)
     print(f"model `{model}`, {args.requests} requests per level, max_tokens {args.max_tokens}, "
           f"ignore_eos {args.ignore_eos}\n")
     print(HEADER, flush=True)
@@ -133,8 +151,12 @@ async def main_async(args) -> int:
         r = await run_level(client, model, c, args)
         failed |= r["errors"] > 0
         print(row(r), flush=True)
-        if args.system_paragraphs:
+        if args.system_paragraphs or args.turns > 1:
             print(f"  (prompt tokens {r['prompt_tokens']}, of them from the prefix cache {r['cached_tokens']})",
+                  file=sys.stderr, flush=True)
+        if r["later_turns"]:
+            print(f"  (turns after the first: {r['later_turns']}, TTFT p50 {r['later_ttft_p50']:.0f} ms, prompt "
+                  f"tokens {r['later_prompt_tokens']}, from the cache {r['later_cached_tokens']})",
                   file=sys.stderr, flush=True)
     await client.close()
     return 1 if failed else 0
@@ -147,7 +169,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--api-key", default="none")
     p.add_argument("--model", default=None, help="default: the first model /v1/models lists")
     p.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4, 8, 16])
-    p.add_argument("--requests", type=int, default=32, help="requests per concurrency level")
+    p.add_argument("--requests", type=int, default=32, help="requests (conversations with --turns) per level")
+    p.add_argument("--turns", type=int, default=1, help="requests per conversation, each with the chat so far")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--no-ignore-eos", dest="ignore_eos", action="store_false",

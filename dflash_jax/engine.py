@@ -67,10 +67,13 @@ class EngineConfig:
     # DFlash server and a plain one with the same flags give the same bits. $DFLASH_Q8_PRESCALE overrides.
     q8_prescale: bool | None = None
     compile_workers: int | None = None  # threads compiling step buckets at warm-up (None: min(8, CPUs))
-    # Reuse the KV (and drafter context) pages of earlier prompts' full pages (page_allocator). Prompt pages only:
-    # they were written by prefill steps, as the uncached prompt's would be. Off for hybrid targets, whose
-    # recurrent state after a prefix is not kept.
+    # Reuse the KV (and drafter context) pages of earlier prompts' full pages (page_allocator). Off for hybrid
+    # targets, whose recurrent state after a prefix is not kept.
     prefix_cache: bool = True
+    # Also key a finished request's full pages past its prompt (its reply), so a chat's next turn computes only its
+    # new tokens. Decode or verify steps wrote them, not the prefill that would compute them again, so a cached turn
+    # differs in the last bits from an uncached one: None = on unless batch_invariant is (its promise is those bits).
+    cache_generated: bool | None = None
 
     def __post_init__(self):
         if self.num_slots < 1:
@@ -156,7 +159,9 @@ class Engine:
                                    invariant=self.batch_invariant, q8_prescale=self.q8_prescale)
         self.prefix_cache = cfg.prefix_cache and not isinstance(self.cache, HybridCache)
         self.scheduler = Scheduler(cfg.num_slots, PageAllocator(num_pages), cfg.page_size, cfg.per_slot,
-                                   cfg.prefill_chunk, loaded.tokenizer, self.prefix_cache)
+                                   cfg.prefill_chunk, loaded.tokenizer, self.prefix_cache,
+                                   cache_generated=(cfg.cache_generated if cfg.cache_generated is not None
+                                                    else not self.batch_invariant))
         self.max_prompt_len = cfg.per_slot - 1
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()

@@ -35,7 +35,8 @@ class Slot:
     emitted: int = 0  # characters of `text` already sent
     seed: int = 0
     inflight: int = 0  # tokens that launched, not yet retired steps may still produce (an upper bound)
-    keyed: int = 0  # of the prompt's full pages (req.prefix_keys), how many are registered in the prefix cache
+    keyed: int = 0  # of the slot's full pages, how many are registered in the prefix cache
+    generated: list[int] = field(default_factory=list)  # token ids sampled so far (keys of the generated pages)
 
     @property
     def state(self) -> str:
@@ -52,7 +53,7 @@ class Plan:
 
 class Scheduler:
     def __init__(self, num_slots: int, allocator: PageAllocator, page_size: int, ctx_per_slot: int,
-                 prefill_chunk: int, tokenizer: Tokenizer, prefix_cache: bool = True):
+                 prefill_chunk: int, tokenizer: Tokenizer, prefix_cache: bool = True, cache_generated: bool = False):
         self.slots = [Slot(i) for i in range(num_slots)]
         self.queue: collections.deque[Request] = collections.deque()
         self.lock = threading.Lock()
@@ -62,6 +63,7 @@ class Scheduler:
         self.prefill_chunk = prefill_chunk
         self.tokenizer = tokenizer
         self.prefix_cache = prefix_cache
+        self.cache_generated = prefix_cache and cache_generated
         self.cached_tokens = 0  # prompt tokens served from the prefix cache since start
         self._rng = random.Random(0)
 
@@ -109,7 +111,7 @@ class Scheduler:
         slot.req, slot.num_cached, slot.keyed = req, len(hits) * self.page_size, len(hits)
         req.num_cached_prompt = slot.num_cached
         self.cached_tokens += slot.num_cached
-        slot.max_new, slot.text, slot.emitted, slot.inflight = max_new, "", 0, 0
+        slot.max_new, slot.text, slot.emitted, slot.inflight, slot.generated = max_new, "", 0, 0, []
         slot.detok = IncrementalDetokenizer(self.tokenizer, skip_special=True)
         slot.seed = req.params.seed if req.params.seed is not None else self._rng.getrandbits(32)
         req.start_time = time.monotonic()
@@ -130,6 +132,19 @@ class Scheduler:
         for i in range(slot.keyed, done):
             self.allocator.register(slot.pages[i], keys[i])
         slot.keyed = max(slot.keyed, done)
+
+    def _key_generated_pages(self, slot: Slot) -> None:
+        """At a request's end, register its full pages past the prompt: a chat's next turn (the same prompt, this
+        reply, a new user turn) then computes only the new tokens, as llama-server's slot reuse does. Only positions
+        below the last sampled token's are final (that token was never fed; launched steps write from there on)."""
+        req, ps = slot.req, self.page_size
+        if len(slot.generated) < 2 or slot.num_cached < len(req.prompt_ids):
+            return
+        done = min((len(req.prompt_ids) + len(slot.generated) - 1) // ps, len(slot.pages))
+        if done > slot.keyed:
+            keys = page_keys(req.prompt_ids + slot.generated, ps, done)
+            for i in range(slot.keyed, done):
+                self.allocator.register(slot.pages[i], keys[i])
 
     # --- planning --------------------------------------------------------------------------------------------
     def plan(self) -> Plan:
@@ -153,6 +168,7 @@ class Scheduler:
         if req.first_token_time is None:
             req.first_token_time = now
         req.num_generated += 1
+        slot.generated.append(token)
         p = req.params
         lp = logprob if p.logprobs else None
         tops = top[:p.top_logprobs] if p.logprobs and p.top_logprobs else None
@@ -186,8 +202,10 @@ class Scheduler:
         req.finish_time = time.monotonic()
         event = event or TokenEvent(None, "")
         event.finish_reason = reason
+        if self.cache_generated and reason != "error":
+            self._key_generated_pages(slot)
         self.allocator.free(slot.pages[::-1])  # the deepest prefix pages become the first evicted
-        slot.req, slot.pages, slot.detok, slot.inflight, slot.keyed = None, [], None, 0, 0
+        slot.req, slot.pages, slot.detok, slot.inflight, slot.keyed, slot.generated = None, [], None, 0, 0, []
         req.events.put(event)
 
     def fail_all(self, message: str) -> None:

@@ -113,6 +113,23 @@ def test_engine_reuses_a_prompt_prefix_and_matches_the_uncached_engine(engines, 
     assert same.num_cached_prompt == 0 and uncached.stats()["num_pages_cached"] == 0
 
 
+def test_a_chats_next_turn_reuses_the_reply_pages(engines, target):
+    """Turn 2's prompt is turn 1's prompt, its reply and new tokens: every full page that turn 1 fed (all but its
+    last sampled token) comes from the cache, and the output is the uncached engine's and the reference's. The
+    invariant mode keys prompt pages only (its bits are those of prefill-written pages)."""
+    cached, uncached = engines
+    rng = np.random.default_rng(31)
+    first = rng.integers(3, VOCAB - 1, size=21).tolist()
+    reply = run(cached, [_greedy(first, 30)])[0][0]
+    second = first + reply + rng.integers(3, VOCAB - 1, size=6).tolist()  # 57 tokens
+    req = _greedy(second, 12)
+    out = run(cached, [req])[0][0]
+    assert req.num_cached_prompt == (21 + 30 - 1) // 8 * 8 == 48  # pages 0-5; page 6 holds the unfed token 50
+    assert out == run(uncached, [_greedy(second, 12)])[0][0] == _reference(target, [second], [12])[0]
+    assert Engine(target, EngineConfig(num_slots=1, ctx_size=64, ctx_per_slot=64, page_size=8,
+                                       batch_invariant=True)).scheduler.cache_generated is False
+
+
 def test_requests_arriving_together_prefill_a_shared_prefix_once(engines, target):
     """Three prompts with one 40-token prefix, submitted at once to two free slots: the second waits for the first's
     prefill and takes its pages instead of computing them beside it; the third gets a slot later and the pages too."""
@@ -176,5 +193,8 @@ def test_dflash_with_a_cached_prefix_equals_plain_decoding(target):
         assert [r.num_cached_prompt for r in reqs] == [0, 32, 32]
         assert sum(r.draft_n for r in reqs[1:]) > 0  # the cached requests speculated
         assert outs == _reference(target, prompts, [20] * 3)
+        turn = prompts[0] + outs[0] + [5, 6, 7]  # the next turn over the first reply's pages and context features
+        req = _greedy(turn, 20)
+        assert run(eng, [req])[0][0] == _reference(target, [turn], [20])[0] and req.num_cached_prompt == 56
     finally:
         eng.stop()

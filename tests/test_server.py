@@ -412,6 +412,17 @@ def test_prompt_cache(server):
     assert _metric(after, "dflash:prefix_cache_pages") >= n_cached // 16
     assert 0 <= _metric(after, "dflash:kv_cache_usage_perc") < 1
 
+    # the next turn of a chat: its prompt holds the first turn's reply, whose pages are cached too
+    story = [{"role": "system", "content": system}, {"role": "user", "content": "Tell me a long story."}]
+    first = server.client().chat.completions.create(model="smol", messages=story, max_tokens=40, temperature=0)
+    assert first.usage.completion_tokens == 40
+    turn = story + [{"role": "assistant", "content": first.choices[0].message.content},
+                    {"role": "user", "content": "Shorter, please."}]
+    second = server.client().chat.completions.create(model="smol", messages=turn, max_tokens=8, temperature=0)
+    fed = first.usage.prompt_tokens + 40 - 1  # the reply's last token was never fed
+    assert fed // 16 * 16 - 16 <= second.usage.prompt_tokens_details.cached_tokens <= fed
+    assert second.usage.prompt_tokens_details.cached_tokens > first.usage.prompt_tokens
+
 
 @pytest.mark.parametrize("n", [1, 3])
 def test_stream_disconnect_frees_slot(server, n):
