@@ -244,5 +244,9 @@ case "${1:?which call}" in
       DFLASH_Q8_SWIZZLE=$sw timeout 120 python3 bench/decode_step.py --models qwen3-8b --weights q8_0 --slots 1,8 \
         --extra-slots "" --iters 20 --out $OUT/q8step_sw$sw.jsonl 2>&1 | grep -E " (full|fast) " | sed "s/^/sw$sw /"
     done ;;
+  q8prof)  # issue 8 (session 20: 8B Q8_0 step B1 4.19 ms = 239 tok/s, target 350 = 2.86 ms): where the step's GPU time
+  # goes (products, attention, norms, LM head) at 1 and 8 slots
+    timeout 200 python3 bench/decode_step.py --models qwen3-8b --weights q8_0 --slots 1,8 --extra-slots "" \
+      --iters 10 --profile 1:fast,8:fast --out $OUT/q8prof.jsonl 2>&1 | grep -E " (fast) |profile|  ms  x" ;;
   *) echo "unknown call $1"; exit 2 ;;
 esac
