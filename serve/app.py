@@ -132,6 +132,7 @@ def create_app(state: ServerState) -> FastAPI:
                 "bos_token": state.template.bos_token if state.template is not None else "",
                 "eos_token": state.template.eos_token if state.template is not None else "",
                 "prefix_cache": bool(getattr(engine, "prefix_cache", False)),
+                "prefix_cache_replies": bool(getattr(getattr(engine, "scheduler", None), "cache_generated", False)),
                 "modalities": {"vision": False, "audio": False}, "build_info": "dflash-jax"}
 
     @app.post("/tokenize", dependencies=guarded)
