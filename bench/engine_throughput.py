@@ -13,6 +13,7 @@ import argparse
 import concurrent.futures
 import faulthandler
 import platform
+import statistics
 import time
 from pathlib import Path
 
@@ -73,6 +74,7 @@ def main() -> None:
     ap.add_argument("-m", "--model", required=True)
     ap.add_argument("-md", "--model-draft", action="append", default=[], help="drafter GGUF; repeatable")
     ap.add_argument("--slots", default="1,8")
+    ap.add_argument("--rounds", type=int, default=1, help="runs per variant, alternating, after every warm-up")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--llamacpp", action="store_true")
@@ -112,6 +114,7 @@ def main() -> None:
         variants = [(f"{name} overlap={ov} invariant={inv}", d, pol, short, onoff.get(ov), onoff.get(inv))
                     for name, d, pol, short in variants for ov in a.overlap.split(",")
                     for inv in a.batch_invariant.split(",")]
+        built = []
         for name, d, policy, short, overlap, invariant in variants:
             eng = Engine(lm, EngineConfig(num_slots=slots, ctx_size=1024 * slots, ctx_per_slot=1024,
                                           prefill_chunk=a.prefill_chunk, dtype=a.dtype, spec_policy=policy,
@@ -121,16 +124,29 @@ def main() -> None:
             t_warm = time.perf_counter() - t_warm
             eng.start()
             engine_run(eng, work[:slots], 8)  # settle
-            before = dict(eng.host_seconds)
-            secs, n = engine_run(eng, work, a.max_tokens)
+            built.append((name, eng, d, policy, t_warm))
+        # --rounds: every variant once per round, the order rotated each round (a process's later runs can be a few
+        # % slower), each round's tok/s compared with the same round's plain run
+        rates: dict[str, list[float]] = {name: [] for name, *_ in built}
+        for r in range(a.rounds):
+            for name, eng, d, policy, t_warm in built[r % len(built):] + built[:r % len(built)]:
+                before = dict(eng.host_seconds)
+                secs, n = engine_run(eng, work, a.max_tokens)
+                rates[name].append(n / secs)
+                host = {k: round(v - before[k], 2) for k, v in eng.host_seconds.items()}
+                sp = eng.stats()["speculative"] if d else None
+                tau = f" tau={sp['tau']} ({sp['num_drafts']} slot-steps speculated)" if d else ""
+                rnd = f" round {r + 1}/{a.rounds}" if a.rounds > 1 else ""
+                print(f"| dflash-jax {name}{tau}{rnd} | {device} | {slots} | {len(work)} | {n} | {secs:.2f} | "
+                      f"{n / secs:.1f} | engine thread s: {host}, warm-up {t_warm:.1f} s", flush=True)
+        for name, eng, d, policy, _ in built:
             eng.stop()
-            host = {k: round(v - before[k], 2) for k, v in eng.host_seconds.items()}
-            sp = eng.stats()["speculative"] if d else None
-            tau = f" tau={sp['tau']} ({sp['num_drafts']} slot-steps speculated)" if d else ""
-            print(f"| dflash-jax {name}{tau} | {device} | {slots} | {len(work)} | {n} | {secs:.2f} | {n / secs:.1f} |"
-                  f" engine thread s: {host}, warm-up {t_warm:.1f} s", flush=True)
             if d and policy == "adaptive":
-                print(f"  policy state: {sp}", flush=True)
+                print(f"  policy state [{name}]: {eng.stats()['speculative']}", flush=True)
+            if a.rounds > 1:
+                ratios = sorted(x / p for x, p in zip(rates[name], rates[built[0][0]]))
+                print(f"  {name}: median {statistics.median(rates[name]):.1f} tok/s, per-round ratio to plain median "
+                      f"x{statistics.median(ratios):.3f} (min x{ratios[0]:.3f}, max x{ratios[-1]:.3f})", flush=True)
         if a.llamacpp:
             secs, n = llamacpp_run(a.model, work, slots, a.max_tokens)
             print(f"| llama.cpp (xllamacpp) | cpu | {slots} | {len(work)} | {n} | {secs:.1f} | {n / secs:.1f} |")

@@ -312,11 +312,13 @@ class Engine:
     def _record_iteration(self, launched: list) -> None:
         """An iteration's wall time is what a decode or spec step costs in serving: host work (launch, commit)
         included, which the device's own time leaves out when the host is the bottleneck (SmolLM2 on an H200).
-        Only iterations of one step kind count (with overlap, steady runs of them)."""
+        Only iterations of one step kind count (with overlap, steady runs of them), and plain steps that carry a
+        shadow probe (what a probe really costs: on a CPU the two steps share the cores)."""
         now = time.perf_counter()
-        if self.spec and self._iter_end is not None and len(launched) == 1 and launched[0].kind in ("decode", "spec"):
-            kind = "plain" if launched[0].kind == "decode" else self.spec.spec_kind(launched[0].block)
-            self.spec.record_iteration(kind, len(launched[0].rows), now - self._iter_end)
+        kinds = tuple(launch.kind for launch in launched)
+        if self.spec and self._iter_end is not None and kinds in (("decode",), ("spec",), ("draft", "decode")):
+            kind = {"decode": "plain", "draft": "probe"}.get(kinds[0]) or self.spec.spec_kind(launched[0].block)
+            self.spec.record_iteration(kind, len(launched[-1].rows), now - self._iter_end)
         self._iter_end = now
 
     def _launch_prefill(self, chunks: list[tuple[Slot, int]]) -> _Launch:

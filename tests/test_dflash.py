@@ -381,6 +381,16 @@ def test_adaptive_policy_decides_from_costs_and_tau():
     assert every == 128 and 2 / every <= PROBE_OVERHEAD < 2 / (every // 2)
     sp.cost_draft = 1.0  # hopeless: still probe, at the longest interval
     assert sp.probe_every(4) == PROBE_MAX_EVERY
+    # served iterations: plain steps carrying a probe took 6 ms more than those without, though the draft step alone
+    # took 2 ms (a CPU's cores shared by both): the interval follows the 6 ms (0.6 / 32 < 2 % < 0.6 / 16)
+    sp.cost_draft = 0.002
+    for _ in range(4):
+        sp.record_iteration("plain", 4, 0.010)
+        sp.record_iteration("probe", 4, 0.016)
+    assert sp.probe_every(4) == 32
+    for _ in range(5):  # probes that look free never go below the draft step's own cost
+        sp.record_iteration("probe", 4, 0.0)
+    assert sp.probe_every(4) == 16
     sp.policy = "always"
     assert sp.num_to_speculate(4) == 4 and not sp.shadow_due(4, PROBE_MAX_EVERY)
 
