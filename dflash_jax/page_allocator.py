@@ -1,7 +1,7 @@
 """Host-side allocator of KV-cache pages (page 0 is the trash page for padding) with a prefix cache: a full page of
-prompt tokens stays keyed by its tokens and everything before them after its request ends, and a later prompt that
-starts with the same pages maps them into its slot instead of computing them again (vLLM's automatic prefix caching,
-llama-server's cache_prompt).
+prompt (or reply) tokens stays keyed by its tokens and everything before them after its request ends, and a later
+prompt that starts with the same pages maps them into its slot instead of computing them again (vLLM's automatic
+prefix caching, llama-server's cache_prompt).
 
 A page is free (no owner, no key), held (reference-counted by the slots that map it) or idle (keyed, unreferenced:
 reusable by a matching prompt until allocation evicts it, least recently used first). Idle pages count as free.

@@ -2,8 +2,9 @@
 
 Invariants: a slot owns its pages from admission to finish (reserved for prompt + max new tokens, so a running request
 never waits for memory), sharing only the cached prefix pages it was admitted with (page_allocator), which it never
-writes. A prompt's full pages are keyed when the chunk that writes them launches; a match always leaves the prompt's
-last token to compute (its logits give the first generated token). The host's view lags the device by the launched,
+writes. A prompt's full pages are keyed when the chunk that writes them launches, a reply's at the request's end
+(outside the batch-invariant mode); a match always leaves the prompt's last token to compute (its logits give the
+first generated token). The host's view lags the device by the launched,
 not yet retired steps: `num_cached` counts prompt chunks from their launch (from the cached prefix on) but generated
 tokens from their retirement, and `inflight` bounds the tokens still to come from launched steps. The device's own
 rows (step_fns.SlotRows) hold each slot's exact cache length and newest token, which is why decode steps never wait
