@@ -177,6 +177,33 @@ def test_prefix_pages_are_evicted_under_pressure_and_outputs_stay_right(target):
         eng.stop()
 
 
+@pytest.mark.parametrize("dflash", [False, True])
+def test_chats_over_a_small_pool_with_eviction_stay_right(target, dflash):
+    """Three chats of three turns, each round's turns submitted together to two slots over a 20-page pool: replies
+    and prompts are keyed, matched, shared and evicted while other turns run; every turn's output is the
+    reference's, plain or speculating. The second turns find every page the first turns fed."""
+    spec = dict(draft_max=BLOCK - 1, spec_policy="always") if dflash else {}
+    drafter = LoadedDrafter(TINY_DRAFTER, random_drafter(TINY_DRAFTER, 1)) if dflash else None
+    eng = Engine(target, EngineConfig(num_slots=2, ctx_size=160, ctx_per_slot=80, page_size=8, prefill_chunk=16,
+                                      **spec), drafter)
+    eng.warmup(progress=False)
+    eng.start()
+    try:
+        rng = np.random.default_rng(41)
+        chats = [rng.integers(3, VOCAB - 1, size=k).tolist() for k in (13, 22, 9)]
+        cached = []
+        for turn in range(3):
+            reqs = [_greedy(c, 12 + 4 * i) for i, c in enumerate(chats)]
+            outs = [o[0] for o in run(eng, reqs)]
+            assert outs == _reference(target, chats, [r.params.max_tokens for r in reqs]), turn
+            cached.append([r.num_cached_prompt for r in reqs])
+            chats = [c + o + rng.integers(3, VOCAB - 1, size=5).tolist() for c, o in zip(chats, outs)]
+        assert cached[1] == [(13 + 12 - 1) // 8 * 8, (22 + 16 - 1) // 8 * 8, (9 + 20 - 1) // 8 * 8]
+        assert eng.stats()["num_pages_free"] == 20
+    finally:
+        eng.stop()
+
+
 def test_dflash_with_a_cached_prefix_equals_plain_decoding(target):
     """The drafter's context features of the shared pages come from the first prompt's prefill too."""
     eng = Engine(target, EngineConfig(num_slots=2, ctx_size=1024, ctx_per_slot=128, page_size=8, prefill_chunk=16,
