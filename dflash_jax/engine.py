@@ -22,12 +22,13 @@ from tqdm import tqdm
 from converters.checkpoint import LoadedModel
 from dflash_jax.buckets import bucket_for, power_of_two_buckets
 from dflash_jax.kv_cache import TRASH_PAGE, AttentionMeta
-from dflash_jax.page_allocator import PageAllocator
+from dflash_jax.config import HybridConfig
+from dflash_jax.page_allocator import PageAllocator, PrefixStates
 from dflash_jax.requests import Request
 from dflash_jax.sampling import SamplingArrays, needs_full
 from dflash_jax.scheduler import Scheduler, Slot
 from dflash_jax.spec_state import LoadedDrafter, SpecState
-from dflash_jax.state_pool import HybridCache, make_cache
+from dflash_jax.state_pool import copy_state_row, make_cache
 from dflash_jax.step_fns import CompiledSteps, SlotRows, SpecInputs, StepInputs
 from pallas_kernels import lowering_cache
 from pallas_kernels.invariance import env_setting
@@ -67,9 +68,11 @@ class EngineConfig:
     # DFlash server and a plain one with the same flags give the same bits. $DFLASH_Q8_PRESCALE overrides.
     q8_prescale: bool | None = None
     compile_workers: int | None = None  # threads compiling step buckets at warm-up (None: min(8, CPUs))
-    # Reuse the KV (and drafter context) pages of earlier prompts' full pages (page_allocator). Off for hybrid
-    # targets, whose recurrent state after a prefix is not kept.
+    # Reuse the KV (and drafter context) pages of earlier prompts' full pages (page_allocator). Hybrid targets also
+    # need the recurrent state after the prefix: `prefix_states` rows of the state pool keep it where prefill chunks
+    # end on a page boundary (None: one per slot; 0: no prefix caching for hybrids).
     prefix_cache: bool = True
+    prefix_states: int | None = None
     # Also key a finished request's full pages past its prompt (its reply), so a chat's next turn computes only its
     # new tokens. Decode or verify steps wrote them, not the prefill that would compute them again, so a cached turn
     # differs in the last bits from an uncached one: None = on unless batch_invariant is (its promise is those bits).
@@ -146,7 +149,10 @@ class Engine:
         self.pages_per_slot = -(-cfg.per_slot // cfg.page_size)
         num_pages = 1 + -(-cfg.ctx_size // cfg.page_size)
         # Hybrid targets also get one recurrent-state row per slot, plus the row padding writes into.
-        self.cache = make_cache(mc, num_pages, cfg.page_size, cfg.num_slots + 1, jnp.dtype(cfg.dtype))
+        hybrid = isinstance(mc, HybridConfig)
+        n_states = (cfg.num_slots if cfg.prefix_states is None else cfg.prefix_states) if hybrid and cfg.prefix_cache \
+            else 0
+        self.cache = make_cache(mc, num_pages, cfg.page_size, cfg.num_slots + 1 + n_states, jnp.dtype(cfg.dtype))
         self.rows = SlotRows.create(cfg.num_slots + 1, mc.vocab_size)
         self.spec = SpecState(drafter, cfg, num_pages, jnp.dtype(cfg.dtype)) if drafter is not None else None
         sp = self.spec
@@ -157,11 +163,12 @@ class Engine:
         self.steps = CompiledSteps(self.graphdef, self.state, sp and sp.graphdef, sp and sp.state,
                                    sp.taps if sp else (), sp.mask_token_id if sp else 0, sp and sp.ctx_window,
                                    invariant=self.batch_invariant, q8_prescale=self.q8_prescale)
-        self.prefix_cache = cfg.prefix_cache and not isinstance(self.cache, HybridCache)
+        self.prefix_cache = cfg.prefix_cache and (not hybrid or n_states > 0)
+        prefix_states = PrefixStates(range(cfg.num_slots + 1, cfg.num_slots + 1 + n_states)) if n_states else None
         self.scheduler = Scheduler(cfg.num_slots, PageAllocator(num_pages), cfg.page_size, cfg.per_slot,
                                    cfg.prefill_chunk, loaded.tokenizer, self.prefix_cache,
                                    cache_generated=(cfg.cache_generated if cfg.cache_generated is not None
-                                                    else not self.batch_invariant))
+                                                    else not self.batch_invariant), prefix_states=prefix_states)
         self.max_prompt_len = cfg.per_slot - 1
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -231,6 +238,8 @@ class Engine:
         t2 = time.perf_counter()
         for kind, inputs, full in buckets:
             jax.device_get(self._dispatchers[kind](inputs, full))
+        if self.scheduler.prefix_states is not None:  # the padding row onto itself: compiled, nothing changed
+            self._copy_state(self.cfg.num_slots, self.cfg.num_slots)
         self.warmup_seconds = {"lower": round(t1 - t0, 1), "compile": round(t2 - t1, 1),
                                "first_run": round(time.perf_counter() - t2, 1)}
         if self.spec:
@@ -281,6 +290,10 @@ class Engine:
         injects drafts computed from the host's view) each launch is retired at once."""
         s = self.scheduler
         s.admit()
+        for slot in s.slots:  # before any launch: a row claimed for a new prefix state later is read first
+            if slot.restore_row is not None:
+                self._copy_state(slot.restore_row, slot.id)
+                slot.restore_row = None
         plan = s.plan()
         launched = []
         if plan.prefill:
@@ -332,7 +345,18 @@ class Engine:
             self.scheduler.key_written_pages(slot)
             final.append(slot.num_cached == len(slot.req.prompt_ids))
             slot.inflight += final[-1]
-        return self._launch("prefill", [c[0] for c in chunks], final, self._inputs(rows, b, t), full=True)
+        launch = self._launch("prefill", [c[0] for c in chunks], final, self._inputs(rows, b, t), full=True)
+        states, ps = self.scheduler.prefix_states, self.cfg.page_size
+        for slot, _ in chunks if states is not None else ():  # keep the state after a chunk that ends on a page
+            pages, keys = slot.num_cached // ps, slot.req.prefix_keys
+            if slot.num_cached % ps == 0 and 0 < pages <= len(keys):
+                row = states.claim(keys[pages - 1])
+                if row is not None:
+                    self._copy_state(slot.id, row)
+        return launch
+
+    def _copy_state(self, src: int, dst: int) -> None:
+        self.cache = copy_state_row(self.cache, np.int32(src), np.int32(dst))
 
     def _launch_decode(self, slots: list[Slot]) -> _Launch:
         b = bucket_for(len(slots), self.cfg.slot_buckets)

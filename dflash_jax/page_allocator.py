@@ -101,3 +101,32 @@ class PageAllocator:
         assert page in self._refs, f"page {page} is not held"
         if page not in self._key_of and key not in self._page_of:
             self._key_of[page], self._page_of[key] = key, page
+
+
+class PrefixStates:
+    """A hybrid model's prefix cache also needs the recurrent state after a prefix: rows of the state pool that hold
+    it, each keyed like the prefix's last page (captured where a prefill chunk ends on a page boundary), the least
+    recently used given up first."""
+
+    def __init__(self, rows: Sequence[int]):
+        self._free = list(rows)
+        self._row_of: collections.OrderedDict[bytes, int] = collections.OrderedDict()
+
+    def deepest(self, keys: list[bytes], hits: int) -> int:
+        """The most of the first `hits` pages of `keys` after which a state is kept (0: none)."""
+        return next((h for h in range(hits, 0, -1) if keys[h - 1] in self._row_of), 0)
+
+    def take(self, key: bytes) -> int:
+        self._row_of.move_to_end(key)
+        return self._row_of[key]
+
+    def claim(self, key: bytes) -> int | None:
+        """A row to copy the state after `key` into, or None when one is kept already."""
+        if key in self._row_of:
+            self._row_of.move_to_end(key)
+            return None
+        if not (self._free or self._row_of):
+            return None
+        row = self._free.pop() if self._free else self._row_of.popitem(last=False)[1]
+        self._row_of[key] = row
+        return row

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from converters.detokenizer import IncrementalDetokenizer
 from converters.tokenizer import Tokenizer
-from dflash_jax.page_allocator import PageAllocator, page_keys
+from dflash_jax.page_allocator import PageAllocator, PrefixStates, page_keys
 from dflash_jax.requests import Request, TokenEvent
 
 
@@ -38,6 +38,7 @@ class Slot:
     inflight: int = 0  # tokens that launched, not yet retired steps may still produce (an upper bound)
     keyed: int = 0  # of the slot's full pages, how many are registered in the prefix cache
     generated: list[int] = field(default_factory=list)  # token ids sampled so far (keys of the generated pages)
+    restore_row: int | None = None  # hybrid: the state-pool row whose prefix state this slot starts from
 
     @property
     def state(self) -> str:
@@ -54,7 +55,8 @@ class Plan:
 
 class Scheduler:
     def __init__(self, num_slots: int, allocator: PageAllocator, page_size: int, ctx_per_slot: int,
-                 prefill_chunk: int, tokenizer: Tokenizer, prefix_cache: bool = True, cache_generated: bool = False):
+                 prefill_chunk: int, tokenizer: Tokenizer, prefix_cache: bool = True, cache_generated: bool = False,
+                 prefix_states: PrefixStates | None = None):
         self.slots = [Slot(i) for i in range(num_slots)]
         self.queue: collections.deque[Request] = collections.deque()
         self.lock = threading.Lock()
@@ -64,7 +66,8 @@ class Scheduler:
         self.prefill_chunk = prefill_chunk
         self.tokenizer = tokenizer
         self.prefix_cache = prefix_cache
-        self.cache_generated = prefix_cache and cache_generated
+        self.cache_generated = prefix_cache and cache_generated and prefix_states is None
+        self.prefix_states = prefix_states  # hybrid targets: a prefix is usable up to the deepest kept state
         self.cached_tokens = 0  # prompt tokens served from the prefix cache since start
         self._rng = random.Random(0)
 
@@ -98,13 +101,18 @@ class Scheduler:
                     req.prefix_keys = page_keys(req.prompt_ids, ps, n_prompt // ps) if self.prefix_cache else []
                 usable = req.prefix_keys[:(n_prompt - 1) // ps] if req.cache_prompt else []
                 hits = self.allocator.match(usable)
+                if self.prefix_states is not None:
+                    hits = hits[:self.prefix_states.deepest(usable, len(hits))]
                 if need - len(hits) > self.allocator.num_free - self.allocator.num_idle(hits):
                     return
                 if self._prefilling(usable, len(hits)):
                     i += 1
                     continue
                 del self.queue[i]
-                self._start(free.pop(0), req, hits, need, max_new)
+                slot = free.pop(0)
+                self._start(slot, req, hits, need, max_new)
+                if hits and self.prefix_states is not None:
+                    slot.restore_row = self.prefix_states.take(usable[len(hits) - 1])
 
     def _start(self, slot: Slot, req: Request, hits: list[int], need: int, max_new: int) -> None:
         self.allocator.take(hits)

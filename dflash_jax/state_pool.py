@@ -7,6 +7,8 @@ A row needs no reset between requests: a step whose tokens start at position 0 r
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 from dataclasses import dataclass
 
 import jax
@@ -33,6 +35,13 @@ class HybridCache(KVCache):
         ssm = [jnp.zeros((num_rows, cfg.ssm_v_heads, cfg.ssm_head_dim, cfg.ssm_head_dim), jnp.float32)
                for _ in range(n)]
         return cls(k=kv.k, v=kv.v, conv=conv, ssm=ssm)
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def copy_state_row(cache: HybridCache, src: jax.Array, dst: jax.Array) -> HybridCache:
+    """Row src's conv windows and delta-rule states into row dst (a prefix's state kept, or restored into a slot)."""
+    return dataclasses.replace(cache, conv=[c.at[dst].set(c[src]) for c in cache.conv],
+                               ssm=[s.at[dst].set(s[src]) for s in cache.ssm])
 
 
 def state_bytes_per_slot(cfg: HybridConfig) -> int:

@@ -70,14 +70,40 @@ def test_plain_decoding_equals_greedy(engine, workload):
     engine.spec.policy = "never"
     try:
         out = run(engine, _requests(prompts, 10))
-        again = _requests(prompts, 1)
+        again = [Request(prompts[7], SamplingParams(max_tokens=MAX_NEW[7], ignore_eos=True))]
         alone = run(engine, again)
     finally:
         engine.spec.policy = "always"
     assert [t for t, _, _ in out] == ref
-    assert alone[0][0] == ref[0]
-    # a hybrid's recurrent state after a prefix is not kept, so its pages are not reused
-    assert not engine.prefix_cache and again[0].num_cached_prompt == 0
+    assert alone[0][0] == ref[7]
+    # the 40-token prompt again: its pages, and the recurrent state after its second chunk (8 state rows kept the
+    # 8 states captured where the 10 prompts' chunks ended on a page)
+    assert engine.prefix_cache and again[0].num_cached_prompt == 32
+
+
+def test_a_cached_prefix_restores_the_recurrent_state(target):
+    """Prompts sharing a 40-token prefix (chunks of 16, pages of 8): states are kept at 16 and 32, so a later prompt
+    starts from the state after 32 tokens (its pages hold 40) or after 16 where only 16-31 are shared; two slots, 3
+    state rows, so an older state is given up (LRU); every output equals the reference, DFlash too."""
+    dc = DrafterConfig(num_layers=1, hidden_size=128, intermediate_size=256, num_heads=4, num_kv_heads=2, head_dim=32,
+                       rms_eps=1e-6, rope_theta=1e7, block_size=BLOCK, mask_token_id=VOCAB - 1,
+                       target_layer_ids=(1, 2))
+    eng = Engine(target, EngineConfig(num_slots=2, ctx_size=1024, ctx_per_slot=128, page_size=8, prefill_chunk=16,
+                                      draft_max=BLOCK - 1, spec_policy="always", prefix_states=3),
+                 LoadedDrafter(dc, random_drafter(dc, 0)))
+    eng.warmup(progress=False)
+    eng.start()
+    try:
+        rng = np.random.default_rng(17)
+        shared = rng.integers(3, VOCAB - 1, size=40).tolist()
+        prompts = [shared + [5, 6, 7], shared + [9] * 6, shared[:20] + [11] * 10, shared + [12]]
+        reqs = [Request(p, SamplingParams(max_tokens=10, ignore_eos=True)) for p in prompts]
+        outs = [run(eng, [r])[0][0] for r in reqs]
+        assert [r.num_cached_prompt for r in reqs] == [0, 32, 16, 32]
+        ref, _ = greedy_generate(target.model, prompts, 10)
+        assert outs == [r[:10] for r in ref]
+    finally:
+        eng.stop()
 
 
 @pytest.mark.parametrize("concurrent", [1, 2, 8])
