@@ -90,6 +90,8 @@ class EngineConfig:
                 or self.chunk_sizes[0] < 1 or self.chunk_sizes[-1] != self.prefill_chunk):
             raise ValueError(f"EngineConfig.chunk_sizes must ascend from >= 1 to prefill_chunk "
                              f"{self.prefill_chunk}, got {self.chunk_sizes}")
+        if self.prefix_states is not None and self.prefix_states < 0:
+            raise ValueError(f"EngineConfig.prefix_states must be >= 0, got {self.prefix_states}")
         if self.draft_max < 1:
             raise ValueError(f"EngineConfig.draft_max must be >= 1, got {self.draft_max}")
         if self.draft_short < 0:

@@ -221,6 +221,8 @@ def test_one_chunk_bucket_serves_every_prompt_length(tiny):
     for bad in ((), (8,), (16, 4), (4, 4, 16), (0, 16)):
         with pytest.raises(ValueError, match="chunk_sizes"):
             EngineConfig(prefill_chunk=16, chunk_sizes=bad)
+    with pytest.raises(ValueError, match="prefix_states"):
+        EngineConfig(prefix_states=-1)
 
 
 def test_serve_ubatch_buckets_flag():
