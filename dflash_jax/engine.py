@@ -152,8 +152,9 @@ class Engine:
         num_pages = 1 + -(-cfg.ctx_size // cfg.page_size)
         # Hybrid targets also get one recurrent-state row per slot, plus the row padding writes into.
         hybrid = isinstance(mc, HybridConfig)
-        n_states = (cfg.num_slots if cfg.prefix_states is None else cfg.prefix_states) if hybrid and cfg.prefix_cache \
-            else 0
+        n_states = 0  # state rows kept after cached prefixes (hybrid targets)
+        if hybrid and cfg.prefix_cache:
+            n_states = cfg.num_slots if cfg.prefix_states is None else cfg.prefix_states
         self.cache = make_cache(mc, num_pages, cfg.page_size, cfg.num_slots + 1 + n_states, jnp.dtype(cfg.dtype))
         self.rows = SlotRows.create(cfg.num_slots + 1, mc.vocab_size)
         self.spec = SpecState(drafter, cfg, num_pages, jnp.dtype(cfg.dtype)) if drafter is not None else None
@@ -349,10 +350,10 @@ class Engine:
             slot.inflight += final[-1]
         launch = self._launch("prefill", [c[0] for c in chunks], final, self._inputs(rows, b, t), full=True)
         states, ps = self.scheduler.prefix_states, self.cfg.page_size
-        for slot, _ in chunks if states is not None else ():  # keep the state after a chunk that ends on a page
-            pages, keys = slot.num_cached // ps, slot.req.prefix_keys
-            if slot.num_cached % ps == 0 and 0 < pages <= len(keys):
-                row = states.claim(keys[pages - 1])
+        if states is not None:  # keep the state after a chunk that ends on a page
+            for slot, _ in chunks:
+                pages, keys = slot.num_cached // ps, slot.req.prefix_keys
+                row = states.claim(keys[pages - 1]) if slot.num_cached % ps == 0 and 0 < pages <= len(keys) else None
                 if row is not None:
                     self._copy_state(slot.id, row)
         return launch

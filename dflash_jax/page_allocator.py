@@ -18,12 +18,12 @@ import numpy as np
 from dflash_jax.kv_cache import TRASH_PAGE
 
 
-def page_keys(tokens: Sequence[int], page_size: int, num_pages: int) -> list[bytes]:
-    """Keys of the first num_pages full pages of `tokens`: each a hash of the page's tokens and the previous key, so
-    equal keys mean equal prefixes."""
-    keys, prev = [], b""
+def page_keys(tokens: Sequence[int], page_size: int, num_pages: int, start: int = 0, prev: bytes = b"") -> list[bytes]:
+    """Keys of full pages start .. num_pages - 1 of `tokens` (prev: page start - 1's key): each a hash of the page's
+    tokens and the previous key, so equal keys mean equal prefixes."""
+    keys = []
     arr = np.asarray(tokens[:num_pages * page_size], np.int32)
-    for i in range(num_pages):
+    for i in range(start, num_pages):
         prev = hashlib.sha256(prev + arr[i * page_size:(i + 1) * page_size].tobytes()).digest()
         keys.append(prev)
     return keys

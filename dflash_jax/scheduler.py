@@ -149,11 +149,11 @@ class Scheduler:
         req, ps = slot.req, self.page_size
         if len(slot.generated) < 2 or slot.num_cached < len(req.prompt_ids):
             return
-        done = min((len(req.prompt_ids) + len(slot.generated) - 1) // ps, len(slot.pages))
-        if done > slot.keyed:
-            keys = page_keys(req.prompt_ids + slot.generated, ps, done)
-            for i in range(slot.keyed, done):
-                self.allocator.register(slot.pages[i], keys[i])
+        done, keyed = min((len(req.prompt_ids) + len(slot.generated) - 1) // ps, len(slot.pages)), slot.keyed
+        # the chain goes on from the last keyed prompt page (keyed <= len(prefix_keys))
+        keys = page_keys(req.prompt_ids + slot.generated, ps, done, keyed, req.prefix_keys[keyed - 1] if keyed else b"")
+        for page, key in zip(slot.pages[keyed:done], keys):
+            self.allocator.register(page, key)
 
     # --- planning --------------------------------------------------------------------------------------------
     def plan(self) -> Plan:
