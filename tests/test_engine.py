@@ -2,6 +2,7 @@
 seeded sampling independent of the batch, stop strings, cancellation, page bookkeeping."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import jax
@@ -33,6 +34,17 @@ def engine(tiny):
     eng.start()
     yield eng
     eng.stop()
+
+
+@contextlib.contextmanager
+def serving(engine):
+    """The engine warmed up and running for the block, stopped after it."""
+    engine.warmup(progress=False)
+    engine.start()
+    try:
+        yield engine
+    finally:
+        engine.stop()
 
 
 def run(engine, reqs):

@@ -10,7 +10,7 @@ from dflash_jax.page_allocator import PageAllocator, page_keys
 from dflash_jax.requests import Request, SamplingParams
 from dflash_jax.spec_state import LoadedDrafter
 from tests.test_dflash import BLOCK, TINY_DRAFTER, VOCAB, _reference, random_drafter, tiny_target
-from tests.test_engine import run
+from tests.test_engine import run, serving
 
 
 @pytest.fixture(scope="module")
@@ -160,10 +160,8 @@ def test_a_request_waiting_for_a_prefix_lets_others_start(engines, target):
 def test_prefix_pages_are_evicted_under_pressure_and_outputs_stay_right(target):
     """An 18-page pool: every request takes 7 pages (48 prompt + 8 new tokens), so keyed pages of earlier prompts
     must be evicted for later ones; two slots run at once; nothing is lost or mixed up."""
-    eng = Engine(target, EngineConfig(num_slots=2, ctx_size=144, ctx_per_slot=64, page_size=8, prefill_chunk=16))
-    eng.warmup(progress=False)
-    eng.start()
-    try:
+    with serving(Engine(target, EngineConfig(num_slots=2, ctx_size=144, ctx_per_slot=64, page_size=8,
+                                             prefill_chunk=16))) as eng:
         rng = np.random.default_rng(5)
         prompts = [rng.integers(3, VOCAB - 1, size=48).tolist() for _ in range(6)]
         outs = [o[0] for o in run(eng, [_greedy(p, 8) for p in prompts])]
@@ -173,8 +171,6 @@ def test_prefix_pages_are_evicted_under_pressure_and_outputs_stay_right(target):
         last, first = _greedy(prompts[-1], 8), _greedy(prompts[0], 8)
         assert [o[0] for o in run(eng, [last])] == outs[-1:] and last.num_cached_prompt == 40
         assert [o[0] for o in run(eng, [first])] == outs[:1] and first.num_cached_prompt < 40  # evicted
-    finally:
-        eng.stop()
 
 
 @pytest.mark.parametrize("dflash", [False, True])
@@ -184,11 +180,8 @@ def test_chats_over_a_small_pool_with_eviction_stay_right(target, dflash):
     reference's, plain or speculating. The second turns find every page the first turns fed."""
     spec = dict(draft_max=BLOCK - 1, spec_policy="always") if dflash else {}
     drafter = LoadedDrafter(TINY_DRAFTER, random_drafter(TINY_DRAFTER, 1)) if dflash else None
-    eng = Engine(target, EngineConfig(num_slots=2, ctx_size=160, ctx_per_slot=80, page_size=8, prefill_chunk=16,
-                                      **spec), drafter)
-    eng.warmup(progress=False)
-    eng.start()
-    try:
+    with serving(Engine(target, EngineConfig(num_slots=2, ctx_size=160, ctx_per_slot=80, page_size=8,
+                                             prefill_chunk=16, **spec), drafter)) as eng:
         rng = np.random.default_rng(41)
         chats = [rng.integers(3, VOCAB - 1, size=k).tolist() for k in (13, 22, 9)]
         cached = []
@@ -200,18 +193,13 @@ def test_chats_over_a_small_pool_with_eviction_stay_right(target, dflash):
             chats = [c + o + rng.integers(3, VOCAB - 1, size=5).tolist() for c, o in zip(chats, outs)]
         assert cached[1] == [(13 + 12 - 1) // 8 * 8, (22 + 16 - 1) // 8 * 8, (9 + 20 - 1) // 8 * 8]
         assert eng.stats()["num_pages_free"] == 20
-    finally:
-        eng.stop()
 
 
 def test_dflash_with_a_cached_prefix_equals_plain_decoding(target):
     """The drafter's context features of the shared pages come from the first prompt's prefill too."""
-    eng = Engine(target, EngineConfig(num_slots=2, ctx_size=1024, ctx_per_slot=128, page_size=8, prefill_chunk=16,
-                                      draft_max=BLOCK - 1, spec_policy="always"),
-                 LoadedDrafter(TINY_DRAFTER, random_drafter(TINY_DRAFTER, 0)))
-    eng.warmup(progress=False)
-    eng.start()
-    try:
+    with serving(Engine(target, EngineConfig(num_slots=2, ctx_size=1024, ctx_per_slot=128, page_size=8,
+                                             prefill_chunk=16, draft_max=BLOCK - 1, spec_policy="always"),
+                        LoadedDrafter(TINY_DRAFTER, random_drafter(TINY_DRAFTER, 0)))) as eng:
         rng = np.random.default_rng(3)
         shared = rng.integers(3, VOCAB - 1, size=33).tolist()
         prompts = [shared + rng.integers(3, VOCAB - 1, size=k).tolist() for k in (4, 9, 2)]
@@ -223,5 +211,3 @@ def test_dflash_with_a_cached_prefix_equals_plain_decoding(target):
         turn = prompts[0] + outs[0] + [5, 6, 7]  # the next turn over the first reply's pages and context features
         req = _greedy(turn, 20)
         assert run(eng, [req])[0][0] == _reference(target, [turn], [20])[0] and req.num_cached_prompt == 56
-    finally:
-        eng.stop()

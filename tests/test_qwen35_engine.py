@@ -18,7 +18,7 @@ from dflash_jax.reference_decode import greedy_generate
 from dflash_jax.requests import Request, SamplingParams
 from dflash_jax.spec_state import LoadedDrafter
 from tests.test_dflash import plain_outputs, random_drafter
-from tests.test_engine import run
+from tests.test_engine import run, serving
 
 BLOCK = 8
 VOCAB = 512
@@ -36,14 +36,17 @@ def target(tmp_path_factory):
     return load_model(str(path), jnp.float32)
 
 
+# A 1-layer drafter over the target's layers 1 and 2.
+DRAFTER = DrafterConfig(num_layers=1, hidden_size=128, intermediate_size=256, num_heads=4, num_kv_heads=2,
+                        head_dim=32, rms_eps=1e-6, rope_theta=1e7, block_size=BLOCK, mask_token_id=VOCAB - 1,
+                        target_layer_ids=(1, 2))
+
+
 @pytest.fixture(scope="module")
 def engine(target):
-    dc = DrafterConfig(num_layers=1, hidden_size=128, intermediate_size=256, num_heads=4, num_kv_heads=2, head_dim=32,
-                       rms_eps=1e-6, rope_theta=1e7, block_size=BLOCK, mask_token_id=VOCAB - 1,
-                       target_layer_ids=(1, 2))
     eng = Engine(target, EngineConfig(num_slots=8, ctx_size=2048, ctx_per_slot=160, page_size=8, prefill_chunk=16,
                                       draft_max=BLOCK - 1, spec_policy="always", overlap=True),
-                 LoadedDrafter(dc, random_drafter(dc, 0)))
+                 LoadedDrafter(DRAFTER, random_drafter(DRAFTER, 0)))
     eng.warmup(progress=False)
     eng.start()
     yield eng
@@ -65,7 +68,7 @@ def _requests(prompts, n):
 
 def test_plain_decoding_equals_greedy(engine, workload):
     """10 requests over 8 slots (two slots get a second request: their state must start over), prompts prefilled in
-    chunks of 16 that end mid-chunk, then decoded together; a prompt run again is computed again."""
+    chunks of 16 that end mid-chunk, then decoded together; a prompt run again starts from its cached prefix."""
     prompts, ref = workload
     engine.spec.policy = "never"
     try:
@@ -85,15 +88,10 @@ def test_a_cached_prefix_restores_the_recurrent_state(target):
     """Prompts sharing a 40-token prefix (chunks of 16, pages of 8): states are kept at 16 and 32, so a later prompt
     starts from the state after 32 tokens (its pages hold 40) or after 16 where only 16-31 are shared; two slots, 3
     state rows, so an older state is given up (LRU); every output equals the reference, DFlash too."""
-    dc = DrafterConfig(num_layers=1, hidden_size=128, intermediate_size=256, num_heads=4, num_kv_heads=2, head_dim=32,
-                       rms_eps=1e-6, rope_theta=1e7, block_size=BLOCK, mask_token_id=VOCAB - 1,
-                       target_layer_ids=(1, 2))
-    eng = Engine(target, EngineConfig(num_slots=2, ctx_size=1024, ctx_per_slot=128, page_size=8, prefill_chunk=16,
-                                      draft_max=BLOCK - 1, spec_policy="always", prefix_states=3),
-                 LoadedDrafter(dc, random_drafter(dc, 0)))
-    eng.warmup(progress=False)
-    eng.start()
-    try:
+    with serving(Engine(target, EngineConfig(num_slots=2, ctx_size=1024, ctx_per_slot=128, page_size=8,
+                                             prefill_chunk=16, draft_max=BLOCK - 1, spec_policy="always",
+                                             prefix_states=3),
+                        LoadedDrafter(DRAFTER, random_drafter(DRAFTER, 0)))) as eng:
         rng = np.random.default_rng(17)
         shared = rng.integers(3, VOCAB - 1, size=40).tolist()
         prompts = [shared + [5, 6, 7], shared + [9] * 6, shared[:20] + [11] * 10, shared + [12]]
@@ -102,8 +100,6 @@ def test_a_cached_prefix_restores_the_recurrent_state(target):
         assert [r.num_cached_prompt for r in reqs] == [0, 32, 16, 32]
         ref, _ = greedy_generate(target.model, prompts, 10)
         assert outs == [r[:10] for r in ref]
-    finally:
-        eng.stop()
 
 
 @pytest.mark.parametrize("concurrent", [1, 2, 8])
