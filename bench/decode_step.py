@@ -16,6 +16,8 @@ Variants, each timed with a warm-up and then `--iters` steps:
   fast      the same computation as `full`, jitted with the GraphDef closed over and the state as a flat list of
             arrays (no static-argument hashing of the GraphDef, no nnx.State flattening per call).
   fast_engine  `fast` called as `engine` is (numpy inputs, outputs fetched every step).
+  fast_greedy  `fast` as a greedy batch compiles it (--greedy; sampling.needs_full false: argmax, no candidate
+            search, no top logprobs), which is what llama.cpp's batched benchmarks time.
 Every timing also reports the host time per call spent dispatching; --profile traces chosen (B, variant) pairs with
 jax.profiler and sums the GPU kernel time per step.
 
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gzip
 import inspect
 import json
 import os
@@ -235,24 +238,26 @@ def slot_rows(num_rows: int, vocab_size: int):
     return SlotRows.create(num_rows, vocab_size)
 
 
-def call_model_step(graphdef, state, cache, counts, inputs):
+def call_model_step(graphdef, state, cache, counts, inputs, full: bool = True):
     """dflash_jax.step_fns.model_step without a drafter, whichever of its two signatures this checkout has."""
     if "drafter_graphdef" in MODEL_STEP_PARAMS:
-        cache, _, counts, out = model_step(graphdef, None, (), state, None, cache, None, counts, inputs)
+        cache, _, counts, out = model_step(graphdef, None, (), state, None, cache, None, counts, inputs, full=full)
     else:
         cache, counts, out = model_step(graphdef, state, cache, counts, inputs)
     return cache, counts, out
 
 
-def closed_model_step(graphdef, state):
+def closed_model_step(graphdef, state, full: bool = True):
     """model_step with the GraphDef closed over instead of passed as a static argument, and the state passed as a
     flat list of arrays: the same computation, without jit hashing/comparing the GraphDef and flattening the
-    nnx.State on every call. Returns (fn(leaves, cache, counts, inputs), leaves)."""
+    nnx.State on every call. full=False: the greedy variant (no candidate search, no random draw, no top logprobs).
+    Returns (fn(leaves, cache, counts, inputs), leaves)."""
     leaves, treedef = jax.tree_util.tree_flatten(state)
 
     @partial(jax.jit, donate_argnums=(1, 2))
     def step(leaves, cache, counts, inputs):
-        return call_model_step(graphdef, jax.tree_util.tree_unflatten(treedef, leaves), cache, counts, inputs)
+        return call_model_step(graphdef, jax.tree_util.tree_unflatten(treedef, leaves), cache, counts, inputs,
+                               full)
 
     return step, leaves
 
@@ -372,13 +377,15 @@ def bench_model(name: str, args, results: list, deadline: float) -> None:
                 f.write(json.dumps({"model": name, "bandwidth": bws, "device": dev.device_kind}) + "\n")
     kv_token_bytes = 2 * cfg.num_kv_layers * cfg.num_kv_heads * cfg.head_dim * dtype.itemsize
     slots = [int(s) for s in args.slots.split(",")]
-    variants_for = {b: ["full", "engine", "fast", "fast_engine"] for b in slots}
+    variants_for = {b: ["full", "engine", "fast", "fast_engine"] + (["fast_greedy"] if args.greedy else [])
+                    for b in slots}
     for b in [int(s) for s in args.extra_slots.split(",") if s]:
         if b in variants_for:
             variants_for[b] += ["fwd_logits", "fwd"]
     pages_per_slot = max(-(-(args.ctx + 1) // PAGE_SIZE), args.per_slot // PAGE_SIZE)
     # One page pool for every B (slot i owns pages 1 + i*M .. (i+1)*M), so its shape never changes.
     fast_step, leaves = closed_model_step(graphdef, state)
+    greedy_step, _ = closed_model_step(graphdef, state, full=False)
     profile = {(int(x.split(":")[0]), x.split(":")[1]) for x in args.profile.split(",") if x}
     holder = {"cache": random_cache(cfg, 1 + max(slots) * pages_per_slot, dtype, num_rows=1 + max(slots))}
     for b in slots:
@@ -411,13 +418,24 @@ def bench_model(name: str, args, results: list, deadline: float) -> None:
             holder["cache"], holder["counts"], out = fast_step(leaves, holder["cache"], holder["counts"], inp)
             return out.tokens
 
+        def fast_greedy(inp):
+            holder["cache"], holder["counts"], out = greedy_step(leaves, holder["cache"], holder["counts"], inp)
+            return out.tokens
+
         def fast_engine():
             holder["cache"], holder["counts"], out = fast_step(leaves, holder["cache"], holder["counts"], np_inputs)
             return jax.device_get((out.tokens, out.logprobs, out.top_ids, out.top_logprobs))[0]
 
         fns = {"full": lambda: full(dev_inputs), "fast": lambda: fast(dev_inputs), "fast_engine": fast_engine,
+               "fast_greedy": lambda: fast_greedy(dev_inputs),
                "engine": engine, "fwd": lambda: fwd(dev_inputs),
                "fwd_logits": lambda: fwd_logits(dev_inputs)}
+        if args.hlo_dir:  # the compiled steps, to name the fusions a profile shows
+            os.makedirs(args.hlo_dir, exist_ok=True)
+            for tag, fn in [("fast", fast_step)] + ([("fast_greedy", greedy_step)] if args.greedy else []):
+                text = fn.lower(leaves, holder["cache"], holder["counts"], dev_inputs).compile().as_text()
+                with gzip.open(os.path.join(args.hlo_dir, f"{name}_b{b}_{tag}.hlo.gz"), "wt") as f:
+                    f.write(text)
         kv_read = b * (args.ctx + 1) * kv_token_bytes
         kv_gathered = b * pages_per_slot * PAGE_SIZE * kv_token_bytes
         for variant in variants_for[b]:
@@ -491,6 +509,8 @@ def main(argv=None):
     p.add_argument("--bandwidth-only", action="store_true",
                    help="only the bandwidth probes (JAX bf16/f32, PyTorch copy_ if importable), then exit")
     p.add_argument("--profile-dir", default="/tmp/decode_step_profile")
+    p.add_argument("--greedy", action="store_true", help="also time fast_greedy (the greedy batch's variant)")
+    p.add_argument("--hlo-dir", default="", help="write each B's compiled fast step (HLO text, gzipped) here")
     args = p.parse_args(argv)
     if args.compile_cache:
         jax.config.update("jax_compilation_cache_dir", args.compile_cache)
