@@ -258,6 +258,8 @@ def main(argv=None) -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", default=",".join(STEPS), help=f"which of {','.join(STEPS)} to time")
     p.add_argument("--sampled", action="store_true", help="temperature 0.8 / top-p 0.95 instead of greedy")
+    p.add_argument("--xla-topk", action="store_true",
+                   help="with --sampled: XLA's whole-row lax.top_k in place of sampling.top_k (session 21's baseline)")
     p.add_argument("--budget-s", type=float, default=1e9, help="skip what is left after this many seconds")
     p.add_argument("--compile-cache", default=None, help="persistent XLA compilation cache directory")
     p.add_argument("--gdn-impl", default=None, help="sets $DFLASH_GDN_IMPL (reference|pallas) before tracing")
@@ -270,6 +272,9 @@ def main(argv=None) -> None:
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
     FULL_SAMPLING["full"] = a.sampled
+    if a.xla_topk:
+        from dflash_jax import sampling
+        sampling.top_k = jax.lax.top_k
     INVARIANT["on"] = a.batch_invariant
     for flag, env in ((a.gdn_impl, "DFLASH_GDN_IMPL"), (a.matmul_impl, "DFLASH_MATMUL_IMPL"),
                       (a.attention_impl, "DFLASH_ATTENTION_IMPL")):
