@@ -61,18 +61,21 @@ def random_tokenizer(vocab_size: int) -> Tokenizer:
     return Tokenizer.from_metadata({k: plain(v[0]) for k, v in kv.items()}, source="random")
 
 
+SAMPLED = dict(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05)
+
+
 def device_bytes() -> int | None:
     stats = jax.devices()[0].memory_stats() or {}
     return stats.get("bytes_in_use")
 
 
 def traffic(engine: Engine, vocab: int, clients: int, requests: int, prompt: int, max_tokens: int,
-            rng: np.random.Generator) -> dict:
+            rng: np.random.Generator, sampling: dict | None = None) -> dict:
     """requests requests, at most `clients` in flight; each client sends its next request when one finishes."""
     todo = queue.Queue()
     for _ in range(requests):
         todo.put(rng.integers(0, vocab, prompt).tolist())
-    ttfts, counts = [], []
+    ttfts, counts, decode_rates = [], [], []
     lock = threading.Lock()
 
     def client():
@@ -81,7 +84,7 @@ def traffic(engine: Engine, vocab: int, clients: int, requests: int, prompt: int
                 ids = todo.get_nowait()
             except queue.Empty:
                 return
-            req = Request(ids, SamplingParams(max_tokens=max_tokens, ignore_eos=True))
+            req = Request(ids, SamplingParams(max_tokens=max_tokens, ignore_eos=True, **(sampling or {})))
             t0 = time.perf_counter()
             engine.submit(req)
             first, n = None, 0
@@ -92,9 +95,12 @@ def traffic(engine: Engine, vocab: int, clients: int, requests: int, prompt: int
                     first = first if first is not None else time.perf_counter() - t0
                 if e.finish_reason:
                     break
+            done = time.perf_counter() - t0
             with lock:
                 ttfts.append(first)
                 counts.append(n)
+                if first is not None and n > 1 and done > first:
+                    decode_rates.append((n - 1) / (done - first))
 
     t0 = time.perf_counter()
     threads = [threading.Thread(target=client) for _ in range(clients)]
@@ -104,7 +110,9 @@ def traffic(engine: Engine, vocab: int, clients: int, requests: int, prompt: int
         t.join()
     wall = time.perf_counter() - t0
     return {"seconds": wall, "tokens": sum(counts), "tok_s": sum(counts) / wall,
-            "ttft_ms_p50": 1e3 * float(np.median([t for t in ttfts if t is not None])) if ttfts else None}
+            "ttft_ms_p50": 1e3 * float(np.median([t for t in ttfts if t is not None])) if ttfts else None,
+            # one request's tokens/s after its first token (its decode rate while sharing the engine)
+            "decode_tok_s_p50": float(np.median(decode_rates)) if decode_rates else None}
 
 
 def main(argv=None) -> None:
@@ -122,6 +130,9 @@ def main(argv=None) -> None:
                     "--ubatch-buckets; default: the engine's factor-4 steps)")
     ap.add_argument("--block", type=int, default=16)
     ap.add_argument("--drafter-layers", type=int, default=5)
+    ap.add_argument("--sampled", action="store_true",
+                    help="llama-server's default sampling (temperature 0.8, top-k 40, top-p 0.95, min-p 0.05) "
+                    "instead of greedy requests")
     ap.add_argument("--modes", default="plain,dflash", help="plain, dflash (every step speculates), adaptive")
     ap.add_argument("--batch-invariant", default="auto", choices=("auto", "on", "off"))
     ap.add_argument("--out", default=None)
@@ -161,7 +172,8 @@ def main(argv=None) -> None:
         rng = np.random.default_rng(0)
         traffic(engine, cfg.vocab_size, min(levels), min(levels), a.prompt, 4, rng)  # settle
         for c in levels:
-            res = traffic(engine, cfg.vocab_size, c, c * a.requests_per_client, a.prompt, a.max_tokens, rng)
+            res = traffic(engine, cfg.vocab_size, c, c * a.requests_per_client, a.prompt, a.max_tokens, rng,
+                          SAMPLED if a.sampled else None)
             if drafter:
                 sp = engine.stats()["speculative"]
                 res["tau"] = sp["tau"]
@@ -171,7 +183,8 @@ def main(argv=None) -> None:
             res["warmup_split_s"] = engine.warmup_seconds
             rows[c][mode] = res
             log(f"{mode:6s} clients {c:3d}: {res['tokens']} tokens in {res['seconds']:.2f} s = {res['tok_s']:.1f} "
-                f"tok/s, TTFT p50 {res['ttft_ms_p50']:.0f} ms" + (f", tau {res['tau']}, {res['blocks']} blocks, "
+                f"tok/s, TTFT p50 {res['ttft_ms_p50']:.0f} ms, per-request decode p50 {res['decode_tok_s_p50']:.1f} "
+                f"tok/s" + (f", tau {res['tau']}, {res['blocks']} blocks, "
                                                                   f"{res['shadow_probes']} shadow probes" if drafter
                                                                   else ""))
         engine.stop()

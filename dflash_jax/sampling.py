@@ -98,6 +98,18 @@ def apply_penalties(logits: jax.Array, counts: jax.Array, p: SamplingArrays) -> 
     return logits - p.presence_penalty[:, None] * (c > 0) - p.frequency_penalty[:, None] * c
 
 
+def argmax(x: jax.Array) -> jax.Array:
+    """jnp.argmax over the last axis (the first index of the maximum), as int32. On the CPU as a max and a min of
+    indices: XLA's CPU argmax (a two-operand reduction) took 0.92 ms for 8 x 49152 logits against 0.20 ms for the
+    two plain reductions, and a DFlash step takes it over slots x block rows of the vocabulary. Rows holding NaN
+    give their last index there."""
+    if jax.default_backend() != "cpu":
+        return jnp.argmax(x, axis=-1).astype(jnp.int32)
+    v = x.shape[-1]
+    hit = x == jnp.max(x, axis=-1, keepdims=True)
+    return jnp.minimum(jnp.min(jnp.where(hit, jnp.arange(v, dtype=jnp.int32), v), axis=-1), v - 1)
+
+
 def filter_logits(logits: jax.Array, p: SamplingArrays) -> jax.Array:
     """Temperature-scaled logits with everything outside top-k / top-p / min-p set to -inf."""
     scaled = logits / jnp.maximum(p.temperature, 1e-6)[:, None]
@@ -140,13 +152,15 @@ def sample(logits: jax.Array, counts: jax.Array | None, p: SamplingArrays, posit
     penalized = logits if counts is None else apply_penalties(logits, counts, p)
     if full:
         penalized = apply_logit_bias(penalized, p)
-    tokens = jnp.argmax(penalized, axis=-1).astype(jnp.int32)
+    tokens = argmax(penalized)
     b = logits.shape[0]
     top_ids = jnp.zeros((b, MAX_TOP_LOGPROBS), jnp.int32)
     top_lp = jnp.zeros((b, MAX_TOP_LOGPROBS), logprobs.dtype)
     if full:
         keys = jax.vmap(lambda s, pos: jax.random.fold_in(jax.random.key(s), pos))(p.seed, positions)
-        drawn = jax.vmap(jax.random.categorical)(keys, filter_logits(penalized, p)).astype(jnp.int32)
+        # jax.random.categorical's own draw (Gumbel noise per row, then the argmax) with the argmax above
+        noise = jax.vmap(lambda k: jax.random.gumbel(k, penalized.shape[-1:], penalized.dtype))(keys)
+        drawn = argmax(filter_logits(penalized, p) + noise)
         tokens = jnp.where(p.temperature > 0, drawn, tokens)
         top_lp, top_ids = top_k(logprobs, MAX_TOP_LOGPROBS)
         top_ids = top_ids.astype(jnp.int32)

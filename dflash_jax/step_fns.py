@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dflash_jax.kv_cache import AttentionMeta, KVCache, token_positions
-from dflash_jax.sampling import SampleOutput, SamplingArrays, sample
+from dflash_jax.sampling import SampleOutput, SamplingArrays, argmax, sample
 from dflash_jax.speculative import accept_lengths
 from pallas_kernels.invariance import batch_invariant, prefill_phase
 from pallas_kernels.invariance import q8_prescale as q8_prescale_ctx  # the name q8_prescale is CompiledSteps' argument
@@ -115,7 +115,7 @@ def _draft(model, drafter, mask_token_id: int, ctx_window: int | None, last_toke
     b = last_tokens.shape[0]
     block = jnp.concatenate([last_tokens[:, None], jnp.full((b, t - 1), mask_token_id, jnp.int32)], axis=1)
     h = drafter(jnp.take(model.embed_tokens[...], block, axis=0), cached, page_table, dcache, ctx_window)
-    return jnp.argmax(model.logits(h[:, 1:]), axis=-1).astype(jnp.int32)
+    return argmax(model.logits(h[:, 1:]))
 
 
 def _draft_step(graphdef: nnx.GraphDef, drafter_graphdef, mask_token_id: int, ctx_window: int | None,

@@ -90,3 +90,24 @@ def test_full_sample_uses_the_two_stage_search_and_draws_from_kept_tokens():
     ref_lp, ref_ids = jax.lax.top_k(jax.nn.log_softmax(logits), MAX_TOP_LOGPROBS)
     np.testing.assert_array_equal(np.asarray(out.top_ids), np.asarray(ref_ids))
     np.testing.assert_allclose(np.asarray(out.top_logprobs), np.asarray(ref_lp), rtol=1e-5, atol=1e-5)
+
+
+def test_argmax_is_the_first_maximum():
+    rng = np.random.default_rng(11)
+    x = np.round(rng.standard_normal((6, 3, 4099)).astype(np.float32) * 2)  # ties: the first index must win
+    x[0, 0] = -np.inf
+    x[1, 2, -1] = 100.0
+    np.testing.assert_array_equal(np.asarray(jax.jit(sampling.argmax)(jnp.asarray(x))), np.argmax(x, axis=-1))
+
+
+def test_draws_are_jax_random_categorical():
+    """The sampler's draw is jax.random.categorical's (Gumbel noise, then the argmax), so seeded outputs keep their
+    tokens."""
+    rng = np.random.default_rng(5)
+    rows, v = 5, 3000
+    logits = jnp.asarray(rng.standard_normal((rows, v)).astype(np.float32) * 3)
+    p = params(rows, temperature=1.0)
+    out = jax.jit(sampling.sample, static_argnames="full")(logits, None, p, jnp.arange(rows), full=True)
+    keys = jax.vmap(lambda s, pos: jax.random.fold_in(jax.random.key(s), pos))(p.seed, jnp.arange(rows))
+    want = jax.vmap(jax.random.categorical)(keys, filter_logits(logits, p))
+    np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(want))
