@@ -257,5 +257,13 @@ case "${1:?which call}" in
       env $e timeout 120 python3 bench/decode_step.py --models qwen3-8b --weights q8_0 --slots 1,8 --extra-slots "" \
         --iters 20 --out $OUT/q8decode_$v.jsonl 2>&1 | grep -E " fast " | sed "s/^/$v /"
     done ;;
+  q8engine)  # issue 8 (session 21): an 8-slot invariant engine takes pre-scaled Q8_0 products for its 8 x 16 verify
+  # rows (1.42x faster verify, ~1.2x slower plain steps: 189 vs 254 tok/s at one client). With block 8 (64 verify
+  # rows) it would keep the exact ones: both variants at block 8 and 16, plain and spec, 8 and 1 slots (~400 s)
+    for blk in 16 8; do for pre in 1 0; do
+      DFLASH_Q8_PRESCALE=$pre timeout 95 python3 bench/spec_step.py --target qwen3-8b --weights q8_0 --slots 8,1 \
+        --steps plain,spec --iters 10 --block $blk --batch-invariant --out $OUT/q8engine_b${blk}_p$pre.jsonl 2>&1 \
+        | grep -E "ms/step|spec/plain" | sed "s/^/block $blk prescale $pre /"
+    done; done ;;
   *) echo "unknown call $1"; exit 2 ;;
 esac
