@@ -17,6 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from dflash_jax import sampling
+from dflash_jax.requests import SamplingParams
+
+LLAMA_SERVER_DEFAULTS = SamplingParams(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05)
 
 
 def timed(fn, *args, iters: int) -> float:
@@ -57,10 +60,7 @@ def main(argv=None):
     for r in [int(x) for x in args.rows.split(",")]:
         key = jax.random.key(r)
         logits = jax.random.normal(key, (r, args.vocab), jnp.float32) * 4
-        params = sampling.SamplingArrays(
-            temperature=jnp.full((r,), 0.8), top_k=jnp.full((r,), 40, jnp.int32), top_p=jnp.full((r,), 0.95),
-            min_p=jnp.full((r,), 0.05), presence_penalty=jnp.zeros((r,)), frequency_penalty=jnp.zeros((r,)),
-            seed=jnp.arange(r, dtype=jnp.uint32))
+        params = sampling.SamplingArrays.from_params([LLAMA_SERVER_DEFAULTS] * r, r, list(range(r)))
         positions = jnp.arange(r, dtype=jnp.int32)
         times = {}
         for k in (sampling.NUM_CANDIDATES, sampling.MAX_TOP_LOGPROBS):

@@ -182,10 +182,7 @@ def pick_q8_mgpu_config(m: int, k: int, n: int, num_sms: int | None = None, *, b
     decode = mp <= 16 and not is_batch_invariant() and not in_prefill()
     split_k = (prefill_split_k_setting() if in_prefill() and prefill_tiles_enabled()
                else decode_split_k_setting() if decode else split_k_setting())
-    # $DFLASH_Q8_DECODE_BN=128: an experiment (single products at M = 1 liked BN 128 with 4 splits, session 20)
-    decode_bn = env_int("DFLASH_Q8_DECODE_BN", 64) if decode and not prescale else 64
-    default_n = (decode_bn if decode_bn != 64 and n % decode_bn == 0
-                 else 64 if split_k and mp <= 16 and not prescale
+    default_n = (64 if split_k and mp <= 16 and not prescale
                  else 128 if n % 128 == 0 and n // 128 >= num_sms // 2 else 64)
     default_blocks = next(b for b in (4, 2, 1) if (k // _BLOCK) % b == 0)
     if num_splits is None:
