@@ -57,20 +57,26 @@ def token_positions(meta: AttentionMeta, num_tokens: int) -> tuple[jax.Array, ja
     return start + t, t < meta.q_lens[:, None]
 
 
-def write_kv(pages: jax.Array, new: jax.Array, meta: AttentionMeta, positions: jax.Array,
-             valid: jax.Array) -> jax.Array:
-    """Scatter new (B, T, K, H) into pages (P, S, K, H) at the tokens' positions. Padded tokens, and tokens whose page
-    is the trash page (a verify block running past a slot's pages), are dropped: their index is out of bounds.
+def cache_rows(meta: AttentionMeta, positions: jax.Array, valid: jax.Array, page_size: int) -> jax.Array:
+    """Row of each token (B, T) in a page pool viewed as (P*S, K, H), or -1 where it is not written: padded tokens,
+    and tokens whose page is the trash page (a verify block running past a slot's pages).
 
     Why not write them to the trash page: a padded prefill chunk or a training batch sends thousands of tokens to the
     same trash element, and XLA's GPU scatter serializes on such duplicates (366 ms for one layer of a 16 x 768
-    training batch on an H200). What remains is unique (every live slot owns its pages), so XLA may scatter without
-    atomics."""
-    page_size = pages.shape[1]
+    training batch on an H200). What remains is unique (every live slot owns its pages), so writes need no atomics."""
     logical = positions // page_size
     valid = valid & (logical < meta.page_table.shape[1])
     page_idx = jnp.take_along_axis(meta.page_table, jnp.clip(logical, 0, meta.page_table.shape[1] - 1), axis=1)
     valid = valid & (page_idx != TRASH_PAGE)
-    page_idx = jnp.where(valid, page_idx, pages.shape[0])  # out of bounds: dropped
-    offset = jnp.where(valid, positions % page_size, 0)
+    return jnp.where(valid, page_idx * page_size + positions % page_size, -1)
+
+
+def write_kv(pages: jax.Array, new: jax.Array, meta: AttentionMeta, positions: jax.Array,
+             valid: jax.Array) -> jax.Array:
+    """Scatter new (B, T, K, H) into pages (P, S, K, H) at the tokens' positions; tokens `cache_rows` leaves out are
+    dropped (their index is out of bounds)."""
+    num_pages, page_size = pages.shape[:2]
+    rows = cache_rows(meta, positions, valid, page_size)
+    page_idx = jnp.where(rows >= 0, rows // page_size, num_pages)  # out of bounds: dropped
+    offset = jnp.where(rows >= 0, rows % page_size, 0)
     return pages.at[page_idx, offset].set(new.astype(pages.dtype), mode="drop", unique_indices=True)

@@ -256,6 +256,14 @@ case "${1:?which call}" in
       env $e timeout 120 python3 bench/decode_step.py --models qwen3-8b --weights q8_0 --slots 1,8 --extra-slots "" \
         --iters 20 --out $OUT/q8decode_$v.jsonl 2>&1 | grep -E " fast " | sed "s/^/$v /"
     done ;;
+  qk)  # session 22: the q/k norm + RoPE + KV-write kernel (pallas_kernels/qk_rope_write.py): its GPU tests and the
+  # engine's bf16 invariance tests, then the 8B steps with it off and on, Q8_0 and bf16, one process each
+    timeout 200 python3 -m pytest -q -m gpu tests/test_qk_rope_write.py tests/test_batch_invariance.py \
+      -k "qk or dflash_equals_plain" 2>&1 | tee $OUT/qk_tests.log | tail -3
+    for w in q8_0 bf16; do for f in 0 1; do
+      DFLASH_FUSED_QK=$f timeout 110 python3 bench/decode_step.py --models qwen3-8b --weights $w --slots 1,8 \
+        --extra-slots "" --iters 20 --greedy --out $OUT/qk_${w}_$f.jsonl 2>&1 | grep -E " fast" | sed "s/^/$w qk=$f /"
+    done; done ;;
   q8engine)  # issue 8 (session 21): an 8-slot invariant engine takes pre-scaled Q8_0 products for its 8 x 16 verify
   # rows (1.42x faster verify, ~1.2x slower plain steps: 189 vs 254 tok/s at one client). With block 8 (64 verify
   # rows) it would keep the exact ones: both variants at block 8 and 16, plain and spec, 8 and 1 slots (~400 s)

@@ -18,10 +18,12 @@ import numpy as np
 from flax import nnx
 
 from dflash_jax.config import ModelConfig
-from dflash_jax.kv_cache import AttentionMeta, KVCache, token_positions, write_kv
+from dflash_jax.kv_cache import AttentionMeta, KVCache, cache_rows, token_positions, write_kv
 from dflash_jax.models.layer_calls import per_trace
 from pallas_kernels.add_rms_norm import add_rms_norm_pallas, rms_norm_reference, use_kernel
 from pallas_kernels.invariance import is_batch_invariant
+from pallas_kernels.qk_rope_write import apply_rope, qk_rope_write_pallas, rope_tables
+from pallas_kernels.qk_rope_write import use_kernel as use_qk_kernel
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention
 from pallas_kernels.weight_matmul import Q8_BLOCK, linear, q8_0_layout, q8_0_linear, q8_0_stored_out
 
@@ -117,14 +119,7 @@ rms_norm = jax.jit(rms_norm_reference, static_argnames=("eps", "invariant"))
 
 def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
     """NeoX-style rotary embedding (rotate halves) on x (B, T, heads, H) at positions (B, T)."""
-    h = x.shape[-1]
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))  # (H/2,)
-    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # (B, T, H/2)
-    cos = jnp.cos(angles)[:, :, None, :]
-    sin = jnp.sin(angles)[:, :, None, :]
-    xf = x.astype(jnp.float32)
-    x1, x2 = xf[..., : h // 2], xf[..., h // 2:]
-    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+    return apply_rope(x, *rope_tables(positions, x.shape[-1], theta))
 
 
 class Attention(SharedInput, nnx.Module):
@@ -139,6 +134,16 @@ class Attention(SharedInput, nnx.Module):
     def __call__(self, x, positions, valid, meta: AttentionMeta, k_pages, v_pages):
         cfg = self.cfg
         b, t, _ = x.shape
+        fused = use_qk_kernel(cfg.head_dim) if self.qkv_proj is not None else None
+        if fused:  # norms, RoPE and the cache writes in one kernel (pallas_kernels/qk_rope_write.py says why)
+            cos, sin = rope_tables(positions.reshape(-1), cfg.head_dim, cfg.rope_theta)
+            q, k_pages, v_pages = qk_rope_write_pallas(
+                self.qkv_proj(x).reshape(b * t, -1), *self._qk_weights(), cos, sin,
+                cache_rows(meta, positions, valid, k_pages.shape[1]).reshape(-1), k_pages, v_pages,
+                num_heads=cfg.num_heads, eps=cfg.rms_eps, interpret=fused == "interpret")
+            o = ragged_paged_attention(q.reshape(b, t, cfg.num_heads, cfg.head_dim), k_pages, v_pages,
+                                       meta.page_table, meta.q_lens, meta.kv_lens)
+            return self.o_proj(o.reshape(b, t, -1)), k_pages, v_pages
         q, k, v = self._project("qkv_proj", x)
         q = q.reshape(b, t, cfg.num_heads, cfg.head_dim)
         k = k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
@@ -151,6 +156,12 @@ class Attention(SharedInput, nnx.Module):
         v_pages = write_kv(v_pages, v, meta, positions, valid)
         o = ragged_paged_attention(q, k_pages, v_pages, meta.page_table, meta.q_lens, meta.kv_lens)
         return self.o_proj(o.reshape(b, t, -1)), k_pages, v_pages
+
+
+    def _qk_weights(self):
+        if self.q_norm is None:
+            return None, None
+        return self.q_norm.weight[...], self.k_norm.weight[...]
 
 
 class MLP(SharedInput, nnx.Module):
