@@ -256,6 +256,17 @@ case "${1:?which call}" in
       env $e timeout 120 python3 bench/decode_step.py --models qwen3-8b --weights q8_0 --slots 1,8 --extra-slots "" \
         --iters 20 --out $OUT/q8decode_$v.jsonl 2>&1 | grep -E " fast " | sed "s/^/$v /"
     done ;;
+  s23)  # session 22's follow-ups (~330 s): issue 3's bf16 table at 1, 2, 4, 8, 16 slots with today's kernels (llama.cpp
+  # 234 / 426 / 729 / 1004 / 1788; 2 and 4 slots last measured in session 1), the Q8_0 steps with one-block decode
+  # splits, and verify tiles with one block per split ($DFLASH_RPA_SPLIT_BLOCKS=1) against four
+    timeout 120 python3 bench/decode_step.py --models qwen3-8b --slots 1,2,4,8,16 --extra-slots "" --iters 20 \
+      --greedy --out $OUT/bf16_slots.jsonl 2>&1 | grep -E " fast" | grep -v engine | grep "ms/step"
+    timeout 90 python3 bench/decode_step.py --models qwen3-8b --weights q8_0 --slots 1,8 --extra-slots "" --iters 20 \
+      --greedy --out $OUT/q8_slots.jsonl 2>&1 | grep -E " fast" | grep -v engine | grep "ms/step" | sed "s/^/q8_0 /"
+    for sb in 1 4; do
+      DFLASH_RPA_SPLIT_BLOCKS=$sb timeout 60 python3 bench/spec_step.py --target qwen3-8b --slots 8 --steps plain,spec \
+        --iters 20 --out $OUT/spec_sb$sb.jsonl 2>&1 | grep -E "ms/step|spec/plain" | sed "s/^/split_blocks=$sb /"
+    done ;;
   qk)  # session 22: the q/k norm + RoPE + KV-write kernel (pallas_kernels/qk_rope_write.py): its GPU tests and the
   # engine's bf16 invariance tests, then the 8B steps with it off and on, Q8_0 and bf16, one process each
     timeout 200 python3 -m pytest -q -m gpu tests/test_qk_rope_write.py tests/test_batch_invariance.py \
