@@ -39,7 +39,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.invariance import is_batch_invariant, ordered_sum
-from pallas_kernels.paged_attention import drafter_attention_reference, paged_attention_reference
+from pallas_kernels.paged_attention import (drafter_attention_chunked, drafter_attention_reference,
+                                            paged_attention_chunked, paged_attention_reference)
 
 _MASK = -0.7 * float(np.finfo(np.float32).max)  # finite "minus infinity": exp2(_MASK - _MASK) stays defined
 _BIG = 1 << 30
@@ -403,18 +404,19 @@ def drafter_attention_pallas(q, k_block, v_block, k_pages, v_pages, page_table, 
 
 
 def default_impl() -> str:
-    """'pallas' on a GPU backend, else 'reference'; $DFLASH_ATTENTION_IMPL (reference|pallas|interpret|mgpu|
+    """'pallas' on a GPU backend, else 'chunked' (`paged_attention_chunked`: the reference's semantics at a cost
+    that follows the cached length); $DFLASH_ATTENTION_IMPL (reference|chunked|pallas|interpret|mgpu|
     mgpu_interpret) overrides. 'mgpu' (Hopper): the Mosaic GPU kernel of `ragged_paged_attention_mgpu` for decode and
     verify runs, the portable kernel for prefill chunks."""
     env = os.environ.get("DFLASH_ATTENTION_IMPL", "").strip().lower()
     if env and env != "auto":
         return env
-    return "pallas" if jax.default_backend() == "gpu" else "reference"
+    return "pallas" if jax.default_backend() == "gpu" else "chunked"
 
 
 def _resolve(impl: str) -> str:
     impl = default_impl() if impl == "auto" else impl
-    if impl not in ("reference", "pallas", "interpret", "mgpu", "mgpu_interpret"):
+    if impl not in ("reference", "chunked", "pallas", "interpret", "mgpu", "mgpu_interpret"):
         raise ValueError(f"unknown attention impl {impl!r}")
     return impl
 
@@ -430,12 +432,13 @@ def _mgpu_takes(impl: str, q, k_pages) -> bool:
 
 def ragged_paged_attention(q, k_pages, v_pages, page_table, q_lens, kv_lens, *, impl: str = "auto",
                            scale: float | None = None):
-    """Drop-in for `paged_attention_reference` (same arguments and result). impl: 'auto' (the Pallas kernel on GPU,
-    the reference elsewhere; $DFLASH_ATTENTION_IMPL overrides), 'reference', 'pallas', 'interpret' (the kernel in
-    Pallas interpret mode: CPU tests only, slow)."""
+    """Drop-in for `paged_attention_reference` (same arguments and result). impl: 'auto' (`default_impl`),
+    'reference', 'chunked', 'pallas', 'interpret' (the kernel in Pallas interpret mode: CPU tests only, slow)."""
     impl = _resolve(impl)
     if impl == "reference":
         return paged_attention_reference(q, k_pages, v_pages, page_table, q_lens, kv_lens, scale=scale)
+    if impl == "chunked":
+        return paged_attention_chunked(q, k_pages, v_pages, page_table, q_lens, kv_lens, scale=scale)
     if _mgpu_takes(impl, q, k_pages):
         from pallas_kernels.ragged_paged_attention_mgpu import ragged_paged_attention_mgpu  # noqa: PLC0415
         return ragged_paged_attention_mgpu(q, k_pages, v_pages, page_table, q_lens, kv_lens, scale=scale,
@@ -448,9 +451,9 @@ def drafter_attention(q, k_block, v_block, k_pages, v_pages, page_table, ctx_len
                       causal_window=None, *, impl: str = "auto", scale: float | None = None):
     """Drop-in for `drafter_attention_reference`, dispatched like `ragged_paged_attention`."""
     impl = _resolve(impl)
-    if impl == "reference":
-        return drafter_attention_reference(q, k_block, v_block, k_pages, v_pages, page_table, ctx_lens,
-                                           ctx_window, causal_window, scale=scale)
+    if impl in ("reference", "chunked"):
+        fn = drafter_attention_reference if impl == "reference" else drafter_attention_chunked
+        return fn(q, k_block, v_block, k_pages, v_pages, page_table, ctx_lens, ctx_window, causal_window, scale=scale)
     return drafter_attention_pallas(q, k_block, v_block, k_pages, v_pages, page_table, ctx_lens, ctx_window,
                                     causal_window, scale=scale, interpret=impl.endswith("interpret"),
                                     mgpu=_mgpu_takes(impl, q, k_pages))

@@ -15,7 +15,9 @@ import pytest
 jax = pytest.importorskip("jax")
 import jax.numpy as jnp  # noqa: E402
 
-from pallas_kernels.paged_attention import drafter_attention_reference, paged_attention_reference  # noqa: E402
+from pallas_kernels.paged_attention import (drafter_attention_chunked, drafter_attention_reference,  # noqa: E402
+                                            paged_attention_chunked,
+                                            paged_attention_reference)
 from pallas_kernels.ragged_paged_attention import (  # noqa: E402
     default_impl,
     drafter_attention,
@@ -100,7 +102,7 @@ def test_dispatcher():
                             stale_nan=False)
     ref = paged_attention_reference(**args)
     if jax.default_backend() != "gpu":
-        assert default_impl() == "reference"
+        assert default_impl() == "chunked"  # at most one chunk of pages: the reference itself
         np.testing.assert_array_equal(np.asarray(ragged_paged_attention(**args)), np.asarray(ref))
     np.testing.assert_array_equal(np.asarray(ragged_paged_attention(**args, impl="reference")), np.asarray(ref))
     check_paged(args, clean, ragged_paged_attention(**args, impl="interpret"))
@@ -175,3 +177,43 @@ def test_drafter_gpu_matches_reference(windows):
     out = np.asarray(out.astype(jnp.float32))
     assert not np.isnan(out).any()
     np.testing.assert_allclose(out, np.asarray(ref.astype(jnp.float32)), atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("chunk_pages", [1, 3])
+def test_chunked_matches_reference(case, chunk_pages):
+    """The CPU path: pages a chunk at a time while any slot has keys left, stale (NaN) pool entries beyond every
+    slot's keys where the loop runs (a table of one chunk is the reference's, which reads them), padded slots,
+    verify and prefill runs."""
+    _, q_lens, kv_lens, t, n, k, h, s, m, _ = case
+    args, clean = make_case(zlib.crc32(case[0].encode()) + chunk_pages, q_lens=q_lens, kv_lens=kv_lens, t=t, n=n,
+                            k=k, h=h, page_size=s, max_pages=m, dtype=jnp.float32, stale_nan=m > chunk_pages)
+    check_paged(args, clean, paged_attention_chunked(**args, chunk_pages=chunk_pages))
+
+
+def test_chunked_wide_table_and_dispatch():
+    """A table far wider than the longest slot (a one-slot server's 8192-token cap): the same result as the
+    reference, through the CPU dispatcher."""
+    args, clean = make_case(5, q_lens=[1, 3, 0], kv_lens=[20, 9, 0], t=3, n=4, k=2, h=32, page_size=4, max_pages=64,
+                            dtype=jnp.float32)
+    if jax.default_backend() != "gpu":
+        check_paged(args, clean, ragged_paged_attention(**args))
+    check_paged(args, clean, ragged_paged_attention(**args, impl="chunked"))
+
+
+@pytest.mark.parametrize("windows", [(None, None), (24, 6), (40, None)], ids=["full", "ctx24_causal6", "ctx40"])
+@pytest.mark.parametrize("chunk_pages", [1, 2])
+def test_drafter_chunked_matches_reference(windows, chunk_pages):
+    ctx_window, causal_window = windows
+    args, clean = make_drafter_case(7 + chunk_pages, [45, 3, 0, 20], t=8, n=8, k=2, h=64, page_size=16,
+                                    max_pages=4)
+    q, kb, vb, _, _, pt, cl = args
+    out = drafter_attention_chunked(*args, ctx_window, causal_window, chunk_pages=chunk_pages)
+    ref = drafter_attention_reference(q, kb, vb, clean[0], clean[1], pt, cl, ctx_window, causal_window)
+    out = np.asarray(out.astype(jnp.float32))
+    assert not np.isnan(out).any()  # stale (NaN) pages past every slot's context are never used
+    np.testing.assert_allclose(out, np.asarray(ref.astype(jnp.float32)), atol=ATOL, rtol=RTOL)
+    if jax.default_backend() != "gpu":  # the CPU dispatcher takes it
+        np.testing.assert_array_equal(np.asarray(drafter_attention(*args, ctx_window, causal_window), np.float32),
+                                      np.asarray(drafter_attention_chunked(*args, ctx_window, causal_window),
+                                                 np.float32))
