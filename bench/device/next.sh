@@ -256,6 +256,10 @@ case "${1:?which call}" in
       env $e timeout 120 python3 bench/decode_step.py --models qwen3-8b --weights q8_0 --slots 1,8 --extra-slots "" \
         --iters 20 --out $OUT/q8decode_$v.jsonl 2>&1 | grep -E " fast " | sed "s/^/$v /"
     done ;;
+  gpu22)  # first in session 23 (~300 s): GPU tests session 22 did not run after its changes: the attention kernel
+  # with one-block decode splits, the GPU engine tests with the q/k/v kernel
+    timeout 280 python3 -m pytest -q -m gpu tests/test_ragged_paged_attention.py tests/test_gpu_engine.py \
+      tests/test_qk_rope_write.py 2>&1 | tee $OUT/gpu22_tests.log | tail -4 ;;
   s23)  # session 22's follow-ups (~330 s): issue 3's bf16 table at 1, 2, 4, 8, 16 slots with today's kernels (llama.cpp
   # 234 / 426 / 729 / 1004 / 1788; 2 and 4 slots last measured in session 1), the Q8_0 steps with one-block decode
   # splits, and verify tiles with one block per split ($DFLASH_RPA_SPLIT_BLOCKS=1) against four
