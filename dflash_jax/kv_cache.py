@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.paged_attention import write_rows
+
 # Page 0 is never handed to a slot: page-table padding points at it (such reads are masked) and writes to it are
 # dropped (`write_kv`), so it stays zeros and can't corrupt anyone's cache.
 TRASH_PAGE = 0
@@ -74,9 +76,5 @@ def cache_rows(meta: AttentionMeta, positions: jax.Array, valid: jax.Array, page
 def write_kv(pages: jax.Array, new: jax.Array, meta: AttentionMeta, positions: jax.Array,
              valid: jax.Array) -> jax.Array:
     """Scatter new (B, T, K, H) into pages (P, S, K, H) at the tokens' positions; tokens `cache_rows` leaves out are
-    dropped (their index is out of bounds)."""
-    num_pages, page_size = pages.shape[:2]
-    rows = cache_rows(meta, positions, valid, page_size)
-    page_idx = jnp.where(rows >= 0, rows // page_size, num_pages)  # out of bounds: dropped
-    offset = jnp.where(rows >= 0, rows % page_size, 0)
-    return pages.at[page_idx, offset].set(new.astype(pages.dtype), mode="drop", unique_indices=True)
+    dropped."""
+    return write_rows(pages, new, cache_rows(meta, positions, valid, pages.shape[1]))

@@ -71,6 +71,16 @@ def drafter_attention_reference(q: jax.Array, k_block: jax.Array, v_block: jax.A
     return out.reshape(b, t, n, h).astype(q.dtype)
 
 
+def write_rows(pages: jax.Array, new: jax.Array, rows: jax.Array) -> jax.Array:
+    """Scatter new (..., K, H) into pages (P, S, K, H) viewed as (P*S, K, H) at `rows` (...); rows < 0 are dropped
+    (their index is out of bounds)."""
+    num_rows = pages.shape[0] * pages.shape[1]
+    flat = pages.reshape(num_rows, *pages.shape[2:])
+    idx = jnp.where(rows >= 0, rows, num_rows).reshape(-1)
+    new = new.reshape(-1, *pages.shape[2:]).astype(pages.dtype)
+    return flat.at[idx].set(new, mode="drop", unique_indices=True).reshape(pages.shape)
+
+
 CHUNK_PAGES = 16  # pages per step of the chunked attention (the CPU path)
 
 

@@ -8,9 +8,10 @@ reduction (bench/notes_gpu.md session 21, `decode_step.py --hlo-dir`); at 8 slot
 fusion of 8.4 us. Here one program takes one head of one token row: a q head, or a KV head (its k and its v row).
 Each row's arithmetic is the same whatever the row count, so the batch-invariant mode holds.
 
-`qk_rope_write_reference` defines the semantics: what `dense.Attention` did before (`rms_norm_reference` in the
-storage dtype, `rope` in f32 rounded back, `kv_cache.write_kv`); the kernel is checked against it on fresh random
-inputs (tests/test_qk_rope_write.py). The head dim must be a power of two (Triton blocks); head counts are free.
+`qk_rope_write_reference` defines the semantics: what `dense.Attention` does without it (`rms_norm_reference` in
+the storage dtype, `rope` in f32 rounded back, `kv_cache.write_kv`'s `write_rows`); the kernel is checked against it
+on fresh random inputs (tests/test_qk_rope_write.py). The head dim must be a power of two (Triton blocks); head
+counts are free.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels.add_rms_norm import rms_norm_reference
 from pallas_kernels.invariance import env_flag
+from pallas_kernels.paged_attention import write_rows
 
 
 def rope_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
@@ -55,13 +57,7 @@ def qk_rope_write_reference(qkv, q_w, k_w, cos, sin, dest, k_pages, v_pages, *, 
         q = rms_norm_reference(q, q_w, eps, invariant)
         k = rms_norm_reference(k, k_w, eps, invariant)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    rows = k_pages.shape[0] * k_pages.shape[1]
-    idx = jnp.where(dest >= 0, dest, rows)  # out of bounds: dropped
-
-    def put(pages, new):
-        flat = pages.reshape(rows, kv_heads, h)
-        return flat.at[idx].set(new.astype(pages.dtype), mode="drop", unique_indices=True).reshape(pages.shape)
-    return q, put(k_pages, k), put(v_pages, v)
+    return q, write_rows(k_pages, k, dest), write_rows(v_pages, v, dest)
 
 
 def _kernel(qkv_ref, qw_ref, kw_ref, cos_ref, sin_ref, dest_ref, k_in, v_in, q_ref, k_ref, v_ref, *,

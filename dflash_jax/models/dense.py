@@ -132,18 +132,24 @@ class Attention(SharedInput, nnx.Module):
         self.cfg = cfg
 
     def __call__(self, x, positions, valid, meta: AttentionMeta, k_pages, v_pages):
+        b, t, _ = x.shape
+        q, k_pages, v_pages = self._qk_write(x, positions, valid, meta, k_pages, v_pages)
+        o = ragged_paged_attention(q, k_pages, v_pages, meta.page_table, meta.q_lens, meta.kv_lens)
+        return self.o_proj(o.reshape(b, t, -1)), k_pages, v_pages
+
+    def _qk_write(self, x, positions, valid, meta: AttentionMeta, k_pages, v_pages):
+        """q (B, T, N, H) normed and rotated, and the caches with this step's k and v written."""
         cfg = self.cfg
         b, t, _ = x.shape
         fused = use_qk_kernel(cfg.head_dim) if self.qkv_proj is not None else None
         if fused:  # norms, RoPE and the cache writes in one kernel (pallas_kernels/qk_rope_write.py says why)
+            weights = (None, None) if self.q_norm is None else (self.q_norm.weight[...], self.k_norm.weight[...])
             cos, sin = rope_tables(positions.reshape(-1), cfg.head_dim, cfg.rope_theta)
             q, k_pages, v_pages = qk_rope_write_pallas(
-                self.qkv_proj(x).reshape(b * t, -1), *self._qk_weights(), cos, sin,
+                self.qkv_proj(x).reshape(b * t, -1), *weights, cos, sin,
                 cache_rows(meta, positions, valid, k_pages.shape[1]).reshape(-1), k_pages, v_pages,
                 num_heads=cfg.num_heads, eps=cfg.rms_eps, interpret=fused == "interpret")
-            o = ragged_paged_attention(q.reshape(b, t, cfg.num_heads, cfg.head_dim), k_pages, v_pages,
-                                       meta.page_table, meta.q_lens, meta.kv_lens)
-            return self.o_proj(o.reshape(b, t, -1)), k_pages, v_pages
+            return q.reshape(b, t, cfg.num_heads, cfg.head_dim), k_pages, v_pages
         q, k, v = self._project("qkv_proj", x)
         q = q.reshape(b, t, cfg.num_heads, cfg.head_dim)
         k = k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
@@ -152,16 +158,7 @@ class Attention(SharedInput, nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q = rope(q, positions, cfg.rope_theta)
         k = rope(k, positions, cfg.rope_theta)
-        k_pages = write_kv(k_pages, k, meta, positions, valid)
-        v_pages = write_kv(v_pages, v, meta, positions, valid)
-        o = ragged_paged_attention(q, k_pages, v_pages, meta.page_table, meta.q_lens, meta.kv_lens)
-        return self.o_proj(o.reshape(b, t, -1)), k_pages, v_pages
-
-
-    def _qk_weights(self):
-        if self.q_norm is None:
-            return None, None
-        return self.q_norm.weight[...], self.k_norm.weight[...]
+        return q, write_kv(k_pages, k, meta, positions, valid), write_kv(v_pages, v, meta, positions, valid)
 
 
 class MLP(SharedInput, nnx.Module):
