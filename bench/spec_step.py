@@ -266,6 +266,7 @@ def main(argv=None) -> None:
     p.add_argument("--matmul-impl", default=None, help="sets $DFLASH_MATMUL_IMPL (reference|pallas|mgpu)")
     p.add_argument("--attention-impl", default=None, help="sets $DFLASH_ATTENTION_IMPL (reference|pallas|mgpu)")
     p.add_argument("--batch-invariant", action="store_true", help="steps in the batch-invariant mode")
+    p.add_argument("--profile-top", type=int, default=40, help="kernels kept per profile in --out")
     p.add_argument("--profile", default="", help="B:step pairs to trace with jax.profiler, e.g. 8:plain,8:spec")
     p.add_argument("--dry-run", action="store_true",
                    help="abstract weights and caches: print sizes and lower the steps at B=1, no device memory")
@@ -362,7 +363,7 @@ def main(argv=None) -> None:
             log(f"B={b:3d} {name:12s} {ms:9.3f} ms/step {b / ms * 1e3:9.1f} tok/s (runs "
                 f"{', '.join(f'{x:.3f}' for x in runs)}; host {host:.3f} ms/call; first call {compile_s:.1f} s)")
             if f"{b}:{name}" in a.profile.split(","):
-                prof = device_profile(fns[name], 10, f"/tmp/spec_step_profile_{b}_{name}")
+                prof = device_profile(fns[name], 10, f"/tmp/spec_step_profile_{b}_{name}", top_n=a.profile_top)
                 row[f"{name}_profile"] = prof
                 log(f"B={b:3d} {name} profile: GPU busy {prof['busy_ms_per_step']:.3f} ms/step, span "
                     f"{prof['span_ms_per_step']:.3f} ms/step, {prof['kernels_per_step']:.0f} kernels/step")

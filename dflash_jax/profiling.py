@@ -8,7 +8,7 @@ import shutil
 import jax
 
 
-def device_profile(step, n: int, workdir: str) -> dict:
+def device_profile(step, n: int, workdir: str, top_n: int = 40) -> dict:
     """Trace n calls of step() with jax.profiler and summarize them (`summarize_trace`)."""
     jax.block_until_ready(step())
     shutil.rmtree(workdir, ignore_errors=True)
@@ -17,12 +17,12 @@ def device_profile(step, n: int, workdir: str) -> dict:
         for _ in range(n):
             out = step()
         jax.block_until_ready(out)
-    return summarize_trace(workdir, n)
+    return summarize_trace(workdir, n, top_n)
 
 
-def summarize_trace(workdir: str, n: int) -> dict:
+def summarize_trace(workdir: str, n: int, top_n: int = 40) -> dict:
     """Sum the GPU kernel events of a jax.profiler trace of n steps: device busy ms per step (union of kernel
-    intervals on all GPU lines), span per step, and the kernels taking most time."""
+    intervals on all GPU lines), span per step, and the `top_n` kernels taking most time."""
     from jax.profiler import ProfileData
 
     files = glob.glob(os.path.join(workdir, "**", "*.xplane.pb"), recursive=True)
@@ -56,7 +56,7 @@ def summarize_trace(workdir: str, n: int) -> dict:
     if cur_e is not None:
         busy += cur_e - cur_s
     span = (intervals[-1][1] - intervals[0][0]) if intervals else 0.0
-    top = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:40]
+    top = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:top_n]
     return {"busy_ms_per_step": busy / 1e6 / n, "span_ms_per_step": span / 1e6 / n, "kernels_per_step":
             sum(c for _, c in by_name.values()) / n, "lines_ms_per_step": lines,
             "top": [(k, v[0] / 1e6 / n, v[1] / n) for k, v in top]}

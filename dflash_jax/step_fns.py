@@ -12,6 +12,7 @@ R = num_slots + 1 rows of per-slot device state (the last row belongs to padding
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 
 import jax
@@ -176,6 +177,30 @@ model_step = jax.jit(_model_step, static_argnums=(0, 1, 2), static_argnames=("fu
 spec_step = jax.jit(_spec_step, static_argnums=(0, 1, 2, 3, 4), static_argnames=("full",), donate_argnums=(7, 8, 9))
 
 
+# H200, Qwen3-8B bf16 with a 5-layer drafter (session 23, one process): with XLA's Triton products off the 8-slot spec
+# step (8 x 16 = 128 verify rows) took 7.511 ms against 7.747 (cuBLAS streams those rows faster), while the 8-slot
+# plain step lost (4.979 against 4.752 ms) and so did the 1-slot spec step (6.217 against 5.859).
+WIDE_VERIFY_ROWS = 128
+
+
+def step_compiler_options(kind: str = "plain", rows: int = 0, invariant: bool = False) -> dict | None:
+    """XLA options for one step kind: spec steps of at least `WIDE_VERIFY_ROWS` verify rows (slots x block) on a
+    GPU outside the batch-invariant mode (whose products are kernels, not XLA's) run without XLA's Triton products.
+    $DFLASH_XLA_STEP_OPTIONS ("name=value,...": true/false and integers parsed) replaces the choice for every step,
+    for A/B runs."""
+    text = os.environ.get("DFLASH_XLA_STEP_OPTIONS", "").strip()
+    if not text:
+        wide = kind == "spec" and rows >= WIDE_VERIFY_ROWS and not invariant and jax.default_backend() == "gpu"
+        return {"xla_gpu_enable_triton_gemm": False} if wide else None
+    opts = {}
+    for item in text.split(","):
+        name, _, value = item.partition("=")
+        low = value.strip().lower()
+        opts[name.strip()] = low == "true" if low in ("true", "false") else int(low) if low.lstrip("-").isdigit() \
+            else value.strip()
+    return opts
+
+
 class CompiledSteps:
     """The two steps with everything static closed over, and weights passed as flat leaf lists: hashing a GraphDef
     and flattening an nnx.State on every call cost 3.5-6 ms of host time per step (measured on an H200 host)."""
@@ -209,11 +234,15 @@ class CompiledSteps:
                 return _draft_step(graphdef, drafter_graphdef, mask_token_id, ctx_window, st, dst, dcache, rows,
                                    inputs)
 
-        self._plain = jax.jit(plain, static_argnums=(6,), donate_argnums=(2, 3, 4))
+        def jit(kind, fn, rows=0, **kw):
+            return jax.jit(fn, static_argnums=(6,), compiler_options=step_compiler_options(kind, rows, invariant),
+                           **kw)
+
         self._compiled: dict = {}  # (kind, full, shape, input tree) -> ahead-of-time compiled step
-        self._spec = jax.jit(spec, static_argnums=(6,), donate_argnums=(2, 3, 4))
-        self._draft = jax.jit(draft, static_argnums=(6,))  # reads the caches only: nothing donated
-        self._jitted = {"plain": self._plain, "spec": self._spec, "draft": self._draft}
+        self._jitted = {"plain": jit("plain", plain, donate_argnums=(2, 3, 4)),
+                        "spec": jit("spec", spec, donate_argnums=(2, 3, 4)),
+                        "spec_wide": jit("spec", spec, WIDE_VERIFY_ROWS, donate_argnums=(2, 3, 4)),
+                        "draft": jit("draft", draft)}  # reads the caches only: nothing donated
 
     def _key(self, kind: str, inputs, full: bool):
         first = inputs.tokens if kind == "plain" else inputs.injected
@@ -240,12 +269,19 @@ class CompiledSteps:
                 return fn(self.leaves, self.drafter_leaves, cache, dcache, rows, inputs)
             except TypeError:
                 pass
-        return self._jitted[kind](self.leaves, self.drafter_leaves, cache, dcache, rows, inputs, full)
+        return self._jit(kind, inputs)(self.leaves, self.drafter_leaves, cache, dcache, rows, inputs, full)
+
+    def _jit(self, kind: str, inputs):
+        """The jitted step for these inputs: spec steps with `WIDE_VERIFY_ROWS` verify rows or more have their own
+        (`step_compiler_options`)."""
+        if kind == "spec" and inputs.injected.shape[0] * (inputs.injected.shape[1] + 1) >= WIDE_VERIFY_ROWS:
+            return self._jitted["spec_wide"]
+        return self._jitted[kind]
 
     def lower(self, kind: str, cache, dcache, rows: SlotRows, inputs, full: bool = True):
         """The step (plain, spec or draft) for these arguments traced and lowered, not compiled (nothing runs,
         nothing is donated)."""
-        return self._jitted[kind].lower(self.leaves, self.drafter_leaves, cache, dcache, rows, inputs, full)
+        return self._jit(kind, inputs).lower(self.leaves, self.drafter_leaves, cache, dcache, rows, inputs, full)
 
     def add_compiled(self, kind: str, inputs, full: bool, compiled) -> None:
         """Serve calls with this bucket's shapes from an ahead-of-time compiled step (`lower(...).compile()`)."""

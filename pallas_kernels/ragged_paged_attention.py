@@ -182,15 +182,16 @@ def _num_sms() -> int:
     return int(getattr(d, "core_count", 0) or 132)
 
 
-def split_blocks(rows_total: int) -> int:
-    """Fewest key blocks per flash-decoding split. Decode tiles (<= 16 rows): one, as many splits as key blocks up to
-    `_auto_splits`' count: each split walks its blocks one dependent load after another, so at short contexts few
-    long splits wait on latency (Qwen3-8B bf16 at 512 keys, H200: one-slot step 4.858 -> 4.709 ms against four
-    blocks, 8 slots 4.929 -> 4.882). Verify tiles: four (not re-measured). $DFLASH_RPA_SPLIT_BLOCKS overrides."""
+def split_blocks() -> int:
+    """Fewest key blocks per flash-decoding split: one, so a slot gets as many splits as key blocks up to
+    `_auto_splits`' count. Each split walks its blocks one dependent load after another, so at short contexts few
+    long splits wait on latency. H200, Qwen3-8B bf16 at 512 keys, against four blocks: decode (<= 16 rows) one-slot
+    step 4.858 -> 4.709 ms, 8 slots 4.929 -> 4.882; verify tiles (session 23) one-slot spec step 6.053 -> 5.848,
+    8 slots 7.867 -> 7.814. $DFLASH_RPA_SPLIT_BLOCKS overrides."""
     env = os.environ.get("DFLASH_RPA_SPLIT_BLOCKS", "").strip()
     if env:
         return max(1, int(env))
-    return 1 if rows_total <= 16 else 4
+    return 1
 
 
 def _auto_splits(units: int, rows_total: int) -> int:
@@ -226,7 +227,7 @@ def _rpa_call(q, k_pages, v_pages, page_table, meta, *, scale, split_out, num_sp
         else:
             units = b * kv_heads * n_qb
             want = _auto_splits(units, rows_total)
-            num_splits = max(1, min(want, ctx_blocks // split_blocks(rows_total) or 1))
+            num_splits = max(1, min(want, ctx_blocks // split_blocks() or 1))
     if not split_out:
         assert num_splits == 1, "normalised output needs one split"
     blocks_per_split = -(-ctx_blocks // num_splits)
