@@ -177,10 +177,11 @@ model_step = jax.jit(_model_step, static_argnums=(0, 1, 2), static_argnames=("fu
 spec_step = jax.jit(_spec_step, static_argnums=(0, 1, 2, 3, 4), static_argnames=("full",), donate_argnums=(7, 8, 9))
 
 
-# H200, Qwen3-8B bf16 with a 5-layer drafter (session 23, one process): with XLA's Triton products off the 8-slot spec
-# step (8 x 16 = 128 verify rows) took 7.511 ms against 7.747 (cuBLAS streams those rows faster), while the 8-slot
-# plain step lost (4.979 against 4.752 ms) and so did the 1-slot spec step (6.217 against 5.859).
-WIDE_VERIFY_ROWS = 128
+# H200, Qwen3-8B bf16 with a 5-layer drafter (session 23, one process per setting): with XLA's Triton products off,
+# spec steps of 4 x 16 = 64 verify rows took 6.685-6.788 ms against 6.986, of 8 x 16 rows 7.511-7.697 against
+# 7.720-7.747 (cuBLAS streams those rows faster); the 1-slot spec step (16 rows) lost (6.217 against 5.859 ms) and so
+# did plain steps (8 slots 4.979 against 4.752).
+WIDE_VERIFY_ROWS = 64
 
 
 def step_compiler_options(kind: str = "plain", rows: int = 0, invariant: bool = False) -> dict | None:

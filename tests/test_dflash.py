@@ -573,7 +573,7 @@ def test_first_tau_comes_from_a_probe_where_a_block_is_costly():
 
 
 def test_wide_verify_steps_get_their_own_xla_options(monkeypatch):
-    """Spec steps of 8 x 16 verify rows compile without XLA's Triton products on a GPU (cuBLAS streams them faster,
+    """Spec steps of 4 x 16 verify rows or more compile without XLA's Triton products on a GPU (cuBLAS streams them faster,
     step_fns.WIDE_VERIFY_ROWS); plain steps, narrow spec steps and the batch-invariant mode keep XLA's defaults;
     $DFLASH_XLA_STEP_OPTIONS replaces the choice, with its values parsed."""
     from dflash_jax import step_fns
@@ -582,7 +582,8 @@ def test_wide_verify_steps_get_their_own_xla_options(monkeypatch):
     monkeypatch.setattr(step_fns.jax, "default_backend", lambda: "gpu")
     assert step_fns.step_compiler_options("spec", 128) == {"xla_gpu_enable_triton_gemm": False}
     assert step_fns.step_compiler_options("spec", 256) == {"xla_gpu_enable_triton_gemm": False}
-    assert step_fns.step_compiler_options("spec", 64) is None
+    assert step_fns.step_compiler_options("spec", 64) == {"xla_gpu_enable_triton_gemm": False}
+    assert step_fns.step_compiler_options("spec", 32) is None
     assert step_fns.step_compiler_options("plain", 128) is None
     assert step_fns.step_compiler_options("spec", 128, invariant=True) is None
     monkeypatch.setenv("DFLASH_XLA_STEP_OPTIONS", "xla_gpu_enable_triton_gemm=true, xla_gpu_autotune_level=0,x=y")
