@@ -10,6 +10,10 @@ back to back, synchronised once (the device time per call), best of `--reps`. Th
     python bench/attention.py                                  # 8/32 slots x 4K/32K x q_len 1/16
     python bench/attention.py --slots 8 --ctx 131072 --no-ref  # kernel only
     python bench/attention.py --slots 2 --ctx 256 --iters 2 --interpret   # CPU smoke test (interpret mode)
+    python bench/attention.py --slots 8,1 --ctx 512 --layers 36 --no-ref  # short contexts, as a step runs them
+
+Short contexts: one call takes ~10 us on the GPU but ~60 us to dispatch from Python, so `--layers L` times L calls
+on L different K/V pools inside one jitted function (a step's layers), reported per call.
 """
 from __future__ import annotations
 
@@ -88,6 +92,8 @@ def main():
     ap.add_argument("--no-ref", action="store_true", help="skip the XLA reference")
     ap.add_argument("--ref-max-bytes", type=float, default=6e9,
                     help="skip the reference where its gathered K/V copy would exceed this many bytes")
+    ap.add_argument("--layers", type=int, default=1,
+                    help="calls per jitted function, each on its own K/V pages (short contexts are dispatch-bound)")
     ap.add_argument("--interpret", action="store_true")
     ap.add_argument("--out", default="")
     a = ap.parse_args()
@@ -107,6 +113,10 @@ def main():
         for ctx in [int(x) for x in a.ctx.split(",")]:
             for t in [int(x) for x in a.qlens.split(",")]:
                 args = make_inputs(jax.random.key(0), b, t, a.heads, a.kv_heads, a.head_dim, ctx, a.page_size)
+                if a.layers > 1:  # (q, [k_pages], [v_pages], table, q_lens, kv_lens): one pool per layer
+                    pools = [make_inputs(jax.random.key(i), b, t, a.heads, a.kv_heads, a.head_dim, ctx,
+                                         a.page_size)[1:3] for i in range(a.layers)]
+                    args = (args[0], [p[0] for p in pools], [p[1] for p in pools], *args[3:])
                 nbytes = (b * ctx * a.kv_heads * a.head_dim * 2 * 2 + 2 * b * t * a.heads * a.head_dim * 2)
                 impls = [("pallas", None)] + [(f"pallas splits={s}", int(s)) for s in a.splits.split(",") if s]
                 for v in [v for v in a.tune.split(";") if v]:
@@ -139,8 +149,11 @@ def main():
                     else:
                         fn = jax.jit(lambda *xs, _s=opt: ragged_paged_attention_pallas(
                             *xs, num_splits=_s, interpret=a.interpret))
+                    if a.layers > 1:
+                        fn = jax.jit(lambda q, kps, vps, *rest, _f=fn: [_f(q, kp, vp, *rest)
+                                                                        for kp, vp in zip(kps, vps)])
                     try:
-                        dt = timeit(fn, args, a.iters, a.reps)
+                        dt = timeit(fn, args, a.iters, a.reps) / a.layers
                     except Exception as e:  # noqa: BLE001  (report and go on: an OOM in the reference, say)
                         print(f"| {b} | {ctx} | {t} | {name} | failed: {type(e).__name__}: {str(e)[:200]} |",
                               flush=True)
