@@ -260,6 +260,11 @@ case "${1:?which call}" in
   # with one-block decode splits, the GPU engine tests with the q/k/v kernel
     timeout 280 python3 -m pytest -q -m gpu tests/test_ragged_paged_attention.py tests/test_gpu_engine.py \
       tests/test_qk_rope_write.py 2>&1 | tee $OUT/gpu22_tests.log | tail -4 ;;
+  attn23)  # session 23 (~200 s): attention tiles at 512 keys as a step runs them (36 calls in one jitted function):
+  # the 8-slot step's attention takes 10.9 us a call for decode rows, 15.2 for 128 verify rows, ~4 us of K/V bytes
+    timeout 280 python3 bench/attention.py --slots 8,1 --ctx 512 --qlens 1,16 --layers 36 --no-ref --iters 5 \
+      --tune "0,0,0,0;64,4,3,0;64,8,2,0;32,4,2,0;32,4,3,0;32,2,2,0;128,4,2,0;128,8,2,0;64,4,2,4;64,4,2,2;16,4,2,0" \
+      --mgpu "0,0,0,g;0,0,0,s" --out $OUT/attn23.jsonl 2>&1 | grep -v Warn ;;
   s23)  # session 22's follow-ups (~330 s): issue 3's bf16 table at 1, 2, 4, 8, 16 slots with today's kernels (llama.cpp
   # 234 / 426 / 729 / 1004 / 1788; 2 and 4 slots last measured in session 1), the Q8_0 steps with one-block decode
   # splits, and verify tiles with one block per split ($DFLASH_RPA_SPLIT_BLOCKS=1) against four
