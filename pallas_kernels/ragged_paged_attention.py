@@ -66,9 +66,12 @@ def _triton_store():
 
 def _rpa_kernel(meta_ref, pt_ref, q_ref, k_ref, v_ref, *out_refs, group: int, page_size: int, kv_heads: int,
                 rows: int, block_k: int, blocks_per_split: int, num_pages: int, max_pages: int, scale_log2: float,
-                split_out: bool, poisoned: bool, q_tokens: int, out_rows: int):
+                split_out: bool, poisoned: bool, q_tokens: int, out_rows: int, ctx_splits: int, block_keys: int,
+                block_window: int | None):
     load = _triton_load()
     store = _triton_store()
+    if block_keys:  # the drafter's own block keys, (B*T*K, H) each, come after the pool
+        kb_ref, vb_ref, *out_refs = out_refs
     if poisoned:  # the aliased poison inputs come first among the outputs' refs; ignore them
         out_refs = out_refs[len(out_refs) // 2:]
     bi = pl.program_id(0)
@@ -146,7 +149,33 @@ def _rpa_kernel(meta_ref, pt_ref, q_ref, k_ref, v_ref, *out_refs, group: int, pa
     l0 = jnp.zeros((rows,), jnp.float32)
     carry = lax.fori_loop(blk_lo, mid_lo, edge, (acc0, m0, l0))
     carry = lax.fori_loop(mid_lo, mid_hi, functools.partial(block, masked=False), carry)
-    acc, m, l = lax.fori_loop(mid_hi, blk_hi, edge, carry)
+    carry = lax.fori_loop(mid_hi, blk_hi, edge, carry)
+    if block_keys:
+        # One more split, after the context's (their key blocks end before it): the T block keys, which every query
+        # of the block sees (a causal window: those at most block_window - 1 positions before it, none after).
+        width = max(16, _next_pow2(block_keys))  # a tensor-core product wants 16 keys at least
+        c = lax.broadcasted_iota(jnp.int32, (width,), 0)
+
+        def in_block(_, carry):
+            acc, m, l = carry
+            krow = ((bi * q_tokens + jnp.minimum(c, q_tokens - 1)) * kv_heads + kvh)[:, None]
+            kmask = jnp.broadcast_to((c < block_keys)[:, None], (width, head_dim))
+            kb = load(kb_ref.at[krow, cols], mask=kmask, other=0.0)
+            vb = load(vb_ref.at[krow, cols], mask=kmask, other=0.0)
+            s = lax.dot_general(q, kb, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * scale_log2
+            valid = (c[None, :] < block_keys) & row_ok[:, None]
+            if block_window is not None:
+                delta = t[:, None] - c[None, :]
+                valid &= (delta >= 0) & (delta < block_window)
+            m_new = jnp.maximum(m, jnp.max(jnp.where(valid, s, _MASK), axis=1))
+            p = jnp.where(valid, jnp.exp2(s - m_new[:, None]), 0.0)
+            corr = jnp.exp2(m - m_new)
+            pv = lax.dot_general(p.astype(vb.dtype), vb, (((1,), (0,)), ((), ())),
+                                 preferred_element_type=jnp.float32)
+            return corr[:, None] * acc + pv, m_new, corr * l + jnp.sum(p, axis=1)
+
+        carry = lax.fori_loop(0, (split == ctx_splits).astype(jnp.int32), in_block, carry)
+    acc, m, l = carry
     # rows past q_len took part in the unmasked blocks: give them what masking everywhere gives (nothing seen)
     acc = jnp.where(row_ok[:, None], acc, 0.0)
     m = jnp.where(row_ok, m, _MASK)
@@ -207,10 +236,11 @@ def _auto_splits(units: int, rows_total: int) -> int:
 
 
 def _rpa_call(q, k_pages, v_pages, page_table, meta, *, scale, split_out, num_splits, rows, block_k, num_warps,
-              num_stages, interpret, poison):
+              num_stages, interpret, poison, k_block=None, v_block=None, block_window=None):
     """Core pallas_call. q (B, T, N, H). meta (B, 8) int32: q_len, hi_fixed, hi_rel, lo_fixed, lo_rel.
     Returns out (B, T, N, H) in q.dtype (split_out=False) or partials acc (NS, B*T*N, H), m, l (NS, B*T*N) in f32
-    (exp2 domain), rows in q's order."""
+    (exp2 domain), rows in q's order. k_block / v_block (B, T, K, H): the drafter's block keys, one more split after
+    the context's (split_out only), seen by every query of the block or within `block_window` before it."""
     b, t, n, h = q.shape
     num_pages, page_size, kv_heads, _ = k_pages.shape
     max_pages = page_table.shape[1]
@@ -229,8 +259,11 @@ def _rpa_call(q, k_pages, v_pages, page_table, meta, *, scale, split_out, num_sp
             want = _auto_splits(units, rows_total)
             num_splits = max(1, min(want, ctx_blocks // split_blocks() or 1))
     if not split_out:
-        assert num_splits == 1, "normalised output needs one split"
+        assert num_splits == 1 and k_block is None, "normalised output needs one split"
     blocks_per_split = -(-ctx_blocks // num_splits)
+    ctx_splits, block_keys = num_splits, 0
+    if k_block is not None:
+        num_splits, block_keys = num_splits + 1, t
 
     q_flat = q.reshape(q_rows, h)
     k_flat = k_pages.reshape(num_pages * page_size * kv_heads, h)
@@ -256,6 +289,10 @@ def _rpa_call(q, k_pages, v_pages, page_table, meta, *, scale, split_out, num_sp
         out_shape = [jax.ShapeDtypeStruct((out_rows, h), q.dtype)]
         out_specs = [pl.BlockSpec(out_shape[0].shape, whole)]
     args = [meta, page_table.astype(jnp.int32), q_flat, k_flat, v_flat]
+    if block_keys:
+        for blk in (k_block, v_block):
+            args.append(blk.astype(q.dtype).reshape(b * t * kv_heads, h))
+            in_specs.append(pl.BlockSpec(args[-1].shape, whole))
     aliases = {}
     if poison:  # test hook: outputs start as NaN (int outputs none here), so unwritten elements show
         poisons = [jnp.full(s.shape, jnp.nan, s.dtype) for s in out_shape]
@@ -267,7 +304,7 @@ def _rpa_call(q, k_pages, v_pages, page_table, meta, *, scale, split_out, num_sp
         _rpa_kernel, group=group, page_size=page_size, kv_heads=kv_heads, rows=rows, block_k=block_k,
         blocks_per_split=blocks_per_split, num_pages=num_pages, max_pages=max_pages,
         scale_log2=float(scale) * _LOG2E, split_out=split_out, poisoned=bool(poison), q_tokens=t,
-        out_rows=out_rows)
+        out_rows=out_rows, ctx_splits=ctx_splits, block_keys=block_keys, block_window=block_window)
     compiler_params = None
     if not interpret:
         from jax.experimental.pallas import triton as pl_triton  # noqa: PLC0415
@@ -352,13 +389,23 @@ def ragged_paged_attention_pallas(q, k_pages, v_pages, page_table, q_lens, kv_le
     return outs
 
 
+def block_in_kernel_setting() -> bool:
+    """$DFLASH_DRAFTER_BLOCK_IN_KERNEL=1: the drafter's in-block keys as one more split of the Pallas kernel instead
+    of ~10 XLA kernels a layer (einsums, softmax pieces, transposes, concatenations: ~27 us a drafter layer in the
+    8-slot Qwen3-8B spec step's profile, session 23). Off until timed and tested on a GPU."""
+    return os.environ.get("DFLASH_DRAFTER_BLOCK_IN_KERNEL", "").strip().lower() in ("1", "true", "on")
+
+
 @functools.partial(jax.jit, static_argnames=("ctx_window", "causal_window", "scale", "num_splits", "rows",
-                                             "block_k", "num_warps", "num_stages", "interpret", "poison", "mgpu"))
+                                             "block_k", "num_warps", "num_stages", "interpret", "poison", "mgpu",
+                                             "block_in_kernel"))
 def drafter_attention_pallas(q, k_block, v_block, k_pages, v_pages, page_table, ctx_lens, ctx_window=None,
                              causal_window=None, *, scale=None, num_splits=None, rows=None, block_k=None,
-                             num_warps=None, num_stages=None, interpret=False, poison=False, mgpu=False):
+                             num_warps=None, num_stages=None, interpret=False, poison=False, mgpu=False,
+                             block_in_kernel=False):
     """`drafter_attention_reference`'s semantics: the paged context part runs in the Pallas kernel (split partials;
-    mgpu: the Mosaic GPU kernel's), the T x T in-block part in jax.numpy, merged by log-sum-exp."""
+    mgpu: the Mosaic GPU kernel's), the T x T in-block part in jax.numpy, merged by log-sum-exp; block_in_kernel
+    (not with mgpu): the in-block part as one more split of the Pallas kernel."""
     b, t, n, h = q.shape
     kv_heads = k_pages.shape[2]
     group = n // kv_heads
@@ -376,6 +423,12 @@ def drafter_attention_pallas(q, k_block, v_block, k_pages, v_pages, page_table, 
         splits = num_splits or ma.pick_splits(b, kv_heads, page_table.shape[1], pps)
         acc, m, l = ma.mgpu_partials(q, k_pages, v_pages, page_table, meta, scale=scale, num_splits=splits,
                                      pages_per_step=pps, stages=stages, interpret=interpret)
+    elif block_in_kernel:
+        acc, m, l = _rpa_call(q, k_pages, v_pages, page_table, meta, scale=scale, split_out=True,
+                              num_splits=num_splits, rows=rows, block_k=block_k, num_warps=num_warps,
+                              num_stages=num_stages, interpret=interpret, poison=poison, k_block=k_block,
+                              v_block=v_block, block_window=causal_window)
+        return _merge(acc, m, l).astype(q.dtype).reshape(b, t, n, h)
     else:
         acc, m, l = _rpa_call(q, k_pages, v_pages, page_table, meta, scale=scale, split_out=True,
                               num_splits=num_splits, rows=rows, block_k=block_k, num_warps=num_warps,
@@ -455,6 +508,7 @@ def drafter_attention(q, k_block, v_block, k_pages, v_pages, page_table, ctx_len
     if impl in ("reference", "chunked"):
         fn = drafter_attention_reference if impl == "reference" else drafter_attention_chunked
         return fn(q, k_block, v_block, k_pages, v_pages, page_table, ctx_lens, ctx_window, causal_window, scale=scale)
+    mgpu = _mgpu_takes(impl, q, k_pages)
     return drafter_attention_pallas(q, k_block, v_block, k_pages, v_pages, page_table, ctx_lens, ctx_window,
-                                    causal_window, scale=scale, interpret=impl.endswith("interpret"),
-                                    mgpu=_mgpu_takes(impl, q, k_pages))
+                                    causal_window, scale=scale, interpret=impl.endswith("interpret"), mgpu=mgpu,
+                                    block_in_kernel=not mgpu and block_in_kernel_setting())

@@ -127,12 +127,14 @@ def make_drafter_case(seed, ctx_lens, t, n, k, h, page_size, max_pages):
     return (args["q"], kb, vb, args["k_pages"], args["v_pages"], args["page_table"], args["kv_lens"]), clean
 
 
+@pytest.mark.parametrize("block_in_kernel", [False, True], ids=["block_jnp", "block_in_kernel"])
 @pytest.mark.parametrize("windows", [(None, None), (24, 6)], ids=["full", "ctx24_causal6"])
-def test_drafter_interpret_matches_reference(windows):
+def test_drafter_interpret_matches_reference(windows, block_in_kernel):
     ctx_window, causal_window = windows
     args, clean = make_drafter_case(7, [45, 3, 0], t=8, n=8, k=2, h=64, page_size=16, max_pages=4)
     q, kb, vb, _, _, pt, cl = args
-    out = drafter_attention_pallas(*args, ctx_window, causal_window, interpret=True, poison=True, num_splits=2)
+    out = drafter_attention_pallas(*args, ctx_window, causal_window, interpret=True, poison=True, num_splits=2,
+                                   block_in_kernel=block_in_kernel)
     ref = drafter_attention_reference(q, kb, vb, clean[0], clean[1], pt, cl, ctx_window, causal_window)
     out = np.asarray(out.astype(jnp.float32))
     assert not np.isnan(out).any()
@@ -167,12 +169,13 @@ def test_kernel_gpu_matches_reference(case):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("block_in_kernel", [False, True], ids=["block_jnp", "block_in_kernel"])
 @pytest.mark.parametrize("windows", [(None, None), (24, 6), (1024, None)], ids=["full", "ctx24_causal6", "ctx1024"])
-def test_drafter_gpu_matches_reference(windows):
+def test_drafter_gpu_matches_reference(windows, block_in_kernel):
     ctx_window, causal_window = windows
     args, clean = make_drafter_case(11, [3000, 3, 0, 45], t=16, n=32, k=8, h=128, page_size=16, max_pages=200)
     q, kb, vb, _, _, pt, cl = args
-    out = drafter_attention_pallas(*args, ctx_window, causal_window, poison=True)
+    out = drafter_attention_pallas(*args, ctx_window, causal_window, poison=True, block_in_kernel=block_in_kernel)
     ref = drafter_attention_reference(q, kb, vb, clean[0], clean[1], pt, cl, ctx_window, causal_window)
     out = np.asarray(out.astype(jnp.float32))
     assert not np.isnan(out).any()
@@ -217,3 +220,18 @@ def test_drafter_chunked_matches_reference(windows, chunk_pages):
         np.testing.assert_array_equal(np.asarray(drafter_attention(*args, ctx_window, causal_window), np.float32),
                                       np.asarray(drafter_attention_chunked(*args, ctx_window, causal_window),
                                                  np.float32))
+
+
+@pytest.mark.parametrize("t,windows", [(16, (None, None)), (3, (None, 2)), (5, (40, None))])
+def test_drafter_block_in_kernel_block_sizes(t, windows):
+    """The in-kernel block split at other block sizes (T = its key width, T < 16 padded, odd T), the kernel's own
+    split count, and a slot with no context yet: same as the reference."""
+    ctx_window, causal_window = windows
+    args, clean = make_drafter_case(3, [0, 70, 17], t=t, n=4, k=2, h=64, page_size=8, max_pages=10)
+    q, kb, vb, _, _, pt, cl = args
+    out = drafter_attention_pallas(*args, ctx_window, causal_window, interpret=True, poison=True,
+                                   block_in_kernel=True)
+    ref = drafter_attention_reference(q, kb, vb, clean[0], clean[1], pt, cl, ctx_window, causal_window)
+    out = np.asarray(out.astype(jnp.float32))
+    assert not np.isnan(out).any()
+    np.testing.assert_allclose(out, np.asarray(ref.astype(jnp.float32)), atol=ATOL, rtol=RTOL)

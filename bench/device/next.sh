@@ -260,6 +260,15 @@ case "${1:?which call}" in
   # with one-block decode splits, the GPU engine tests with the q/k/v kernel
     timeout 280 python3 -m pytest -q -m gpu tests/test_ragged_paged_attention.py tests/test_gpu_engine.py \
       tests/test_qk_rope_write.py 2>&1 | tee $OUT/gpu22_tests.log | tail -4 ;;
+  drafter23)  # session 23 (~200 s): the drafter's in-block keys as one more split of the attention kernel
+  # ($DFLASH_DRAFTER_BLOCK_IN_KERNEL, off until this passes): GPU tests, then the 8B spec steps without / with it
+    timeout 150 python3 -m pytest -q -m gpu tests/test_ragged_paged_attention.py -k drafter 2>&1 \
+      | tee $OUT/drafter23_tests.log | tail -2
+    for v in 0 1; do
+      DFLASH_DRAFTER_BLOCK_IN_KERNEL=$v timeout 100 python3 bench/spec_step.py --target qwen3-8b --slots 8,1 \
+        --steps plain,spec --iters 20 --out $OUT/drafter23_$v.jsonl 2>&1 | grep -E " spec  |spec/plain" \
+        | sed "s/^/block_in_kernel=$v /"
+    done ;;
   attn23)  # session 23 (~200 s): attention tiles at 512 keys as a step runs them (36 calls in one jitted function):
   # the 8-slot step's attention takes 10.9 us a call for decode rows, 15.2 for 128 verify rows, ~4 us of K/V bytes
     timeout 280 python3 bench/attention.py --slots 8,1 --ctx 512 --qlens 1,16 --layers 36 --no-ref --iters 5 \
