@@ -78,9 +78,10 @@ def main(argv=None) -> None:
     for b in slots:
         for name in a.steps.split(","):
             for variant in a.variants.split(","):
-                fn, inputs = {"spec": lambda: (steps._spec, spec_inputs(cfg, b, a.ctx, a.block, pps, True)),
-                              "plain": lambda: (steps._plain, decode_inputs(cfg, b, a.ctx, pps)),
-                              "prefill": lambda: (steps._plain, chunk_inputs(cfg, b, a.chunk, 0, pps, 0))}[name]()
+                kind, inputs = {"spec": lambda: ("spec", spec_inputs(cfg, b, a.ctx, a.block, pps, True)),
+                                "plain": lambda: ("plain", decode_inputs(cfg, b, a.ctx, pps)),
+                                "prefill": lambda: ("plain", chunk_inputs(cfg, b, a.chunk, 0, pps, 0))}[name]()
+                fn = steps._jit(kind, inputs)
                 t0 = time.perf_counter()
                 traced = fn.trace(steps.leaves, steps.drafter_leaves, cache, dcache, rows, inputs, variant == "full")
                 t1 = time.perf_counter()

@@ -259,6 +259,8 @@ def _assert_no_compiles(engine):
     finally:
         jax.monitoring.clear_event_listeners()
     assert compiles == []
+    # every step came from warm-up's executables, the wide spec steps' (step_fns.WIDE_VERIFY_ROWS) among them
+    assert all(fn._cache_size() == 0 for fn in engine.steps._jitted.values())
 
 
 def test_shipped_drafter_is_lossless_on_smollm2(smollm2_path):

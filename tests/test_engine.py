@@ -127,7 +127,7 @@ def test_no_compiles_after_warmup(engine, tiny):
         jax.monitoring.clear_event_listeners()
     assert compiles == [] and all(r.num_cached_prompt for r in repeats)
     # Warm-up's executables served every step: the jitted fallback never traced (it would have compiled twice).
-    assert engine.steps._plain._cache_size() == 0
+    assert engine.steps._jitted["plain"]._cache_size() == 0
 
 
 def test_seeded_sampling_independent_of_batch(engine, tiny):
