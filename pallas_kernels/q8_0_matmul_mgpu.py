@@ -209,10 +209,19 @@ def swizzle_for(blocks: int, prescale: bool) -> int:
     return 128 if blocks == 4 and not prescale and env_int("DFLASH_Q8_SWIZZLE", 128) == 128 else 32
 
 
+def unpadded_setting() -> bool:
+    """$DFLASH_Q8_UNPADDED=1: x goes to the kernel with its own M rows, and the pipeline's (M8, BK) x tiles read the
+    rows past M as zeros (Mosaic GPU block specs fill out-of-bounds TMA reads with zeros), instead of a padded copy
+    of x made by XLA before every product (`loop_pad_fusion`, ~1.4 us each, 4 a layer: ~0.2 ms of the 8B Q8_0
+    one-slot step, session 22's HLO). Off until tested and timed on a GPU."""
+    return env_flag("DFLASH_Q8_UNPADDED") is True
+
+
 def _kernel_call(x, qt, scales, cfg: Q8MgpuConfig, interpret: bool):
     from jax.experimental.pallas import mosaic_gpu as plgpu  # noqa: PLC0415  (GPU/interpret only)
 
-    mp, k = x.shape
+    k = x.shape[1]
+    mp = _rows(x.shape[0])  # x may have fewer rows (`unpadded_setting`): its tiles read zeros past them
     n = qt.shape[0]
     bn, splits, nb = cfg.block_n, cfg.num_splits, cfg.blocks
     bk = nb * _BLOCK
@@ -308,8 +317,9 @@ def q8_0_matmul_mgpu(x: jax.Array, qt: jax.Array, scales: jax.Array, *, config: 
     cfg = config or pick_q8_mgpu_config(m, k, n)
     if n % cfg.block_n or (k // _BLOCK) % (cfg.blocks * cfg.num_splits) or cfg.swizzle > cfg.blocks * _BLOCK:
         raise ValueError(f"{cfg} does not tile K={k} N={n}")
-    mp = _rows(m)
-    xp = jnp.pad(x2.astype(jnp.bfloat16), ((0, mp - m), (0, 0)))
-    partials = _kernel_call(xp, qt, scales.astype(jnp.float16), cfg, interpret)  # (splits, N, M8) f32
+    xb = x2.astype(jnp.bfloat16)
+    if not unpadded_setting():
+        xb = jnp.pad(xb, ((0, _rows(m) - m), (0, 0)))
+    partials = _kernel_call(xb, qt, scales.astype(jnp.float16), cfg, interpret)  # (splits, N, M8) f32
     y = ordered_sum(partials)[:, :m].T
     return y.astype(out_dtype or x.dtype).reshape(*lead, n)

@@ -253,3 +253,26 @@ def test_q8_prescale_choice(monkeypatch):
         assert not use_prescale(256)
     monkeypatch.setenv("DFLASH_Q8_PRESCALE", "on")
     assert use_prescale(1)
+
+
+@pytest.mark.parametrize("m,prescale", [(1, False), (3, False), (5, True), (8, False)])
+def test_q8_mgpu_unpadded_rows_interpret(m, prescale, monkeypatch):
+    """$DFLASH_Q8_UNPADDED: x reaches the kernel with its own rows, the tile's rows past them read as zeros; the
+    valid rows are bit for bit those of the padded call. Lowered for CUDA too at Qwen3-8B's down projection."""
+    k, n = 256, 128
+    x, q, s, _ = _inputs(m, k, n, seed=11)
+    cfg = Q8MgpuConfig(64, 2, 2, 2, prescale=prescale)
+    monkeypatch.delenv("DFLASH_Q8_UNPADDED", raising=False)
+    padded = np.asarray(q8_0_matmul_mgpu(x, q, s, config=cfg, interpret=True, out_dtype=jnp.float32))
+    monkeypatch.setenv("DFLASH_Q8_UNPADDED", "1")
+    jax.clear_caches()  # the setting is read when the product is traced
+    got = np.asarray(q8_0_matmul_mgpu(x, q, s, config=cfg, interpret=True, out_dtype=jnp.float32))
+    np.testing.assert_array_equal(got, padded)
+    kk, nn = 12288, 4096
+    args = (jax.ShapeDtypeStruct((m, kk), jnp.bfloat16), jax.ShapeDtypeStruct((nn, kk), jnp.int8),
+            jax.ShapeDtypeStruct((kk // 32, nn), jnp.float16))
+    big = pick_q8_mgpu_config(m, kk, nn, num_sms=132, prescale=prescale)
+    lowered = jax.jit(lambda a, b, c: q8_0_matmul_mgpu(a, b, c, config=big)).trace(*args).lower(
+        lowering_platforms=("cuda",))
+    text = lowered.as_text()
+    assert "mosaic_gpu" in text and "stablehlo.pad" not in text

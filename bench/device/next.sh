@@ -260,6 +260,15 @@ case "${1:?which call}" in
   # with one-block decode splits, the GPU engine tests with the q/k/v kernel
     timeout 280 python3 -m pytest -q -m gpu tests/test_ragged_paged_attention.py tests/test_gpu_engine.py \
       tests/test_qk_rope_write.py 2>&1 | tee $OUT/gpu22_tests.log | tail -4 ;;
+  q8pad23)  # session 23 (~250 s): Q8_0 products without XLA's pad of x to 8 rows ($DFLASH_Q8_UNPADDED, off until
+  # this passes; ~0.2 ms of the 8B one-slot step): GPU tests with it, then the 8B Q8_0 steps without / with it
+    DFLASH_Q8_UNPADDED=1 timeout 120 python3 -m pytest -q -m gpu tests/test_q8_0_matmul_mgpu.py 2>&1 \
+      | tee $OUT/q8pad23_tests.log | tail -2
+    for v in 0 1; do
+      DFLASH_Q8_UNPADDED=$v timeout 100 python3 bench/decode_step.py --models qwen3-8b --weights q8_0 --slots 1,2,8 \
+        --extra-slots "" --iters 20 --greedy --out $OUT/q8pad23_$v.jsonl 2>&1 | grep -E " fast" | grep -v engine \
+        | grep "ms/step" | sed "s/^/unpadded=$v /"
+    done ;;
   drafter23)  # session 23 (~200 s): the drafter's in-block keys as one more split of the attention kernel
   # ($DFLASH_DRAFTER_BLOCK_IN_KERNEL, off until this passes): GPU tests, then the 8B spec steps without / with it
     timeout 150 python3 -m pytest -q -m gpu tests/test_ragged_paged_attention.py -k drafter 2>&1 \
