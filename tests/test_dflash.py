@@ -575,8 +575,8 @@ def test_first_tau_comes_from_a_probe_where_a_block_is_costly():
 
 
 def test_wide_verify_steps_get_their_own_xla_options(monkeypatch):
-    """Spec steps of 4 x 16 verify rows or more compile without XLA's Triton products on a GPU (cuBLAS streams them faster,
-    step_fns.WIDE_VERIFY_ROWS); plain steps, narrow spec steps and the batch-invariant mode keep XLA's defaults;
+    """Spec steps of 4 x 16 verify rows or more compile without XLA's Triton products on a GPU (cuBLAS streams them
+    faster, step_fns.WIDE_VERIFY_ROWS); plain steps, narrow spec steps and the batch-invariant mode keep XLA's defaults;
     $DFLASH_XLA_STEP_OPTIONS replaces the choice, with its values parsed."""
     from dflash_jax import step_fns
     monkeypatch.delenv("DFLASH_XLA_STEP_OPTIONS", raising=False)
@@ -591,3 +591,23 @@ def test_wide_verify_steps_get_their_own_xla_options(monkeypatch):
     monkeypatch.setenv("DFLASH_XLA_STEP_OPTIONS", "xla_gpu_enable_triton_gemm=true, xla_gpu_autotune_level=0,x=y")
     assert step_fns.step_compiler_options("plain") == {"xla_gpu_enable_triton_gemm": True,
                                                        "xla_gpu_autotune_level": 0, "x": "y"}
+
+
+def test_serving_drafter_fuses_gate_and_up():
+    """SpecState serves the drafter with each layer's gate and up as one Linear (`fuse_mlp`): same MLP outputs, same
+    parameter count, fusing twice is a no-op, and the engine's drafter is the fused one."""
+    from dflash_jax.models.drafter import fuse_mlp
+    from dflash_jax.spec_state import SpecState
+    d = random_drafter(TINY_DRAFTER, 0)
+    f = fuse_mlp(d)
+    x = jax.random.normal(jax.random.key(1), (2, 5, TINY_DRAFTER.hidden_size), jnp.float32)
+    for a, b in zip(d.layers, f.layers):
+        assert b.mlp.gate_proj is None and b.mlp.gate_up_proj is not None
+        np.testing.assert_allclose(np.asarray(b.mlp(x)), np.asarray(a.mlp(x)), rtol=1e-6, atol=1e-6)
+    count = lambda m: sum(v.size for v in jax.tree_util.tree_leaves(nnx.state(m)))  # noqa: E731
+    assert count(f) == count(d)
+    assert fuse_mlp(f) is f
+    from dflash_jax.engine import EngineConfig
+    st = SpecState(LoadedDrafter(TINY_DRAFTER, d), EngineConfig(num_slots=2, ctx_size=256, ctx_per_slot=128,
+                                                                page_size=8, draft_max=BLOCK - 1), 40, jnp.float32)
+    assert nnx.merge(st.graphdef, st.state).layers[0].mlp.gate_up_proj is not None
