@@ -63,7 +63,7 @@ def main(argv=None) -> None:
     cfg, dtype = SHAPES[a.target], jnp.bfloat16
     dcfg = drafter_shape(a.target, cfg, 5, a.block)
     graphdef, state = nnx.split(abstract_target(cfg, dtype, a.weights))
-    dgraphdef, dstate = nnx.split(nnx.eval_shape(lambda: Drafter(dcfg, dtype, fuse_mlp=True)))
+    dgraphdef, dstate = nnx.split(nnx.eval_shape(lambda: Drafter(dcfg, dtype, serving=True)))
     slots = [int(x) for x in a.slots.split(",")]
     pps = -(-(a.ctx + a.block + 1) // PAGE_SIZE)
     num_pages = 1 + max(slots) * pps

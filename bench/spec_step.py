@@ -199,7 +199,7 @@ def dry_run(a, cfg, dcfg, dtype, pages_per_slot: int, slots: list[int]) -> None:
     and print the parameter bytes of both weight formats and the memory the full run would need."""
     b = 1
     slot = per_slot_bytes(cfg, dcfg, pages_per_slot, a.ctx + a.block, dtype)
-    dgraphdef, dstate = nnx.split(nnx.eval_shape(lambda: Drafter(dcfg, dtype, fuse_mlp=True)))
+    dgraphdef, dstate = nnx.split(nnx.eval_shape(lambda: Drafter(dcfg, dtype, serving=True)))
     dbytes = param_bytes(dstate)
     log(f"drafter {dcfg.num_layers} layers: {count(dbytes['params'])} params, {size(dbytes['all'])}")
     log(describe_slot(slot, cfg, dcfg, pages_per_slot))
@@ -301,7 +301,7 @@ def main(argv=None) -> None:
     graphdef, state, nbytes = random_model(cfg, dtype, weights=a.weights)
     log(f"target {a.weights}: {count(nbytes['params'])} params, {size(nbytes['all'])}; device memory "
         f"{memory_in_use()}")
-    dgraphdef, dstate, dbytes = random_module(nnx.eval_shape(lambda: Drafter(dcfg, dtype, fuse_mlp=True)), seed=5)
+    dgraphdef, dstate, dbytes = random_module(nnx.eval_shape(lambda: Drafter(dcfg, dtype, serving=True)), seed=5)
     log(f"drafter: {count(dbytes['params'])} params, {size(dbytes['all'])}")
     with_drafter, plain_only = make_steps(graphdef, state, dgraphdef, dstate, dcfg)
     slot = per_slot_bytes(cfg, dcfg, pages_per_slot, a.ctx + a.block, dtype)

@@ -34,7 +34,7 @@ from flax import nnx
 
 from dflash_jax.buckets import bucket_for
 from dflash_jax.kv_cache import KVCache
-from dflash_jax.models.drafter import fuse_mlp
+from dflash_jax.models.drafter import for_serving
 
 PROBE_EVERY = 4  # the shortest interval: a probe is a draft step (cheap beside a verify), and tau needs samples
 PROBE_MAX_EVERY = 256
@@ -76,7 +76,7 @@ class SpecState:
         self.taps = tuple(dc.target_layer_ids)
         self.mask_token_id = int(dc.mask_token_id)
         self.ctx_window = engine_cfg.ctx_size_draft
-        self.graphdef, self.state = nnx.split(fuse_mlp(drafter.model))
+        self.graphdef, self.state = nnx.split(for_serving(drafter.model))
         self.cache = KVCache.create(dc.num_layers, num_pages, engine_cfg.page_size, dc.num_kv_heads, dc.head_dim,
                                     dtype)
         self.policy = engine_cfg.spec_policy

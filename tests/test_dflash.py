@@ -593,21 +593,34 @@ def test_wide_verify_steps_get_their_own_xla_options(monkeypatch):
                                                        "xla_gpu_autotune_level": 0, "x": "y"}
 
 
-def test_serving_drafter_fuses_gate_and_up():
-    """SpecState serves the drafter with each layer's gate and up as one Linear (`fuse_mlp`): same MLP outputs, same
-    parameter count, fusing twice is a no-op, and the engine's drafter is the fused one."""
-    from dflash_jax.models.drafter import fuse_mlp
+def test_serving_drafter_layout():
+    """SpecState serves the drafter in its serving layout (`for_serving`: gate and up as one Linear, the context k/v
+    projections of every layer as one more): same MLP outputs and same context K/V written to the cache as the
+    GGUF layout, converting twice is a no-op, and the engine's drafter is the converted one."""
+    from dflash_jax.engine import EngineConfig
+    from dflash_jax.kv_cache import AttentionMeta, KVCache
+    from dflash_jax.models.drafter import for_serving
     from dflash_jax.spec_state import SpecState
     d = random_drafter(TINY_DRAFTER, 0)
-    f = fuse_mlp(d)
+    f = for_serving(d)
     x = jax.random.normal(jax.random.key(1), (2, 5, TINY_DRAFTER.hidden_size), jnp.float32)
     for a, b in zip(d.layers, f.layers):
         assert b.mlp.gate_proj is None and b.mlp.gate_up_proj is not None
         np.testing.assert_allclose(np.asarray(b.mlp(x)), np.asarray(a.mlp(x)), rtol=1e-6, atol=1e-6)
-    count = lambda m: sum(v.size for v in jax.tree_util.tree_leaves(nnx.state(m)))  # noqa: E731
-    assert count(f) == count(d)
-    assert fuse_mlp(f) is f
-    from dflash_jax.engine import EngineConfig
+    assert for_serving(f) is f
+    # context K/V: 2 slots x 5 tokens at positions 3.., pages of 8 (slot s on pages 2s, 2s+1); one row invalid
+    c = TINY_DRAFTER
+    feats = jax.random.normal(jax.random.key(2), (2, 5, len(c.target_layer_ids) * c.hidden_size), jnp.float32)
+    positions = 3 + jnp.tile(jnp.arange(5, dtype=jnp.int32), (2, 1))
+    valid = jnp.ones((2, 5), bool).at[1, 4].set(False)
+    meta = AttentionMeta(q_lens=jnp.array([5, 5], jnp.int32), kv_lens=jnp.array([8, 8], jnp.int32),
+                         page_table=jnp.array([[0, 1], [2, 3]], jnp.int32))
+    cache = KVCache.create(c.num_layers, 5, 8, c.num_kv_heads, c.head_dim, jnp.float32)
+    want = d.write_context(feats, meta, positions, valid, cache)
+    got = f.write_context(feats, meta, positions, valid, cache)
+    for a, b in zip(want.k + want.v, got.k + got.v):
+        assert float(jnp.max(jnp.abs(a))) > 0
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-5)
     st = SpecState(LoadedDrafter(TINY_DRAFTER, d), EngineConfig(num_slots=2, ctx_size=256, ctx_per_slot=128,
                                                                 page_size=8, draft_max=BLOCK - 1), 40, jnp.float32)
-    assert nnx.merge(st.graphdef, st.state).layers[0].mlp.gate_up_proj is not None
+    assert nnx.merge(st.graphdef, st.state).ctx_kv is not None

@@ -271,7 +271,7 @@ case "${1:?which call}" in
     done ;;
   drafter23)  # session 23 (~300 s): the drafter's in-block keys as one more split of the attention kernel
   # ($DFLASH_DRAFTER_BLOCK_IN_KERNEL, off until this passes): GPU tests (the engine's with the flag on too: its
-  # DFlash cases also cover the drafter's fused gate/up, new and not yet run on a GPU), then the 8B spec steps
+  # DFlash cases also cover the drafter's serving layout, new and not yet run on a GPU), then the 8B spec steps
   # without / with it
     DFLASH_DRAFTER_BLOCK_IN_KERNEL=1 timeout 200 python3 -m pytest -q -m gpu tests/test_ragged_paged_attention.py \
       tests/test_gpu_engine.py -k "drafter or engine" 2>&1 \

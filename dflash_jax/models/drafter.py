@@ -33,10 +33,13 @@ class DrafterAttention(nnx.Module):
 
     def kv(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
         """(B, T, D) -> roped K and V (B, T, K, H) at absolute positions (B, T)."""
-        b, t, _ = x.shape
-        k = self.k_norm(self.k_proj(x).reshape(b, t, self.cfg.num_kv_heads, self.cfg.head_dim))
-        v = self.v_proj(x).reshape(b, t, self.cfg.num_kv_heads, self.cfg.head_dim)
-        return rope(k, positions, self.cfg.rope_theta), v
+        return self.finish_kv(self.k_proj(x), self.v_proj(x), positions)
+
+    def finish_kv(self, k: jax.Array, v: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """The k and v projections' outputs (B, T, K * H) -> normed, roped K and V (B, T, K, H)."""
+        b, t, _ = k.shape
+        k = self.k_norm(k.reshape(b, t, self.cfg.num_kv_heads, self.cfg.head_dim))
+        return rope(k, positions, self.cfg.rope_theta), v.reshape(b, t, self.cfg.num_kv_heads, self.cfg.head_dim)
 
     def __call__(self, x, positions, ctx_lens, page_table, k_pages, v_pages, ctx_window):
         b, t, _ = x.shape
@@ -49,12 +52,12 @@ class DrafterAttention(nnx.Module):
 
 
 class DrafterLayer(nnx.Module):
-    def __init__(self, cfg, dtype, sliding: bool, fuse_mlp: bool = False):
+    def __init__(self, cfg, dtype, sliding: bool, serving: bool = False):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_eps, dtype)
         self.self_attn = DrafterAttention(cfg, dtype, sliding)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_eps, dtype)
-        # separate gate/up: the drafter's GGUF and trainer layout; fused (`fuse_mlp`) for serving
-        self.mlp = MLP(cfg, dtype, fuse=fuse_mlp)
+        # separate gate/up: the drafter's GGUF and trainer layout; fused for serving (`for_serving`)
+        self.mlp = MLP(cfg, dtype, fuse=serving)
 
     def __call__(self, x, positions, ctx_lens, page_table, k_pages, v_pages, ctx_window):
         x = x + self.self_attn(self.input_layernorm(x), positions, ctx_lens, page_table, k_pages, v_pages,
@@ -63,23 +66,31 @@ class DrafterLayer(nnx.Module):
 
 
 class Drafter(nnx.Module):
-    def __init__(self, cfg, dtype=jnp.bfloat16, fuse_mlp: bool = False):
+    def __init__(self, cfg, dtype=jnp.bfloat16, serving: bool = False):
+        """serving: the layout `for_serving` gives (gate/up fused; every layer's context k/v projections also as one
+        `ctx_kv` Linear), else the GGUF / trainer layout."""
         self.cfg = cfg
         num_taps = len(cfg.target_layer_ids)
         self.fc = Linear(num_taps * cfg.hidden_size, cfg.hidden_size, dtype)
         self.hidden_norm = RMSNorm(cfg.hidden_size, cfg.rms_eps, dtype)
         swa = cfg.swa_layers or (False,) * cfg.num_layers
-        self.layers = nnx.List([DrafterLayer(cfg, dtype, swa[i], fuse_mlp) for i in range(cfg.num_layers)])
+        self.layers = nnx.List([DrafterLayer(cfg, dtype, swa[i], serving) for i in range(cfg.num_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_eps, dtype)
+        kv = 2 * cfg.num_kv_heads * cfg.head_dim
+        self.ctx_kv = Linear(cfg.hidden_size, cfg.num_layers * kv, dtype) if serving else None
 
     def write_context(self, feats: jax.Array, meta: AttentionMeta, positions: jax.Array, valid: jax.Array,
                       cache: KVCache) -> KVCache:
         """Turn tap features (B, T, F) of tokens at `positions` into every layer's context K/V; invalid rows go to
         the trash page."""
         ctx = self.hidden_norm(self.fc(feats.astype(self.fc.weight[...].dtype)))
+        parts = None
+        if self.ctx_kv is not None:  # (B, T, L * 2 * K * H): layer i's k, then its v
+            parts = jnp.split(self.ctx_kv(ctx), 2 * len(self.layers), axis=-1)
         ks, vs = [], []
         for i, layer in enumerate(self.layers):
-            k, v = layer.self_attn.kv(ctx, positions)
+            attn = layer.self_attn
+            k, v = attn.kv(ctx, positions) if parts is None else attn.finish_kv(*parts[2 * i:2 * i + 2], positions)
             ks.append(write_kv(cache.k[i], k, meta, positions, valid))
             vs.append(write_kv(cache.v[i], v, meta, positions, valid))
         return KVCache(k=ks, v=vs)
@@ -95,19 +106,22 @@ class Drafter(nnx.Module):
         return self.norm(x)
 
 
-def fuse_mlp(drafter: Drafter) -> Drafter:
-    """The same drafter with each layer's gate and up projections as one Linear (the target's `MLP` layout), for
-    serving: one product reads both weights (the 8-slot Qwen3-8B spec step ran them as 10 products of 31.8 us, H200,
-    session 23, where the target's fused product takes 55 us for both). The drafter itself when it is already fused
-    or holds Q8_0 projections (a group fuses only as a whole)."""
-    mlp = drafter.layers[0].mlp
-    if mlp.gate_up_proj is not None or mlp.gate_proj.is_q8_0 or mlp.up_proj.is_q8_0:
+def for_serving(drafter: Drafter) -> Drafter:
+    """The same drafter in its serving layout (`Drafter(serving=True)`): each layer's gate and up as one Linear (the
+    target's `MLP` layout), and every layer's context k/v projections also concatenated into `ctx_kv` (the per-layer
+    ones stay: the block's own K/V use them). Measured on the 8-slot Qwen3-8B spec step (H200, session 23): gate and
+    up ran as 10 products of 31.8 us where the target's fused product takes 55 us for both, and XLA's dot merger
+    concatenated the context k/v weights anew every step (41 us). The drafter itself when already in this layout."""
+    if drafter.ctx_kv is not None:
         return drafter
     pure = nnx.state(drafter).to_pure_dict()
+    kv = []
     for layer in pure["layers"].values():
         gate, up = layer["mlp"].pop("gate_proj"), layer["mlp"].pop("up_proj")
         layer["mlp"]["gate_up_proj"] = {"weight": jnp.concatenate([gate["weight"], up["weight"]], axis=0)}
+        kv += [layer["self_attn"]["k_proj"]["weight"], layer["self_attn"]["v_proj"]["weight"]]
+    pure["ctx_kv"] = {"weight": jnp.concatenate(kv, axis=0)}
     dtype = drafter.fc.weight[...].dtype
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: Drafter(drafter.cfg, dtype, fuse_mlp=True)))
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Drafter(drafter.cfg, dtype, serving=True)))
     state.replace_by_pure_dict(pure)
     return nnx.merge(graphdef, state)
