@@ -115,33 +115,36 @@ def _rpa_kernel(meta_ref, pt_ref, q_ref, k_ref, v_ref, *out_refs, group: int, pa
     mid_lo = jnp.minimum(jnp.maximum((full_lo + block_k - 1) // block_k, blk_lo), blk_hi)
     mid_hi = jnp.minimum(jnp.maximum(full_hi // block_k, mid_lo), blk_hi)
 
-    def block(j, carry, masked: bool):
+    def attend(carry, kb, vb, valid):
+        """One key block's online-softmax update of (acc, m, l); valid (R, keys), or None: every key visible to
+        every row (no masks: the same arithmetic on visible keys, so a block's bits do not depend on the path)."""
         acc, m, l = carry
+        s = lax.dot_general(q, kb, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * scale_log2
+        if valid is None:
+            m_new = jnp.maximum(m, jnp.max(s, axis=1))
+            p = jnp.exp2(s - m_new[:, None])
+        else:
+            m_new = jnp.maximum(m, jnp.max(jnp.where(valid, s, _MASK), axis=1))
+            p = jnp.where(valid, jnp.exp2(s - m_new[:, None]), 0.0)
+        corr = jnp.exp2(m - m_new)
+        l_new = corr * l + jnp.sum(p, axis=1)
+        pv = lax.dot_general(p.astype(vb.dtype), vb, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+        return corr[:, None] * acc + pv, m_new, l_new
+
+    def block(j, carry, masked: bool):
         kpos = j * block_k + kk  # (BK,) key positions of this block
         page_slot = jnp.minimum(kpos // page_size, max_pages - 1)
         pages = load(pt_ref.at[page_slot])  # (BK,) page id of each key
         pages = jnp.minimum(jnp.maximum(pages, 0), num_pages - 1)
         krow = ((pages * page_size + kpos % page_size) * kv_heads + kvh)[:, None]  # (BK, 1) rows of the (P*S*K, H) pool
-        if masked:
-            kin = (kpos >= lo_tile) & (kpos < hi_tile)
-            kmask = jnp.broadcast_to(kin[:, None], (block_k, head_dim))
-            kb = load(k_ref.at[krow, cols], mask=kmask, other=0.0)  # (BK, H)
-            vb = load(v_ref.at[krow, cols], mask=kmask, other=0.0)
-        else:
-            kb = load(k_ref.at[krow, cols])
-            vb = load(v_ref.at[krow, cols])
-        s = lax.dot_general(q, kb, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * scale_log2
-        if masked:
-            valid = (kpos[None, :] < hi_t[:, None]) & (kpos[None, :] >= lo_t[:, None]) & row_ok[:, None]
-            m_new = jnp.maximum(m, jnp.max(jnp.where(valid, s, _MASK), axis=1))
-            p = jnp.where(valid, jnp.exp2(s - m_new[:, None]), 0.0)
-        else:
-            m_new = jnp.maximum(m, jnp.max(s, axis=1))
-            p = jnp.exp2(s - m_new[:, None])
-        corr = jnp.exp2(m - m_new)
-        l_new = corr * l + jnp.sum(p, axis=1)
-        pv = lax.dot_general(p.astype(vb.dtype), vb, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-        return corr[:, None] * acc + pv, m_new, l_new
+        if not masked:
+            return attend(carry, load(k_ref.at[krow, cols]), load(v_ref.at[krow, cols]), None)
+        kin = (kpos >= lo_tile) & (kpos < hi_tile)
+        kmask = jnp.broadcast_to(kin[:, None], (block_k, head_dim))
+        kb = load(k_ref.at[krow, cols], mask=kmask, other=0.0)  # (BK, H)
+        vb = load(v_ref.at[krow, cols], mask=kmask, other=0.0)
+        valid = (kpos[None, :] < hi_t[:, None]) & (kpos[None, :] >= lo_t[:, None]) & row_ok[:, None]
+        return attend(carry, kb, vb, valid)
 
     edge = functools.partial(block, masked=True)
     acc0 = jnp.zeros((rows, head_dim), jnp.float32)
@@ -157,22 +160,15 @@ def _rpa_kernel(meta_ref, pt_ref, q_ref, k_ref, v_ref, *out_refs, group: int, pa
         c = lax.broadcasted_iota(jnp.int32, (width,), 0)
 
         def in_block(_, carry):
-            acc, m, l = carry
             krow = ((bi * q_tokens + jnp.minimum(c, q_tokens - 1)) * kv_heads + kvh)[:, None]
             kmask = jnp.broadcast_to((c < block_keys)[:, None], (width, head_dim))
             kb = load(kb_ref.at[krow, cols], mask=kmask, other=0.0)
             vb = load(vb_ref.at[krow, cols], mask=kmask, other=0.0)
-            s = lax.dot_general(q, kb, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * scale_log2
             valid = (c[None, :] < block_keys) & row_ok[:, None]
             if block_window is not None:
                 delta = t[:, None] - c[None, :]
                 valid &= (delta >= 0) & (delta < block_window)
-            m_new = jnp.maximum(m, jnp.max(jnp.where(valid, s, _MASK), axis=1))
-            p = jnp.where(valid, jnp.exp2(s - m_new[:, None]), 0.0)
-            corr = jnp.exp2(m - m_new)
-            pv = lax.dot_general(p.astype(vb.dtype), vb, (((1,), (0,)), ((), ())),
-                                 preferred_element_type=jnp.float32)
-            return corr[:, None] * acc + pv, m_new, corr * l + jnp.sum(p, axis=1)
+            return attend(carry, kb, vb, valid)
 
         carry = lax.fori_loop(0, (split == ctx_splits).astype(jnp.int32), in_block, carry)
     acc, m, l = carry
