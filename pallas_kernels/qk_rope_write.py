@@ -5,8 +5,8 @@ write k and v into the paged KV cache in place.
 XLA runs this as six kernels per layer at one slot (q-norm statistics, q rope, k-norm statistics with the v row, k
 rope, two cache updates): ~13 us of a ~113 us Qwen3-8B Q8_0 layer on an H200, one of them a 6 us single-block
 reduction (bench/notes_gpu.md session 21, `decode_step.py --hlo-dir`); at 8 slots the same work becomes a transpose
-fusion of 8.4 us. Here one program takes one head of one token row: a q head, or a KV head (its k and its v row).
-Each row's arithmetic is the same whatever the row count, so the batch-invariant mode holds.
+fusion of 8.4 us. Here one program takes up to `HEADS_PER_PROGRAM` heads of one token row: q heads, or KV heads
+(their k and v rows). Each row's arithmetic is the same whatever the row count, so the batch-invariant mode holds.
 
 `qk_rope_write_reference` defines the semantics: what `dense.Attention` does without it (`rms_norm_reference` in
 the storage dtype, `rope` in f32 rounded back, `kv_cache.write_kv`'s `write_rows`); the kernel is checked against it
@@ -60,37 +60,55 @@ def qk_rope_write_reference(qkv, q_w, k_w, cos, sin, dest, k_pages, v_pages, *, 
     return q, write_rows(k_pages, k, dest), write_rows(v_pages, v, dest)
 
 
+HEADS_PER_PROGRAM = 8  # a power of two (Triton blocks); 128 rows x 40 one-head programs took 4.9 us, session 24
+
+
+def heads_per_program(num_heads: int, kv_heads: int, most: int | None = None) -> int:
+    """The largest power of two <= most ($DFLASH_QK_HEADS, else `HEADS_PER_PROGRAM`) dividing both head counts:
+    every program's heads are all q or all KV heads, so no lane is masked for lying past the heads (a masked lane's
+    address would repeat a live one's, which the interpreter's masked store, a read-modify-write scatter, does not
+    keep apart)."""
+    hb = most or int(os.environ.get("DFLASH_QK_HEADS", "") or HEADS_PER_PROGRAM)
+    while num_heads % hb or kv_heads % hb:
+        hb //= 2
+    return hb
+
+
 def _kernel(qkv_ref, qw_ref, kw_ref, cos_ref, sin_ref, dest_ref, k_in, v_in, q_ref, k_ref, v_ref, *,
-            num_heads: int, kv_heads: int, head_dim: int, eps: float, norm: bool):
+            num_heads: int, kv_heads: int, head_dim: int, eps: float, norm: bool, heads: int):
     from jax.experimental.pallas import triton as pl_triton  # noqa: PLC0415  (Triton lowering or its interpreter)
     del k_in, v_in  # aliased to k_ref / v_ref
     load, store = pl_triton.load, pl_triton.store
-    row, j = pl.program_id(0), pl.program_id(1)
+    row, g = pl.program_id(0), pl.program_id(1)
     half = head_dim // 2
-    lo = lax.broadcasted_iota(jnp.int32, (half,), 0)
+    lo = lax.broadcasted_iota(jnp.int32, (1, half), 1)
+    # heads g*heads .. g*heads + heads - 1 of the row's q heads then k heads (each (heads, half) tile row one head);
+    # the row's head j starts at column j * H, KV head j - N's v row K heads later
+    j = g * heads + lax.broadcasted_iota(jnp.int32, (heads, 1), 0)
     is_q = j < num_heads
-    # q heads then k heads lie in order in the row: head j starts at column j * H; KV head j - N's v row K heads later
-    x1 = load(qkv_ref.at[row, j * head_dim + lo]).astype(jnp.float32)
-    x2 = load(qkv_ref.at[row, j * head_dim + half + lo]).astype(jnp.float32)
+    col = j * head_dim
+    x1 = load(qkv_ref.at[row, col + lo]).astype(jnp.float32)
+    x2 = load(qkv_ref.at[row, col + half + lo]).astype(jnp.float32)
     dtype = qkv_ref.dtype
     if norm:
         w1 = jnp.where(is_q, load(qw_ref.at[lo]), load(kw_ref.at[lo])).astype(jnp.float32)
         w2 = jnp.where(is_q, load(qw_ref.at[half + lo]), load(kw_ref.at[half + lo])).astype(jnp.float32)
-        inv = lax.rsqrt((jnp.sum(x1 * x1) + jnp.sum(x2 * x2)) / head_dim + eps)
+        ss = jnp.sum(x1 * x1, axis=1, keepdims=True) + jnp.sum(x2 * x2, axis=1, keepdims=True)
+        inv = lax.rsqrt(ss / head_dim + eps)
         x1 = (x1 * inv * w1).astype(dtype).astype(jnp.float32)  # the norm's output is stored in the model dtype
         x2 = (x2 * inv * w2).astype(dtype).astype(jnp.float32)
     cos, sin = load(cos_ref.at[row, lo]), load(sin_ref.at[row, lo])
     y1 = (x1 * cos - x2 * sin).astype(dtype)
     y2 = (x2 * cos + x1 * sin).astype(dtype)
 
-    qh = jnp.minimum(j, num_heads - 1)
-    q_mask = jnp.broadcast_to(is_q, (half,))
-    store(q_ref.at[row, qh, lo], y1, mask=q_mask)
-    store(q_ref.at[row, qh, half + lo], y2, mask=q_mask)
+    q_mask = jnp.broadcast_to(is_q, (heads, half))
+    q_col = jnp.minimum(j, num_heads - 1) * head_dim  # q_ref viewed as (R, N * H)
+    store(q_ref.at[row, q_col + lo], y1, mask=q_mask)
+    store(q_ref.at[row, q_col + half + lo], y2, mask=q_mask)
 
-    kvh = jnp.maximum(j - num_heads, 0)
     dest = dest_ref[row]
-    kv_mask = jnp.broadcast_to(jnp.logical_not(is_q) & (dest >= 0), (half,))
+    kv_mask = jnp.broadcast_to(~is_q & (dest >= 0), (heads, half))
+    kvh = jnp.clip(j - num_heads, 0, kv_heads - 1)
     at = jnp.maximum(dest, 0) * kv_heads + kvh  # the row of the cache viewed as (P*S*K, H)
     store(k_ref.at[at, lo], y1.astype(k_ref.dtype), mask=kv_mask)
     store(k_ref.at[at, half + lo], y2.astype(k_ref.dtype), mask=kv_mask)
@@ -101,12 +119,14 @@ def _kernel(qkv_ref, qw_ref, kw_ref, cos_ref, sin_ref, dest_ref, k_in, v_in, q_r
     store(v_ref.at[at, half + lo], v2.astype(v_ref.dtype), mask=kv_mask)
 
 
-@functools.partial(jax.jit, static_argnames=("num_heads", "eps", "interpret"), donate_argnums=(6, 7))
+@functools.partial(jax.jit, static_argnames=("num_heads", "eps", "interpret", "most_heads"), donate_argnums=(6, 7))
 def qk_rope_write_pallas(qkv, q_w, k_w, cos, sin, dest, k_pages, v_pages, *, num_heads: int, eps: float,
-                         interpret: bool = False):
+                         interpret: bool = False, most_heads: int | None = None):
     """The kernel, same arguments and results as `qk_rope_write_reference`; k_pages and v_pages are updated in
-    place (donated). Grid (R, N + K): program (r, j) takes q head j of row r, or KV head j - N."""
+    place (donated). Grid (R, (N + K) / heads), heads = `heads_per_program`: program (r, g) takes row r's q heads,
+    then KV heads, g * heads .. g * heads + heads - 1."""
     pages, page_size, kv_heads, h = k_pages.shape
+    heads = heads_per_program(num_heads, kv_heads, most_heads)
     r = qkv.shape[0]
     norm = q_w is not None
     if not norm:
@@ -115,18 +135,19 @@ def qk_rope_write_pallas(qkv, q_w, k_w, cos, sin, dest, k_pages, v_pages, *, num
     v_flat = v_pages.reshape(pages * page_size * kv_heads, h)
     whole = lambda shape: pl.BlockSpec(shape, lambda *_: (0,) * len(shape))  # noqa: E731  (indexed in the kernel)
     args = [qkv, q_w, k_w, cos, sin, dest.astype(jnp.int32), k_flat, v_flat]
-    out_shape = [jax.ShapeDtypeStruct((r, num_heads, h), qkv.dtype), jax.ShapeDtypeStruct(k_flat.shape, k_flat.dtype),
-                 jax.ShapeDtypeStruct(v_flat.shape, v_flat.dtype)]
+    out_shape = [jax.ShapeDtypeStruct((r, num_heads * h), qkv.dtype),
+                 jax.ShapeDtypeStruct(k_flat.shape, k_flat.dtype), jax.ShapeDtypeStruct(v_flat.shape, v_flat.dtype)]
     compiler_params = None
     if not interpret:
         from jax.experimental.pallas import triton as pl_triton  # noqa: PLC0415  (GPU only)
-        compiler_params = pl_triton.CompilerParams(num_warps=1, num_stages=1)
+        compiler_params = pl_triton.CompilerParams(num_warps=max(1, heads // 4), num_stages=1)
     q, k_flat, v_flat = pl.pallas_call(
-        functools.partial(_kernel, num_heads=num_heads, kv_heads=kv_heads, head_dim=h, eps=eps, norm=norm),
-        grid=(r, num_heads + kv_heads), in_specs=[whole(a.shape) for a in args],
+        functools.partial(_kernel, num_heads=num_heads, kv_heads=kv_heads, head_dim=h, eps=eps, norm=norm,
+                          heads=heads),
+        grid=(r, (num_heads + kv_heads) // heads), in_specs=[whole(a.shape) for a in args],
         out_specs=[whole(s.shape) for s in out_shape], out_shape=out_shape, input_output_aliases={6: 1, 7: 2},
         interpret=interpret, compiler_params=compiler_params, name="qk_rope_write")(*args)
-    return q, k_flat.reshape(k_pages.shape), v_flat.reshape(v_pages.shape)
+    return q.reshape(r, num_heads, h), k_flat.reshape(k_pages.shape), v_flat.reshape(v_pages.shape)
 
 
 def use_kernel(head_dim: int) -> str | None:

@@ -38,7 +38,7 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.invariance import is_batch_invariant, ordered_sum
+from pallas_kernels.invariance import env_flag, is_batch_invariant, ordered_sum
 from pallas_kernels.paged_attention import (drafter_attention_chunked, drafter_attention_reference,
                                             paged_attention_chunked, paged_attention_reference)
 
@@ -386,10 +386,11 @@ def ragged_paged_attention_pallas(q, k_pages, v_pages, page_table, q_lens, kv_le
 
 
 def block_in_kernel_setting() -> bool:
-    """$DFLASH_DRAFTER_BLOCK_IN_KERNEL=1: the drafter's in-block keys as one more split of the Pallas kernel instead
-    of ~10 XLA kernels a layer (einsums, softmax pieces, transposes, concatenations: ~27 us a drafter layer in the
-    8-slot Qwen3-8B spec step's profile, session 23). Off until timed and tested on a GPU."""
-    return os.environ.get("DFLASH_DRAFTER_BLOCK_IN_KERNEL", "").strip().lower() in ("1", "true", "on")
+    """The drafter's in-block keys as one more split of the Pallas kernel instead of ~10 XLA kernels a layer
+    (einsums, softmax pieces, transposes, concatenations: ~27 us a drafter layer in the 8-slot Qwen3-8B spec step's
+    profile). On unless $DFLASH_DRAFTER_BLOCK_IN_KERNEL=0: H200, session 24, 8-slot spec step 7.456 -> 7.381 ms,
+    1 slot 5.892 -> 5.851."""
+    return env_flag("DFLASH_DRAFTER_BLOCK_IN_KERNEL") is not False
 
 
 @functools.partial(jax.jit, static_argnames=("ctx_window", "causal_window", "scale", "num_splits", "rows",

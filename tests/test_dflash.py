@@ -594,9 +594,10 @@ def test_wide_verify_steps_get_their_own_xla_options(monkeypatch):
 
 
 def test_serving_drafter_layout():
-    """SpecState serves the drafter in its serving layout (`for_serving`: gate and up as one Linear, the context k/v
-    projections of every layer as one more): same MLP outputs and same context K/V written to the cache as the
-    GGUF layout, converting twice is a no-op, and the engine's drafter is the converted one."""
+    """SpecState serves the drafter in its serving layout (`for_serving`: gate and up as one Linear, q/k/v as one,
+    the context k/v projections of every layer as one more): same MLP outputs, same context K/V written to the cache
+    and same block hidden states as the GGUF layout, converting twice is a no-op, and the engine's drafter is the
+    converted one."""
     from dflash_jax.engine import EngineConfig
     from dflash_jax.kv_cache import AttentionMeta, KVCache
     from dflash_jax.models.drafter import for_serving
@@ -621,6 +622,13 @@ def test_serving_drafter_layout():
     for a, b in zip(want.k + want.v, got.k + got.v):
         assert float(jnp.max(jnp.abs(a))) > 0
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-5)
+    # the block forward (fused q/k/v) over that context: same hidden states
+    assert all(b.self_attn.q_proj is None and b.self_attn.qkv_proj is not None for b in f.layers)
+    blk = jax.random.normal(jax.random.key(3), (2, 4, c.hidden_size), jnp.float32)
+    ctx_lens = jnp.array([8, 7], jnp.int32)
+    h_want, h_got = d(blk, ctx_lens, meta.page_table, want), f(blk, ctx_lens, meta.page_table, got)
+    assert float(jnp.max(jnp.abs(h_want))) > 0
+    np.testing.assert_allclose(np.asarray(h_got), np.asarray(h_want), rtol=1e-5, atol=1e-5)
     st = SpecState(LoadedDrafter(TINY_DRAFTER, d), EngineConfig(num_slots=2, ctx_size=256, ctx_per_slot=128,
                                                                 page_size=8, draft_max=BLOCK - 1), 40, jnp.float32)
     assert nnx.merge(st.graphdef, st.state).ctx_kv is not None

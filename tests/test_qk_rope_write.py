@@ -16,8 +16,8 @@ from converters.checkpoint import load_model  # noqa: E402
 from converters.synthetic import PRESETS, write_random_gguf  # noqa: E402
 from dflash_jax.kv_cache import AttentionMeta, cache_rows, token_positions, write_kv  # noqa: E402
 from dflash_jax.state_pool import make_cache  # noqa: E402
-from pallas_kernels.qk_rope_write import (qk_rope_write_pallas, qk_rope_write_reference, rope_tables,  # noqa: E402
-                                          use_kernel)
+from pallas_kernels.qk_rope_write import (heads_per_program, qk_rope_write_pallas,  # noqa: E402
+                                          qk_rope_write_reference, rope_tables, use_kernel)
 
 EPS = 1e-6
 
@@ -78,6 +78,10 @@ def test_reference_is_what_write_kv_and_rope_do():
                                               num_heads=2, eps=EPS)
     np.testing.assert_array_equal(np.asarray(k_ref), np.asarray(write_kv(pages, new, meta, positions, valid)))
     np.testing.assert_array_equal(np.asarray(v_ref), np.asarray(k_ref))
+
+
+def test_heads_per_program_divides_both_head_counts():
+    assert [heads_per_program(n, k) for n, k in [(32, 8), (64, 4), (4, 2), (9, 3), (40, 8)]] == [8, 4, 2, 1, 8]
 
 
 def test_use_kernel_follows_env_and_head_dim(monkeypatch):

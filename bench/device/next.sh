@@ -281,6 +281,24 @@ case "${1:?which call}" in
         --steps plain,spec --iters 20 --out $OUT/drafter23_$v.jsonl 2>&1 | grep -E " spec  |spec/plain" \
         | sed "s/^/block_in_kernel=$v /"
     done ;;
+  prof24)  # session 24 (~150 s): where the 8-slot bf16 spec step's time goes now (drafter serving layout, in-kernel
+  # block keys, wide-step compiler options): profiles of the plain and spec steps, traces kept for the gaps
+    timeout 250 python3 bench/spec_step.py --target qwen3-8b --slots 8 --steps plain,spec --iters 20 \
+      --profile 8:plain,8:spec --profile-top 200 --out $OUT/prof24.jsonl 2>&1 | tee $OUT/prof24.log \
+      | grep -E "ms/step|spec/plain|busy"
+    for d in /tmp/spec_step_profile_8_*; do
+      f=$(find $d -name "*.trace.json.gz" | head -1); [ -n "$f" ] && cp $f $OUT/$(basename $d).trace.json.gz
+    done; ls -la $OUT ;;
+  s24a)  # session 24 (~250 s): the drafter's q/k/v as one product (XLA's dot merger concatenated the weights every
+  # step: 5 x 26.5 us) and q/k rope + KV write with 8 heads a program (4.9 us a call at 128 rows): GPU tests, then
+  # the 8B spec steps with one head a program ($DFLASH_QK_HEADS=1, the old kernel's grid) and eight
+    timeout 200 python3 -m pytest -q -m gpu tests/test_qk_rope_write.py tests/test_gpu_engine.py 2>&1 \
+      | tee $OUT/s24a_tests.log | tail -2
+    for v in 1 8; do
+      DFLASH_QK_HEADS=$v timeout 100 python3 bench/spec_step.py --target qwen3-8b --slots 8,1 \
+        --steps plain,spec --iters 20 --out $OUT/s24a_$v.jsonl 2>&1 | grep -E "ms/step|spec/plain" \
+        | sed "s/^/qk_heads=$v /"
+    done ;;
   attn23)  # session 23 (~200 s): attention tiles at 512 keys as a step runs them (36 calls in one jitted function):
   # the 8-slot step's attention takes 10.9 us a call for decode rows, 15.2 for 128 verify rows, ~4 us of K/V bytes
     timeout 280 python3 bench/attention.py --slots 8,1 --ctx 512 --qlens 1,16 --layers 36 --no-ref --iters 5 \

@@ -14,17 +14,16 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dflash_jax.kv_cache import AttentionMeta, KVCache, write_kv
-from dflash_jax.models.dense import MLP, Linear, RMSNorm, rope
+from dflash_jax.models.dense import MLP, Linear, RMSNorm, SharedInput, rope
 from dflash_jax.models.layer_calls import per_trace
 from pallas_kernels.ragged_paged_attention import drafter_attention
 
 
-class DrafterAttention(nnx.Module):
-    def __init__(self, cfg, dtype, sliding: bool):
+class DrafterAttention(SharedInput, nnx.Module):
+    def __init__(self, cfg, dtype, sliding: bool, serving: bool = False):
+        """serving: q/k/v as one `qkv_proj` (the context's k/v then come from the drafter's `ctx_kv`)."""
         d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.q_proj = Linear(d, n * h, dtype)
-        self.k_proj = Linear(d, k * h, dtype)
-        self.v_proj = Linear(d, k * h, dtype)
+        self._init_group("qkv_proj", d, (n * h, k * h, k * h), dtype, frozenset(), fuse=serving)
         self.o_proj = Linear(n * h, d, dtype)
         self.q_norm = RMSNorm(h, cfg.rms_eps, dtype)
         self.k_norm = RMSNorm(h, cfg.rms_eps, dtype)
@@ -43,9 +42,9 @@ class DrafterAttention(nnx.Module):
 
     def __call__(self, x, positions, ctx_lens, page_table, k_pages, v_pages, ctx_window):
         b, t, _ = x.shape
-        q = self.q_norm(self.q_proj(x).reshape(b, t, self.cfg.num_heads, self.cfg.head_dim))
-        q = rope(q, positions, self.cfg.rope_theta)
-        k, v = self.kv(x, positions)
+        q, k, v = self._project("qkv_proj", x)
+        q = rope(self.q_norm(q.reshape(b, t, self.cfg.num_heads, self.cfg.head_dim)), positions, self.cfg.rope_theta)
+        k, v = self.finish_kv(k, v, positions)
         o = drafter_attention(q, k, v, k_pages, v_pages, page_table, ctx_lens, ctx_window,
                                         causal_window=self.window)
         return self.o_proj(o.reshape(b, t, -1))
@@ -54,7 +53,7 @@ class DrafterAttention(nnx.Module):
 class DrafterLayer(nnx.Module):
     def __init__(self, cfg, dtype, sliding: bool, serving: bool = False):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_eps, dtype)
-        self.self_attn = DrafterAttention(cfg, dtype, sliding)
+        self.self_attn = DrafterAttention(cfg, dtype, sliding, serving)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_eps, dtype)
         # separate gate/up: the drafter's GGUF and trainer layout; fused for serving (`for_serving`)
         self.mlp = MLP(cfg, dtype, fuse=serving)
@@ -67,8 +66,8 @@ class DrafterLayer(nnx.Module):
 
 class Drafter(nnx.Module):
     def __init__(self, cfg, dtype=jnp.bfloat16, serving: bool = False):
-        """serving: the layout `for_serving` gives (gate/up fused; every layer's context k/v projections also as one
-        `ctx_kv` Linear), else the GGUF / trainer layout."""
+        """serving: the layout `for_serving` gives (gate/up and q/k/v fused; every layer's context k/v projections
+        also as one `ctx_kv` Linear), else the GGUF / trainer layout."""
         self.cfg = cfg
         num_taps = len(cfg.target_layer_ids)
         self.fc = Linear(num_taps * cfg.hidden_size, cfg.hidden_size, dtype)
@@ -107,11 +106,12 @@ class Drafter(nnx.Module):
 
 
 def for_serving(drafter: Drafter) -> Drafter:
-    """The same drafter in its serving layout (`Drafter(serving=True)`): each layer's gate and up as one Linear (the
-    target's `MLP` layout), and every layer's context k/v projections also concatenated into `ctx_kv` (the per-layer
-    ones stay: the block's own K/V use them). Measured on the 8-slot Qwen3-8B spec step (H200, session 23): gate and
-    up ran as 10 products of 31.8 us where the target's fused product takes 55 us for both, and XLA's dot merger
-    concatenated the context k/v weights anew every step (41 us). The drafter itself when already in this layout."""
+    """The same drafter in its serving layout (`Drafter(serving=True)`): each layer's gate and up as one Linear and
+    its q/k/v as one (the target's layout), and every layer's context k/v projections also concatenated into `ctx_kv`.
+    Measured on the 8-slot Qwen3-8B spec step (H200): gate and up ran as 10 products of 31.8 us where the target's
+    fused product takes 55 us for both, and XLA's dot merger concatenated the context k/v weights (41 us, session 23)
+    and each layer's q/k/v weights (26.5 us a layer, session 24) anew every step. The drafter itself when already in
+    this layout."""
     if drafter.ctx_kv is not None:
         return drafter
     pure = nnx.state(drafter).to_pure_dict()
@@ -119,7 +119,10 @@ def for_serving(drafter: Drafter) -> Drafter:
     for layer in pure["layers"].values():
         gate, up = layer["mlp"].pop("gate_proj"), layer["mlp"].pop("up_proj")
         layer["mlp"]["gate_up_proj"] = {"weight": jnp.concatenate([gate["weight"], up["weight"]], axis=0)}
-        kv += [layer["self_attn"]["k_proj"]["weight"], layer["self_attn"]["v_proj"]["weight"]]
+        att = layer["self_attn"]
+        q, k, v = (att.pop(name)["weight"] for name in ("q_proj", "k_proj", "v_proj"))
+        att["qkv_proj"] = {"weight": jnp.concatenate([q, k, v], axis=0)}
+        kv += [k, v]
     pure["ctx_kv"] = {"weight": jnp.concatenate(kv, axis=0)}
     dtype = drafter.fc.weight[...].dtype
     graphdef, state = nnx.split(nnx.eval_shape(lambda: Drafter(drafter.cfg, dtype, serving=True)))
