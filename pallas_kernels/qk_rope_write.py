@@ -60,15 +60,19 @@ def qk_rope_write_reference(qkv, q_w, k_w, cos, sin, dest, k_pages, v_pages, *, 
     return q, write_rows(k_pages, k, dest), write_rows(v_pages, v, dest)
 
 
-HEADS_PER_PROGRAM = 8  # a power of two (Triton blocks); 128 rows x 40 one-head programs took 4.9 us, session 24
+# Heads a program takes (a power of two: Triton blocks). H200, session 24: 128 rows x 40 one-head programs took
+# 4.9 us a call in the 8-slot Qwen3-8B spec step, 8 heads 0.07 ms less a step; the 1- and 8-row steps the same
+# within noise (Q8_0 one slot 3.539 / 3.540 ms). One count for every row count: a row's bits must not depend on how
+# many rows share the call (batch-invariant mode).
+HEADS_PER_PROGRAM = 8
 
 
-def heads_per_program(num_heads: int, kv_heads: int, most: int | None = None) -> int:
-    """The largest power of two <= most ($DFLASH_QK_HEADS, else `HEADS_PER_PROGRAM`) dividing both head counts:
+def heads_per_program(num_heads: int, kv_heads: int, most: int = HEADS_PER_PROGRAM) -> int:
+    """The largest power of two <= most dividing both head counts:
     every program's heads are all q or all KV heads, so no lane is masked for lying past the heads (a masked lane's
     address would repeat a live one's, which the interpreter's masked store, a read-modify-write scatter, does not
     keep apart)."""
-    hb = most or int(os.environ.get("DFLASH_QK_HEADS", "") or HEADS_PER_PROGRAM)
+    hb = most
     while num_heads % hb or kv_heads % hb:
         hb //= 2
     return hb
@@ -123,10 +127,11 @@ def _kernel(qkv_ref, qw_ref, kw_ref, cos_ref, sin_ref, dest_ref, k_in, v_in, q_r
 def qk_rope_write_pallas(qkv, q_w, k_w, cos, sin, dest, k_pages, v_pages, *, num_heads: int, eps: float,
                          interpret: bool = False, most_heads: int | None = None):
     """The kernel, same arguments and results as `qk_rope_write_reference`; k_pages and v_pages are updated in
-    place (donated). Grid (R, (N + K) / heads), heads = `heads_per_program`: program (r, g) takes row r's q heads,
-    then KV heads, g * heads .. g * heads + heads - 1."""
+    place (donated). Grid (R, (N + K) / heads), heads = `heads_per_program` of most_heads, else $DFLASH_QK_HEADS,
+    else `HEADS_PER_PROGRAM`: program (r, g) takes row r's q heads, then KV heads, from head g * heads."""
     pages, page_size, kv_heads, h = k_pages.shape
-    heads = heads_per_program(num_heads, kv_heads, most_heads)
+    most = most_heads or int(os.environ.get("DFLASH_QK_HEADS", "") or HEADS_PER_PROGRAM)
+    heads = heads_per_program(num_heads, kv_heads, most)
     r = qkv.shape[0]
     norm = q_w is not None
     if not norm:

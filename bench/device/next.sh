@@ -299,6 +299,14 @@ case "${1:?which call}" in
         --steps plain,spec --iters 20 --out $OUT/s24a_$v.jsonl 2>&1 | grep -E "ms/step|spec/plain" \
         | sed "s/^/qk_heads=$v /"
     done ;;
+  s24b)  # session 24 (~260 s): issue 4's table with today's defaults (the drafter's fused q/k/v, in-kernel block keys,
+  # 8-head q/k rope programs), then the 8B Q8_0 steps (issue 8) with a trace of the one-slot greedy step
+    timeout 200 python3 bench/spec_step.py --target qwen3-8b --slots 1,2,4,8,16 --steps plain,spec --iters 15 \
+      --out $OUT/s24b_spec.jsonl 2>&1 | grep -E "spec/plain|summary| B= *[0-9]+ [|]"
+    timeout 150 python3 bench/decode_step.py --models qwen3-8b --weights q8_0 --slots 1,8 --extra-slots "" \
+      --iters 20 --greedy --profile 1:fast_greedy --profile-dir /tmp/q8prof --out $OUT/s24b_q8.jsonl 2>&1 \
+      | grep -E " fast" | grep -v engine | grep -E "ms/step|profile"
+    f=$(find /tmp/q8prof -name "*.trace.json.gz" | head -1); [ -n "$f" ] && cp $f $OUT/q8_b1.trace.json.gz ;;
   attn23)  # session 23 (~200 s): attention tiles at 512 keys as a step runs them (36 calls in one jitted function):
   # the 8-slot step's attention takes 10.9 us a call for decode rows, 15.2 for 128 verify rows, ~4 us of K/V bytes
     timeout 280 python3 bench/attention.py --slots 8,1 --ctx 512 --qlens 1,16 --layers 36 --no-ref --iters 5 \
