@@ -307,6 +307,16 @@ case "${1:?which call}" in
       --iters 20 --greedy --profile 1:fast_greedy --profile-dir /tmp/q8prof --out $OUT/s24b_q8.jsonl 2>&1 \
       | grep -E " fast" | grep -v engine | grep -E "ms/step|profile"
     f=$(find /tmp/q8prof -name "*.trace.json.gz" | head -1); [ -n "$f" ] && cp $f $OUT/q8_b1.trace.json.gz ;;
+  s24c)  # session 24 (~380 s): the invariant mode's DFlash == plain cases on the GPU after today's drafter and q/k
+  # kernel changes, then where the one-slot Q8_0 step's time goes with x unpadded ($DFLASH_Q8_UNPADDED: no gain in
+  # step time, session 24; are the pads gone from the trace?)
+    timeout 280 python3 -m pytest -q -x -m gpu tests/test_batch_invariance.py \
+      -k "dflash_equals_plain and (gpu-8 or gpu-16-injected or gpu-1-random or mgpu)" 2>&1 \
+      | tee $OUT/s24c_tests.log | tail -2
+    DFLASH_Q8_UNPADDED=1 timeout 100 python3 bench/decode_step.py --models qwen3-8b --weights q8_0 --slots 1 \
+      --extra-slots "" --iters 20 --greedy --profile 1:fast_greedy --profile-dir /tmp/q8prof_u \
+      --out $OUT/s24c_q8u.jsonl 2>&1 | grep -E " fast" | grep -v engine | grep -E "ms/step|profile"
+    f=$(find /tmp/q8prof_u -name "*.trace.json.gz" | head -1); [ -n "$f" ] && cp $f $OUT/q8u_b1.trace.json.gz ;;
   attn23)  # session 23 (~200 s): attention tiles at 512 keys as a step runs them (36 calls in one jitted function):
   # the 8-slot step's attention takes 10.9 us a call for decode rows, 15.2 for 128 verify rows, ~4 us of K/V bytes
     timeout 280 python3 bench/attention.py --slots 8,1 --ctx 512 --qlens 1,16 --layers 36 --no-ref --iters 5 \
