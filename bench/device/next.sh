@@ -317,6 +317,24 @@ case "${1:?which call}" in
       --extra-slots "" --iters 20 --greedy --profile 1:fast_greedy --profile-dir /tmp/q8prof_u \
       --out $OUT/s24c_q8u.jsonl 2>&1 | grep -E " fast" | grep -v engine | grep -E "ms/step|profile"
     f=$(find /tmp/q8prof_u -name "*.trace.json.gz" | head -1); [ -n "$f" ] && cp $f $OUT/q8u_b1.trace.json.gz ;;
+  s25a)  # issue 4's margin (session 24: 8-slot spec/plain 1.47 / 1.50 / 1.51 in three calls, spec 7.10-7.15 ms, plain
+  # 4.71-4.82): the wide spec step's products under other XLA options (without Triton products cuBLAS picks a split-K
+  # 128x64 tile + a 3.7 us reduce for down_proj, 35.4 us, where XLA's autotuner took nvjet 256x64, 31.5 us), three
+  # rounds so that the plain step's spread shows
+    for round in 1 2 3; do
+      for o in "" "xla_gpu_enable_triton_gemm=false,xla_gpu_enable_cublaslt=true" \
+               "xla_gpu_enable_triton_gemm=false,xla_gpu_autotune_level=0"; do
+        DFLASH_XLA_STEP_OPTIONS="$o" timeout 90 python3 bench/spec_step.py --target qwen3-8b --slots 8 \
+          --steps plain,spec --iters 20 --out $OUT/s25a.jsonl 2>&1 | grep -E "spec/plain" | sed "s/^/[$o] /"
+      done
+    done ;;
+  s25b)  # issue 8 (one-slot Q8_0 step 3.54 ms, target 2.857): at M = 1 the small products stream slowest (session 24
+  # trace: qkv 10.1 us = 2.65 TB/s, o 7.85 us = 2.27, down 17.4 = 3.07, gate+up 31.5 = 3.40, LM head 4.06): tiles
+  # and K splits for the 8B's four layer shapes at M = 1 and 8
+    shapes=$(for s in 4096:6144 4096:4096 12288:4096 4096:24576; do for m in 1 8; do echo -n "$s:$m,"; done; done)
+    timeout 400 python3 bench/weight_matmul.py --models "" --sweep ${shapes%,} \
+      --configs-mgpu-q8 64x1,64x2,64x4,64x8,64x16,128x1,128x2,128x4 --budget-s 380 \
+      --out $OUT/q8_small.jsonl 2>&1 | tee $OUT/q8_small.log | grep sweep ;;
   attn23)  # session 23 (~200 s): attention tiles at 512 keys as a step runs them (36 calls in one jitted function):
   # the 8-slot step's attention takes 10.9 us a call for decode rows, 15.2 for 128 verify rows, ~4 us of K/V bytes
     timeout 280 python3 bench/attention.py --slots 8,1 --ctx 512 --qlens 1,16 --layers 36 --no-ref --iters 5 \
