@@ -176,6 +176,8 @@ def random_module(abstract_module, seed: int = 0):
             arrays.append(jnp.full(shape, -0.1, dt))
         elif names[-1] == "qweight":
             arrays.append(_int8(k, shape))
+        elif jnp.issubdtype(dt, jnp.integer):  # token ids (a drafter's draft vocabulary): in order
+            arrays.append(jnp.arange(int(np.prod(shape)), dtype=dt).reshape(shape))
         elif names[-1] == "scales":  # (in / 32, out): fan_in = in
             arrays.append(jnp.full(shape, 1.0 / (127 * np.sqrt(shape[0] * Q8_BLOCK)), dt))
         else:

@@ -251,6 +251,8 @@ def main(argv=None) -> None:
                    help="q8_0: every target projection int8 + f16 scales (the drafter stays --dtype)")
     p.add_argument("--drafter-layers", type=int, default=5)
     p.add_argument("--block", type=int, default=16)
+    p.add_argument("--draft-vocab", type=int, default=0,
+                   help="the drafter's draft vocabulary: its own head over the first N token ids (0: the target's)")
     p.add_argument("--slots", default="1,2,4,8,16")
     p.add_argument("--ctx", type=int, default=512, help="cached tokens per slot before the step")
     p.add_argument("--dtype", default="bfloat16")
@@ -301,7 +303,8 @@ def main(argv=None) -> None:
     graphdef, state, nbytes = random_model(cfg, dtype, weights=a.weights)
     log(f"target {a.weights}: {count(nbytes['params'])} params, {size(nbytes['all'])}; device memory "
         f"{memory_in_use()}")
-    dgraphdef, dstate, dbytes = random_module(nnx.eval_shape(lambda: Drafter(dcfg, dtype, serving=True)), seed=5)
+    dgraphdef, dstate, dbytes = random_module(nnx.eval_shape(lambda: Drafter(
+        dcfg, dtype, serving=True, draft_vocab=a.draft_vocab, head_q8=a.weights == "q8_0")), seed=5)
     log(f"drafter: {count(dbytes['params'])} params, {size(dbytes['all'])}")
     with_drafter, plain_only = make_steps(graphdef, state, dgraphdef, dstate, dcfg)
     slot = per_slot_bytes(cfg, dcfg, pages_per_slot, a.ctx + a.block, dtype)

@@ -54,6 +54,9 @@ class EngineConfig:
     # repeat; BENCHMARKS.md, session 17).
     draft_short: int = 0
     ctx_size_draft: int | None = None  # -cd: how many recent context features the drafter attends to
+    # --draft-vocab: draft from the first N token ids only (0: the whole vocabulary); the drafter then reads N rows
+    # of the LM head per step instead of all (models.drafter.for_serving). Output is unchanged; acceptance may drop.
+    draft_vocab: int = 0
     spec_policy: str = "adaptive"  # adaptive | always | never (with a drafter)
     # Launch step k+1 before reading step k's output, so host work hides behind the device's. None = on a GPU only:
     # on a CPU the host and the "device" share the cores, and overlapping lost 10 % at 8 slots (BENCHMARKS.md).
@@ -94,6 +97,8 @@ class EngineConfig:
             raise ValueError(f"EngineConfig.prefix_states must be >= 0, got {self.prefix_states}")
         if self.draft_max < 1:
             raise ValueError(f"EngineConfig.draft_max must be >= 1, got {self.draft_max}")
+        if self.draft_vocab < 0:
+            raise ValueError(f"EngineConfig.draft_vocab must be >= 0, got {self.draft_vocab}")
         if self.draft_short < 0:
             raise ValueError(f"EngineConfig.draft_short must be >= 0, got {self.draft_short}")
         if self.spec_policy not in ("adaptive", "always", "never"):
@@ -157,7 +162,10 @@ class Engine:
             n_states = cfg.num_slots if cfg.prefix_states is None else cfg.prefix_states
         self.cache = make_cache(mc, num_pages, cfg.page_size, cfg.num_slots + 1 + n_states, jnp.dtype(cfg.dtype))
         self.rows = SlotRows.create(cfg.num_slots + 1, mc.vocab_size)
-        self.spec = SpecState(drafter, cfg, num_pages, jnp.dtype(cfg.dtype)) if drafter is not None else None
+        if drafter is not None and cfg.draft_vocab > mc.vocab_size:
+            raise ValueError(f"--draft-vocab {cfg.draft_vocab} exceeds the target's vocabulary of {mc.vocab_size}")
+        self.spec = (SpecState(drafter, cfg, num_pages, jnp.dtype(cfg.dtype), loaded.model) if drafter is not None
+                     else None)
         sp = self.spec
         auto = jax.default_backend() == "gpu" and jnp.dtype(cfg.dtype) != jnp.float32
         self.batch_invariant = next(v for v in (cfg.batch_invariant, env_setting(), auto) if v is not None)

@@ -34,7 +34,7 @@ from flax import nnx
 
 from dflash_jax.buckets import bucket_for
 from dflash_jax.kv_cache import KVCache
-from dflash_jax.models.drafter import for_serving
+from dflash_jax.models.drafter import draft_head_rows, for_serving
 
 PROBE_EVERY = 4  # the shortest interval: a probe is a draft step (cheap beside a verify), and tau needs samples
 PROBE_MAX_EVERY = 256
@@ -66,7 +66,8 @@ class LoadedDrafter:
 
 
 class SpecState:
-    def __init__(self, drafter: LoadedDrafter, engine_cfg, num_pages: int, dtype):
+    def __init__(self, drafter: LoadedDrafter, engine_cfg, num_pages: int, dtype, target=None):
+        """target: the target model, whose LM head rows a draft vocabulary (`engine_cfg.draft_vocab`) takes."""
         dc = drafter.config
         self.config = dc
         self.block = min(engine_cfg.draft_max + 1, dc.block_size)
@@ -76,7 +77,14 @@ class SpecState:
         self.taps = tuple(dc.target_layer_ids)
         self.mask_token_id = int(dc.mask_token_id)
         self.ctx_window = engine_cfg.ctx_size_draft
-        self.graphdef, self.state = nnx.split(for_serving(drafter.model))
+        head = None
+        if engine_cfg.draft_vocab:
+            if target is None:
+                raise ValueError("a draft vocabulary (--draft-vocab) needs the target model's LM head")
+            ids = np.arange(engine_cfg.draft_vocab, dtype=np.int32)  # tokenizer order: BPE merges, ~frequency
+            head = (ids, draft_head_rows(target, ids))
+        self.draft_vocab = engine_cfg.draft_vocab
+        self.graphdef, self.state = nnx.split(for_serving(drafter.model, head))
         self.cache = KVCache.create(dc.num_layers, num_pages, engine_cfg.page_size, dc.num_kv_heads, dc.head_dim,
                                     dtype)
         self.policy = engine_cfg.spec_policy

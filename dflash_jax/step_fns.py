@@ -111,11 +111,13 @@ def _model_step(graphdef: nnx.GraphDef, drafter_graphdef, taps: tuple[int, ...],
 
 def _draft(model, drafter, mask_token_id: int, ctx_window: int | None, last_tokens: jax.Array, cached: jax.Array,
            page_table: jax.Array, dcache: KVCache, t: int) -> jax.Array:
-    """(B, T-1) drafts: [last token, MASK ...] through the drafter, the target's LM head, argmax (even when
-    sampling: independently sampled block positions ruin acceptance)."""
+    """(B, T-1) drafts: [last token, MASK ...] through the drafter, the target's LM head (or the drafter's draft
+    vocabulary head), argmax (even when sampling: independently sampled block positions ruin acceptance)."""
     b = last_tokens.shape[0]
     block = jnp.concatenate([last_tokens[:, None], jnp.full((b, t - 1), mask_token_id, jnp.int32)], axis=1)
     h = drafter(jnp.take(model.embed_tokens[...], block, axis=0), cached, page_table, dcache, ctx_window)
+    if getattr(drafter, "draft_head", None) is not None:  # a draft vocabulary (`models.drafter.for_serving`)
+        return jnp.take(drafter.draft_ids[...], argmax(drafter.draft_head(h[:, 1:]).astype(jnp.float32)))
     return argmax(model.logits(h[:, 1:]))
 
 

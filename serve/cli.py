@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--draft-short", type=int, default=None,
                    help="drafts per block where a full block does not pay (adaptive policy; default 0: off; "
                    "an experiment, see BENCHMARKS.md)")
+    p.add_argument("--draft-vocab", type=_positive, default=None,
+                   help="draft from the first N token ids only (default: the whole vocabulary): the drafter reads N "
+                   "rows of the LM head per step; output is unchanged, acceptance may drop")
     p.add_argument("-cd", "--ctx-size-draft", type=_positive, default=None,
                    help="recent context positions the drafter attends to")
     p.add_argument("--spec-policy", choices=("adaptive", "always", "never"), default=None,
@@ -114,7 +117,7 @@ def engine_config_kwargs(args: argparse.Namespace, config_cls, platform: str) ->
               "ctx_per_slot": (args.ctx_per_slot, "--ctx-per-slot"), "page_size": (args.page_size, "--page-size"),
               "compile_cache_dir": (args.compile_cache_dir, "--compile-cache-dir"),
               "draft_max": (args.draft_max, "--draft-max"), "ctx_size_draft": (args.ctx_size_draft, "-cd"),
-              "draft_short": (args.draft_short, "--draft-short"),
+              "draft_short": (args.draft_short, "--draft-short"), "draft_vocab": (args.draft_vocab, "--draft-vocab"),
               "spec_policy": (args.spec_policy, "--spec-policy"),
               "batch_invariant": ({"on": True, "off": False}.get(args.batch_invariant), "--batch-invariant"),
               "prefix_cache": (None if args.cache_prompt else False, "--no-cache-prompt")}

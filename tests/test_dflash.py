@@ -632,3 +632,85 @@ def test_serving_drafter_layout():
     st = SpecState(LoadedDrafter(TINY_DRAFTER, d), EngineConfig(num_slots=2, ctx_size=256, ctx_per_slot=128,
                                                                 page_size=8, draft_max=BLOCK - 1), 40, jnp.float32)
     assert nnx.merge(st.graphdef, st.state).ctx_kv is not None
+
+
+@pytest.mark.parametrize("layout", ["float", "kn", "nk"])
+def test_draft_head_rows_give_the_whole_heads_logits_of_those_tokens(tmp_path, monkeypatch, layout):
+    """A draft vocabulary's head (`draft_head_rows`) computes, for its tokens, the logits the target's whole head
+    gives them: the tied float embedding, and a Q8_0 head in both stored layouts (the Mosaic kernel's (out, in)
+    padded rows run here in its interpret mode)."""
+    from dflash_jax.models.dense import Linear
+    from dflash_jax.models.drafter import draft_head_rows
+
+    monkeypatch.setenv("DFLASH_MATMUL_IMPL", "mgpu_interpret" if layout == "nk" else "reference")
+    path = tmp_path / "llama-q8.gguf"
+    write_random_gguf(str(path), dataclasses.replace(PRESETS["llama-tiny"], vocab_size=VOCAB, qtype="q8_0"), None,
+                      seed=4)
+    tgt = load_model(path, jnp.float32, weights="bf16" if layout == "float" else "q8_0").model
+    ids = np.array([3, 0, 17, 200, VOCAB - 1, 64, 65, 9], np.int32)  # any order, the vocabulary's ends included
+    rows = draft_head_rows(tgt, ids)
+    q8 = "qweight" in rows
+    assert q8 == (layout != "float") and (not q8 or tgt.lm_head.q8_layout == layout)
+    head = Linear(tgt.embed_tokens.shape[1], len(ids), jnp.float32, q8_0=q8)
+    graphdef, state = nnx.split(head)
+    state.replace_by_pure_dict(rows)
+    h = jnp.asarray(np.random.default_rng(0).standard_normal((3, tgt.embed_tokens.shape[1])), jnp.float32)
+    got = np.asarray(nnx.merge(graphdef, state)(h), np.float32)
+    want = np.asarray(tgt.logits(h))[:, ids]
+    assert got.shape == want.shape and np.abs(want).max() > 0
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_draft_vocabulary_drafts_its_tokens_and_equals_plain(target):
+    """--draft-vocab N: drafts are token ids below N only, and output still equals plain decoding (verification uses
+    the whole head), for concurrent requests with every slot speculating."""
+    dc, n = TINY_DRAFTER, VOCAB // 4
+    with pytest.raises(ValueError, match="exceeds"):
+        Engine(target, EngineConfig(num_slots=2, ctx_size=512, page_size=8, draft_max=BLOCK - 1,
+                                    draft_vocab=VOCAB + 1), LoadedDrafter(dc, random_drafter(dc, 6)))
+    eng = Engine(target, EngineConfig(num_slots=4, ctx_size=1024, ctx_per_slot=160, page_size=8, prefill_chunk=16,
+                                      draft_max=BLOCK - 1, spec_policy="always", overlap=False, draft_vocab=n),
+                 LoadedDrafter(dc, random_drafter(dc, 6)))
+    eng.warmup(progress=False)
+    probe = Request([5, 6, 7, 8, 9, 10], SamplingParams(max_tokens=40, ignore_eos=True))
+    eng.submit(probe)
+    while probe.num_generated < 4:
+        eng.step()
+    slot = next(sl for sl in eng.scheduler.slots if sl.req is probe)
+    drafts = np.asarray(eng._dispatch_draft(eng._spec_inputs([slot], 1)))
+    assert drafts.shape == (1, BLOCK - 1) and drafts.max() < n
+    while probe.finish_time is None:
+        eng.step()
+    eng.start()
+    try:
+        prompts, max_new = _workload(np.random.default_rng(11), 4)
+        reqs = [Request(p, SamplingParams(max_tokens=m, ignore_eos=True)) for p, m in zip(prompts, max_new)]
+        out = run(eng, reqs)
+    finally:
+        eng.stop()
+    assert [toks for toks, _, _ in out] == _reference(target, prompts, max_new)
+    assert all(r.draft_n > 0 for r in reqs)
+
+
+def test_draft_vocabulary_maps_its_argmax_back_to_token_ids(target):
+    """The drafts of a draft vocabulary in any order are the argmax of the whole head's logits over those tokens,
+    mapped back to their ids (an identity id map could hide a missing mapping)."""
+    from dflash_jax.kv_cache import KVCache
+    from dflash_jax.models.drafter import draft_head_rows, for_serving
+    from dflash_jax.step_fns import _draft
+    dc = TINY_DRAFTER
+    d = random_drafter(dc, 8)
+    ids = np.random.default_rng(2).permutation(VOCAB)[:VOCAB // 3].astype(np.int32)
+    full, sub = for_serving(d), for_serving(d, (ids, draft_head_rows(target.model, ids)))
+    b = 3
+    last = jnp.array([5, 77, 300], jnp.int32)
+    cached = jnp.zeros((b,), jnp.int32)
+    page_table = jnp.zeros((b, 2), jnp.int32)
+    dcache = KVCache.create(dc.num_layers, 4, 8, dc.num_kv_heads, dc.head_dim, jnp.float32)
+    got = np.asarray(_draft(target.model, sub, dc.mask_token_id, None, last, cached, page_table, dcache, BLOCK))
+    block = jnp.concatenate([last[:, None], jnp.full((b, BLOCK - 1), dc.mask_token_id, jnp.int32)], axis=1)
+    h = full(jnp.take(target.model.embed_tokens[...], block, axis=0), cached, page_table, dcache)
+    logits = np.asarray(target.model.logits(h[:, 1:]))
+    want = ids[np.argmax(logits[..., ids], axis=-1)]
+    assert got.shape == (b, BLOCK - 1) and np.isin(got, ids).all()
+    np.testing.assert_array_equal(got, want)

@@ -250,6 +250,9 @@ def test_serve_ubatch_buckets_flag():
     assert engine_config_kwargs(parse_args(["--draft-short", "0"]), EngineConfig, "cpu")["draft_short"] == 0
     with pytest.raises(SystemExit, match="draft_short"):
         main(["--draft-short", "-1"])
+    assert engine_config_kwargs(parse_args(["--draft-vocab", "32000"]), EngineConfig, "cpu")["draft_vocab"] == 32000
+    with pytest.raises(SystemExit):
+        parse_args(["--draft-vocab", "0"])
 
 
 def test_cancel_frees_slot(engine, tiny):

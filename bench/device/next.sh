@@ -328,6 +328,18 @@ case "${1:?which call}" in
           --steps plain,spec --iters 20 --out $OUT/s25a.jsonl 2>&1 | grep -E "spec/plain" | sed "s/^/[$o] /"
       done
     done ;;
+  s25c)  # issue 4 (session 24): a draft vocabulary (`--draft-vocab`, the drafter's own head over the first N token ids;
+  # SmolLM2 held-out code tau 3.34 -> 3.22 at a third of its vocabulary, CPU): the 8B spec steps with the whole
+  # head (318 us of the 8-slot step re-read by the drafter), 32768 and 16384 of 151936 ids; bf16 and Q8_0 at 8 slots
+    for n in 0 32768 16384; do
+      timeout 100 python3 bench/spec_step.py --target qwen3-8b --slots 8,1 --steps plain,spec --iters 20 \
+        --draft-vocab $n --out $OUT/s25c_$n.jsonl 2>&1 | grep -E "spec/plain" | sed "s/^/draft_vocab=$n /"
+    done
+    for n in 0 32768; do
+      timeout 100 python3 bench/spec_step.py --target qwen3-8b --weights q8_0 --slots 8 --steps plain,spec \
+        --iters 20 --draft-vocab $n --out $OUT/s25c_q8_$n.jsonl 2>&1 | grep -E "spec/plain" \
+        | sed "s/^/q8_0 draft_vocab=$n /"
+    done ;;
   s25b)  # issue 8 (one-slot Q8_0 step 3.54 ms, target 2.857): at M = 1 the small products stream slowest (session 24
   # trace: qkv 10.1 us = 2.65 TB/s, o 7.85 us = 2.27, down 17.4 = 3.07, gate+up 31.5 = 3.40, LM head 4.06): tiles
   # and K splits for the 8B's four layer shapes at M = 1 and 8

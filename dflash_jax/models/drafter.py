@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from dflash_jax.kv_cache import AttentionMeta, KVCache, write_kv
 from dflash_jax.models.dense import MLP, Linear, RMSNorm, SharedInput, rope
 from dflash_jax.models.layer_calls import per_trace
 from pallas_kernels.ragged_paged_attention import drafter_attention
+from pallas_kernels.weight_matmul import q8_0_layout, q8_0_stored_out
 
 
 class DrafterAttention(SharedInput, nnx.Module):
@@ -65,9 +67,11 @@ class DrafterLayer(nnx.Module):
 
 
 class Drafter(nnx.Module):
-    def __init__(self, cfg, dtype=jnp.bfloat16, serving: bool = False):
+    def __init__(self, cfg, dtype=jnp.bfloat16, serving: bool = False, draft_vocab: int = 0, head_q8: bool = False):
         """serving: the layout `for_serving` gives (gate/up and q/k/v fused; every layer's context k/v projections
-        also as one `ctx_kv` Linear), else the GGUF / trainer layout."""
+        also as one `ctx_kv` Linear), else the GGUF / trainer layout. draft_vocab (serving only): the drafter's own
+        head over that many of the target's tokens (`draft_head`, rows of the target's LM head, Q8_0 with head_q8)
+        and their ids (`draft_ids`); 0: drafts come from the target's whole LM head."""
         self.cfg = cfg
         num_taps = len(cfg.target_layer_ids)
         self.fc = Linear(num_taps * cfg.hidden_size, cfg.hidden_size, dtype)
@@ -77,6 +81,9 @@ class Drafter(nnx.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_eps, dtype)
         kv = 2 * cfg.num_kv_heads * cfg.head_dim
         self.ctx_kv = Linear(cfg.hidden_size, cfg.num_layers * kv, dtype) if serving else None
+        restricted = serving and draft_vocab > 0
+        self.draft_head = Linear(cfg.hidden_size, draft_vocab, dtype, q8_0=head_q8) if restricted else None
+        self.draft_ids = nnx.Variable(jnp.zeros((draft_vocab,), jnp.int32)) if restricted else None
 
     def write_context(self, feats: jax.Array, meta: AttentionMeta, positions: jax.Array, valid: jax.Array,
                       cache: KVCache) -> KVCache:
@@ -105,13 +112,19 @@ class Drafter(nnx.Module):
         return self.norm(x)
 
 
-def for_serving(drafter: Drafter) -> Drafter:
+def for_serving(drafter: Drafter, head: tuple[jax.Array, dict] | None = None) -> Drafter:
     """The same drafter in its serving layout (`Drafter(serving=True)`): each layer's gate and up as one Linear and
     its q/k/v as one (the target's layout), and every layer's context k/v projections also concatenated into `ctx_kv`.
     Measured on the 8-slot Qwen3-8B spec step (H200): gate and up ran as 10 products of 31.8 us where the target's
     fused product takes 55 us for both, and XLA's dot merger concatenated the context k/v weights (41 us, session 23)
     and each layer's q/k/v weights (26.5 us a layer, session 24) anew every step. The drafter itself when already in
-    this layout."""
+    this layout.
+
+    head: (ids, the pure state of a Linear over those rows of the target's LM head, `draft_head_rows`), a draft
+    vocabulary (as FR-Spec's frequency-ranked subset, EAGLE-3's d2t map): drafts come from those tokens only, and
+    each step reads that fraction of the head instead of all of it (the whole bf16 Qwen3-8B head is 318 us of an
+    8-slot spec step on an H200). Verification still uses the whole head: output is unchanged, only acceptance can
+    drop where the target's token lies outside the subset."""
     if drafter.ctx_kv is not None:
         return drafter
     pure = nnx.state(drafter).to_pure_dict()
@@ -125,6 +138,36 @@ def for_serving(drafter: Drafter) -> Drafter:
         kv += [k, v]
     pure["ctx_kv"] = {"weight": jnp.concatenate(kv, axis=0)}
     dtype = drafter.fc.weight[...].dtype
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: Drafter(drafter.cfg, dtype, serving=True)))
+    n, q8 = 0, False
+    if head is not None:
+        ids, weights = head
+        pure["draft_ids"], pure["draft_head"] = jnp.asarray(ids, jnp.int32), weights
+        n, q8 = len(ids), "qweight" in weights
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Drafter(drafter.cfg, dtype, serving=True, draft_vocab=n,
+                                                               head_q8=q8)))
     state.replace_by_pure_dict(pure)
     return nnx.merge(graphdef, state)
+
+
+def draft_head_rows(target, ids) -> dict:
+    """The pure state of a `Linear` computing the logits of tokens `ids` only, from the target's LM head (the tied
+    embedding, a float head, or a Q8_0 head's blocks as stored): the same rows, so each draft logit is the one the
+    whole head gives for that token."""
+    ids = np.asarray(ids)
+    head = target.lm_head
+    if head is None:
+        return {"weight": jnp.take(target.embed_tokens[...], ids, axis=0)}
+    if not head.is_q8_0:
+        return {"weight": jnp.take(head.weight[...], ids, axis=0)}
+    layout = q8_0_layout()
+    if layout != head.q8_layout:
+        raise ValueError(f"draft vocabulary: the target's Q8_0 head is in layout {head.q8_layout!r}, this process "
+                         f"builds {layout!r}")
+    stored = q8_0_stored_out(len(ids), layout)
+    scales = jnp.take(head.scales[...], ids, axis=1)
+    scales = jnp.pad(scales, ((0, 0), (0, stored - len(ids))))
+    if layout == "nk":  # qweight (out, in): rows past the ids are zeros, as the head's own padding
+        q = jnp.pad(jnp.take(head.qweight[...], ids, axis=0), ((0, stored - len(ids)), (0, 0)))
+    else:
+        q = jnp.take(head.qweight[...], ids, axis=1)
+    return {"qweight": q, "scales": scales}

