@@ -661,9 +661,10 @@ def test_draft_head_rows_give_the_whole_heads_logits_of_those_tokens(tmp_path, m
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_draft_vocabulary_drafts_its_tokens_and_equals_plain(target):
-    """--draft-vocab N: drafts are token ids below N only, and output still equals plain decoding (verification uses
-    the whole head), for concurrent requests with every slot speculating."""
+def test_draft_vocabulary_engine_equals_plain_without_compiles(target):
+    """--draft-vocab N: the engine drafts through a head of the first N ids (`_draft` maps its argmax back: the test
+    below), and output still equals plain decoding (verification uses the whole head), for concurrent requests with
+    every slot speculating, with nothing compiled after warm-up."""
     dc, n = TINY_DRAFTER, VOCAB // 4
     with pytest.raises(ValueError, match="exceeds"):
         Engine(target, EngineConfig(num_slots=2, ctx_size=512, page_size=8, draft_max=BLOCK - 1,
@@ -671,21 +672,15 @@ def test_draft_vocabulary_drafts_its_tokens_and_equals_plain(target):
     eng = Engine(target, EngineConfig(num_slots=4, ctx_size=1024, ctx_per_slot=160, page_size=8, prefill_chunk=16,
                                       draft_max=BLOCK - 1, spec_policy="always", overlap=False, draft_vocab=n),
                  LoadedDrafter(dc, random_drafter(dc, 6)))
+    served = nnx.merge(eng.spec.graphdef, eng.spec.state)  # the engine drafts through the draft vocabulary's head
+    assert served.draft_head is not None and np.asarray(served.draft_ids[...]).tolist() == list(range(n))
     eng.warmup(progress=False)
-    probe = Request([5, 6, 7, 8, 9, 10], SamplingParams(max_tokens=40, ignore_eos=True))
-    eng.submit(probe)
-    while probe.num_generated < 4:
-        eng.step()
-    slot = next(sl for sl in eng.scheduler.slots if sl.req is probe)
-    drafts = np.asarray(eng._dispatch_draft(eng._spec_inputs([slot], 1)))
-    assert drafts.shape == (1, BLOCK - 1) and drafts.max() < n
-    while probe.finish_time is None:
-        eng.step()
     eng.start()
     try:
         prompts, max_new = _workload(np.random.default_rng(11), 4)
         reqs = [Request(p, SamplingParams(max_tokens=m, ignore_eos=True)) for p, m in zip(prompts, max_new)]
         out = run(eng, reqs)
+        _assert_no_compiles(eng)
     finally:
         eng.stop()
     assert [toks for toks, _, _ in out] == _reference(target, prompts, max_new)
