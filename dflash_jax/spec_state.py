@@ -279,7 +279,7 @@ class SpecState:
 
     def stats(self) -> dict:
         return {"block": self.block, "tau": round(self.tau, 3), "tau_low": round(float(self.tau_low()), 3),
-                "policy": self.policy,
+                "policy": self.policy, "draft_vocab": self.draft_vocab or None,
                 "num_drafts": self.num_drafts, "num_draft_tokens": self.num_draft_tokens,
                 "num_accepted_tokens": self.num_accepted, "accepted_per_pos": self.accepted_per_pos.tolist(),
                 "num_shadow_probes": self.num_shadow_probes,

@@ -674,6 +674,7 @@ def test_draft_vocabulary_engine_equals_plain_without_compiles(target):
                  LoadedDrafter(dc, random_drafter(dc, 6)))
     served = nnx.merge(eng.spec.graphdef, eng.spec.state)  # the engine drafts through the draft vocabulary's head
     assert served.draft_head is not None and np.asarray(served.draft_ids[...]).tolist() == list(range(n))
+    assert eng.stats()["speculative"]["draft_vocab"] == n
     eng.warmup(progress=False)
     eng.start()
     try:
