@@ -331,6 +331,7 @@ case "${1:?which call}" in
   s25c)  # issue 4 (session 24): a draft vocabulary (`--draft-vocab`, the drafter's own head over the first N token ids;
   # SmolLM2 held-out code tau 3.34 -> 3.22 at a third of its vocabulary, CPU): the 8B spec steps with the whole
   # head (318 us of the 8-slot step re-read by the drafter), 32768 and 16384 of 151936 ids; bf16 and Q8_0 at 8 slots
+    timeout 150 python3 -m pytest -q tests/test_dflash.py -k "draft_vocab or draft_head" 2>&1 | tail -2
     for n in 0 32768 16384; do
       timeout 100 python3 bench/spec_step.py --target qwen3-8b --slots 8,1 --steps plain,spec --iters 20 \
         --draft-vocab $n --out $OUT/s25c_$n.jsonl 2>&1 | grep -E "spec/plain" | sed "s/^/draft_vocab=$n /"
