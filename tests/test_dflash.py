@@ -298,7 +298,7 @@ def _policy(**costs):
     from dflash_jax.spec_state import SpecState
 
     sp = SpecState.__new__(SpecState)
-    sp.policy, sp.slot_buckets, sp.block = "adaptive", (1, 2, 4, 8), 16
+    sp.policy, sp.slot_buckets, sp.block, sp.draft_vocab = "adaptive", (1, 2, 4, 8), 16, 0
     sp.cost_plain, sp.cost_spec, sp.cost_draft = costs.get("plain", {}), costs.get("spec", {}), costs.get("draft")
     sp.served, sp.served_cost = {}, {}
     sp.tau, sp.tau_var, sp.num_spec_steps, sp.num_tau_samples, sp.shadow, sp.num_shadow_probes = 1.0, 0.0, 0, 0, None, 0
