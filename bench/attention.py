@@ -13,7 +13,12 @@ back to back, synchronised once (the device time per call), best of `--reps`. Th
     python bench/attention.py --slots 8,1 --ctx 512 --layers 36 --no-ref  # short contexts, as a step runs them
 
 Short contexts: one call takes ~10 us on the GPU but ~60 us to dispatch from Python, so `--layers L` times L calls
-on L different K/V pools inside one jitted function (a step's layers), reported per call.
+on L different K/V pools inside one jitted function (a step's layers), reported per call. Even so, at 512 keys the
+wall-clock times did not rank tiles (H200, session 24: 14-30 us a call in no order between repeats, against 4.8 us
+and 14.3 us a call in a step's profile), so `--profile` reports the GPU's busy time instead (jax.profiler: the
+union of kernel intervals, the kernel's partial merges included), per call:
+
+    python bench/attention.py --slots 8,1 --ctx 512 --layers 36 --no-ref --profile
 """
 from __future__ import annotations
 
@@ -28,6 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+from dflash_jax.profiling import device_profile  # noqa: E402
 from pallas_kernels.paged_attention import paged_attention_reference  # noqa: E402
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention_pallas  # noqa: E402
 from pallas_kernels.ragged_paged_attention_mgpu import (  # noqa: E402
@@ -35,6 +41,14 @@ from pallas_kernels.ragged_paged_attention_mgpu import (  # noqa: E402
     ragged_paged_attention_mgpu,
     supports_mgpu,
 )
+
+
+def gpu_busy(fn, args, iters):
+    """Seconds of GPU busy time per call of fn(*args), from a profiler trace of `iters` calls."""
+    prof = device_profile(lambda: fn(*args), iters, "/tmp/attention_bench_profile")
+    if not prof["busy_ms_per_step"]:
+        raise RuntimeError("no GPU kernels in the trace (--profile needs a GPU)")
+    return prof["busy_ms_per_step"] / 1e3
 
 
 def timeit(fn, args, iters, reps):
@@ -95,6 +109,8 @@ def main():
     ap.add_argument("--layers", type=int, default=1,
                     help="calls per jitted function, each on its own K/V pages (short contexts are dispatch-bound)")
     ap.add_argument("--interpret", action="store_true")
+    ap.add_argument("--profile", action="store_true",
+                    help="time by the GPU's busy time in a jax.profiler trace (per call), not by the wall clock")
     ap.add_argument("--out", default="")
     a = ap.parse_args()
 
@@ -153,7 +169,8 @@ def main():
                         fn = jax.jit(lambda q, kps, vps, *rest, _f=fn: [_f(q, kp, vp, *rest)
                                                                         for kp, vp in zip(kps, vps)])
                     try:
-                        dt = timeit(fn, args, a.iters, a.reps) / a.layers
+                        dt = (gpu_busy(fn, args, a.iters) if a.profile else timeit(fn, args, a.iters, a.reps)) \
+                            / a.layers
                     except Exception as e:  # noqa: BLE001  (report and go on: an OOM in the reference, say)
                         print(f"| {b} | {ctx} | {t} | {name} | failed: {type(e).__name__}: {str(e)[:200]} |",
                               flush=True)

@@ -341,6 +341,12 @@ case "${1:?which call}" in
         --iters 20 --draft-vocab $n --out $OUT/s25c_q8_$n.jsonl 2>&1 | grep -E "spec/plain" \
         | sed "s/^/q8_0 draft_vocab=$n /"
     done ;;
+  s25d)  # issues 4 and 8 (~200 s): attention tiles at 512 keys timed by the GPU's busy time (`--profile`, new; the
+  # wall clock could not rank them, session 24): in a step the 8-slot verify takes 14.3 us a call (36 a step), the
+  # one-slot decode 4.8
+    timeout 280 python3 bench/attention.py --slots 8,1 --ctx 512 --qlens 1,16 --layers 36 --no-ref --iters 5 \
+      --profile --tune "0,0,0,0;64,4,3,0;32,4,2,0;32,2,2,0;128,4,2,0;64,4,2,4;64,4,2,2;16,4,2,0;16,2,2,0" \
+      --out $OUT/attn25.jsonl 2>&1 | grep -v Warn ;;
   s25b)  # issue 8 (one-slot Q8_0 step 3.54 ms, target 2.857): at M = 1 the small products stream slowest (session 24
   # trace: qkv 10.1 us = 2.65 TB/s, o 7.85 us = 2.27, down 17.4 = 3.07, gate+up 31.5 = 3.40, LM head 4.06): tiles
   # and K splits for the 8B's four layer shapes at M = 1 and 8
