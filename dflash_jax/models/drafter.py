@@ -126,6 +126,9 @@ def for_serving(drafter: Drafter, head: tuple[jax.Array, dict] | None = None) ->
     8-slot spec step on an H200). Verification still uses the whole head: output is unchanged, only acceptance can
     drop where the target's token lies outside the subset."""
     if drafter.ctx_kv is not None:
+        if head is not None:
+            raise ValueError("for_serving: the drafter is already in its serving layout; give the draft vocabulary "
+                             "with the GGUF-layout drafter")
         return drafter
     pure = nnx.state(drafter).to_pure_dict()
     kv = []
