@@ -182,19 +182,15 @@ spec_step = jax.jit(_spec_step, static_argnums=(0, 1, 2, 3, 4), static_argnames=
 # H200, Qwen3-8B bf16 with a 5-layer drafter (session 23, one process per setting): with XLA's Triton products off,
 # spec steps of 4 x 16 = 64 verify rows took 6.685-6.788 ms against 6.986, of 8 x 16 rows 7.511-7.697 against
 # 7.720-7.747 (cuBLAS streams those rows faster); the 1-slot spec step (16 rows) lost (6.217 against 5.859 ms) and so
-# did plain steps (8 slots 4.979 against 4.752).
+# did plain steps (8 slots 4.979 against 4.752). Without autotuning too (cuBLAS's own heuristic picks: session 25, two
+# rounds, tok/s at tau 1 at 4 / 8 / 16 slots 617-619 / 1114-1116 / 1616-1619 -> 630-632 / 1129-1133 / 1613-1614): the
+# 8-slot step's down_proj took a 64x64 tile with the residual add in its epilogue and no split-K reduce, the LM heads
+# wider tiles, 563 -> 519 kernels a step; compiles skip the autotuner too.
 WIDE_VERIFY_ROWS = 64
+WIDE_SPEC_OPTIONS = {"xla_gpu_enable_triton_gemm": False, "xla_gpu_autotune_level": 0}
 
 
-def step_compiler_options(kind: str = "plain", rows: int = 0, invariant: bool = False) -> dict | None:
-    """XLA options for one step kind: spec steps of at least `WIDE_VERIFY_ROWS` verify rows (slots x block) on a
-    GPU outside the batch-invariant mode (whose products are kernels, not XLA's) run without XLA's Triton products.
-    $DFLASH_XLA_STEP_OPTIONS ("name=value,...": true/false and integers parsed) replaces the choice for every step,
-    for A/B runs."""
-    text = os.environ.get("DFLASH_XLA_STEP_OPTIONS", "").strip()
-    if not text:
-        wide = kind == "spec" and rows >= WIDE_VERIFY_ROWS and not invariant and jax.default_backend() == "gpu"
-        return {"xla_gpu_enable_triton_gemm": False} if wide else None
+def _parse_options(text: str) -> dict:
     opts = {}
     for item in text.split(","):
         name, _, value = item.partition("=")
@@ -202,6 +198,22 @@ def step_compiler_options(kind: str = "plain", rows: int = 0, invariant: bool = 
         opts[name.strip()] = low == "true" if low in ("true", "false") else int(low) if low.lstrip("-").isdigit() \
             else value.strip()
     return opts
+
+
+def step_compiler_options(kind: str = "plain", rows: int = 0, invariant: bool = False) -> dict | None:
+    """XLA options for one step kind: spec steps of at least `WIDE_VERIFY_ROWS` verify rows (slots x block) on a
+    GPU outside the batch-invariant mode (whose products are kernels, not XLA's) run without XLA's Triton products and
+    without autotuning (`WIDE_SPEC_OPTIONS`).
+    $DFLASH_XLA_STEP_OPTIONS ("name=value,...": true/false and integers parsed) replaces the choice for every step,
+    $DFLASH_WIDE_SPEC_OPTIONS for the wide spec steps alone (A/B runs)."""
+    text = os.environ.get("DFLASH_XLA_STEP_OPTIONS", "").strip()
+    if text:
+        return _parse_options(text)
+    wide = kind == "spec" and rows >= WIDE_VERIFY_ROWS and not invariant and jax.default_backend() == "gpu"
+    if not wide:
+        return None
+    text = os.environ.get("DFLASH_WIDE_SPEC_OPTIONS", "").strip()
+    return _parse_options(text) if text else dict(WIDE_SPEC_OPTIONS)
 
 
 class CompiledSteps:

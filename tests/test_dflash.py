@@ -575,19 +575,25 @@ def test_first_tau_comes_from_a_probe_where_a_block_is_costly():
 
 
 def test_wide_verify_steps_get_their_own_xla_options(monkeypatch):
-    """Spec steps of 4 x 16 verify rows or more compile without XLA's Triton products on a GPU (cuBLAS streams them
-    faster, step_fns.WIDE_VERIFY_ROWS); plain steps, narrow spec steps and the batch-invariant mode keep XLA's defaults;
-    $DFLASH_XLA_STEP_OPTIONS replaces the choice, with its values parsed."""
+    """Spec steps of 4 x 16 verify rows or more compile without XLA's Triton products and autotuner on a GPU (cuBLAS
+    streams them faster, step_fns.WIDE_VERIFY_ROWS); plain steps, narrow spec steps and the batch-invariant mode keep
+    XLA's defaults; $DFLASH_XLA_STEP_OPTIONS replaces the choice for every step, $DFLASH_WIDE_SPEC_OPTIONS for the wide
+    spec steps alone, with their values parsed."""
     from dflash_jax import step_fns
     monkeypatch.delenv("DFLASH_XLA_STEP_OPTIONS", raising=False)
+    monkeypatch.delenv("DFLASH_WIDE_SPEC_OPTIONS", raising=False)
     assert step_fns.step_compiler_options("spec", 128) is None  # not a GPU here
     monkeypatch.setattr(step_fns.jax, "default_backend", lambda: "gpu")
-    assert step_fns.step_compiler_options("spec", 128) == {"xla_gpu_enable_triton_gemm": False}
-    assert step_fns.step_compiler_options("spec", 256) == {"xla_gpu_enable_triton_gemm": False}
-    assert step_fns.step_compiler_options("spec", 64) == {"xla_gpu_enable_triton_gemm": False}
+    wide = {"xla_gpu_enable_triton_gemm": False, "xla_gpu_autotune_level": 0}
+    assert step_fns.step_compiler_options("spec", 128) == wide
+    assert step_fns.step_compiler_options("spec", 256) == wide
+    assert step_fns.step_compiler_options("spec", 64) == wide
     assert step_fns.step_compiler_options("spec", 32) is None
     assert step_fns.step_compiler_options("plain", 128) is None
     assert step_fns.step_compiler_options("spec", 128, invariant=True) is None
+    monkeypatch.setenv("DFLASH_WIDE_SPEC_OPTIONS", "xla_gpu_enable_triton_gemm=false")
+    assert step_fns.step_compiler_options("spec", 128) == {"xla_gpu_enable_triton_gemm": False}
+    assert step_fns.step_compiler_options("plain", 128) is None
     monkeypatch.setenv("DFLASH_XLA_STEP_OPTIONS", "xla_gpu_enable_triton_gemm=true, xla_gpu_autotune_level=0,x=y")
     assert step_fns.step_compiler_options("plain") == {"xla_gpu_enable_triton_gemm": True,
                                                        "xla_gpu_autotune_level": 0, "x": "y"}

@@ -317,6 +317,25 @@ case "${1:?which call}" in
       --extra-slots "" --iters 20 --greedy --profile 1:fast_greedy --profile-dir /tmp/q8prof_u \
       --out $OUT/s24c_q8u.jsonl 2>&1 | grep -E " fast" | grep -v engine | grep -E "ms/step|profile"
     f=$(find /tmp/q8prof_u -name "*.trace.json.gz" | head -1); [ -n "$f" ] && cp $f $OUT/q8u_b1.trace.json.gz ;;
+  s25e)  # issue 4 (session 25, s25a: with autotune level 0 and Triton off on every step the 8-slot spec step ran 1 %
+  # faster, 1122-1129 against 1112-1114 tok/s at tau 1, while the plain step lost 4.5 %): the option on the wide spec
+  # steps alone ($DFLASH_WIDE_SPEC_OPTIONS), 4 / 8 / 16 slots, two rounds; a profile of each 8-slot spec step; then
+  # two key blocks per decode split (s25d: 8-slot decode attention 10.3 against 12.7 us a call by GPU busy time)
+    for round in 1 2; do
+      for o in "" "xla_gpu_enable_triton_gemm=false,xla_gpu_autotune_level=0"; do
+        DFLASH_WIDE_SPEC_OPTIONS="$o" timeout 110 python3 bench/spec_step.py --target qwen3-8b --slots 8,4,16 \
+          --steps plain,spec --iters 20 --out $OUT/s25e_$round.jsonl 2>&1 | grep -E "spec/plain" | sed "s/^/[$o] /"
+      done
+    done
+    for o in "" "xla_gpu_enable_triton_gemm=false,xla_gpu_autotune_level=0"; do
+      DFLASH_WIDE_SPEC_OPTIONS="$o" timeout 60 python3 bench/spec_step.py --target qwen3-8b --slots 8 --steps spec \
+        --iters 10 --profile 8:spec --profile-top 300 --out $OUT/s25e_prof_${#o}.jsonl 2>&1 | grep -E "profile" \
+        | sed "s/^/[$o] /"
+    done
+    for sb in 1 2; do
+      DFLASH_RPA_SPLIT_BLOCKS=$sb timeout 60 python3 bench/spec_step.py --target qwen3-8b --slots 8,1 --steps plain \
+        --iters 20 --out $OUT/s25e_sb$sb.jsonl 2>&1 | grep -E "ms/step" | sed "s/^/split_blocks=$sb /"
+    done ;;
   s25a)  # issue 4's margin (session 24: 8-slot spec/plain 1.47 / 1.50 / 1.51 in three calls, spec 7.10-7.15 ms, plain
   # 4.71-4.82): the wide spec step's products under other XLA options (without Triton products cuBLAS picks a split-K
   # 128x64 tile + a 3.7 us reduce for down_proj, 35.4 us, where XLA's autotuner took nvjet 256x64, 31.5 us), three
