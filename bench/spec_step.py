@@ -47,7 +47,7 @@ from bench.decode_step import (PAGE_SIZE, SHAPES, WEIGHT_FORMATS, abstract_targe
                                param_bytes, random_cache, random_model, random_module, slot_rows, time_loop)
 from dflash_jax.config import DrafterConfig, HybridConfig, drafter_config_for  # noqa: E402
 from dflash_jax.kv_cache import AttentionMeta, KVCache  # noqa: E402
-from dflash_jax.models.drafter import Drafter  # noqa: E402
+from dflash_jax.models.drafter import FP8_CHOICES, Drafter, to_fp8  # noqa: E402
 from dflash_jax.sampling import SamplingArrays  # noqa: E402
 from dflash_jax.state_pool import make_cache, state_bytes_per_slot  # noqa: E402
 from dflash_jax.profiling import device_profile  # noqa: E402
@@ -253,6 +253,9 @@ def main(argv=None) -> None:
     p.add_argument("--block", type=int, default=16)
     p.add_argument("--draft-vocab", type=int, default=0,
                    help="the drafter's draft vocabulary: its own head over the first N token ids (0: the target's)")
+    p.add_argument("--draft-fp8", default="off", choices=FP8_CHOICES,
+                   help="the drafter's products in fp8 (EngineConfig.draft_fp8): its head (over --draft-vocab ids or "
+                   "all) or every product")
     p.add_argument("--slots", default="1,2,4,8,16")
     p.add_argument("--ctx", type=int, default=512, help="cached tokens per slot before the step")
     p.add_argument("--dtype", default="bfloat16")
@@ -303,8 +306,13 @@ def main(argv=None) -> None:
     graphdef, state, nbytes = random_model(cfg, dtype, weights=a.weights)
     log(f"target {a.weights}: {count(nbytes['params'])} params, {size(nbytes['all'])}; device memory "
         f"{memory_in_use()}")
+    fp8 = a.draft_fp8 != "off"  # an fp8 head is a copy: of the draft vocabulary's rows, or of every row
     dgraphdef, dstate, dbytes = random_module(nnx.eval_shape(lambda: Drafter(
-        dcfg, dtype, serving=True, draft_vocab=a.draft_vocab, head_q8=a.weights == "q8_0")), seed=5)
+        dcfg, dtype, serving=True, draft_vocab=a.draft_vocab or (cfg.vocab_size if fp8 else 0),
+        head_q8=a.weights == "q8_0" and not fp8)), seed=5)
+    if fp8:
+        dgraphdef, dstate = nnx.split(to_fp8(nnx.merge(dgraphdef, dstate), a.draft_fp8))
+        dbytes = param_bytes(dstate)
     log(f"drafter: {count(dbytes['params'])} params, {size(dbytes['all'])}")
     with_drafter, plain_only = make_steps(graphdef, state, dgraphdef, dstate, dcfg)
     slot = per_slot_bytes(cfg, dcfg, pages_per_slot, a.ctx + a.block, dtype)
@@ -347,6 +355,7 @@ def main(argv=None) -> None:
                "spec": lambda: spec_call(with_drafter, h, spec_in).accepted}
         row = {"target": a.target, "weights": a.weights, "device": dev.device_kind, "B": b, "block": a.block,
                "ctx": a.ctx, "drafter_layers": dcfg.num_layers, "sampled": a.sampled,
+               "draft_vocab": a.draft_vocab, "draft_fp8": a.draft_fp8,
                "gdn_impl": os.environ.get("DFLASH_GDN_IMPL", "auto"),
                "matmul_impl": os.environ.get("DFLASH_MATMUL_IMPL", "auto"), "batch_invariant": a.batch_invariant,
                "q8_prescale": INVARIANT["q8_prescale"],

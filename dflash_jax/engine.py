@@ -23,6 +23,7 @@ from converters.checkpoint import LoadedModel
 from dflash_jax.buckets import bucket_for, power_of_two_buckets
 from dflash_jax.kv_cache import TRASH_PAGE, AttentionMeta
 from dflash_jax.config import HybridConfig
+from dflash_jax.models.drafter import FP8_CHOICES
 from dflash_jax.page_allocator import PageAllocator, PrefixStates
 from dflash_jax.requests import Request
 from dflash_jax.sampling import SamplingArrays, needs_full
@@ -57,6 +58,10 @@ class EngineConfig:
     # --draft-vocab: draft from the first N token ids only (0: the whole vocabulary); the drafter then reads N rows
     # of the LM head per step instead of all (models.drafter.for_serving). Output is unchanged; acceptance may drop.
     draft_vocab: int = 0
+    # --draft-fp8: the drafter's products in fp8 e4m3 with a scale per row (models.fp8): "head" its LM head (a copy
+    # of the draft vocabulary's or the whole head's rows), "all" every drafter product too; "off" as loaded. Output
+    # is unchanged (the target verifies); acceptance may drop. H200 numbers: BENCHMARKS.md.
+    draft_fp8: str = "off"
     spec_policy: str = "adaptive"  # adaptive | always | never (with a drafter)
     # Launch step k+1 before reading step k's output, so host work hides behind the device's. None = on a GPU only:
     # on a CPU the host and the "device" share the cores, and overlapping lost 10 % at 8 slots (BENCHMARKS.md).
@@ -99,6 +104,8 @@ class EngineConfig:
             raise ValueError(f"EngineConfig.draft_max must be >= 1, got {self.draft_max}")
         if self.draft_vocab < 0:
             raise ValueError(f"EngineConfig.draft_vocab must be >= 0, got {self.draft_vocab}")
+        if self.draft_fp8 not in FP8_CHOICES:
+            raise ValueError(f"EngineConfig.draft_fp8 must be one of {', '.join(FP8_CHOICES)}, got {self.draft_fp8!r}")
         if self.draft_short < 0:
             raise ValueError(f"EngineConfig.draft_short must be >= 0, got {self.draft_short}")
         if self.spec_policy not in ("adaptive", "always", "never"):

@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--draft-vocab", type=_positive, default=None,
                    help="draft from the first N token ids only (default: the whole vocabulary): the drafter reads N "
                    "rows of the LM head per step; output is unchanged, acceptance may drop")
+    p.add_argument("--draft-fp8", choices=("off", "head", "all"), default=None,
+                   help="the drafter's products in fp8 e4m3 (Hopper tensor cores; default off): its LM head (a copy "
+                   "in fp8) or all of them; output is unchanged, acceptance may drop")
     p.add_argument("-cd", "--ctx-size-draft", type=_positive, default=None,
                    help="recent context positions the drafter attends to")
     p.add_argument("--spec-policy", choices=("adaptive", "always", "never"), default=None,
@@ -118,6 +121,7 @@ def engine_config_kwargs(args: argparse.Namespace, config_cls, platform: str) ->
               "compile_cache_dir": (args.compile_cache_dir, "--compile-cache-dir"),
               "draft_max": (args.draft_max, "--draft-max"), "ctx_size_draft": (args.ctx_size_draft, "-cd"),
               "draft_short": (args.draft_short, "--draft-short"), "draft_vocab": (args.draft_vocab, "--draft-vocab"),
+              "draft_fp8": (args.draft_fp8, "--draft-fp8"),
               "spec_policy": (args.spec_policy, "--spec-policy"),
               "batch_invariant": ({"on": True, "off": False}.get(args.batch_invariant), "--batch-invariant"),
               "prefix_cache": (None if args.cache_prompt else False, "--no-cache-prompt")}

@@ -317,6 +317,20 @@ case "${1:?which call}" in
       --extra-slots "" --iters 20 --greedy --profile 1:fast_greedy --profile-dir /tmp/q8prof_u \
       --out $OUT/s24c_q8u.jsonl 2>&1 | grep -E " fast" | grep -v engine | grep -E "ms/step|profile"
     f=$(find /tmp/q8prof_u -name "*.trace.json.gz" | head -1); [ -n "$f" ] && cp $f $OUT/q8u_b1.trace.json.gz ;;
+  s25f)  # issue 4 (session 25): the drafter's products in fp8 (`--draft-fp8 head|all`, new): its tests on the GPU, the
+  # 8B spec steps at 8 and 1 slots with off / head / all, a profile of the 8-slot fp8 step (cuBLASLt's fp8 kernels?),
+  # then the plain step without XLA's autotuner (the wide spec steps' new option, s25e)
+    timeout 150 python3 -m pytest -q tests/test_draft_fp8.py 2>&1 | tail -2
+    for f in off head all; do
+      timeout 100 python3 bench/spec_step.py --target qwen3-8b --slots 8,1 --steps plain,spec --iters 20 \
+        --draft-fp8 $f --out $OUT/s25f_$f.jsonl 2>&1 | grep -E "spec/plain" | sed "s/^/draft_fp8=$f /"
+    done
+    timeout 60 python3 bench/spec_step.py --target qwen3-8b --slots 8 --steps spec --iters 10 --draft-fp8 all \
+      --profile 8:spec --profile-top 300 --out $OUT/s25f_prof.jsonl 2>&1 | grep -E "profile"
+    for o in "" "xla_gpu_autotune_level=0"; do
+      DFLASH_XLA_STEP_OPTIONS="$o" timeout 60 python3 bench/spec_step.py --target qwen3-8b --slots 8,1 --steps plain \
+        --iters 20 --out $OUT/s25f_plain_${#o}.jsonl 2>&1 | grep -E "ms/step" | sed "s/^/[$o] /"
+    done ;;
   s25e)  # issue 4 (session 25, s25a: with autotune level 0 and Triton off on every step the 8-slot spec step ran 1 %
   # faster, 1122-1129 against 1112-1114 tok/s at tau 1, while the plain step lost 4.5 %): the option on the wide spec
   # steps alone ($DFLASH_WIDE_SPEC_OPTIONS), 4 / 8 / 16 slots, two rounds; a profile of each 8-slot spec step; then

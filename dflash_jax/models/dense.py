@@ -19,19 +19,23 @@ from flax import nnx
 
 from dflash_jax.config import ModelConfig
 from dflash_jax.kv_cache import AttentionMeta, KVCache, cache_rows, token_positions, write_kv
+from dflash_jax.models.fp8 import FP8, fp8_linear
 from dflash_jax.models.layer_calls import per_trace
 from pallas_kernels.add_rms_norm import add_rms_norm_pallas, rms_norm_reference, use_kernel
 from pallas_kernels.invariance import is_batch_invariant
 from pallas_kernels.qk_rope_write import apply_rope, qk_rope_write_pallas, rope_tables
 from pallas_kernels.qk_rope_write import use_kernel as use_qk_kernel
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention
-from pallas_kernels.weight_matmul import Q8_BLOCK, linear, q8_0_layout, q8_0_linear, q8_0_stored_out
+from pallas_kernels.weight_matmul import (Q8_BLOCK, linear, q8_0_dequantize, q8_0_layout, q8_0_linear,
+                                          q8_0_stored_out)
 
 
 class Linear(nnx.Module):
-    """y = x W^T (+ b). With q8_0 the weight is GGUF Q8_0, kept exactly as stored (no bf16 rounding of d * q)."""
+    """y = x W^T (+ b). With q8_0 the weight is GGUF Q8_0, kept exactly as stored (no bf16 rounding of d * q); with
+    fp8 (the drafter's `--draft-fp8`, `to_fp8`) e4m3 values and one scale per output row (`models.fp8`)."""
 
-    def __init__(self, in_features: int, out_features: int, dtype, bias: bool = False, q8_0: bool = False):
+    def __init__(self, in_features: int, out_features: int, dtype, bias: bool = False, q8_0: bool = False,
+                 fp8: bool = False):
         self.q8_layout = q8_0_layout() if q8_0 else None  # 'kn': qweight (in, out); 'nk': (out padded, in)
         self.out_features = out_features
         if q8_0:
@@ -39,9 +43,13 @@ class Linear(nnx.Module):
             shape = (stored, in_features) if self.q8_layout == "nk" else (in_features, out_features)
             self.qweight = nnx.Param(jnp.zeros(shape, jnp.int8))
             self.scales = nnx.Param(jnp.zeros((in_features // Q8_BLOCK, stored), jnp.float16))
+        elif fp8:
+            self.weight = nnx.Param(jnp.zeros((out_features, in_features), FP8))
+            self.row_scales = nnx.Param(jnp.ones((out_features,), jnp.float32))
         else:
             self.weight = nnx.Param(jnp.zeros((out_features, in_features), dtype))  # (out, in)
         self.is_q8_0 = q8_0
+        self.is_fp8 = fp8
         self.bias = nnx.Param(jnp.zeros((out_features,), dtype)) if bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -49,9 +57,21 @@ class Linear(nnx.Module):
             y = q8_0_linear(x, self.qweight[...], self.scales[...], layout=self.q8_layout)
             if y.shape[-1] != self.out_features:
                 y = y[..., :self.out_features]
+        elif self.is_fp8:
+            y = fp8_linear(x, self.weight[...], self.row_scales[...])
         else:
             y = linear(x, self.weight[...])
         return y + self.bias[...] if self.bias is not None else y
+
+    def float_weight(self) -> jax.Array:
+        """(out, in) f32: the weight as the product uses it (Q8_0 blocks or fp8 rows dequantized)."""
+        if self.is_fp8:
+            return self.weight[...].astype(jnp.float32) * self.row_scales[...][:, None]
+        if not self.is_q8_0:
+            return self.weight[...].astype(jnp.float32)
+        q, sc = self.qweight[...], self.scales[...]
+        w = q8_0_dequantize(q.T, sc).T if self.q8_layout == "nk" else q8_0_dequantize(q, sc).T
+        return w[:self.out_features]
 
 
 # Fused Linear name -> the linears it holds, in output order. The names are unique across the target's modules, so the

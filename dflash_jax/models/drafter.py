@@ -16,6 +16,7 @@ from flax import nnx
 
 from dflash_jax.kv_cache import AttentionMeta, KVCache, write_kv
 from dflash_jax.models.dense import MLP, Linear, RMSNorm, SharedInput, rope
+from dflash_jax.models.fp8 import quantize_rows
 from dflash_jax.models.layer_calls import per_trace
 from pallas_kernels.ragged_paged_attention import drafter_attention
 from pallas_kernels.weight_matmul import q8_0_layout, q8_0_stored_out
@@ -89,7 +90,7 @@ class Drafter(nnx.Module):
                       cache: KVCache) -> KVCache:
         """Turn tap features (B, T, F) of tokens at `positions` into every layer's context K/V; invalid rows go to
         the trash page."""
-        ctx = self.hidden_norm(self.fc(feats.astype(self.fc.weight[...].dtype)))
+        ctx = self.hidden_norm(self.fc(feats.astype(self.hidden_norm.weight[...].dtype)))
         parts = None
         if self.ctx_kv is not None:  # (B, T, L * 2 * K * H): layer i's k, then its v
             parts = jnp.split(self.ctx_kv(ctx), 2 * len(self.layers), axis=-1)
@@ -140,7 +141,7 @@ def for_serving(drafter: Drafter, head: tuple[jax.Array, dict] | None = None) ->
         att["qkv_proj"] = {"weight": jnp.concatenate([q, k, v], axis=0)}
         kv += [k, v]
     pure["ctx_kv"] = {"weight": jnp.concatenate(kv, axis=0)}
-    dtype = drafter.fc.weight[...].dtype
+    dtype = drafter.hidden_norm.weight[...].dtype
     n, q8 = 0, False
     if head is not None:
         ids, weights = head
@@ -150,6 +151,38 @@ def for_serving(drafter: Drafter, head: tuple[jax.Array, dict] | None = None) ->
                                                                head_q8=q8)))
     state.replace_by_pure_dict(pure)
     return nnx.merge(graphdef, state)
+
+
+FP8_CHOICES = ("off", "head", "all")
+
+
+def to_fp8(drafter: Drafter, which: str) -> Drafter:
+    """The drafter with its products in fp8 (`models.fp8`: e4m3 values, a scale per output row; `--draft-fp8`):
+    'head' the draft head alone (a draft vocabulary's, or one over every id: `for_serving` with the head rows),
+    'all' every Linear; 'off' the drafter as it is. Only acceptance can change, never output: the target verifies.
+    H200 measurements: BENCHMARKS.md."""
+    if which not in FP8_CHOICES:
+        raise ValueError(f"--draft-fp8 must be one of {', '.join(FP8_CHOICES)}, got {which!r}")
+    if which == "off":
+        return drafter
+    if drafter.draft_head is None:
+        raise ValueError("--draft-fp8: the drafter has no head of its own; build it with for_serving(drafter, head)")
+    quantize = nnx.jit(lambda lin: quantize_rows(lin.float_weight()))
+    for path, lin in list(nnx.iter_graph(drafter)):
+        if not isinstance(lin, Linear) or lin.is_fp8 or (which == "head" and path != ("draft_head",)):
+            continue
+        values, scales = quantize(lin)
+        new = nnx.eval_shape(lambda: Linear(values.shape[1], lin.out_features, jnp.float32, fp8=True))
+        new.weight, new.row_scales = nnx.Param(values), nnx.Param(scales)
+        new.bias = lin.bias
+        parent = drafter
+        for key in path[:-1]:
+            parent = parent[key] if isinstance(key, int) else getattr(parent, key)
+        if isinstance(path[-1], int):
+            parent[path[-1]] = new
+        else:
+            setattr(parent, path[-1], new)
+    return drafter
 
 
 def draft_head_rows(target, ids) -> dict:

