@@ -47,7 +47,7 @@ from bench.decode_step import (PAGE_SIZE, SHAPES, WEIGHT_FORMATS, abstract_targe
                                param_bytes, random_cache, random_model, random_module, slot_rows, time_loop)
 from dflash_jax.config import DrafterConfig, HybridConfig, drafter_config_for  # noqa: E402
 from dflash_jax.kv_cache import AttentionMeta, KVCache  # noqa: E402
-from dflash_jax.models.drafter import FP8_CHOICES, Drafter, to_fp8  # noqa: E402
+from dflash_jax.models.drafter import FP8_CHOICES, Drafter, resolve_fp8, to_fp8  # noqa: E402
 from dflash_jax.sampling import SamplingArrays  # noqa: E402
 from dflash_jax.state_pool import make_cache, state_bytes_per_slot  # noqa: E402
 from dflash_jax.profiling import device_profile  # noqa: E402
@@ -253,9 +253,9 @@ def main(argv=None) -> None:
     p.add_argument("--block", type=int, default=16)
     p.add_argument("--draft-vocab", type=int, default=0,
                    help="the drafter's draft vocabulary: its own head over the first N token ids (0: the target's)")
-    p.add_argument("--draft-fp8", default="off", choices=FP8_CHOICES,
+    p.add_argument("--draft-fp8", default="auto", choices=FP8_CHOICES,
                    help="the drafter's products in fp8 (EngineConfig.draft_fp8): its head (over --draft-vocab ids or "
-                   "all) or every product")
+                   "all) or every product; auto as the engine (the head on fp8 GPUs in bf16)")
     p.add_argument("--slots", default="1,2,4,8,16")
     p.add_argument("--ctx", type=int, default=512, help="cached tokens per slot before the step")
     p.add_argument("--dtype", default="bfloat16")
@@ -306,6 +306,7 @@ def main(argv=None) -> None:
     graphdef, state, nbytes = random_model(cfg, dtype, weights=a.weights)
     log(f"target {a.weights}: {count(nbytes['params'])} params, {size(nbytes['all'])}; device memory "
         f"{memory_in_use()}")
+    a.draft_fp8 = resolve_fp8(a.draft_fp8, dtype)
     fp8 = a.draft_fp8 != "off"  # an fp8 head is a copy: of the draft vocabulary's rows, or of every row
     dgraphdef, dstate, dbytes = random_module(nnx.eval_shape(lambda: Drafter(
         dcfg, dtype, serving=True, draft_vocab=a.draft_vocab or (cfg.vocab_size if fp8 else 0),

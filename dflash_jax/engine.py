@@ -59,9 +59,10 @@ class EngineConfig:
     # of the LM head per step instead of all (models.drafter.for_serving). Output is unchanged; acceptance may drop.
     draft_vocab: int = 0
     # --draft-fp8: the drafter's products in fp8 e4m3 with a scale per row (models.fp8): "head" its LM head (a copy
-    # of the draft vocabulary's or the whole head's rows), "all" every drafter product too; "off" as loaded. Output
-    # is unchanged (the target verifies); acceptance may drop. H200 numbers: BENCHMARKS.md.
-    draft_fp8: str = "off"
+    # of the draft vocabulary's or the whole head's rows), "all" every drafter product too; "off" as loaded; "auto"
+    # the head on GPUs with fp8 tensor cores in bf16/f16, else off (models.drafter.resolve_fp8). Output is unchanged
+    # (the target verifies); acceptance may drop a little. H200 numbers: BENCHMARKS.md.
+    draft_fp8: str = "auto"
     spec_policy: str = "adaptive"  # adaptive | always | never (with a drafter)
     # Launch step k+1 before reading step k's output, so host work hides behind the device's. None = on a GPU only:
     # on a CPU the host and the "device" share the cores, and overlapping lost 10 % at 8 slots (BENCHMARKS.md).

@@ -34,7 +34,7 @@ from flax import nnx
 
 from dflash_jax.buckets import bucket_for
 from dflash_jax.kv_cache import KVCache
-from dflash_jax.models.drafter import draft_head_rows, for_serving, to_fp8
+from dflash_jax.models.drafter import draft_head_rows, for_serving, resolve_fp8, to_fp8
 
 PROBE_EVERY = 4  # the shortest interval: a probe is a draft step (cheap beside a verify), and tau needs samples
 PROBE_MAX_EVERY = 256
@@ -77,16 +77,16 @@ class SpecState:
         self.taps = tuple(dc.target_layer_ids)
         self.mask_token_id = int(dc.mask_token_id)
         self.ctx_window = engine_cfg.ctx_size_draft
-        head = None
-        if engine_cfg.draft_vocab or engine_cfg.draft_fp8 != "off":  # the drafter's own head (an fp8 one: a copy)
+        head, fp8 = None, resolve_fp8(engine_cfg.draft_fp8, dtype)
+        if engine_cfg.draft_vocab or fp8 != "off":  # the drafter's own head (an fp8 one: a copy)
             if target is None:
                 raise ValueError("a draft vocabulary (--draft-vocab) or an fp8 drafter (--draft-fp8) needs the "
                                  "target model's LM head")
             n = engine_cfg.draft_vocab or target.embed_tokens[...].shape[0]
             ids = np.arange(n, dtype=np.int32)  # tokenizer order: BPE merges, ~frequency
             head = (ids, draft_head_rows(target, ids))
-        self.draft_vocab, self.draft_fp8 = engine_cfg.draft_vocab, engine_cfg.draft_fp8
-        self.graphdef, self.state = nnx.split(to_fp8(for_serving(drafter.model, head), engine_cfg.draft_fp8))
+        self.draft_vocab, self.draft_fp8 = engine_cfg.draft_vocab, fp8
+        self.graphdef, self.state = nnx.split(to_fp8(for_serving(drafter.model, head), fp8))
         self.cache = KVCache.create(dc.num_layers, num_pages, engine_cfg.page_size, dc.num_kv_heads, dc.head_dim,
                                     dtype)
         self.policy = engine_cfg.spec_policy

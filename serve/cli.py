@@ -81,9 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--draft-vocab", type=_positive, default=None,
                    help="draft from the first N token ids only (default: the whole vocabulary): the drafter reads N "
                    "rows of the LM head per step; output is unchanged, acceptance may drop")
-    p.add_argument("--draft-fp8", choices=("off", "head", "all"), default=None,
-                   help="the drafter's products in fp8 e4m3 (Hopper tensor cores; default off): its LM head (a copy "
-                   "in fp8) or all of them; output is unchanged, acceptance may drop")
+    p.add_argument("--draft-fp8", choices=("auto", "off", "head", "all"), default=None,
+                   help="the drafter's products in fp8 e4m3: its LM head (a copy in fp8) or all of them (default "
+                   "auto: the head on GPUs with fp8 tensor cores, bf16/f16); output is unchanged, acceptance may drop")
     p.add_argument("-cd", "--ctx-size-draft", type=_positive, default=None,
                    help="recent context positions the drafter attends to")
     p.add_argument("--spec-policy", choices=("adaptive", "always", "never"), default=None,

@@ -317,6 +317,14 @@ case "${1:?which call}" in
       --extra-slots "" --iters 20 --greedy --profile 1:fast_greedy --profile-dir /tmp/q8prof_u \
       --out $OUT/s24c_q8u.jsonl 2>&1 | grep -E " fast" | grep -v engine | grep -E "ms/step|profile"
     f=$(find /tmp/q8prof_u -name "*.trace.json.gz" | head -1); [ -n "$f" ] && cp $f $OUT/q8u_b1.trace.json.gz ;;
+  s25g)  # issue 4 (session 25): the engine's new default, an fp8 copy of the drafter head on fp8 GPUs
+  # (`--draft-fp8 auto`): its tests and the GPU engine tests, then the table with auto (head) and off
+    timeout 150 python3 -m pytest -q tests/test_draft_fp8.py 2>&1 | tail -1
+    timeout 150 python3 -m pytest -q -m gpu tests/test_gpu_engine.py 2>&1 | tail -1
+    for f in auto off; do
+      timeout 90 python3 bench/spec_step.py --target qwen3-8b --slots 1,2,4,8,16 --steps plain,spec --iters 15 \
+        --draft-fp8 $f --out $OUT/s25g_$f.jsonl 2>&1 | grep -E "summary| B= *[0-9]+ [|]" | sed "s/^/draft_fp8=$f /"
+    done ;;
   s25f)  # issue 4 (session 25): the drafter's products in fp8 (`--draft-fp8 head|all`, new): its tests on the GPU, the
   # 8B spec steps at 8 and 1 slots with off / head / all, a profile of the 8-slot fp8 step (cuBLASLt's fp8 kernels?),
   # then the plain step without XLA's autotuner (the wide spec steps' new option, s25e)

@@ -153,16 +153,30 @@ def for_serving(drafter: Drafter, head: tuple[jax.Array, dict] | None = None) ->
     return nnx.merge(graphdef, state)
 
 
-FP8_CHOICES = ("off", "head", "all")
+FP8_CHOICES = ("auto", "off", "head", "all")
+
+
+def resolve_fp8(which: str, dtype) -> str:
+    """'auto': the head in fp8 where the device has fp8 tensor cores (compute capability 8.9 and later) and the
+    drafter runs in 16-bit floats, else off (a CPU emulates fp8 products). H200, Qwen3-8B with a 5-layer drafter:
+    the bf16 head took 325 us of the 8-slot spec step, its fp8 copy 178 us (step 6.965 -> 6.777 ms); SmolLM2's
+    held-out code tau 3.335 -> 3.322 (BENCHMARKS.md, session 25)."""
+    if which != "auto":
+        return which
+    cc = str(getattr(jax.devices()[0], "compute_capability", "") or "0")
+    major, _, minor = cc.partition(".")
+    fp8_cores = jax.default_backend() == "gpu" and (int(major), int(minor or 0)) >= (8, 9)
+    return "head" if fp8_cores and jnp.dtype(dtype).itemsize == 2 else "off"
 
 
 def to_fp8(drafter: Drafter, which: str) -> Drafter:
     """The drafter with its products in fp8 (`models.fp8`: e4m3 values, a scale per output row; `--draft-fp8`):
     'head' the draft head alone (a draft vocabulary's, or one over every id: `for_serving` with the head rows),
-    'all' every Linear; 'off' the drafter as it is. Only acceptance can change, never output: the target verifies.
+    'all' every Linear; 'off' the drafter as it is ('auto': `resolve_fp8` first). Only acceptance can change, never output: the target verifies.
     H200 measurements: BENCHMARKS.md."""
     if which not in FP8_CHOICES:
         raise ValueError(f"--draft-fp8 must be one of {', '.join(FP8_CHOICES)}, got {which!r}")
+    which = resolve_fp8(which, drafter.hidden_norm.weight[...].dtype)
     if which == "off":
         return drafter
     if drafter.draft_head is None:

