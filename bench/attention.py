@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from dflash_jax.profiling import device_profile  # noqa: E402
+from dflash_jax.profiling import gpu_busy  # noqa: E402
 from pallas_kernels.paged_attention import paged_attention_reference  # noqa: E402
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention_pallas  # noqa: E402
 from pallas_kernels.ragged_paged_attention_mgpu import (  # noqa: E402
@@ -41,14 +41,6 @@ from pallas_kernels.ragged_paged_attention_mgpu import (  # noqa: E402
     ragged_paged_attention_mgpu,
     supports_mgpu,
 )
-
-
-def gpu_busy(fn, args, iters):
-    """Seconds of GPU busy time per call of fn(*args), from a profiler trace of `iters` calls."""
-    prof = device_profile(lambda: fn(*args), iters, "/tmp/attention_bench_profile")
-    if not prof["busy_ms_per_step"]:
-        raise RuntimeError("no GPU kernels in the trace (--profile needs a GPU)")
-    return prof["busy_ms_per_step"] / 1e3
 
 
 def timeit(fn, args, iters, reps):
@@ -169,7 +161,7 @@ def main():
                         fn = jax.jit(lambda q, kps, vps, *rest, _f=fn: [_f(q, kp, vp, *rest)
                                                                         for kp, vp in zip(kps, vps)])
                     try:
-                        dt = (gpu_busy(fn, args, a.iters) if a.profile else timeit(fn, args, a.iters, a.reps)) \
+                        dt = (gpu_busy(fn, args, a.iters, "/tmp/attention_bench_profile") if a.profile else timeit(fn, args, a.iters, a.reps)) \
                             / a.layers
                     except Exception as e:  # noqa: BLE001  (report and go on: an OOM in the reference, say)
                         print(f"| {b} | {ctx} | {t} | {name} | failed: {type(e).__name__}: {str(e)[:200]} |",

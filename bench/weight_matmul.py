@@ -8,6 +8,7 @@ process (x * s over a 4 GiB bf16 array, s a runtime scalar, bytes read + written
 
     python3 bench/weight_matmul.py --models qwen3-8b,qwen3.6-27b --ms 1,8,16,64,128 --out results.jsonl
     python3 bench/weight_matmul.py --models "" --sweep 4096:4096:1 --configs-q8 64x256x4x3,... (tile search)
+    python3 bench/weight_matmul.py --profile ...     # GPU busy time per product (a profiler trace) instead
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from dflash_jax.profiling import gpu_busy  # noqa: E402
 from pallas_kernels.weight_matmul import (  # noqa: E402
     Q8_BLOCK,
     TileConfig,
@@ -86,6 +88,7 @@ def xla_q8(x, q, s):
 
 
 INTERPRET = os.environ.get("BENCH_INTERPRET") == "1"  # CPU dry run of this script (tiny --bytes, slow)
+PROFILE = {"on": False}  # --profile: time by the GPU's busy time in a trace, not the wall clock
 VARIANTS = {
     "xla_bf16": ("bf16", lambda x, w: jnp.einsum("mk,nk->mn", x, w)),
     "xla_q8_0": ("q8_0", xla_q8),
@@ -124,7 +127,10 @@ def bench_shape(variant: str, m: int, k: int, n: int, target_bytes: float, cfg: 
     x = jax.random.normal(jax.random.PRNGKey(m), (m, k), jnp.float32).astype(jnp.bfloat16)
     call = (lambda xx, *w: fn(xx, *w, cfg=cfg)) if cfg is not None else fn
     f = jax.jit(lambda xx, wl: [call(xx, *w) for w in wl])
-    sec = timed(f, (x, ws), 3, 3) / copies
+    if PROFILE["on"]:
+        sec = gpu_busy(f, (x, ws), 3, "/tmp/weight_matmul_profile") / copies
+    else:
+        sec = timed(f, (x, ws), 3, 3) / copies
     moved = wbytes + 2 * m * (k + n)
     del ws
     return sec, moved
@@ -192,14 +198,19 @@ def main(argv=None) -> None:
                          "w: 128-byte swizzled rows, needs 4 blocks per step)")
     ap.add_argument("--plan", default="", help="'MODEL:M,M:VARIANT,VARIANT;...' (overrides --models/--ms/--variants)")
     ap.add_argument("--budget-s", type=float, default=1e9, help="stop starting new measurements after this")
+    ap.add_argument("--profile", action="store_true",
+                    help="time each product by the GPU's busy time in a jax.profiler trace, not the wall clock (the "
+                    "small products' wall clock is mostly launch overhead: session 25)")
     ap.add_argument("--out", default=None, help="JSONL results file")
     a = ap.parse_args(argv)
+    PROFILE["on"] = a.profile
     dev = jax.devices()[0]
     log(f"jax {jax.__version__}, device {dev.device_kind} ({dev.platform}), {getattr(dev, 'core_count', '?')} SMs")
     out = open(a.out, "a") if a.out else None
 
     def emit(rec):
-        rec |= {"card": dev.device_kind, "date": time.strftime("%Y-%m-%d")}
+        rec |= {"card": dev.device_kind, "date": time.strftime("%Y-%m-%d"),
+                "timing": "gpu busy" if a.profile else "wall clock"}
         if out:
             out.write(json.dumps(rec) + "\n")
             out.flush()

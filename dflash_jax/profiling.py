@@ -20,6 +20,15 @@ def device_profile(step, n: int, workdir: str, top_n: int = 40) -> dict:
     return summarize_trace(workdir, n, top_n)
 
 
+def gpu_busy(fn, args, iters: int, workdir: str) -> float:
+    """Seconds of GPU busy time per call of fn(*args), from a profiler trace of `iters` calls: what a kernel takes
+    without the launch and host overhead that the wall clock of a short call is made of."""
+    prof = device_profile(lambda: fn(*args), iters, workdir, top_n=5)
+    if not prof["busy_ms_per_step"]:
+        raise RuntimeError("no GPU kernels in the trace (--profile needs a GPU)")
+    return prof["busy_ms_per_step"] / 1e3
+
+
 def summarize_trace(workdir: str, n: int, top_n: int = 40) -> dict:
     """Sum the GPU kernel events of a jax.profiler trace of n steps: device busy ms per step (union of kernel
     intervals on all GPU lines), span per step, and the `top_n` kernels taking most time."""
