@@ -298,7 +298,7 @@ def _policy(**costs):
     from dflash_jax.spec_state import SpecState
 
     sp = SpecState.__new__(SpecState)
-    sp.policy, sp.slot_buckets, sp.block, sp.draft_vocab = "adaptive", (1, 2, 4, 8), 16, 0
+    sp.policy, sp.slot_buckets, sp.block, sp.draft_vocab, sp.draft_fp8 = "adaptive", (1, 2, 4, 8), 16, 0, "off"
     sp.cost_plain, sp.cost_spec, sp.cost_draft = costs.get("plain", {}), costs.get("spec", {}), costs.get("draft")
     sp.served, sp.served_cost = {}, {}
     sp.tau, sp.tau_var, sp.num_spec_steps, sp.num_tau_samples, sp.shadow, sp.num_shadow_probes = 1.0, 0.0, 0, 0, None, 0
@@ -681,10 +681,16 @@ def test_draft_vocabulary_engine_equals_plain_without_compiles(target):
     served = nnx.merge(eng.spec.graphdef, eng.spec.state)  # the engine drafts through the draft vocabulary's head
     assert served.draft_head is not None and np.asarray(served.draft_ids[...]).tolist() == list(range(n))
     assert eng.stats()["speculative"]["draft_vocab"] == n
+    serves_like_plain(eng, target, 11)
+
+
+def serves_like_plain(eng, target, seed: int) -> None:
+    """Warm `eng` up and serve four concurrent requests on it: their output is plain greedy decoding's, nothing
+    compiles after warm-up, and every request drafted."""
     eng.warmup(progress=False)
     eng.start()
     try:
-        prompts, max_new = _workload(np.random.default_rng(11), 4)
+        prompts, max_new = _workload(np.random.default_rng(seed), 4)
         reqs = [Request(p, SamplingParams(max_tokens=m, ignore_eos=True)) for p, m in zip(prompts, max_new)]
         out = run(eng, reqs)
         _assert_no_compiles(eng)
