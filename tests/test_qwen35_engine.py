@@ -44,8 +44,10 @@ DRAFTER = DrafterConfig(num_layers=1, hidden_size=128, intermediate_size=256, nu
 
 @pytest.fixture(scope="module")
 def engine(target):
+    # The drafter drafts through an fp8 copy of the hybrid's (tied) head: the GPU default (`--draft-fp8 auto`) that
+    # a CPU run would otherwise never take with a hybrid target.
     eng = Engine(target, EngineConfig(num_slots=8, ctx_size=2048, ctx_per_slot=160, page_size=8, prefill_chunk=16,
-                                      draft_max=BLOCK - 1, spec_policy="always", overlap=True),
+                                      draft_max=BLOCK - 1, spec_policy="always", overlap=True, draft_fp8="head"),
                  LoadedDrafter(DRAFTER, random_drafter(DRAFTER, 0)))
     eng.warmup(progress=False)
     eng.start()
@@ -109,6 +111,7 @@ def test_random_drafter_equals_plain(engine, workload, concurrent):
     out = run(engine, reqs)
     assert [t for t, _, _ in out] == ref[:concurrent]
     assert all(r.draft_n > 0 for r in reqs)
+    assert engine.stats()["speculative"]["draft_fp8"] == "head"
 
 
 def test_injected_drafts_cut_at_every_position(engine, workload, monkeypatch):
