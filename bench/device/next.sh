@@ -328,6 +328,12 @@ case "${1:?which call}" in
     timeout 120 python3 -m pytest -q tests/test_draft_fp8.py 2>&1 | tail -1
     timeout 400 python3 -m pytest -q -m gpu tests/test_batch_invariance.py -k dflash_equals_plain 2>&1 \
       | tee $OUT/s26b.log | tail -2 ;;
+  s26c)  # issue 8 (written in session 25): the Q8_0 8-slot spec step (10.51 ms against a 3.94 ms plain step, s25c)
+  # with the drafter head's fp8 copy (the default since session 25; was the Q8_0 head at 120 rows) and without
+    for f in auto off; do
+      timeout 100 python3 bench/spec_step.py --target qwen3-8b --weights q8_0 --slots 8,1 --steps plain,spec \
+        --iters 20 --draft-fp8 $f --out $OUT/s26c_$f.jsonl 2>&1 | grep -E "spec/plain" | sed "s/^/q8_0 draft_fp8=$f /"
+    done ;;
   s25g)  # issue 4 (session 25): the engine's new default, an fp8 copy of the drafter head on fp8 GPUs
   # (`--draft-fp8 auto`): its tests and the GPU engine tests, then the table with auto (head) and off
     timeout 150 python3 -m pytest -q tests/test_draft_fp8.py 2>&1 | tail -1
