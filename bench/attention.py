@@ -161,8 +161,8 @@ def main():
                         fn = jax.jit(lambda q, kps, vps, *rest, _f=fn: [_f(q, kp, vp, *rest)
                                                                         for kp, vp in zip(kps, vps)])
                     try:
-                        dt = (gpu_busy(fn, args, a.iters, "/tmp/attention_bench_profile") if a.profile else timeit(fn, args, a.iters, a.reps)) \
-                            / a.layers
+                        dt = (gpu_busy(fn, args, a.iters, "/tmp/attention_bench_profile") if a.profile
+                              else timeit(fn, args, a.iters, a.reps)) / a.layers
                     except Exception as e:  # noqa: BLE001  (report and go on: an OOM in the reference, say)
                         print(f"| {b} | {ctx} | {t} | {name} | failed: {type(e).__name__}: {str(e)[:200]} |",
                               flush=True)

@@ -172,8 +172,8 @@ def resolve_fp8(which: str, dtype) -> str:
 def to_fp8(drafter: Drafter, which: str) -> Drafter:
     """The drafter with its products in fp8 (`models.fp8`: e4m3 values, a scale per output row; `--draft-fp8`):
     'head' the draft head alone (a draft vocabulary's, or one over every id: `for_serving` with the head rows),
-    'all' every Linear; 'off' the drafter as it is ('auto': `resolve_fp8` first). Only acceptance can change, never output: the target verifies.
-    H200 measurements: BENCHMARKS.md."""
+    'all' every Linear; 'off' the drafter as it is ('auto': `resolve_fp8` first). Only acceptance can change,
+    never output: the target verifies. H200 measurements: BENCHMARKS.md."""
     if which not in FP8_CHOICES:
         raise ValueError(f"--draft-fp8 must be one of {', '.join(FP8_CHOICES)}, got {which!r}")
     which = resolve_fp8(which, drafter.hidden_norm.weight[...].dtype)

@@ -58,7 +58,8 @@ def run_engine(loaded, drafter, prompt_ids: list[list[int]], slots: int, max_tok
 
 
 def evaluate(loaded, drafter, prompt_sets: dict[str, list], slots_list=(1, 8), max_tokens: int = 128,
-             dtype: str = "float32", prefill_chunk: int = 256, progress: bool = True, draft: dict | None = None) -> dict:
+             dtype: str = "float32", prefill_chunk: int = 256, progress: bool = True,
+             draft: dict | None = None) -> dict:
     """prompt_sets: name -> list of data.Prompt. Returns {name: {slots: {dflash: ..., plain: ..., speedup,
     identical}}}. draft: the DFlash engines' EngineConfig draft fields (`run_engine`)."""
     encode = PromptEncoder(loaded)
