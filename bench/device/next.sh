@@ -334,6 +334,13 @@ case "${1:?which call}" in
       timeout 100 python3 bench/spec_step.py --target qwen3-8b --weights q8_0 --slots 8,1 --steps plain,spec \
         --iters 20 --draft-fp8 $f --out $OUT/s26c_$f.jsonl 2>&1 | grep -E "spec/plain" | sed "s/^/q8_0 draft_fp8=$f /"
     done ;;
+  s26d)  # issue 8 (written in session 25): the Q8_0 product at 128 verify rows, where DFlash on Q8_0 weights loses
+  # (8-slot spec step 10.5 ms against 7.2 with bf16 weights): XLA bf16 and the two Mosaic Q8_0 variants per 8B layer
+  # shape, then tiles / splits of both variants, all by GPU busy time
+    timeout 420 python3 bench/weight_matmul.py --profile --plan "qwen3-8b:128:xla_bf16,mgpu_q8_0,mgpu_q8_0p" \
+      --sweep 4096:6144:128,4096:4096:128,4096:24576:128,12288:4096:128 \
+      --configs-mgpu-q8 64x1p,64x2p,64x4p,128x1p,128x2p,128x4p,64x1,64x2,64x4 --budget-s 400 \
+      --out $OUT/q8_m128.jsonl 2>&1 | tee $OUT/q8_m128.log | grep -E "LAYER|sweep|copy" ;;
   s25g)  # issue 4 (session 25): the engine's new default, an fp8 copy of the drafter head on fp8 GPUs
   # (`--draft-fp8 auto`): its tests and the GPU engine tests, then the table with auto (head) and off
     timeout 150 python3 -m pytest -q tests/test_draft_fp8.py 2>&1 | tail -1
