@@ -67,7 +67,8 @@ class LoadedDrafter:
 
 class SpecState:
     def __init__(self, drafter: LoadedDrafter, engine_cfg, num_pages: int, dtype, target=None):
-        """target: the target model, whose LM head rows a draft vocabulary (`engine_cfg.draft_vocab`) takes."""
+        """target: the target model, whose LM head rows the drafter's own head takes (a draft vocabulary,
+        `engine_cfg.draft_vocab`, or an fp8 copy, `engine_cfg.draft_fp8`)."""
         dc = drafter.config
         self.config = dc
         self.block = min(engine_cfg.draft_max + 1, dc.block_size)

@@ -116,7 +116,7 @@ def _draft(model, drafter, mask_token_id: int, ctx_window: int | None, last_toke
     b = last_tokens.shape[0]
     block = jnp.concatenate([last_tokens[:, None], jnp.full((b, t - 1), mask_token_id, jnp.int32)], axis=1)
     h = drafter(jnp.take(model.embed_tokens[...], block, axis=0), cached, page_table, dcache, ctx_window)
-    if drafter.draft_head is not None:  # a draft vocabulary (`models.drafter.for_serving`)
+    if drafter.draft_head is not None:  # the drafter's own head: a draft vocabulary's, or an fp8 copy (`for_serving`)
         return jnp.take(drafter.draft_ids[...], argmax(drafter.draft_head(h[:, 1:]).astype(jnp.float32)))
     return argmax(model.logits(h[:, 1:]))
 

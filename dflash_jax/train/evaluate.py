@@ -25,7 +25,7 @@ def run_engine(loaded, drafter, prompt_ids: list[list[int]], slots: int, max_tok
     cfg = EngineConfig(num_slots=slots, ctx_size=slots * ctx_per_slot, ctx_per_slot=ctx_per_slot, page_size=16,
                        prefill_chunk=prefill_chunk, dtype=dtype, draft_max=block - 1,
                        spec_policy="always" if drafter is not None else "never",
-                       **((draft or {}) if drafter is not None else {}))
+                       **(draft or {}))
     engine = Engine(loaded, cfg, drafter)
     engine.warmup(progress=progress)
     engine.start()
